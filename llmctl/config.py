@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,9 @@ FAMILIES: dict[str, str] = {
 }
 # Aliases seen in config.json files and GGUF general.architecture values.
 _ALIASES = {"gemma3": "gemma3_text", "smollm2": "llama", "smollm": "llama", "deepseek3": "deepseek_v3"}
+# Families whose transformers config ties the embeddings unless config.json says otherwise (Gemma 3's
+# config.json files omit tie_word_embeddings and rely on that default).
+_TIED_BY_DEFAULT = ("gemma3_text",)
 # Families the torch runtime runs (MoE and MLA are estimated only).
 RUNTIME_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
@@ -203,6 +206,8 @@ class ModelConfig:
                 f"{source or 'config'}: no model_type; a Hugging Face config.json names its model_type "
                 f"(one of {supported_families()})"
             )
+        if d.get("hidden_act") is None and d.get("hidden_activation") is not None:
+            d["hidden_act"] = d["hidden_activation"]  # Gemma 3 names its activation hidden_activation
         if d.get("rope_scaling") is None and isinstance(d.get("rope_parameters"), Mapping):
             # transformers >= 5 stores RoPE settings under rope_parameters.
             rp = dict(d["rope_parameters"])
@@ -217,6 +222,9 @@ class ModelConfig:
                 d["rope_scaling"] = rp
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known and v is not None}
+        family = _ALIASES.get(d["model_type"], d["model_type"])
+        if "tie_word_embeddings" not in kwargs and family in _TIED_BY_DEFAULT:
+            kwargs["tie_word_embeddings"] = True
         if "torch_dtype" not in kwargs and isinstance(d.get("dtype"), str):
             kwargs["torch_dtype"] = d["dtype"]
         kwargs["source"] = source
@@ -255,8 +263,14 @@ class ModelConfig:
         return cls.from_dict(d, source=str(path))
 
     @classmethod
-    def from_gguf_metadata(cls, meta: Mapping[str, Any], source: str = "") -> ModelConfig:
-        """Build from GGUF key/value metadata (already decoded to Python values)."""
+    def from_gguf_metadata(
+        cls, meta: Mapping[str, Any], source: str = "", tensor_names: Iterable[str] | None = None
+    ) -> ModelConfig:
+        """Build from GGUF key/value metadata (already decoded to Python values).
+
+        GGUF metadata does not say whether the embeddings are tied; the tensor table does (a tied model
+        has no ``output.weight``). Pass ``tensor_names`` to set ``tie_word_embeddings`` from it.
+        """
         arch = meta.get("general.architecture")
         if not isinstance(arch, str):
             raise ConfigError(f"{source}: GGUF has no general.architecture; the file is not a model GGUF")
@@ -296,6 +310,8 @@ class ModelConfig:
             "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
             "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         }
+        if tensor_names is not None:
+            d["tie_word_embeddings"] = "output.weight" not in set(tensor_names)
         if isinstance(d["intermediate_size"], list):
             d["intermediate_size"] = max(d["intermediate_size"])
         scaling = g("rope.scaling.type")

@@ -27,6 +27,10 @@ class FormatError(LlmctlError):
     """A checkpoint file (safetensors, GGUF) is corrupt, truncated or not what it claims to be."""
 
 
+class TemplateError(LlmctlError):
+    """A chat template that does not compile, fails, breaks the sandbox's rules or exceeds its bounds."""
+
+
 class QuantError(LlmctlError):
     """A quantization request that cannot be carried out (format, group size, layout)."""
 

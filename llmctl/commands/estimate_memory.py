@@ -1,5 +1,54 @@
-"""placeholder until the memory API lands"""
+"""`llmctl estimate-memory MODEL`: will it fit? Weights, KV cache, activations and overhead per format."""
+
+from __future__ import annotations
+
+import typer
+
+from llmctl.commands import render
 
 
-def estimate_memory(model: str) -> None:
-    """Estimate memory."""
+def estimate_memory(
+    model: str = typer.Argument(
+        ..., help="Folder, config.json, .gguf, hub id org/name[@rev], or bundled name."
+    ),
+    context: int = typer.Option(4096, "--context", "-c", help="Context length in tokens."),
+    batch: int = typer.Option(1, "--batch", "-b", help="Sequences decoded at once."),
+    weights: list[str] = typer.Option(
+        None,
+        "--weights",
+        "-w",
+        help="Weights format (repeatable): fp32 fp16 bf16 fp8 int8 int4 nf4, GGUF types "
+        "q8_0 q4_0 q4_k …, or mixes q4_k_m q5_k_m …  [default: as stored]",
+    ),
+    group_size: int = typer.Option(None, "--group-size", "-g", help="Group size for int4/int8/nf4 scales."),
+    kv_dtype: str = typer.Option("f16", "--kv-dtype", help="KV cache dtype: f32 f16 bf16 fp8 q8_0 q4_0."),
+    kv_layout: str = typer.Option(
+        "windowed",
+        "--kv-layout",
+        help="windowed: sliding-window layers hold only their window (transformers, "
+        "vLLM); llama.cpp: full-size cache on every layer.",
+    ),
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", "--tp", help="GPUs the model is split over."),
+    gpu: str = typer.Option(None, "--gpu", help="Check the fit on this GPU (e.g. 'RTX 4090', H100)."),
+    vram: float = typer.Option(None, "--vram", help="Check the fit on this much memory, in GiB."),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """Estimate the memory a model needs to run, and whether it fits a GPU."""
+    from llmctl.memory.report import memory_report_for
+
+    report = memory_report_for(
+        model,
+        weights_formats=weights or None,
+        group_size=group_size,
+        context=context,
+        batch=batch,
+        kv_dtype=kv_dtype,
+        kv_layout=kv_layout,
+        tensor_parallel=tensor_parallel,
+        gpu=gpu,
+        vram_gib=vram,
+    )
+    if json_:
+        render.print_json(report.to_json())
+    else:
+        render.memory_report(report)

@@ -212,9 +212,10 @@ class GGMLType(WeightFormat):
         return rows * (cols // block) * type_size
 
 
-# Bits per weight of the GGUF types users name most; sizes come from gguf-py at run time.
+# Bits per weight of the GGUF types users name most; sizes come from gguf-py at run time. GGUF's BF16 is
+# the registry's bf16 (same bytes); f32/f16 name the GGUF types (norms kept f32, llama.cpp's recipe).
 _GGML_TYPES = {
-    "f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5, "q5_0": 5.5, "q5_1": 6,
+    "f32": 32, "f16": 16, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5, "q5_0": 5.5, "q5_1": 6,
     "q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625, "q8_k": 9.125,
     "iq4_nl": 4.5, "iq4_xs": 4.25, "iq3_s": 3.4375, "iq2_xxs": 2.0625, "iq2_xs": 2.3125,
     "iq2_s": 2.5625, "iq3_xxs": 3.0625, "iq1_s": 1.5625, "iq1_m": 1.75, "tq1_0": 1.6875, "tq2_0": 2.0625,
@@ -230,7 +231,7 @@ def get_format(name: str) -> type[WeightFormat]:
     except KeyError:
         from llmctl.quant.recipes import GGUF_MIXES
 
-        known = ", ".join(sorted([*REGISTRY, *GGUF_MIXES]))
+        known = ", ".join(sorted({*REGISTRY, *GGUF_MIXES}))
         raise QuantError(f"unknown weight format {name!r}; known formats: {known}") from None
 
 

@@ -1,0 +1,116 @@
+"""`llmctl estimate-memory` end to end: JSON contract, rendering, and every bad input's one-line error."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+from test_cli import assert_one_line_error, run
+
+LLAMA_70B = {
+    "model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
+    "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+    "max_position_embeddings": 131072, "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+}  # fmt: skip
+GIB = 1024**3
+
+
+@pytest.fixture
+def cfg70(tmp_path: Path) -> Path:
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(LLAMA_70B))
+    return p
+
+
+def test_json_contract(cfg70: Path) -> None:
+    p = run(
+        "estimate-memory", str(cfg70), "-w", "bf16", "-w", "int4", "-w", "q4_0", "--context", "8192", "--json"
+    )
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["model"] == str(cfg70)
+    assert doc["parameters"] == 70_553_706_496  # transformers' count for Llama-3-70B's shapes
+    formats = [e["weights_format"] for e in doc["estimates"]]
+    assert formats == ["bf16", "int4", "q4_0"]
+    keys = ("weights_format", "context", "batch", "kv_dtype", "weights_bytes", "kv_cache_bytes",
+            "activation_bytes", "overhead_bytes", "total_bytes")  # fmt: skip
+    for e in doc["estimates"]:
+        assert all(k in e for k in keys)
+        assert (
+            e["total_bytes"]
+            == e["weights_bytes"] + e["kv_cache_bytes"] + e["activation_bytes"] + e["overhead_bytes"]
+        )
+        # GQA: 2 (K,V) × 80 layers × 8 KV heads × 128 head_dim × 8192 tokens × 2 bytes = 2.5 GiB
+        assert e["kv_cache_bytes"] == 2 * 80 * 8 * 128 * 8192 * 2
+    bf16, int4, q4_0 = doc["estimates"]
+    assert bf16["weights_bytes"] == doc["parameters"] * 2
+    assert (
+        q4_0["weights_bytes"] < int4["weights_bytes"] * 1.1
+        and int4["weights_bytes"] < bf16["weights_bytes"] / 3
+    )
+
+
+def test_table_fit_and_chart(cfg70: Path) -> None:
+    p = run("estimate-memory", str(cfg70), "-w", "int4", "--gpu", "H100")
+    assert p.returncode == 0, p.stderr
+    assert "Fit on H100 80GB" in p.stdout and "fits" in p.stdout
+    assert "Total memory against context length" in p.stdout and "131,072" in p.stdout
+    p = run("estimate-memory", str(cfg70), "-w", "bf16", "--vram", "24")
+    assert "does not fit" in p.stdout
+
+
+def test_gpu_table_without_gpu(cfg70: Path) -> None:
+    p = run("estimate-memory", str(cfg70), "-w", "int4")
+    assert p.returncode == 0
+    assert "RTX 3060" in p.stdout and "H200" in p.stdout
+
+
+@pytest.mark.slow
+def test_bundled_gguf_uses_stored_types() -> None:
+    p = run("estimate-memory", "gemma3-270m", "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["stored_format"] == "q4_k_m"
+    by_format = doc["estimates"][0]["weights_breakdown"]["by_format"]
+    assert {"q4_k", "q6_k", "q8_0", "q5_0"} <= set(by_format)  # the file's real mix, as stored
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["/no/such/model"], "MODEL '/no/such/model' not found"),
+        (["CFG", "--context", "0"], "--context must be a positive number of tokens, got 0"),
+        (["CFG", "--context", "-4"], "--context must be a positive number of tokens, got -4"),
+        (["CFG", "--batch", "0"], "--batch must be a positive integer"),
+        (["CFG", "-w", "q3_xl"], "unknown weight format 'q3_xl'; known formats:"),
+        (["CFG", "--gpu", "rtx9999"], "unknown GPU 'rtx9999'; known GPUs: RTX 3060"),
+        (["CFG", "-w", "int4", "-g", "100"], "group size 100 does not divide the row length 8192"),
+        (["CFG", "--kv-dtype", "int2"], "unknown --kv-dtype 'int2'; choose one of"),
+        (["CFG", "--kv-layout", "paged"], "unknown --kv-layout 'paged'"),
+        (["CFG", "--vram", "-1"], "--vram must be a positive number of GiB"),
+        (["CFG", "--vram", "8", "--gpu", "T4"], "give either --gpu or --vram, not both"),
+        (["CFG", "--context", "lots"], "Invalid value for '--context'"),
+    ],
+)
+def test_bad_options(cfg70: Path, args: list[str], message: str) -> None:
+    assert_one_line_error(run("estimate-memory", *[str(cfg70) if a == "CFG" else a for a in args]), message)
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    bad_json = tmp_path / "config.json"
+    bad_json.write_text('{"model_type": "llama", ')
+    assert_one_line_error(run("estimate-memory", str(bad_json)), "malformed JSON at line 1")
+    unsupported = tmp_path / "u.json"
+    unsupported.write_text(json.dumps({**LLAMA_70B, "model_type": "mamba"}))
+    assert_one_line_error(run("estimate-memory", str(unsupported)), "model_type 'mamba' is not supported")
+    magic = tmp_path / "m.gguf"
+    magic.write_bytes(b"XXXX" + b"\0" * 60)
+    assert_one_line_error(run("estimate-memory", str(magic)), "not a GGUF file (magic b'XXXX'")
+    truncated = tmp_path / "t.gguf"
+    truncated.write_bytes(b"GGUF" + struct.pack("<I", 3) + struct.pack("<QQ", 5, 3))
+    assert_one_line_error(run("estimate-memory", str(truncated)), "t.gguf")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(run("estimate-memory", str(empty)), "folder has no config.json")
