@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-.venv/bin/ruff check llmctl tests bench
+.venv/bin/ruff check .
 exec .venv/bin/python -m pytest -q "$@"
