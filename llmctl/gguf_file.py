@@ -15,6 +15,7 @@ loaded whole.
 
 from __future__ import annotations
 
+import itertools
 import math
 import mmap
 import struct
@@ -85,9 +86,8 @@ class GGUFInfo:
         there is no output.weight, ``attention_bias``/``mlp_bias`` when the file holds those biases."""
         from llmctl.config import ModelConfig
 
-        cfg = ModelConfig.from_gguf_metadata(self.metadata, source=str(self.path))
-        cfg.tie_word_embeddings = "output.weight" not in self._entries
         names = self._entries.keys()
+        cfg = ModelConfig.from_gguf_metadata(self.metadata, source=str(self.path), tensor_names=names)
         if any(n.endswith((".attn_q.bias", ".attn_k.bias", ".attn_v.bias")) for n in names):
             cfg.attention_bias = True
         if any(n.endswith((".ffn_gate.bias", ".ffn_up.bias", ".ffn_down.bias")) for n in names):
@@ -168,9 +168,11 @@ def read_gguf(path: str | Path) -> GGUFInfo:
                 "the file is truncated or not a GGUF file"
             )
         with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return _Parser(path, mm, size).parse()
+            return _Parser(path, mm, len(mm)).parse()
     except OSError as e:
-        raise FormatError(f"{path}: cannot read ({e.strerror or e}); check the path and permissions") from None
+        raise FormatError(
+            f"{path}: cannot read ({e.strerror or e}); check the path and permissions"
+        ) from None
 
 
 class _Parser:
@@ -242,7 +244,9 @@ class _Parser:
 
     def array(self, key: str, depth: int) -> list[Any]:
         if depth >= MAX_ARRAY_NESTING:
-            raise self.fail(f"metadata key {key!r} nests arrays deeper than {MAX_ARRAY_NESTING}; the file is corrupt")
+            raise self.fail(
+                f"metadata key {key!r} nests arrays deeper than {MAX_ARRAY_NESTING}; the file is corrupt"
+            )
         itype = self.u32(f"array type of {key!r}")
         count = self.u64(f"array length of {key!r}")
         if itype in _SCALARS:
@@ -305,7 +309,9 @@ class _Parser:
     def _parse(self) -> GGUFInfo:
         magic = bytes(self.buf[0:4])
         if magic != GGUF_MAGIC:
-            raise self.fail(f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r}); pass a .gguf model file")
+            raise self.fail(
+                f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r}); pass a .gguf model file"
+            )
         self.pos = 4
         version = self.u32("version")
         if version not in SUPPORTED_VERSIONS:
@@ -314,15 +320,19 @@ class _Parser:
                 raise self.fail(
                     "big-endian GGUF files are not supported; convert the model on a little-endian machine"
                 )
-            hint = "version 1 is obsolete; re-convert the model with a current llama.cpp" if version == 1 else (
-                "the file is corrupt or from a newer GGUF version"
+            hint = (
+                "version 1 is obsolete; re-convert the model with a current llama.cpp"
+                if version == 1
+                else "the file is corrupt or from a newer GGUF version"
             )
             raise self.fail(f"unsupported GGUF version {version} (llmctl reads versions 2 and 3); {hint}")
         n_tensors = self.u64("tensor count")
         n_kv = self.u64("metadata count")
         room = self.size - HEADER_BYTES
-        if n_tensors > room // MIN_TENSOR_INFO_BYTES or n_kv > room // MIN_KV_BYTES or (
-            n_tensors * MIN_TENSOR_INFO_BYTES + n_kv * MIN_KV_BYTES > room
+        if (
+            n_tensors > room // MIN_TENSOR_INFO_BYTES
+            or n_kv > room // MIN_KV_BYTES
+            or (n_tensors * MIN_TENSOR_INFO_BYTES + n_kv * MIN_KV_BYTES > room)
         ):
             raise self.fail(
                 f"header claims {n_tensors} tensors and {n_kv} metadata entries, more than a {self.size}-byte "
@@ -357,7 +367,9 @@ class _Parser:
             seen.add(name)
             n_dims = self.u32(f"dimension count of tensor {name!r}")
             if n_dims > MAX_DIMS:
-                raise self.fail(f"tensor {name!r} has {n_dims} dimensions (GGML allows {MAX_DIMS}); the file is corrupt")
+                raise self.fail(
+                    f"tensor {name!r} has {n_dims} dimensions (GGML allows {MAX_DIMS}); the file is corrupt"
+                )
             ne = tuple(self.u64(f"dimension {d} of tensor {name!r}") for d in range(n_dims))
             ggml_type = self.u32(f"type of tensor {name!r}")
             offset = self.u64(f"data offset of tensor {name!r}")
@@ -401,7 +413,7 @@ class _Parser:
             entries[name] = _TensorEntry(info, ggml_type, data_offset + offset)
 
         spans = sorted((e.offset, e.offset + e.info.nbytes, n) for n, e in entries.items() if e.info.nbytes)
-        for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        for (_, end, a), (begin, _, b) in itertools.pairwise(spans):
             if begin < end:
                 raise self.fail(f"tensors {a!r} and {b!r} overlap in the data section; the file is corrupt")
 
