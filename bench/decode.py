@@ -1,0 +1,172 @@
+"""Decode and prefill speed: llmctl's torch runtime (fp32, bf16) against transformers' generate (fp32).
+
+    python bench/decode.py [MODEL] [--threads 2] [--prompt-len 128] [--new-tokens 64] [--repeats 5]
+
+MODEL is a Hugging Face safetensors folder, a .gguf file or a bundled model name (default
+smollm2-135m; GGUFs are dequantized to float, so every engine runs the same weights). All engines run in
+this process with the same thread count, alternating run by run so that load from other processes hits
+them alike. The best run is reported (on a shared machine other processes only ever slow a run down;
+with 2 threads and one core taken, a run can be 10x slower), with the median decode rate alongside.
+The prompt is random token ids; both engines decode greedily and ignore end-of-sequence, and the script
+checks that they produce the same tokens in fp32.
+
+Reported per engine: TTFT (prompt in, first token out), prefill tok/s (prompt length / TTFT) and decode
+tok/s (tokens after the first / their time). transformers' TTFT is generate(max_new_tokens=1); its decode
+rate comes from the difference with generate(max_new_tokens=N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def load_weights(spec: str):
+    """(ModelConfig, fp32 state dict or None, folder or None) for a MODEL argument."""
+    from llmctl.sources import resolve
+
+    source = resolve(spec)
+    if source.is_gguf:
+        from llmctl.runtime.gguf_loader import load_gguf_state_dict
+
+        config, state = load_gguf_state_dict(source.path)
+        return config, state, None
+    return source.config, None, source.path
+
+
+def llmctl_model(config, state, folder, dtype: str):
+    from llmctl.runtime.loader import load_model, load_state_dict
+
+    if folder is not None:
+        return load_model(folder, dtype=dtype, device="cpu")
+    return load_state_dict(config, state, dtype=dtype, device="cpu")
+
+
+def transformers_model(config, state, folder):
+    import torch
+    import transformers
+
+    if folder is not None:
+        return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    fields = {k: v for k, v in config.to_dict().items() if k != "architectures"}
+    if config.model_type == "gemma3_text":  # transformers' names and types for the same settings
+        fields["hidden_activation"] = fields.pop("hidden_act")
+        fields["query_pre_attn_scalar"] = int(fields["query_pre_attn_scalar"])
+        fields["layer_types"] = config.layer_kinds()
+    hf_config = transformers.AutoConfig.for_model(**fields)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+    result = model.load_state_dict(state, strict=False)
+    allowed = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(result.missing_keys) - allowed or result.unexpected_keys:
+        sys.exit(f"transformers model does not match the weights: {result}")
+    return model
+
+
+def run_llmctl(model, prompt, new_tokens: int) -> tuple[float, float, list[int]]:
+    """(TTFT seconds, decode seconds for new_tokens - 1 tokens, tokens)."""
+    from llmctl.runtime.generate import greedy
+
+    cache = model.make_cache(prompt.shape[1] + new_tokens)
+    t0 = time.perf_counter()
+    tokens, t_first = [], 0.0
+    for token in greedy(model, cache, prompt[0].tolist(), new_tokens):
+        if not tokens:
+            t_first = time.perf_counter()
+        tokens.append(token)
+    return t_first - t0, time.perf_counter() - t_first, tokens
+
+
+def run_transformers(model, prompt, new_tokens: int) -> tuple[float, float, list[int]]:
+    import torch
+
+    kwargs = dict(attention_mask=torch.ones_like(prompt), do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model.generate(prompt, max_new_tokens=1, **kwargs)
+        t1 = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        t2 = time.perf_counter()
+    return t1 - t0, (t2 - t1) - (t1 - t0), out[0, prompt.shape[1] :].tolist()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("model", nargs="?", default="smollm2-135m")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtypes", default="fp32,bf16", help="llmctl compute dtypes, comma-separated")
+    parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from llmctl.runtime.device import set_threads
+
+    set_threads(args.threads)
+    config, state, folder = load_weights(args.model)
+    engines = {
+        f"llmctl {d}": (run_llmctl, llmctl_model(config, state, folder, d)) for d in args.dtypes.split(",")
+    }
+    if not args.no_transformers:
+        engines["transformers fp32"] = (run_transformers, transformers_model(config, state, folder))
+    del state
+
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, config.vocab_size, (1, args.prompt_len), generator=g)
+    for run, model in engines.values():  # warm-up
+        run(model, prompt[:, :16], 4)
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
+    tokens: dict[str, list[int]] = {}
+    for _ in range(args.repeats):
+        for name, (run, model) in engines.items():
+            ttft, decode, tokens[name] = run(model, prompt, args.new_tokens)
+            samples[name].append((ttft, decode))
+
+    rows = []
+    for name, runs in samples.items():
+        ttft = min(r[0] for r in runs)
+        decode = [(args.new_tokens - 1) / r[1] for r in runs]
+        rows.append(
+            {
+                "engine": name,
+                "ttft_s": ttft,
+                "prefill_tok_s": args.prompt_len / ttft,
+                "decode_tok_s": max(decode),
+                "decode_tok_s_median": statistics.median(decode),
+            }
+        )
+    base = next((r["decode_tok_s"] for r in rows if r["engine"] == "transformers fp32"), None)
+    print(
+        f"{args.model}: prompt {args.prompt_len} tokens, {args.new_tokens} new, {args.threads} threads, "
+        f"best of {args.repeats} runs (median decode alongside)"
+    )
+    print(
+        f"{'engine':<20} {'TTFT ms':>9} {'prefill tok/s':>14} {'decode tok/s':>13} {'median':>7} {'vs HF':>6}"
+    )
+    for r in rows:
+        ratio = f"{r['decode_tok_s'] / base:.2f}x" if base else ""
+        print(
+            f"{r['engine']:<20} {r['ttft_s'] * 1e3:>9.1f} {r['prefill_tok_s']:>14.1f} "
+            f"{r['decode_tok_s']:>13.2f} {r['decode_tok_s_median']:>7.2f} {ratio:>6}"
+        )
+    if "llmctl fp32" in tokens and "transformers fp32" in tokens:
+        same = tokens["llmctl fp32"] == tokens["transformers fp32"]
+        print(f"greedy tokens identical (llmctl fp32 vs transformers): {'yes' if same else 'NO'}")
+    if args.json:
+        args.json.write_text(
+            json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": rows}, indent=2)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Device, compute dtype and thread count for the torch runtime."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from llmctl.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "float": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+}
+
+
+def pick_device(name: str | torch.device | None = None) -> torch.device:
+    """``None``/"auto": CUDA if available, else MPS, else CPU. An explicit device must be available."""
+    import torch
+
+    if name is None or name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r} requested but this torch has no usable CUDA; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"device {name!r} requested but MPS is not available; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from fp32/bf16/fp16, their long names, or a torch floating dtype."""
+    import torch
+
+    if isinstance(name, torch.dtype):
+        if name not in (torch.float32, torch.bfloat16, torch.float16):
+            raise UsageError(f"compute dtype {name} is not supported; use fp32, bf16 or fp16")
+        return name
+    key = str(name).lower().removeprefix("torch.")
+    if key not in DTYPE_NAMES:
+        raise UsageError(f"unknown compute dtype {name!r}; use fp32, bf16 or fp16")
+    return getattr(torch, DTYPE_NAMES[key])
+
+
+def compute_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """The dtype to compute in: ``dtype`` if given ("auto" = default), else fp32 on CPU, bf16 on CUDA
+    where supported (fp16 otherwise), fp16 on MPS."""
+    import torch
+
+    if dtype is not None and dtype != "auto":
+        chosen = parse_dtype(dtype)
+        if chosen == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UsageError(f"{device} does not support bf16; use fp16 or fp32")
+        return chosen
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def set_threads(n: int | None) -> int:
+    """Use ``n`` CPU threads for torch ops (None: leave torch's choice); returns the count in effect."""
+    import torch
+
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise UsageError(f"thread count must be a positive integer, got {n!r}")
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def describe(device: torch.device, dtype: Any) -> str:
+    """A short label such as ``cpu fp32 (2 threads)``."""
+    import torch
+
+    short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
+    return f"{device} {short}{threads}"

@@ -1,0 +1,154 @@
+"""Hugging Face safetensors folders (or any HF-named state dict) → ``Transformer``.
+
+The model is built on the meta device (no memory, no random init); each tensor is then read from the
+memory-mapped safetensors files, converted to the compute dtype and placed on the device one at a time,
+so peak memory is the converted model plus one tensor. Pickle checkpoints (``.bin``) are never opened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmctl.checkpoint import read_safetensors_header, safetensors_files
+from llmctl.config import ModelConfig
+from llmctl.errors import FormatError, SourceError
+
+if TYPE_CHECKING:
+    import torch
+
+    from llmctl.runtime.model import Transformer
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+# Tensors some checkpoints carry that the model computes itself.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def empty_model(config: ModelConfig) -> Transformer:
+    """The model's structure with parameters on the meta device, waiting for ``assign``."""
+    import torch
+
+    from llmctl.runtime.model import Transformer
+
+    with torch.device("meta"):
+        return Transformer(config)
+
+
+def _expected(model: Transformer) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def check_names(model: Transformer, found: Mapping[str, tuple[int, ...]], where: str) -> list[str]:
+    """Names of ``found`` to load; FormatError naming missing, unexpected or mis-shaped tensors."""
+    expected = _expected(model)
+    tied = model.lm_head is None
+    use = [n for n in found if n in expected]
+    unexpected = [
+        n
+        for n in found
+        if n not in expected and not n.endswith(IGNORED_SUFFIXES) and not (tied and n == "lm_head.weight")
+    ]
+    missing = [n for n in expected if n not in found]
+    problems = []
+    if missing:
+        problems.append(f"missing {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_names(unexpected)}")
+    shapes = [
+        f"{n} is {list(found[n])}, expected {list(expected[n])}"
+        for n in use
+        if tuple(found[n]) != expected[n]
+    ]
+    if shapes:
+        problems.append("wrong shapes: " + "; ".join(shapes[:5]) + (" …" if len(shapes) > 5 else ""))
+    if problems:
+        arch = model.config.architecture
+        raise FormatError(
+            f"{where}: tensors do not match a {arch} with this config.json: {'; '.join(problems)}; "
+            "the checkpoint is incomplete, quantized in a layout llmctl cannot run, or of another architecture"
+        )
+    return use
+
+
+def _names(names: list[str], limit: int = 6) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def assign(model: Transformer, name: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in place of the parameter ``name`` (no copy, no gradient)."""
+    import torch
+
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, leaf, torch.nn.Parameter(tensor, requires_grad=False))
+
+
+def load_state_dict(
+    config: ModelConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    dtype: Any = None,
+    device: Any = None,
+) -> Transformer:
+    """A model from a Hugging Face-named state dict (e.g. the GGUF loader's), converted to ``dtype``."""
+    from llmctl.runtime.device import compute_dtype, pick_device
+
+    device = pick_device(device)
+    dtype = compute_dtype(device, dtype)
+    model = empty_model(config)
+    use = check_names(
+        model, {n: tuple(t.shape) for n, t in state_dict.items()}, config.source or "state dict"
+    )
+    for name in use:
+        tensor = state_dict[name]
+        if not tensor.is_floating_point():
+            raise FormatError(
+                f"{config.source or 'state dict'}: tensor {name} is {tensor.dtype}, not floating point"
+            )
+        assign(model, name, tensor.to(device=device, dtype=dtype))
+    return model.fuse_projections().eval()
+
+
+def load_model(path: str | Path, dtype: Any = None, device: Any = None) -> Transformer:
+    """Load a Hugging Face folder (config.json + model.safetensors, or shards with their index), or a
+    .gguf file through the GGUF loader (dequantized)."""
+    from safetensors import safe_open
+
+    from llmctl.runtime.device import compute_dtype, pick_device
+    from llmctl.sources import resolve
+
+    path = Path(path)
+    if not path.exists():
+        raise SourceError(f"{path}: no such file or folder; pass a Hugging Face model folder or a .gguf file")
+    source = resolve(str(path))  # checks config.json and weights are there; refuses pickle checkpoints
+    if source.is_gguf:
+        from llmctl.runtime.gguf_loader import load_gguf_state_dict
+
+        return load_state_dict(*load_gguf_state_dict(source.path), dtype=dtype, device=device)
+    folder, config = source.path, source.config
+    device = pick_device(device)
+    dtype = compute_dtype(device, dtype)
+    model = empty_model(config)
+
+    files = safetensors_files(folder)
+    where: dict[str, Path] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        for info in read_safetensors_header(file)[0]:  # validated against the file size
+            if info.name in where:
+                raise FormatError(
+                    f"{folder}: tensor {info.name} is in both {where[info.name].name} and {file.name}"
+                )
+            if info.dtype not in FLOAT_DTYPES and not info.name.endswith(IGNORED_SUFFIXES):
+                raise FormatError(
+                    f"{file}: tensor {info.name} is {info.dtype}; the torch runtime loads floating-point "
+                    "checkpoints only (use the GGUF path or a bf16/fp16/fp32 export)"
+                )
+            where[info.name], shapes[info.name] = file, info.shape
+    use = set(check_names(model, shapes, str(folder)))
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:  # memory-mapped
+            for name in [n for n in f.keys() if n in use]:
+                assign(model, name, f.get_tensor(name).to(device=device, dtype=dtype))
+    return model.fuse_projections().eval()
