@@ -206,13 +206,13 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _block(ggml_name: str) -> int:
     fmt = REGISTRY[ggml_name]
     return fmt.block()[0] if issubclass(fmt, GGMLType) else 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _block_bytes(ggml_name: str) -> tuple[int, int]:
     fmt = REGISTRY[ggml_name]
     return fmt.block() if issubclass(fmt, GGMLType) else (1, fmt.nbytes((1,)))
