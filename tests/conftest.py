@@ -114,3 +114,21 @@ def tokens():
 
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, _COMMON["vocab_size"], (2, SEQ), generator=g)
+
+
+# ---- the bundled real models (scripts/install.sh installs them: missing is a failure, not a skip) -----
+def _bundled(name: str) -> Path:
+    from llmctl.sources import BUNDLED, bundled_path
+
+    path = bundled_path(BUNDLED[name])
+    if path is None:
+        pytest.fail(f"bundled model {name} is not installed: {BUNDLED[name].install_hint}")
+    return path
+
+
+def smollm2_path() -> Path:
+    return _bundled("smollm2-135m")
+
+
+def gemma3_path() -> Path:
+    return _bundled("gemma3-270m")

