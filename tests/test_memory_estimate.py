@@ -365,6 +365,15 @@ def test_kv_matches_transformers_full_size_on_meta(name: str) -> None:
     assert ours == pytest.approx(theirs, rel=0.01)
 
 
+def test_importing_has_no_cycle_and_no_torch() -> None:
+    import subprocess
+    import sys
+
+    for module in ("llmctl.quant.recipes", "llmctl.memory.params", "llmctl.memory", "llmctl.quant.formats"):
+        code = f"import sys, {module}, llmctl.memory as m; assert callable(m.estimate); assert 'torch' not in sys.modules"
+        subprocess.run([sys.executable, "-c", code], check=True)
+
+
 # ---- activations and overhead ------------------------------------------------------------------------
 def test_activation_formula_by_hand() -> None:
     c = ModelConfig.from_dict(tiny_dict("llama") | {"attention_bias": False, "mlp_bias": False})

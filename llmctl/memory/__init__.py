@@ -10,6 +10,7 @@ from llmctl.memory.estimate import (
     kv_cache_bytes,
     max_batch_that_fits,
     max_context_that_fits,
+    weights_breakdown,
 )
 from llmctl.memory.gpus import GPU, GPUS, find_gpu
 from llmctl.memory.params import TensorShape, count_parameters, tensor_shapes
@@ -29,4 +30,5 @@ __all__ = [
     "max_batch_that_fits",
     "max_context_that_fits",
     "tensor_shapes",
+    "weights_breakdown",
 ]

@@ -22,11 +22,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+# A module import (not from-import): llmctl.quant.recipes imports llmctl.memory.params, whose package
+# __init__ imports this module, so recipes may still be initialising here.
+import llmctl.quant.recipes as recipes
 from llmctl.checkpoint import TensorInfo
 from llmctl.config import FULL, SLIDING, ModelConfig
 from llmctl.errors import QuantError, UsageError
 from llmctl.memory.params import count_parameters, tensor_role, tensor_shapes
-from llmctl.quant.recipes import assign_formats, is_quantized, normalize_dtype, stored_format_name
 
 MIB = 1024**2
 GIB = 1024**3
@@ -261,18 +263,19 @@ def weights_breakdown(
     """Exact weight bytes: as stored (``weights_format=None``) or converted to ``weights_format``."""
     stored = _stored_tensors(config, tensors)
     if weights_format is None:
-        items = [(t, stored_format_name(t.dtype)) for t in stored]
+        items = [(t, recipes.stored_format_name(t.dtype)) for t in stored]
     else:
         base = _base_dtype(config, stored)
-        items = assign_formats(stored, weights_format, group_size, base, config=_tied(config, stored))
+        items = recipes.assign_formats(stored, weights_format, group_size, base, config=_tied(config, stored))
     by_format: dict[str, int] = {}
     by_role: dict[str, int] = {}
     quantized = kept = sharded = 0
     for t, fmt in items:
+        fmt = recipes.stored_format_name(fmt)  # one spelling for both paths: f32/F32 → fp32, f16 → fp16
         by_format[fmt] = by_format.get(fmt, 0) + t.nbytes
         role = tensor_role(t.name, t.shape)
         by_role[role] = by_role.get(role, 0) + t.nbytes
-        if is_quantized(fmt):
+        if recipes.is_quantized(fmt):
             quantized += t.nbytes
         else:
             kept += t.nbytes
@@ -297,7 +300,7 @@ def _stored_tensors(config: ModelConfig, tensors: Sequence[TensorInfo] | None) -
         return list(tensors)
     from llmctl.quant.formats import REGISTRY
 
-    dtype = normalize_dtype(config.torch_dtype)
+    dtype = recipes.normalize_dtype(config.torch_dtype)
     return [
         TensorInfo(s.name, s.shape, dtype, REGISTRY[dtype].nbytes(s.shape)) for s in tensor_shapes(config)
     ]
@@ -313,10 +316,10 @@ def _tied(config: ModelConfig, tensors: Sequence[TensorInfo]) -> ModelConfig:
 
 def _base_dtype(config: ModelConfig, tensors: Sequence[TensorInfo]) -> str:
     if config.torch_dtype:
-        return normalize_dtype(config.torch_dtype)
+        return recipes.normalize_dtype(config.torch_dtype)
     counts: dict[str, int] = {}
     for t in tensors:
-        name = stored_format_name(t.dtype)
+        name = recipes.stored_format_name(t.dtype)
         if name in ("bf16", "fp16"):
             counts[name] = counts.get(name, 0) + 1
     return max(counts, key=lambda k: counts[k]) if counts else "bf16"
@@ -336,15 +339,20 @@ def estimate(
     tensor_parallel: int = 1,
     ubatch: int = DEFAULT_UBATCH,
     flash_attention: bool = False,
+    weights: WeightsBreakdown | None = None,
 ) -> Estimate:
     """Memory needed to run ``config`` with ``batch`` sequences of ``context`` tokens.
 
     ``tensors``: the checkpoint's tensor table (safetensors headers or a GGUF's; shapes in PyTorch
     order). ``weights_format``: a registry format or GGUF mix to convert to; None keeps the stored
-    formats. ``tensor_parallel``: GPUs the model is split over (see ``per_gpu_*``).
+    formats. ``tensor_parallel``: GPUs the model is split over (see ``per_gpu_*``). ``weights``: the
+    ``weights_breakdown(...)`` of the same config/tensors/format/group size, to skip recomputing it when
+    estimating many contexts (DeepSeek-V3 has ~45k tensors).
     """
     weights_format = _check(context, batch, kv_dtype, kv_layout, tensor_parallel, ubatch, weights_format)
-    wb = weights_breakdown(config, tensors=tensors, weights_format=weights_format, group_size=group_size)
+    wb = weights or weights_breakdown(
+        config, tensors=tensors, weights_format=weights_format, group_size=group_size
+    )
     return _assemble(
         config, wb, tensors, weights_format, group_size, context, batch, kv_dtype, kv_layout,
         tensor_parallel, ubatch, flash_attention,
