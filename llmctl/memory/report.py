@@ -157,7 +157,10 @@ def memory_report(
     contexts = curve_contexts(max(context, config.max_position_embeddings))
     curve = {
         est.weights_format: [
-            estimate(config, weights_format=f, context=c, **common).per_gpu_total_bytes for c in contexts
+            estimate(
+                config, weights_format=f, context=c, weights=est.weights_breakdown, **common
+            ).per_gpu_total_bytes
+            for c in contexts
         ]
         for f, est in zip(formats, estimates, strict=True)
     }
