@@ -138,3 +138,41 @@ def test_cache_errors(loaded, tokens):
         KVCache(model.config, 0)
     with pytest.raises(UsageError, match="rollback must be a non-negative integer, got -1"):
         KVCache(model.config, 8, rollback=-1)
+
+
+KV_DTYPES = [(torch.float32, "f32"), (torch.float16, "f16"), (torch.bfloat16, "bf16")]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("dtype", "kv_dtype"), KV_DTYPES)
+def test_nbytes_equals_estimate_memory_tiny(family, dtype, kv_dtype, loaded):
+    """The runtime's KV cache is exactly what estimate-memory predicts (windowed layout)."""
+    from llmctl.memory.estimate import estimate
+
+    config = loaded[family].config
+    for context, batch in [(1, 1), (WINDOW - 1, 2), (WINDOW, 1), (100, 3)]:
+        cache = KVCache(config, context, batch, dtype=dtype, device="meta")
+        predicted = estimate(config, context=context, batch=batch, kv_dtype=kv_dtype)
+        assert cache.nbytes == predicted.kv_cache_bytes, (family, context, batch)
+        held = [k.shape[2] for k in cache.keys]
+        assert held == list(predicted.kv_tokens_per_layer)
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_nbytes_equals_estimate_memory_bundled(name):
+    """Same for the bundled GGUFs' configs (Gemma 3: 512-token windows on 5 of every 6 layers), up to
+    their full context, as `llmctl estimate-memory` computes it from the file."""
+    from conftest import gemma3_path, smollm2_path
+
+    from llmctl.gguf_file import read_gguf
+    from llmctl.memory.report import memory_report_for
+
+    path = smollm2_path() if name == "smollm2" else gemma3_path()
+    config = read_gguf(path).config
+    for context in (7, 511, 512, 513, 4096, config.max_position_embeddings):
+        for dtype, kv_dtype in KV_DTYPES:
+            cache = KVCache(config, context, dtype=dtype, device="meta")
+            report = memory_report_for(str(path), context=context, kv_dtype=kv_dtype)
+            assert cache.nbytes == report.estimates[0].kv_cache_bytes, (context, kv_dtype)
+        if name == "gemma3" and context > 512:  # the windows really are smaller than the context
+            assert sorted({k.shape[2] for k in cache.keys}) == [512, context]
