@@ -13,11 +13,35 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from llmctl.errors import QuantError
 
+if TYPE_CHECKING:
+    import torch
+
 REGISTRY: dict[str, type[WeightFormat]] = {}
+PER_TENSOR = 0  # fp8 group_size meaning one scale for the whole tensor (None: one per output channel)
+
+
+@dataclass
+class QTensor:
+    """One tensor in a registry format: its named parts (the exact bytes ``nbytes`` counts) and the
+    settings needed to read them back. Layouts rename and repack the parts for other engines."""
+
+    format: str
+    shape: tuple[int, ...]
+    group_size: int | None
+    parts: dict[str, Any]  # part name -> torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts.values())
+
+    def dequantize(self, dtype: Any = None) -> torch.Tensor:
+        return REGISTRY[self.format].dequantize(self, dtype)
 
 
 class WeightFormat:
@@ -28,6 +52,9 @@ class WeightFormat:
     keeps_embeddings: ClassVar[bool] = True  # the default recipe keeps embeddings/lm_head in 16 bits
     can_quantize: ClassVar[bool] = False
     description: ClassVar[str] = ""
+    # parts that are the same for every chunk of rows (a code table, a per-tensor scale); the others
+    # concatenate along dim 0 when a tensor is quantized in row chunks
+    constant_parts: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kw: object) -> None:
         super().__init_subclass__(**kw)
@@ -59,6 +86,33 @@ class WeightFormat:
         n = math.prod(shape)
         return 8 * cls.nbytes(shape, group_size) / n if n else 0.0
 
+    @classmethod
+    def part_specs(
+        cls, shape: Sequence[int], group_size: int | None = None, **opts: Any
+    ) -> dict[str, tuple[Any, tuple[int, ...]]]:
+        """{part: (torch dtype, shape)} of what ``quantize`` returns; their bytes sum to ``nbytes``."""
+        raise QuantError(f"llmctl cannot write weights in {cls.name}; {_writable_hint()}")
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, group_size: int | None = None, **opts: Any) -> QTensor:
+        raise QuantError(f"llmctl cannot write weights in {cls.name}; {_writable_hint()}")
+
+    @classmethod
+    def dequantize(cls, q: QTensor, dtype: Any = None) -> torch.Tensor:
+        raise QuantError(f"llmctl cannot read weights in {cls.name}; {_writable_hint()}")
+
+
+def _writable_hint() -> str:
+    names = ", ".join(n for n, f in REGISTRY.items() if f.can_quantize)
+    return (
+        f"formats llmctl quantizes to: {names} (GGUF types and mixes are written by llama.cpp's "
+        "llama-quantize)"
+    )
+
+
+def _as_2d(w: torch.Tensor) -> torch.Tensor:
+    return w.reshape(1, -1) if w.dim() < 2 else w.reshape(-1, w.shape[-1])
+
 
 def _divisor_hint(row: int, g: int) -> int:
     divs = [d for d in range(1, row + 1) if row % d == 0]
@@ -73,10 +127,33 @@ def _rows_cols(shape: Sequence[int]) -> tuple[int, int]:
     return rows, cols
 
 
+_TORCH_FLOAT = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
+
 class _Float(WeightFormat):
+    can_quantize = True
+
     @classmethod
     def nbytes(cls, shape: Sequence[int], group_size: int | None = None) -> int:
         return math.prod(shape) * int(cls.bits) // 8
+
+    @classmethod
+    def part_specs(cls, shape, group_size=None, **opts):
+        return {"weight": (_torch_dtype(_TORCH_FLOAT[cls.name]), tuple(shape))}
+
+    @classmethod
+    def quantize(cls, w, group_size=None, **opts):
+        return QTensor(cls.name, tuple(w.shape), None, {"weight": w.to(_torch_dtype(_TORCH_FLOAT[cls.name]))})
+
+    @classmethod
+    def dequantize(cls, q, dtype=None):
+        return q.parts["weight"].to(dtype or q.parts["weight"].dtype)
 
 
 class F32(_Float):
@@ -97,25 +174,109 @@ class BF16(_Float):
     description = "bfloat16, no quantization"
 
 
+FP8_VARIANTS = {"e4m3": ("float8_e4m3fn", 448.0), "e5m2": ("float8_e5m2", 57344.0)}
+
+
+def _tiny() -> float:
+    return 1.1754943508222875e-38  # smallest normal fp32: a zero scale divides without NaN
+
+
 class FP8(WeightFormat):
     """FP8 e4m3 (or e5m2): one byte a weight plus a 32-bit scale per output channel (compressed-tensors
-    'float-quantized', channel strategy) — or per tensor/per group when asked."""
+    'float-quantized', channel strategy) — or per tensor (``group_size=PER_TENSOR``) / per group.
+
+    scale = absmax / max_finite (448 for e4m3, 57344 for e5m2); values are divided by the scale and
+    clamped to ±max_finite before rounding, so no value saturates to NaN or infinity."""
 
     name = "fp8"
     bits = 8
+    can_quantize = True
     description = "FP8 e4m3, fp32 scale per output channel"
+
+    @classmethod
+    def _n_scales(cls, shape: Sequence[int], group_size: int | None) -> tuple[int, int]:
+        rows, cols = _rows_cols(shape)
+        if group_size == PER_TENSOR:
+            return 1, 1
+        if group_size is None:
+            return rows, 1
+        if group_size < 0 or cols % group_size:
+            raise QuantError(
+                f"group size {group_size} does not divide the row length {cols}; choose a divisor of "
+                f"{cols} or leave --group-size out for one scale per output channel"
+            )
+        return rows, cols // group_size
 
     @classmethod
     def nbytes(cls, shape: Sequence[int], group_size: int | None = None) -> int:
         rows, cols = _rows_cols(shape)
-        scales = rows * (cols // group_size if group_size else 1)
-        return rows * cols + 4 * scales
+        r, c = cls._n_scales(shape, group_size)
+        return rows * cols + 4 * r * c
+
+    @classmethod
+    def part_specs(cls, shape, group_size=None, **opts):
+        import torch
+
+        dtype, _ = FP8_VARIANTS[_fp8_variant(opts)]
+        return {
+            "weight": (getattr(torch, dtype), _rows_cols(shape)),
+            "scale": (torch.float32, cls._n_scales(shape, group_size)),
+        }
+
+    @classmethod
+    def quantize(cls, w, group_size=None, **opts):
+        import torch
+
+        variant = _fp8_variant(opts)
+        dtype, fmax = FP8_VARIANTS[variant]
+        x = _as_2d(w).float()
+        _, c = cls._n_scales(tuple(w.shape), group_size)
+        if "amax" in opts:  # per-tensor scale of a tensor quantized in row chunks
+            amax = torch.as_tensor(opts["amax"], dtype=torch.float32).reshape(1, 1)
+        elif group_size == PER_TENSOR:
+            amax = x.abs().amax().reshape(1, 1)
+        else:
+            amax = x.reshape(x.shape[0], c, -1).abs().amax(-1)  # (rows, n_scales)
+        scale = amax / fmax
+        s = scale.clamp_min(_tiny())
+        if c == 1:
+            y = x / s
+        else:
+            y = (x.reshape(x.shape[0], c, -1) / s.unsqueeze(-1)).reshape(x.shape)  # (rows, cols)
+        q = y.clamp_(-fmax, fmax).to(getattr(torch, dtype))
+        return QTensor(cls.name, tuple(w.shape), group_size, {"weight": q, "scale": scale}, {"fp8": variant})
+
+    @classmethod
+    def dequantize(cls, q, dtype=None):
+        import torch
+
+        w, scale = q.parts["weight"].float(), q.parts["scale"]
+        rows, cols = w.shape
+        c = scale.shape[-1]
+        out = (w.reshape(rows, c, -1) * scale.reshape(-1, c, 1)).reshape(rows, cols)
+        return out.reshape(q.shape).to(dtype or torch.float32)
+
+
+def _fp8_variant(opts: dict[str, Any]) -> str:
+    v = str(opts.get("fp8") or "e4m3").lower()
+    if v not in FP8_VARIANTS:
+        raise QuantError(f"unknown fp8 variant {v!r}; choose e4m3 (default) or e5m2")
+    return v
 
 
 class _IntGroup(WeightFormat):
+    """Integers of ``bits`` bits in groups of ``group_size`` along each row, one scale per group.
+
+    Symmetric: scale = absmax / ((2^b - 1) / 2), q = clamp(round(x / scale), -2^(b-1), 2^(b-1) - 1),
+    x ≈ q · scale (compressed-tensors' min-max rule). Asymmetric: scale = (max - min) / (2^b - 1) over a
+    range that includes 0, zero_point = clamp(qmin - round(min / scale)), q = clamp(round(x / scale) + zp),
+    x ≈ (q - zp) · scale. Scales are rounded to fp16 first and the codes computed with the rounded scale,
+    so what is stored is what is used."""
+
     grouped = True
+    can_quantize = True
     default_group_size = 128
-    scale_bytes: ClassVar[int] = 2  # one fp16/bf16 scale per group (compressed-tensors)
+    scale_bytes: ClassVar[int] = 2  # one fp16 scale per group (compressed-tensors)
     zero_bits: ClassVar[int] = 0  # asymmetric variants store a zero-point per group
 
     @classmethod
@@ -125,10 +286,103 @@ class _IntGroup(WeightFormat):
         assert g is not None
         groups = rows * (cols // g)
         return (
-            math.ceil(rows * cols * cls.bits / 8)
+            rows * math.ceil(cols * cls.bits / 8)
             + groups * cls.scale_bytes
             + math.ceil(groups * cls.zero_bits / 8)
         )
+
+    @classmethod
+    def part_specs(cls, shape, group_size=None, **opts):
+        import torch
+
+        rows, cols = _rows_cols(shape)
+        g = cls.check_group(cols, group_size)
+        assert g is not None
+        ng = cols // g
+        specs: dict[str, tuple[Any, tuple[int, ...]]] = {
+            "weight": (
+                (torch.int8, (rows, cols)) if cls.bits == 8 else (torch.uint8, (rows, math.ceil(cols / 2)))
+            ),
+            "scale": (torch.float16, (rows, ng)),
+        }
+        if cls.zero_bits:
+            specs["zero_point"] = (torch.uint8, (math.ceil(rows * ng / 2),))
+        return specs
+
+    @classmethod
+    def quantize(cls, w, group_size=None, **opts):
+        import torch
+
+        from llmctl.quant.primitives import pack_nibbles
+
+        bits = int(cls.bits)
+        qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        x = _as_2d(w)
+        rows, cols = x.shape
+        g = cls.check_group(cols, group_size)
+        assert g is not None
+        x = x.float().reshape(rows, cols // g, g)  # (rows, n_groups, group_size)
+        if cls.zero_bits:
+            lo = x.amin(-1).clamp_(max=0)
+            hi = x.amax(-1).clamp_(min=0)
+            scale = _round_up_fp16((hi - lo) / (qmax - qmin))
+            s = scale.float().clamp_min_(_tiny())
+            zp = (qmin - torch.round(lo / s)).clamp_(qmin, qmax)  # (rows, n_groups)
+            q = torch.round(x / s.unsqueeze(-1)).add_(zp.unsqueeze(-1)).clamp_(qmin, qmax)
+        else:
+            amax = x.abs().amax(-1)
+            scale = _round_up_fp16(amax / ((qmax - qmin) / 2))  # amax / scale <= qmax + 1/2
+            s = scale.float().clamp_min_(_tiny())
+            q = torch.round(x / s.unsqueeze(-1)).clamp_(qmin, qmax)
+        q = q.reshape(rows, cols)
+        if bits == 8:
+            parts = {"weight": q.to(torch.int8), "scale": scale}
+        else:
+            parts = {"weight": pack_nibbles((q + 8).to(torch.uint8)), "scale": scale}
+        if cls.zero_bits:
+            parts["zero_point"] = pack_nibbles((zp.reshape(-1) + 8).to(torch.uint8))
+        return QTensor(cls.name, tuple(w.shape), g, parts)
+
+    @classmethod
+    def codes(cls, q: QTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(signed integer codes (rows, cols) as int8, zero-points (rows, n_groups) as int8 or None)."""
+        import torch
+
+        from llmctl.quant.primitives import unpack_nibbles
+
+        rows, cols = _rows_cols(q.shape)
+        if cls.bits == 8:
+            codes = q.parts["weight"]
+        else:
+            codes = (unpack_nibbles(q.parts["weight"], cols).to(torch.int16) - 8).to(torch.int8)
+        zp = None
+        if cls.zero_bits:
+            ng = cols // q.group_size
+            zp = unpack_nibbles(q.parts["zero_point"], rows * ng).to(torch.int16) - 8
+            zp = zp.to(torch.int8).reshape(rows, ng)
+        return codes, zp
+
+    @classmethod
+    def dequantize(cls, q, dtype=None):
+        import torch
+
+        rows, cols = _rows_cols(q.shape)
+        g = q.group_size
+        codes, zp = cls.codes(q)
+        x = codes.float().reshape(rows, cols // g, g)  # (rows, n_groups, group_size)
+        if zp is not None:
+            x = x - zp.float().unsqueeze(-1)
+        out = (x * q.parts["scale"].float().unsqueeze(-1)).reshape(q.shape)
+        return out.to(dtype or torch.float32)
+
+
+def _round_up_fp16(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to fp16 and moved one ulp up where rounding went down: a stored scale never shrinks the
+    range, so only values beyond it are clamped (half a step at most)."""
+    import torch
+
+    h = x.to(torch.float16)
+    return torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, math.inf)), h)
 
 
 class Int8(_IntGroup):
@@ -153,13 +407,19 @@ class Int4Asym(_IntGroup):
 class NF4(WeightFormat):
     """bitsandbytes NormalFloat-4: 4-bit codes, one fp32 absmax per block of 64, the 16-entry code table.
     With double quantization the absmax is stored as uint8 with one fp32 scale per 256 blocks, an fp32
-    offset and a 256-entry fp32 code table."""
+    offset and a 256-entry fp32 code table.
+
+    Bit-identical to ``bitsandbytes.functional.quantize_4bit(w, quant_type='nf4')``: blocks run over the
+    flattened tensor; each value is multiplied by 1 / absmax (fp32), clamped to [-1, 1] and given the
+    code whose midpoint interval holds it; two codes a byte, the first in the high nibble."""
 
     name = "nf4"
     bits = 4
     grouped = True
+    can_quantize = True
     default_group_size = 64
     double_quant: ClassVar[bool] = False
+    constant_parts = ("quant_map", "nested_quant_map")
     description = "bitsandbytes NF4, fp32 absmax per block of 64"
 
     @classmethod
@@ -167,6 +427,11 @@ class NF4(WeightFormat):
         g = group_size or cls.default_group_size
         if g is None or g <= 0:
             raise QuantError(f"group size must be a positive integer, got {g}")
+        if g not in (64, 128, 256, 512, 1024, 2048, 4096):
+            raise QuantError(
+                f"NF4 block size {g} is not one bitsandbytes reads; choose 64 (default), 128, 256, 512, "
+                "1024, 2048 or 4096"
+            )
         return g  # bitsandbytes blocks run over the flattened tensor, rows need not divide
 
     @classmethod
@@ -181,6 +446,119 @@ class NF4(WeightFormat):
             return packed + 4 * blocks + code
         nested_blocks = math.ceil(blocks / 256)
         return packed + blocks + 4 * nested_blocks + 4 + 256 * 4 + code
+
+    @classmethod
+    def part_specs(cls, shape, group_size=None, **opts):
+        import torch
+
+        n = math.prod(shape)
+        g = cls.check_group(0, group_size)
+        assert g is not None
+        blocks = math.ceil(n / g)
+        specs: dict[str, tuple[Any, tuple[int, ...]]] = {"weight": (torch.uint8, (math.ceil(n / 2), 1))}
+        if cls.double_quant:
+            specs["absmax"] = (torch.uint8, (blocks,))
+            specs["nested_absmax"] = (torch.float32, (math.ceil(blocks / 256),))
+            specs["nested_quant_map"] = (torch.float32, (256,))
+            specs["offset"] = (torch.float32, (1,))
+        else:
+            specs["absmax"] = (torch.float32, (blocks,))
+        specs["quant_map"] = (torch.float32, (16,))
+        return specs
+
+    @classmethod
+    def quantize(cls, w, group_size=None, **opts):
+        import torch
+
+        from llmctl.quant.primitives import midpoints, nf4_code, pack_nibbles
+
+        g = cls.check_group(0, group_size)
+        assert g is not None
+        code = nf4_code()
+        flat = w.reshape(-1).float()
+        n = flat.numel()
+        full = n - n % g
+        blocks = flat[:full].reshape(-1, g)  # (n_blocks, block)
+        absmax = blocks.abs().amax(-1)
+        scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).unsqueeze(-1)), -1, 1).reshape(-1)
+        if n % g:
+            tail = flat[full:]
+            am = tail.abs().max().clamp(min=1e-38)
+            absmax = torch.cat([absmax, am.reshape(1)])
+            scaled = torch.cat([scaled, torch.clamp(tail / am, -1, 1)])
+        q = torch.bucketize(scaled, midpoints(code), out_int32=True).to(torch.uint8)
+        if n % 2:  # bitsandbytes pads the scaled values with 0.0, whose code is 7
+            q = torch.cat([q, torch.full((1,), 7, dtype=torch.uint8)])
+        parts = {"weight": pack_nibbles(q, high_first=True).reshape(-1, 1), "absmax": absmax}
+        if cls.double_quant:
+            parts.update(double_quantize(absmax))
+        parts["quant_map"] = code
+        return QTensor(cls.name, tuple(w.shape), g, parts)
+
+    @classmethod
+    def absmax(cls, q: QTensor) -> torch.Tensor:
+        """The fp32 absmax per block (undoing double quantization)."""
+        if not cls.double_quant:
+            return q.parts["absmax"]
+        p = q.parts
+        nested = p["nested_quant_map"][p["absmax"].long()]  # (n_blocks,)
+        n = nested.numel()
+        scale = p["nested_absmax"].repeat_interleave(256)[:n]
+        return nested * scale + p["offset"]
+
+    @classmethod
+    def dequantize(cls, q, dtype=None):
+        import torch
+
+        from llmctl.quant.primitives import unpack_nibbles
+
+        n = math.prod(q.shape)
+        g = q.group_size
+        codes = unpack_nibbles(q.parts["weight"].reshape(-1), n, high_first=True)
+        values = q.parts["quant_map"][codes.long()]  # (n,)
+        absmax = cls.absmax(q)
+        full = n - n % g
+        out = torch.empty(n, dtype=torch.float32)
+        out[:full] = (values[:full].reshape(-1, g) * absmax[: full // g].unsqueeze(-1)).reshape(-1)
+        if n % g:
+            out[full:] = values[full:] * absmax[-1]
+        return out.reshape(q.shape).to(dtype or torch.float32)
+
+
+def double_quantize(absmax: torch.Tensor) -> dict[str, torch.Tensor]:
+    """bitsandbytes' ``compress_statistics``: absmax - mean(absmax), in blocks of 256, to the signed
+    8-bit dynamic code (uint8 index, fp32 absmax per 256 blocks), as bitsandbytes' CPU kernel
+    (csrc/common.cpp ``quantize_block``) does it: value / block absmax, the code entry at or left of it,
+    moved right when the right neighbour is strictly closer. The kernel searches with code[0] set to -1.0
+    (the stored code keeps bitsandbytes' -0.993)."""
+    import torch
+
+    from llmctl.quant.primitives import dynamic_code
+
+    stored = dynamic_code()
+    code = stored.clone()
+    code[0] = -1.0
+    offset = absmax.mean()
+    x = absmax - offset
+    n = x.numel()
+    n_blocks = -(-n // 256)
+    pad = n_blocks * 256 - n
+    xb = torch.nn.functional.pad(x, (0, pad)).reshape(n_blocks, 256)  # (n_blocks, 256)
+    if pad:  # the last block's absmax covers its real values only
+        nested = torch.cat([xb[:-1].abs().amax(-1), x[(n_blocks - 1) * 256 :].abs().amax().reshape(1)])
+    else:
+        nested = xb.abs().amax(-1)
+    normed = (xb / nested.unsqueeze(-1)).reshape(-1)[:n]
+    left = (torch.searchsorted(code, normed, right=True) - 1).clamp_(0, 255)
+    right = (left + 1).clamp_(max=255)
+    closer = (normed - code[right]).abs() < (normed - code[left]).abs()
+    q = (left + closer.long()).to(torch.uint8)
+    return {
+        "absmax": q,
+        "nested_absmax": nested,
+        "nested_quant_map": stored,
+        "offset": offset.reshape(1).float(),
+    }
 
 
 class NF4DQ(NF4):

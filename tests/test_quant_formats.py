@@ -1,0 +1,218 @@
+"""The weight-format registry's quantize/dequantize: exact bytes, error bounds, edge cases, and NF4
+bit-identical to bitsandbytes (the reference implementation, run here on CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llmctl.errors import QuantError
+from llmctl.quant.formats import PER_TENSOR, REGISTRY, get_format
+
+QUANTIZABLE = [n for n, f in REGISTRY.items() if f.can_quantize]
+SHAPES = [(64, 256), (96, 384), (48, 640), (3, 1, 128)]
+
+
+def test_quantizable_formats_are_stated_explicitly():
+    assert sorted(QUANTIZABLE) == sorted(["fp32", "fp16", "bf16", "fp8", "int8", "int4", "int4-asym", "nf4", "nf4-dq"])
+    with pytest.raises(QuantError, match="cannot write weights in q4_k.*llama-quantize"):
+        get_format("q4_k").quantize(torch.zeros(4, 32))
+
+
+def _weights(shape, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 0.02).to(dtype)
+
+
+@pytest.mark.parametrize("name", QUANTIZABLE)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bytes_are_exact(name, shape):
+    """What quantize stores is exactly what the registry's nbytes (used by estimate-memory) counts, and
+    what part_specs (used to write file headers before any work) announces."""
+    fmt = REGISTRY[name]
+    q = fmt.quantize(_weights(shape))
+    specs = fmt.part_specs(shape)
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in q.parts.items()} == {
+        k: (dt, tuple(s)) for k, (dt, s) in specs.items()
+    }
+    assert q.nbytes == fmt.nbytes(shape)
+    assert fmt.bits_per_weight(shape) == 8 * q.nbytes / math.prod(shape)
+
+
+@pytest.mark.parametrize(
+    "name,group,bpw",
+    [("int4", 128, 4.125), ("int4", 32, 4.5), ("int8", 128, 8.125), ("int4-asym", 128, 4.15625), ("fp8", None, 8 + 32 / 256)],
+)
+def test_bits_per_weight(name, group, bpw):
+    assert REGISTRY[name].bits_per_weight((64, 256), group) == bpw
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "int4-asym"])
+@pytest.mark.parametrize("group", [32, 64, 128, 256, 96])
+def test_int_error_is_at_most_half_a_step(name, group):
+    """Every value is within half a quantization step (its group's stored scale / 2) of the original."""
+    shape = (32, 768)
+    w = _weights(shape, seed=group)
+    fmt = REGISTRY[name]
+    q = fmt.quantize(w, group)
+    err = (q.dequantize() - w).abs().reshape(32, -1, group)
+    step = q.parts["scale"].float().unsqueeze(-1)
+    # symmetric: half a step; asymmetric: the zero-point's rounding can shift the grid by half a step more
+    bound = step / 2 if name != "int4-asym" else step
+    assert bool((err <= bound * (1 + 1e-5) + 1e-9).all())
+    assert q.group_size == group
+
+
+def test_asymmetric_beats_symmetric_on_shifted_weights():
+    w = _weights((64, 256)) + 0.03  # all-positive-ish groups: asymmetric uses the whole range
+    sym = (REGISTRY["int4"].quantize(w).dequantize() - w).norm()
+    asym = (REGISTRY["int4-asym"].quantize(w).dequantize() - w).norm()
+    assert asym < 0.7 * sym
+
+
+@pytest.mark.parametrize("variant,rel", [("e4m3", 2**-4), ("e5m2", 2**-3)])
+@pytest.mark.parametrize("group", [None, PER_TENSOR, 64])
+def test_fp8_error_and_saturation(variant, rel, group):
+    """Relative error within half an ulp of the variant (values above the subnormal range); outliers
+    saturate to ±max instead of NaN/inf."""
+    w = _weights((32, 256))
+    w[3, 7] = 50.0  # an outlier sets the scale of its row / tensor / group
+    q = REGISTRY["fp8"].quantize(w, group, fp8=variant)
+    d = q.dequantize()
+    assert bool(torch.isfinite(d).all())
+    assert q.parts["weight"].dtype == (torch.float8_e4m3fn if variant == "e4m3" else torch.float8_e5m2)
+    scale = q.parts["scale"].max()
+    big = w.abs() > scale * 2**-6 * 16  # clear of fp8's subnormals in scaled units
+    assert bool(((d - w).abs()[big] <= rel * w.abs()[big] * 1.001).all())
+    assert d[3, 7] == pytest.approx(50.0, rel=rel)
+
+
+@pytest.mark.parametrize("name", QUANTIZABLE)
+def test_all_zero_group_stays_zero(name):
+    w = _weights((16, 256))
+    w[2, :128] = 0  # one full group (128) / two NF4 blocks / half a row
+    w[5] = 0  # a whole row (per-channel scales)
+    q = REGISTRY[name].quantize(w)
+    d = q.dequantize()
+    assert bool(torch.isfinite(d).all())
+    assert bool((d[2, :128] == 0).all()) and bool((d[5] == 0).all())
+    assert REGISTRY[name].quantize(torch.zeros(8, 128)).dequantize().abs().max() == 0
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "int4-asym"])
+def test_group_that_does_not_divide_the_row_is_refused(name):
+    with pytest.raises(QuantError, match="group size 128 does not divide the row length 100; choose a divisor of 100"):
+        REGISTRY[name].quantize(torch.zeros(4, 100), 128)
+    with pytest.raises(QuantError, match="does not divide the row length 100"):
+        REGISTRY[name].nbytes((4, 100), 128)
+    # any divisor works, odd ones included
+    q = REGISTRY[name].quantize(_weights((4, 100)), 25)
+    assert q.nbytes == REGISTRY[name].nbytes((4, 100), 25)
+
+
+def test_fp8_group_that_does_not_divide_the_row_is_refused():
+    with pytest.raises(QuantError, match="group size 48 does not divide the row length 100"):
+        REGISTRY["fp8"].quantize(torch.zeros(4, 100), 48)
+
+
+def test_odd_shapes_round_trip():
+    """Odd row lengths pack with a padding nibble per row; odd element counts pad NF4's last byte."""
+    for name in ("int4", "int4-asym"):
+        w = _weights((7, 99))
+        q = REGISTRY[name].quantize(w, 33)
+        assert q.nbytes == REGISTRY[name].nbytes((7, 99), 33)
+        assert (q.dequantize() - w).abs().max() < 0.02
+    for name in ("nf4", "nf4-dq"):
+        w = _weights((7, 99))
+        q = REGISTRY[name].quantize(w)
+        assert q.nbytes == REGISTRY[name].nbytes((7, 99))
+        assert q.dequantize().shape == (7, 99)
+
+
+def _sqnr(w, d):
+    return 10 * math.log10(float((w.float() ** 2).sum() / ((w.float() - d.float()) ** 2).sum()))
+
+
+@pytest.fixture(scope="module")
+def real_weights():
+    """A few real linear weights of SmolLM2-135M (dequantized from its bundled GGUF)."""
+    from conftest import smollm2_path
+
+    from llmctl.gguf_file import read_gguf
+    from llmctl.runtime.gguf_loader import dequantize_tensor
+
+    info = read_gguf(smollm2_path())
+    return {n: dequantize_tensor(info, n) for n in ("blk.0.attn_q.weight", "blk.5.ffn_down.weight", "blk.20.ffn_up.weight")}
+
+
+@pytest.mark.parametrize(
+    "name,min_db", [("fp16", 60), ("bf16", 45), ("int8", 38), ("fp8", 28), ("int4", 15), ("int4-asym", 16), ("nf4", 16), ("nf4-dq", 16)]
+)
+def test_sqnr_on_real_weights(real_weights, name, min_db):
+    for tensor, w in real_weights.items():
+        d = REGISTRY[name].quantize(w, 64).dequantize()  # SmolLM2's rows of 576 take groups of 64
+        assert _sqnr(w, d) >= min_db, tensor
+
+
+# ---- NF4 against bitsandbytes ---------------------------------------------------------------------------
+NF4_CASES = [((64, 256), 64, torch.float32), ((33, 77), 64, torch.float32), ((1000,), 64, torch.float32),
+             ((96, 384), 128, torch.bfloat16), ((48, 64), 64, torch.float16), ((300, 1000), 256, torch.bfloat16)]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape,block,dtype", NF4_CASES)
+def test_nf4_bytes_and_scales_identical_to_bitsandbytes(shape, block, dtype):
+    import bitsandbytes.functional as F
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    packed, state = F.quantize_4bit(w, blocksize=block, quant_type="nf4")
+    q = REGISTRY["nf4"].quantize(w, block)
+    assert torch.equal(q.parts["weight"], packed)  # (ceil(n/2), 1) uint8, high nibble first
+    assert torch.equal(q.parts["absmax"], state.absmax)
+    assert torch.equal(q.parts["quant_map"], state.code)
+    theirs = F.dequantize_4bit(packed, state).float().reshape(-1)
+    assert torch.equal(q.dequantize(dtype).float().reshape(-1), theirs)
+
+
+@pytest.mark.parametrize("shape,block,dtype", NF4_CASES)
+def test_nf4_double_quant_matches_bitsandbytes(shape, block, dtype):
+    """4-bit codes, nested absmax, offset and both code tables are identical. The 8-bit absmax codes are
+    the nearest code entries; bitsandbytes' CPU kernel (a fast approximate binary search) picks the
+    next entry for a rare value near a midpoint, so those may differ by one step (a few blocks in a
+    thousand), and ours is then the closer one."""
+    import bitsandbytes.functional as F
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+    packed, state = F.quantize_4bit(w, blocksize=block, quant_type="nf4", compress_statistics=True)
+    q = REGISTRY["nf4-dq"].quantize(w, block)
+    assert torch.equal(q.parts["weight"], packed)
+    assert torch.equal(q.parts["nested_absmax"], state.state2.absmax)
+    assert torch.equal(q.parts["nested_quant_map"], state.state2.code)
+    assert torch.equal(q.parts["quant_map"], state.code)
+    assert float(q.parts["offset"]) == float(state.offset)
+    diff = (q.parts["absmax"].int() - state.absmax.int()).abs()
+    assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= max(1, 0.02 * diff.numel())
+    code = state.state2.code
+    fp32_absmax = REGISTRY["nf4"].quantize(w, block).parts["absmax"]
+    target = (fp32_absmax - q.parts["offset"]) / q.parts["nested_absmax"].repeat_interleave(256)[: diff.numel()]
+    ours, theirs_ = (code[q.parts["absmax"].long()] - target).abs(), (code[state.absmax.long()] - target).abs()
+    assert bool((ours <= theirs_).all())
+    # where the codes agree, the dequantized weights agree exactly
+    same = (diff == 0).repeat_interleave(block)[: w.numel()]
+    theirs = F.dequantize_4bit(packed, state).reshape(-1)
+    assert torch.equal(q.dequantize(dtype).reshape(-1)[same], theirs[same])
+
+
+def test_nf4_block_sizes_bitsandbytes_cannot_read_are_refused():
+    with pytest.raises(QuantError, match="NF4 block size 100 is not one bitsandbytes reads"):
+        REGISTRY["nf4"].quantize(torch.zeros(4, 100), 100)
+
+
+def test_nan_weights_are_refused():
+    from llmctl.quant.primitives import check_finite
+
+    w = torch.zeros(4, 4)
+    w[1, 1] = float("nan")
+    with pytest.raises(QuantError, match="layer.weight: the tensor holds NaN or infinite values"):
+        check_finite(w, "layer.weight")
