@@ -1,4 +1,5 @@
-"""Decode and prefill speed: llmctl's torch runtime (fp32, bf16) against transformers' generate (fp32).
+"""Decode and prefill speed: llmctl's torch runtime (fp32, bf16) against transformers' generate (fp32)
+and, for a GGUF, llama.cpp (llama-cpp-python) on the file's own quantized weights.
 
     python bench/decode.py [MODEL] [--threads 2] [--prompt-len 128] [--new-tokens 64] [--repeats 5]
 
@@ -12,7 +13,9 @@ checks that they produce the same tokens in fp32.
 
 Reported per engine: TTFT (prompt in, first token out), prefill tok/s (prompt length / TTFT) and decode
 tok/s (tokens after the first / their time). transformers' TTFT is generate(max_new_tokens=1); its decode
-rate comes from the difference with generate(max_new_tokens=N).
+rate comes from the difference with generate(max_new_tokens=N). llama.cpp runs ``Llama.generate`` greedily
+(top_k=1) with the same thread count; it reads the GGUF's quantized weights (e.g. Q4_1, ~4.5x fewer bytes
+than fp32), so it is the speed reference, not a same-weights comparison.
 """
 
 from __future__ import annotations
@@ -93,6 +96,35 @@ def run_transformers(model, prompt, new_tokens: int) -> tuple[float, float, list
     return t1 - t0, (t2 - t1) - (t1 - t0), out[0, prompt.shape[1] :].tolist()
 
 
+class LlamaCpp:
+    """llama-cpp-python on the GGUF file, with its native logging silenced."""
+
+    def __init__(self, path, n_ctx: int, threads: int) -> None:
+        import llama_cpp
+
+        from llmctl.runtime.perplexity import _no_extra_buffer_types  # llama.cpp's AMX path crashes here
+
+        with _no_extra_buffer_types():
+            self.llm = llama_cpp.Llama(
+                model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                verbose=False,
+            )  # fmt: skip
+
+
+def run_llama_cpp(engine: LlamaCpp, prompt, new_tokens: int) -> tuple[float, float, list[int]]:
+    llm = engine.llm
+    llm.reset()  # forget the previous run's tokens, or generate() would reuse them as a cached prefix
+    t0 = time.perf_counter()
+    tokens, t_first = [], 0.0
+    for token in llm.generate(prompt[0].tolist(), top_k=1, top_p=1.0, min_p=0.0, temp=0.0, reset=True):
+        if not tokens:
+            t_first = time.perf_counter()
+        tokens.append(token)
+        if len(tokens) == new_tokens:
+            break
+    return t_first - t0, time.perf_counter() - t_first, tokens
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -104,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtypes", default="fp32,bf16", help="llmctl compute dtypes, comma-separated")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp (GGUF models only)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -119,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_transformers:
         engines["transformers fp32"] = (run_transformers, transformers_model(config, state, folder))
     del state
+    from llmctl.sources import resolve
+
+    source = resolve(args.model)
+    if source.is_gguf and not args.no_llama_cpp:
+        n_ctx = args.prompt_len + args.new_tokens + 16
+        engines["llama.cpp (GGUF)"] = (run_llama_cpp, LlamaCpp(source.path, n_ctx, args.threads))
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_len), generator=g)
