@@ -192,3 +192,99 @@ def _memory_chart(report: Any, width: int = 50) -> None:
             con.print(line)
     if limit:
         con.print(Text(f"{'':10}{'':{label_w}} │ = {report.gpu.name} ({gib(limit)} GiB)", style="yellow"))
+
+
+# ---- llmctl quantize (issue 4) -----------------------------------------------------------------------
+def quantize_plan(plan: Any, out_path: Any) -> None:
+    """The dry-run: each tensor's format and the exact output size."""
+    con = out()
+    table = Table(title=f"Plan: {plan.source.display} → {plan.format} ({plan.layout.name} layout)", title_justify="left")
+    for col in ("tensor", "shape", "from", "to", "group", "bytes", "why"):
+        table.add_column(col, justify="right" if col in ("bytes", "group") else "left", overflow="fold")
+    for t in plan.tensors:
+        group = "-" if t.group_size is None else "tensor" if t.group_size == 0 else str(t.group_size)
+        table.add_row(t.name, "×".join(map(str, t.shape)), t.src_dtype, t.format, group, f"{t.nbytes:,}", t.reason)
+    con.print(table)
+    files = ", ".join(f"{f.name} ({f.nbytes:,} B)" for f in plan.files)
+    con.print(
+        f"output {out_path}: [bold]{plan.out_bytes:,} bytes[/bold] ({human_bytes(plan.out_bytes)}) of safetensors "
+        f"in {files}, from {human_bytes(plan.src_bytes)} of weights; plus config.json and tokenizer files"
+    )
+    for note in plan.notes:
+        notice(f"note: {note}")
+
+
+class _QuantProgress:
+    def __init__(self, enabled: bool) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.enabled = enabled and err().is_terminal
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TextColumn("tensors {task.fields[tensor]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=err(),
+            transient=True,
+        )
+        self.task = None
+
+    def __enter__(self) -> Any:
+        if self.enabled:
+            self.bar.start()
+        return self.update if self.enabled else None
+
+    def update(self, p: Any) -> None:
+        if self.task is None:
+            self.task = self.bar.add_task("quantizing", total=p.bytes_total, tensor="")
+        self.bar.update(self.task, completed=p.bytes_done, tensor=f"{p.tensor}/{p.tensors}")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+
+def quantize_progress(enabled: bool = True) -> _QuantProgress:
+    """A context manager yielding the progress callback (None when stderr is not a terminal)."""
+    return _QuantProgress(enabled)
+
+
+def quantize_summary(result: Any) -> None:
+    d = result.to_dict()
+    con = out()
+    table = Table(title=f"{d['model']} → {d['out']} ({d['format']}, {d['layout']} layout)", title_justify="left")
+    for col in ("format", "tensors", "params", "before", "after", "bits/weight"):
+        table.add_column(col, justify="left" if col == "format" else "right")
+    for fmt, s in d["by_format"].items():
+        table.add_row(fmt, str(s["tensors"]), f"{s['params']:,}", human_bytes(s["source_bytes"]),
+                      human_bytes(s["output_bytes"]), f"{s['bits_per_weight']:.3f}")  # fmt: skip
+    table.add_row(
+        "[bold]total[/bold]", str(sum(s["tensors"] for s in d["by_format"].values())), f"{d['params']:,}",
+        human_bytes(d["source_bytes"]), f"[bold]{human_bytes(d['output_bytes'])}[/bold]",
+        f"{d['bits_per_weight']:.3f}",
+    )  # fmt: skip
+    con.print(table)
+    rate = d["params_per_second"] or 0
+    con.print(
+        f"{d['seconds']:.1f} s, {rate / 1e6:.1f} M params/s; output files (headers included) "
+        f"{d['output_bytes']:,} bytes"
+    )
+    if d["worst_sqnr"]:
+        worst = Table(title="Worst tensors by SQNR (signal-to-quantization-noise, higher is better)", title_justify="left")
+        for col in ("tensor", "format", "SQNR dB"):
+            worst.add_column(col, justify="right" if col == "SQNR dB" else "left")
+        for w in d["worst_sqnr"]:
+            worst.add_row(w["name"], w["format"], f"{w['sqnr_db']:.2f}")
+        con.print(worst)
+    for note in d["notes"]:
+        notice(f"note: {note}")

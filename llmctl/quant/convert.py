@@ -1,0 +1,630 @@
+"""``llmctl quantize`` as library functions: ``make_plan`` (which tensor gets which format, in which layout,
+and the exact bytes of every output file — no tensor data read) and ``run_plan`` (stream the tensors,
+quantize in row chunks, write, rename into place).
+
+Streaming: every input tensor is read in row chunks with positioned reads, quantized, converted to the
+layout's entries and written at its place in the output file, whose header was written first from the
+plan. Peak memory is a chunk (~4 M values) and its temporaries, plus the small per-tensor buffers NF4
+double quantization needs, whatever the model size. The output is built in a hidden sibling folder and
+renamed when complete; an error or Ctrl-C removes it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmctl.errors import QuantError, SourceError, UsageError
+from llmctl.quant.formats import PER_TENSOR, REGISTRY, QTensor
+from llmctl.quant.layouts import FLOATS, Layout, TensorPlan, choose_layout
+
+QUANT_FORMATS = ("fp8", "int8", "int4", "int4-asym", "nf4", "nf4-dq")
+WRITABLE = (*FLOATS, *QUANT_FORMATS)
+CHUNK_VALUES = 1 << 22  # values quantized at a time
+SHARD_BYTES = 4 * 1024**3  # output shard size (Hugging Face's default is 5 GB)
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+)  # fmt: skip
+_ST_TO_NAME = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
+_NAME_TO_TORCH = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass
+class OutFile:
+    name: str
+    entries: list[tuple[str, str, tuple[int, ...]]]
+    tensors: list[int]  # indexes into Plan.tensors, in write order
+    nbytes: int = 0
+
+
+@dataclass
+class Plan:
+    source: Any  # llmctl.sources.ModelSource
+    format: str
+    layout: Layout
+    tensors: list[TensorPlan]
+    files: list[OutFile]
+    config: dict[str, Any]  # the output's config.json
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+    @property
+    def src_bytes(self) -> int:
+        return sum(t.src_bytes for t in self.tensors)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.source.display,
+            "format": self.format,
+            "layout": self.layout.name,
+            "source_bytes": self.src_bytes,
+            "output_bytes": self.out_bytes,
+            "files": [{"name": f.name, "bytes": f.nbytes} for f in self.files],
+            "tensors": [
+                {
+                    "name": t.name,
+                    "shape": list(t.shape),
+                    "from": t.src_dtype,
+                    "format": t.format,
+                    "group_size": t.group_size,
+                    "bytes": t.nbytes,
+                    "reason": t.reason,
+                }
+                for t in self.tensors
+            ],
+            "notes": self.notes,
+        }
+
+
+# ---- planning ---------------------------------------------------------------------------------------
+def parse_group_size(value: str | int | None) -> int | str | None:
+    """--group-size: a positive integer, 'channel' (one scale per row) or 'tensor' (fp8 only)."""
+    if value is None or isinstance(value, int):
+        return value
+    v = value.strip().lower()
+    if v in ("channel", "tensor"):
+        return v
+    try:
+        g = int(v)
+    except ValueError:
+        raise UsageError(
+            f"--group-size {value!r}: expected a positive integer, 'channel' or 'tensor'"
+        ) from None
+    if g <= 0:
+        raise UsageError(f"--group-size {value!r}: expected a positive integer, 'channel' or 'tensor'")
+    return g
+
+
+def resolve_format(fmt: str, symmetric: bool | None) -> str:
+    name = fmt.lower()
+    if name not in REGISTRY:
+        from llmctl.quant.formats import get_format
+
+        get_format(name)  # QuantError listing the known formats
+    if name not in WRITABLE:
+        raise QuantError(
+            f"llmctl quantize writes {', '.join(WRITABLE)}; {name} is a GGUF type — use llama.cpp's "
+            "llama-quantize for GGUF files"
+        )
+    if symmetric is False:
+        if name == "int4":
+            return "int4-asym"
+        if name != "int4-asym":
+            raise QuantError(f"--asymmetric applies to int4 only; {name} is symmetric")
+    if symmetric is True and name == "int4-asym":
+        raise QuantError("int4-asym is asymmetric; drop --symmetric or use --format int4")
+    return name
+
+
+def parse_overrides(overrides: Sequence[str], symmetric: bool | None) -> list[tuple[re.Pattern[str], str]]:
+    out = []
+    for o in overrides:
+        pattern, sep, fmt = o.rpartition("=")
+        if not sep or not pattern or not fmt:
+            raise UsageError(f"--override {o!r}: expected PATTERN=FORMAT, e.g. 'down_proj=int8'")
+        out.append((_regex(pattern, "--override"), resolve_format(fmt, symmetric if fmt == "int4" else None)))
+    return out
+
+
+def _regex(pattern: str, option: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise UsageError(f"{option} {pattern!r} is not a valid regular expression: {e}") from None
+
+
+def _effective_group(fmt: str, request: int | str | None, cols: int) -> int | None:
+    """The group size a tensor gets; QuantError when it cannot (not dividing the row, wrong kind)."""
+    if fmt in FLOATS:
+        return None
+    if fmt == "fp8":
+        if request in (None, "channel"):
+            return None
+        if request == "tensor":
+            return PER_TENSOR
+        REGISTRY["fp8"].nbytes((1, cols), int(request))  # raises for a group that does not divide
+        return int(request)
+    if request == "tensor":
+        raise QuantError(f"--group-size tensor applies to fp8 only; {fmt} takes a group size or 'channel'")
+    if fmt.startswith("nf4"):
+        if request == "channel":
+            raise QuantError(f"{fmt} has blocks over the flattened tensor; pass a block size (64 by default)")
+        return REGISTRY[fmt].check_group(cols, request)
+    g = cols if request == "channel" else request
+    return REGISTRY[fmt].check_group(cols, g)
+
+
+@dataclass
+class _Input:
+    """Source tensors by Hugging Face name, read in row chunks."""
+
+    infos: list[tuple[str, tuple[int, ...], str, int]]  # (name, shape, dtype, bytes)
+    read: Callable[[str, int], Iterator[Any]]  # (name, rows per chunk) -> chunks (rows, cols)
+    dtype: str  # registry name of the float dtype kept tensors get
+
+
+def _open_input(source: Any) -> _Input:
+    if source.is_gguf:
+        return _gguf_input(source)
+    from llmctl.checkpoint import safetensors_files
+    from llmctl.quant import stio
+
+    entries: dict[str, stio.Entry] = {}
+    for f in safetensors_files(source.path):
+        entries.update(stio.index_file(f))
+    infos = [
+        (n, e.shape, e.dtype, e.nbytes) for n, e in entries.items() if not n.endswith(".rotary_emb.inv_freq")
+    ]
+    bad = [(n, d) for n, _, d, _ in infos if d not in ("BF16", "F16", "F32")]
+    if bad:
+        raise QuantError(
+            f"{source.path}: tensor {bad[0][0]} is {bad[0][1]}: the checkpoint is already quantized or not "
+            "floating point; quantize from the bf16/fp16/fp32 original"
+        )
+
+    def read(name: str, rows: int) -> Iterator[Any]:
+        e = entries[name]
+        total = math.prod(e.shape) // (e.shape[-1] if e.shape else 1)
+        for start in range(0, total, rows):
+            yield stio.read_rows(e, start, min(total, start + rows))
+
+    dtypes = {d for _, _, d, _ in infos}
+    kept = "bf16" if "BF16" in dtypes or dtypes == {"F32"} else "fp16"
+    torch_dtype = str(source.config.torch_dtype or "").removeprefix("torch.")
+    kept = {"bfloat16": "bf16", "float16": "fp16"}.get(torch_dtype, kept)
+    return _Input(infos, read, kept)
+
+
+def _gguf_input(source: Any) -> _Input:
+    from llmctl.runtime.gguf_loader import IGNORED_NAMES, gguf_to_hf_name, iter_gguf_tensors
+
+    info = source.gguf
+
+    arch = info.metadata.get("general.architecture")
+    infos = []
+    for t in info.tensors:
+        if t.name in IGNORED_NAMES:
+            continue
+        hf = gguf_to_hf_name(t.name, arch) or t.name
+        infos.append((hf, tuple(t.shape), t.dtype, t.nbytes))
+    state: dict[str, Any] = {}
+    tensors = iter_gguf_tensors(info)  # validates names; yields in file order, one at a time
+
+    def read(name: str, rows: int) -> Iterator[Any]:
+        while name not in state:  # tensors come in file order, the plan's order; keep the current one
+            try:
+                hf, w = next(tensors)
+            except StopIteration:
+                raise QuantError(f"internal error: {name} not produced by the GGUF reader") from None
+            state.clear()
+            state[hf] = w
+        w = state[name]
+        w2 = w.reshape(-1, w.shape[-1]) if w.dim() else w.reshape(1, 1)
+        for start in range(0, w2.shape[0], rows):
+            yield w2[start : start + rows]
+
+    return _Input(infos, read, "bf16")
+
+
+def make_plan(
+    model: str | None,
+    fmt: str,
+    *,
+    group_size: int | str | None = None,
+    symmetric: bool | None = None,
+    layout: str = "auto",
+    keep: Sequence[str] = (),
+    overrides: Sequence[str] = (),
+    skip_indivisible: bool = False,
+    fp8: str = "e4m3",
+    shard_bytes: int = SHARD_BYTES,
+) -> Plan:
+    """Decide every tensor's format and the exact output files; reads headers only."""
+    from llmctl.memory.params import tensor_role
+    from llmctl.quant.formats import _fp8_variant
+    from llmctl.quant.layouts import LAYOUTS
+    from llmctl.sources import resolve
+
+    name = resolve_format(fmt, symmetric)
+    fp8 = _fp8_variant({"fp8": fp8})
+    request = parse_group_size(group_size)
+    keeps = [_regex(k, "--keep") for k in keep]
+    rules = parse_overrides(overrides, symmetric)
+    if layout != "auto" and layout not in LAYOUTS:
+        raise QuantError(f"unknown layout {layout!r}; choose auto, {', '.join(LAYOUTS)}")
+    source = resolve(model)
+    if source.kind == "config":
+        raise SourceError(f"{source.path}: a bare config.json has no weights to quantize")
+    if not source.is_gguf and _read_config(source.path).get("quantization_config"):
+        raise QuantError(
+            f"{source.path}: the model is already quantized (config.json has quantization_config); "
+            "quantize from the bf16/fp16/fp32 original"
+        )
+    inp = _open_input(source)
+    kept_fmt = name if name in FLOATS else inp.dtype
+    compute = _NAME_TO_TORCH[name if name in FLOATS else inp.dtype]
+    plans: list[TensorPlan] = []
+    skipped = []
+    for tname, shape, dtype, nbytes in inp.infos:
+        cols = shape[-1] if shape else 1
+        target, reason = kept_fmt, "norm / 1-D" if len(shape) < 2 else "embedding / lm_head kept 16-bit"
+        role = tensor_role(tname, shape)
+        if len(shape) >= 2 and role == "linear":
+            target, reason = name, "linear (recipe)"
+        if name in FLOATS:
+            target, reason = name, "converted"
+        for pattern, ofmt in rules:
+            if len(shape) >= 2 and pattern.search(tname):
+                target, reason = ofmt, f"--override {pattern.pattern}={ofmt}"
+        if any(k.search(tname) for k in keeps):
+            target, reason = kept_fmt, f"--keep {next(k.pattern for k in keeps if k.search(tname))}"
+        opts = {"fp8": fp8} if target == "fp8" else {}
+        try:
+            g = _effective_group(target, request, cols)
+        except QuantError as e:
+            if not skip_indivisible or "does not divide" not in str(e):
+                hint = (
+                    ""
+                    if "does not divide" not in str(e)
+                    else " or pass --skip-indivisible to keep such tensors unquantized"
+                )
+                raise QuantError(f"{tname} {list(shape)}: {e}{hint}") from None
+            target, reason, g, opts = kept_fmt, "kept: group does not divide the row", None, {}
+            skipped.append(tname)
+        src = _ST_TO_NAME.get(dtype, dtype.lower())
+        plans.append(TensorPlan(tname, tuple(shape), src, target, g, opts, reason, nbytes, compute))
+    lay = choose_layout(layout, plans)
+    files = _shard(plans, lay, shard_bytes)
+    config = _out_config(source, lay, plans, compute)
+    plan = Plan(source, name, lay, plans, files, config)
+    if skipped:
+        plan.notes.append(
+            f"{len(skipped)} tensor(s) kept unquantized: the group size does not divide their rows"
+        )
+    if not any(t.quantized for t in plans) and name not in FLOATS:
+        plan.notes.append("no tensor matched the recipe: nothing is quantized")
+    return plan
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _out_config(source: Any, lay: Layout, plans: list[TensorPlan], compute: str) -> dict[str, Any]:
+    if source.is_gguf:
+        cfg = source.config.to_dict()
+        if (
+            cfg.get("model_type") == "gemma3_text"
+            and "layer_types" not in cfg
+            and cfg.get("sliding_window_pattern")
+        ):
+            p = cfg["sliding_window_pattern"]
+            cfg["layer_types"] = [
+                "full_attention" if (i + 1) % p == 0 else "sliding_attention"
+                for i in range(cfg["num_hidden_layers"])
+            ]
+    else:
+        cfg = _read_config(source.path)
+    cfg.pop("quantization_config", None)
+    cfg.pop("quantization", None)
+    cfg["torch_dtype"] = compute
+    cfg.update(lay.config(plans))
+    return cfg
+
+
+def _shard(plans: list[TensorPlan], lay: Layout, shard_bytes: int) -> list[OutFile]:
+    from llmctl.quant.stio import Writer, itemsize
+
+    files: list[OutFile] = []
+    cur = OutFile("", [], [])
+    size = 0
+    for i, tp in enumerate(plans):
+        entries = lay.outputs(tp)
+        n = sum(itemsize(d) * math.prod(s) for _, d, s in entries)
+        if cur.tensors and size + n > shard_bytes:
+            files.append(cur)
+            cur, size = OutFile("", [], []), 0
+        cur.entries.extend(entries)
+        cur.tensors.append(i)
+        size += n
+    files.append(cur)
+    meta = {"format": "pt"}
+    for k, f in enumerate(files):
+        f.name = (
+            "model.safetensors" if len(files) == 1 else f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
+        )
+        f.nbytes = Writer.file_size(f.entries, meta)
+    return files
+
+
+# ---- running ----------------------------------------------------------------------------------------
+@dataclass
+class Progress:
+    tensor: int  # index of the tensor being worked on
+    tensors: int
+    name: str
+    bytes_done: int  # source bytes processed so far
+    bytes_total: int
+
+
+@dataclass
+class TensorResult:
+    name: str
+    format: str
+    params: int
+    src_bytes: int
+    out_bytes: int
+    sqnr_db: float | None  # None: not quantized or not measured
+
+
+@dataclass
+class Result:
+    plan: Plan
+    out: Path
+    seconds: float
+    tensors: list[TensorResult]
+
+    @property
+    def params(self) -> int:
+        return sum(t.params for t in self.tensors)
+
+    def by_format(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for t in self.tensors:
+            d = out.setdefault(t.format, {"tensors": 0, "params": 0, "source_bytes": 0, "output_bytes": 0})
+            d["tensors"] += 1
+            d["params"] += t.params
+            d["source_bytes"] += t.src_bytes
+            d["output_bytes"] += t.out_bytes
+        for d in out.values():
+            d["bits_per_weight"] = 8 * d["output_bytes"] / d["params"] if d["params"] else 0.0
+        return out
+
+    def worst(self, n: int = 5) -> list[TensorResult]:
+        measured = [t for t in self.tensors if t.sqnr_db is not None]
+        return sorted(measured, key=lambda t: t.sqnr_db)[:n]
+
+    def to_dict(self) -> dict[str, Any]:
+        q = [t for t in self.tensors if REGISTRY[t.format].name not in FLOATS]
+        qp = sum(t.params for t in q)
+        return {
+            "model": self.plan.source.display,
+            "out": str(self.out),
+            "format": self.plan.format,
+            "layout": self.plan.layout.name,
+            "source_bytes": self.plan.src_bytes,
+            "output_bytes": self.plan.out_bytes,
+            "params": self.params,
+            "bits_per_weight": 8 * self.plan.out_bytes / self.params if self.params else 0.0,
+            "quantized_bits_per_weight": 8 * sum(t.out_bytes for t in q) / qp if qp else None,
+            "seconds": round(self.seconds, 3),
+            "params_per_second": self.params / self.seconds if self.seconds else None,
+            "by_format": self.by_format(),
+            "worst_sqnr": [
+                {"name": t.name, "format": t.format, "sqnr_db": round(t.sqnr_db, 2)} for t in self.worst()
+            ],
+            "notes": self.plan.notes,
+        }
+
+
+def check_out(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise QuantError(f"{out} already exists; pass --force to replace it or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise QuantError(f"{out} exists and is not a folder; choose another --out")
+    if not out.parent.exists():
+        raise QuantError(f"{out.parent}: no such folder for the output; create it first")
+
+
+def default_out(plan: Plan) -> Path:
+    src = plan.source
+    stem = src.path.stem if src.is_gguf else src.path.name
+    if src.kind == "bundled":
+        stem = src.display
+    return Path(f"{stem}-{plan.format}")
+
+
+def run_plan(
+    plan: Plan,
+    out: str | Path,
+    *,
+    force: bool = False,
+    progress: Callable[[Progress], None] | None = None,
+    measure_error: bool = True,
+    chunk_values: int = CHUNK_VALUES,
+) -> Result:
+    """Write the plan's output folder at ``out`` (atomically) and measure each tensor's error."""
+    out = Path(out)
+    check_out(out, force)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    t0 = time.perf_counter()
+    try:
+        results = _write_all(plan, tmp, progress, measure_error, chunk_values)
+        _write_side_files(plan, tmp)
+        if out.exists():
+            trash = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Result(plan, out, time.perf_counter() - t0, results)
+
+
+def _write_all(plan: Plan, tmp: Path, progress, measure_error: bool, chunk_values: int) -> list[TensorResult]:
+    from llmctl.quant.stio import Writer
+
+    inp = _open_input(plan.source)
+    total = plan.src_bytes
+    done = 0
+    results: list[TensorResult] = []
+    index: dict[str, str] = {}
+    for f in plan.files:
+        w = Writer(tmp / f.name, f.entries, {"format": "pt"})
+        try:
+            for i in f.tensors:
+                tp = plan.tensors[i]
+                if progress:
+                    progress(Progress(i, len(plan.tensors), tp.name, done, total))
+                sqnr = _write_tensor(tp, inp, plan.layout, w, measure_error, chunk_values)
+                done += tp.src_bytes
+                results.append(
+                    TensorResult(tp.name, tp.format, math.prod(tp.shape), tp.src_bytes, tp.nbytes, sqnr)
+                )
+            for name, _, _ in f.entries:
+                index[name] = f.name
+        finally:
+            w.close()
+    if progress:
+        progress(Progress(len(plan.tensors), len(plan.tensors), "", total, total))
+    if len(plan.files) > 1:
+        doc = {"metadata": {"total_size": sum(f.nbytes for f in plan.files)}, "weight_map": index}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return results
+
+
+def _chunk_rows(tp: TensorPlan, chunk_values: int) -> int:
+    rows, cols = tp.rows_cols
+    align = 8  # compressed-tensors packs zero-points along rows, 8 per int32
+    if tp.format.startswith("nf4"):
+        g = tp.group_size or 64
+        align = math.lcm(8, (2 * g) // math.gcd(cols, 2 * g))  # chunks end on a block (and byte) boundary
+    per = max(align, (chunk_values // max(cols, 1)) // align * align)
+    return min(rows, per) if rows else 1
+
+
+def _write_tensor(
+    tp: TensorPlan, inp: _Input, lay: Layout, w: Any, measure: bool, chunk_values: int
+) -> float | None:
+    import torch
+
+    from llmctl.quant.formats import double_quantize
+    from llmctl.quant.primitives import check_finite
+
+    fmt = REGISTRY[tp.format]
+    rows_per = _chunk_rows(tp, chunk_values)
+    opts = dict(tp.opts)
+    if tp.format == "fp8" and tp.group_size == PER_TENSOR:  # one scale: the absmax of the whole tensor first
+        amax = torch.zeros(())
+        for chunk in inp.read(tp.name, rows_per):
+            amax = torch.maximum(amax, chunk.float().abs().amax())
+        opts["amax"] = amax
+    dq = tp.format == "nf4-dq"
+    qfmt = REGISTRY["nf4"] if dq else fmt
+    absmax: list[Any] = []
+    seen: set[str] = set()
+    const = set(fmt.constant_parts) | (
+        {"scale"} if tp.format == "fp8" and tp.group_size == PER_TENSOR else set()
+    )
+    signal = noise = 0.0
+    first = True
+    for chunk in inp.read(tp.name, rows_per):
+        if tp.quantized:
+            check_finite(chunk, tp.name)
+        shape = (chunk.shape[0], *tp.shape[1:]) if len(tp.shape) > 1 else tp.shape
+        x = chunk.reshape(shape)
+        q = qfmt.quantize(x, tp.group_size, **opts)
+        if measure and tp.quantized:  # nf4-dq: measured before the absmax's double quantization
+            xf = x.float()
+            signal += float((xf * xf).sum())
+            e = q.dequantize() - xf
+            noise += float((e * e).sum())
+        if dq:
+            absmax.append(q.parts.pop("absmax"))
+        q.parts = {k: v for k, v in q.parts.items() if k not in const or k not in seen}
+        seen.update(q.parts)
+        for name, t in lay.write(tp, q, first):
+            w.append(name, t)
+        first = False
+    if dq:
+        final = QTensor(tp.format, tp.shape, tp.group_size, double_quantize(torch.cat(absmax)))
+        for name, t in lay.write(tp, final, False):
+            w.append(name, t)
+    if not (measure and tp.quantized):
+        return None
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal > 0 else 0.0
+
+
+def _write_side_files(plan: Plan, tmp: Path) -> None:
+    (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+    src = plan.source
+    if src.is_gguf:
+        _gguf_tokenizer(src.path, tmp, plan)
+        return
+    for name in TOKENIZER_FILES:
+        f = src.path / name
+        if f.is_file():
+            shutil.copy2(f, tmp / name)
+
+
+def _gguf_tokenizer(gguf: Path, tmp: Path, plan: Plan) -> None:
+    """tokenizer.json / tokenizer_config.json for a GGUF input, converted once by transformers' GGUF
+    support and cached (keyed by the file's path, size and mtime)."""
+    import hashlib
+
+    from llmctl.sources import llmctl_cache_dir
+
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = llmctl_cache_dir() / "tokenizers" / key
+    if not (cache / "tokenizer.json").is_file():
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            part = cache.with_name(f"{key}.partial-{os.getpid()}")
+            shutil.rmtree(part, ignore_errors=True)
+            tok.save_pretrained(str(part))
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(cache, ignore_errors=True)
+            os.replace(part, cache)
+        except Exception as e:  # transformers raises many kinds for tokenizers it cannot convert
+            plan.notes.append(
+                f"no tokenizer written: transformers could not convert the GGUF tokenizer ({type(e).__name__}); "
+                f"tokenize with the original {gguf.name}"
+            )
+            return
+    for f in cache.iterdir():
+        shutil.copy2(f, tmp / f.name)
