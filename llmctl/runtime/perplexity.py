@@ -1,0 +1,854 @@
+"""Perplexity and KL divergence: evaluation protocols, scoring backends and their statistics.
+
+An evaluation is a list of ``Window``s (the token ids fed to the model, and which of its predictions are
+scored), a backend that turns each window into log-probabilities of the scored rows, and pure statistics
+over the per-token results. Three protocols build the windows (docs/eval.md has worked examples):
+
+* ``llama.cpp`` (``llama_cpp_windows``): what ``llama-perplexity`` does (tools/perplexity/perplexity.cpp).
+  The whole text is tokenized once (BOS prepended when the model adds one), cut into ``len // context``
+  non-overlapping chunks; the first token of each chunk becomes BOS (when the model adds one); the
+  predictions of positions ``context/2 .. context-2`` are scored (``context - 1 - context/2`` tokens per
+  chunk). It needs at least two chunks of text, as llama-perplexity does.
+* ``sliding`` (``sliding_windows``): Hugging Face's strided perplexity: windows of ``context`` tokens
+  every ``stride`` tokens; each token (but the very first) is scored once, in the window where it has the
+  most context.
+* ``documents`` (``document_windows``): lm-evaluation-harness's rolling loglikelihood: each document
+  alone, BOS (else EOS) first, its tokens predicted in disjoint windows of ``context`` tokens; reported with
+  word and byte perplexity and bits per byte, which do not depend on the tokenizer.
+
+Statistics follow perplexity.cpp: PPL ± ``ppl * sqrt((<nll²> - <nll>²) / (N - 1))``; with a baseline, mean
+KLD ± its standard error, median and percentiles (linear interpolation), ln(PPL/PPL_base) and PPL - PPL_base
+with the covariance of the two nll series, "same top" and Δp = p(correct) - p_base(correct).
+
+Memory: only the scored rows of each window get a vocabulary projection (a hook on the final norm keeps
+those rows), and log-softmax is taken per window; nothing holds the logits of the whole text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmctl.errors import FormatError, SourceError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+PROTOCOLS = ("llama.cpp", "sliding", "documents")
+BACKENDS = ("torch", "llama.cpp")
+DEFAULT_CONTEXT = 512
+LOGITS_FORMAT = "llmctl-logits"
+LOGITS_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Window:
+    """Rows ``first, first + 1, …`` of the model's output on ``ids`` predict ``targets``."""
+
+    ids: tuple[int, ...]
+    first: int
+    targets: tuple[int, ...]
+    doc: int = 0
+
+
+# ---- protocols -------------------------------------------------------------------------------------
+def _check_positive(name: str, value: int, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+
+
+def llama_cpp_windows(tokens: Sequence[int], context: int, bos_id: int | None) -> list[Window]:
+    """perplexity.cpp's chunks: ``len(tokens) // context`` disjoint windows, the first id of each replaced
+    by ``bos_id`` (None: the model adds no BOS, keep it), rows ``context/2 ..`` scored."""
+    _check_positive("--context", context, 4)
+    if len(tokens) < 2 * context:
+        raise UsageError(
+            f"the text is {len(tokens)} tokens; the llama.cpp protocol needs at least 2 × --context = "
+            f"{2 * context} tokens (two windows of {context}); pass more text or a smaller --context"
+        )
+    first = context // 2
+    windows = []
+    for i in range(len(tokens) // context):
+        chunk = tuple(tokens[i * context : (i + 1) * context])
+        ids = chunk if bos_id is None else (bos_id, *chunk[1:])
+        windows.append(Window(ids, first, chunk[first + 1 :]))
+    return windows
+
+
+def sliding_windows(tokens: Sequence[int], context: int, stride: int) -> list[Window]:
+    """Hugging Face's strided windows: starts every ``stride`` tokens, each scoring only the tokens past
+    the previous window's end (all but the first token of the text are scored exactly once)."""
+    _check_positive("--context", context, 2)
+    _check_positive("--stride", stride)
+    if stride > context:
+        raise UsageError(f"--stride ({stride}) must not exceed --context ({context}): tokens would be skipped")
+    if len(tokens) < 2:
+        raise UsageError(f"the text is {len(tokens)} token(s); perplexity needs at least 2")
+    windows, prev_end = [], 0
+    for begin in range(0, len(tokens), stride):
+        end = min(begin + context, len(tokens))
+        ids = tuple(tokens[begin:end])
+        start = max(len(ids) - (end - prev_end), 1)  # index in ids of the first new (scored) token
+        windows.append(Window(ids, start - 1, ids[start:]))
+        prev_end = end
+        if end == len(tokens):
+            break
+    return windows
+
+
+def document_windows(docs: Sequence[Sequence[int]], context: int, prefix_id: int) -> list[Window]:
+    """lm-evaluation-harness's rolling windows (``get_rolling_token_windows`` with context_len 1), per
+    document: ``[prefix] + doc[:context-1]`` predicts ``doc[:context]``; later windows predict the next
+    ``context`` tokens (the last one fewer) from the ``context`` tokens before each."""
+    _check_positive("--context", context, 2)
+    windows = []
+    for d, toks in enumerate(docs):
+        toks = tuple(toks)
+        if not toks:
+            continue
+        n0 = min(context, len(toks))
+        windows.append(Window((prefix_id, *toks[: n0 - 1]), 0, toks[:n0], d))
+        predicted = n0
+        while predicted < len(toks):
+            pred = min(len(toks) - predicted, context)
+            end = predicted + pred
+            ids = toks[end - context - 1 : end - 1]
+            windows.append(Window(ids, len(ids) - pred, toks[end - pred : end], d))
+            predicted = end
+    if not windows:
+        raise UsageError("the text has no tokens; evaluation needs some text")
+    return windows
+
+
+def windows_digest(windows: Sequence[Window]) -> str:
+    """sha256 of what is scored (fed ids, scored rows, targets): equal digests, comparable log-probs."""
+    h = hashlib.sha256()
+    for w in windows:
+        h.update(json.dumps([w.ids, w.first, w.targets]).encode())
+    return h.hexdigest()
+
+
+# ---- statistics (pure, numpy) ---------------------------------------------------------------------
+def perplexity_stats(nll: np.ndarray) -> tuple[float, float]:
+    """(PPL, its standard error) as perplexity.cpp prints them."""
+    import numpy as np
+
+    n = len(nll)
+    if n == 0:
+        raise UsageError("nothing was scored; pass more text")
+    mean = float(np.mean(nll))
+    ppl = math.exp(mean)
+    var = float(np.mean(np.square(nll))) - mean * mean
+    return ppl, (ppl * math.sqrt(var / (n - 1)) if var > 0 and n > 1 else 0.0)
+
+
+def mean_and_uncertainty(values: np.ndarray) -> tuple[float, float]:
+    """Mean and its standard error; perplexity.cpp's rule: no error below 11 values."""
+    import numpy as np
+
+    n = len(values)
+    if n < 1:
+        return 0.0, 0.0
+    f = float(np.mean(values))
+    df = float(np.mean(np.square(values))) - f * f
+    return f, (math.sqrt(df / (n - 1)) if df > 0 and n > 10 else 0.0)
+
+
+def covariance_of_means(a: np.ndarray, b: np.ndarray) -> float:
+    import numpy as np
+
+    n = len(a)
+    if n < 10:
+        return 0.0
+    return (float(np.mean(a * b)) - float(np.mean(a)) * float(np.mean(b))) / (n - 1)
+
+
+def percentile(sorted_values: np.ndarray, fraction: float) -> float:
+    """perplexity.cpp's percentile: linear interpolation between neighbours of a sorted array."""
+    if fraction <= 0:
+        return float(sorted_values[0])
+    if fraction >= 1:
+        return float(sorted_values[-1])
+    p = fraction * (len(sorted_values) - 1)
+    i = int(p)
+    p -= i
+    return float((1 - p) * sorted_values[i] + p * sorted_values[min(i + 1, len(sorted_values) - 1)])
+
+
+@dataclass
+class KLStats:
+    """A model against a baseline on the same tokens (perplexity.cpp's --kl-divergence statistics)."""
+
+    mean: float
+    mean_stderr: float
+    median: float
+    p90: float
+    p99: float
+    maximum: float
+    ppl: float
+    ppl_base: float
+    ppl_stderr: float
+    ppl_base_stderr: float
+    ln_ppl_ratio: float
+    ln_ppl_ratio_stderr: float
+    delta_ppl: float
+    delta_ppl_stderr: float
+    same_top: float  # fraction of tokens where both models' most likely token is the same
+    same_top_stderr: float
+    delta_p_mean: float  # mean of p(correct) - p_base(correct)
+    delta_p_stderr: float
+    delta_p_median: float
+    delta_p_rms: float
+    tokens: int
+    approximate: bool = False  # KL from a saved top-k baseline: the tail summed into one bucket
+
+
+def kl_stats(
+    kld: np.ndarray, nll: np.ndarray, nll_base: np.ndarray, same_top: np.ndarray, *, approximate: bool = False
+) -> KLStats:
+    import numpy as np
+
+    n = len(kld)
+    ks = np.sort(kld)
+    log_ppl, log_ppl_unc = mean_and_uncertainty(nll)
+    log_base, log_base_unc = mean_and_uncertainty(nll_base)
+    cov = covariance_of_means(nll, nll_base)
+    ppl, ppl_base = math.exp(log_ppl), math.exp(log_base)
+    ppl_unc, ppl_base_unc = ppl * log_ppl_unc, ppl_base * log_base_unc
+    ratio_unc2 = log_ppl_unc**2 + log_base_unc**2 - 2 * cov
+    diff_unc2 = ppl_unc**2 + ppl_base_unc**2 - 2 * ppl * ppl_base * cov
+    kl_mean, kl_unc = mean_and_uncertainty(kld)
+    p_diff = np.exp(-nll) - np.exp(-nll_base)
+    dp_mean, dp_unc = mean_and_uncertainty(p_diff)
+    top = float(np.mean(same_top))
+    return KLStats(
+        mean=kl_mean,
+        mean_stderr=kl_unc,
+        median=percentile(ks, 0.5),
+        p90=percentile(ks, 0.90),
+        p99=percentile(ks, 0.99),
+        maximum=float(ks[-1]),
+        ppl=ppl,
+        ppl_base=ppl_base,
+        ppl_stderr=ppl_unc,
+        ppl_base_stderr=ppl_base_unc,
+        ln_ppl_ratio=log_ppl - log_base,
+        ln_ppl_ratio_stderr=math.sqrt(max(ratio_unc2, 0.0)),
+        delta_ppl=ppl - ppl_base,
+        delta_ppl_stderr=math.sqrt(max(diff_unc2, 0.0)),
+        same_top=top,
+        same_top_stderr=math.sqrt(top * (1 - top) / (n - 1)) if n > 1 else 0.0,
+        delta_p_mean=dp_mean,
+        delta_p_stderr=dp_unc,
+        delta_p_median=percentile(np.sort(p_diff), 0.5),
+        delta_p_rms=float(np.sqrt(np.mean(np.square(p_diff)))),
+        tokens=n,
+        approximate=approximate,
+    )
+
+
+def word_count(text: str) -> int:
+    """Words as lm-evaluation-harness counts them for word perplexity."""
+    return len(re.split(r"\s+", text))
+
+
+# ---- per-row computations on log-probabilities (torch) ------------------------------------------------
+def kl_rows(logp: torch.Tensor, base_logp: torch.Tensor) -> torch.Tensor:
+    """KL(base || model) per row, both (n, vocab) log-probabilities: Σ p_base (log p_base - log p)."""
+    import torch
+
+    p = base_logp.exp()
+    return torch.where(p > 0, p * (base_logp - logp), 0.0).sum(-1, dtype=torch.float64)
+
+
+def kl_rows_topk(logp: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor) -> torch.Tensor:
+    """KL(base || model) when only the baseline's top-k log-probs are known: the tokens outside its top k
+    form one bucket in both distributions. This is a lower bound of the full KL (merging outcomes never
+    increases it), exact when the baseline's tail holds no mass."""
+    import torch
+
+    q_top = logp.gather(-1, top_ids.long()).double()  # (n, k)
+    p_top = top_logp.double()
+    kl = (p_top.exp() * (p_top - q_top)).sum(-1)
+    p_tail = (1 - p_top.exp().sum(-1)).clamp_min(0)
+    q_tail = (1 - q_top.exp().sum(-1)).clamp_min(1e-30)
+    tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp_min(1e-30).log() - q_tail.log()), 0.0)
+    return kl + tail
+
+
+# ---- backends ----------------------------------------------------------------------------------------
+class TorchScorer:
+    """Windows through llmctl's ``Transformer``; windows of equal shape are batched."""
+
+    name = "torch"
+
+    def __init__(self, model: Any, batch_size: int | None = None, logits_budget: int = 512 * 2**20) -> None:
+        if batch_size is not None:
+            _check_positive("--batch-size", batch_size)
+        self.model = model
+        self.batch_size = batch_size
+        self.logits_budget = logits_budget
+        self.vocab_size = int(model.config.vocab_size)
+
+    def _batch_size(self, rows: int) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        return max(1, min(8, self.logits_budget // max(1, rows * self.vocab_size * 4)))
+
+    def log_probs(self, windows: Sequence[Window]) -> Iterator[torch.Tensor]:
+        """For each window in order: (len(targets), vocab) float32 log-probabilities of its scored rows."""
+        import torch
+
+        i = 0
+        while i < len(windows):
+            w = windows[i]
+            shape = (len(w.ids), w.first)
+            limit = self._batch_size(len(w.ids) - w.first)
+            j = i + 1
+            while j < len(windows) and j - i < limit and (len(windows[j].ids), windows[j].first) == shape:
+                j += 1
+            batch = windows[i:j]
+            ids = torch.tensor([b.ids for b in batch], dtype=torch.long, device=self.model.device)  # (B, T)
+            logits = self._scored_logits(ids, w.first)  # (B, T - first, vocab)
+            for k, b in enumerate(batch):
+                yield torch.log_softmax(logits[k, : len(b.targets)].float(), dim=-1)
+            del logits
+            i = j
+
+    def _scored_logits(self, ids: torch.Tensor, first: int) -> torch.Tensor:
+        import torch
+
+        # Keep rows first.. after the final norm: the vocabulary projection runs on scored rows only.
+        hook = self.model.model.norm.register_forward_hook(lambda _m, _i, out: out[:, first:])
+        try:
+            with torch.no_grad():
+                return self.model(ids)
+        finally:
+            hook.remove()
+
+    def close(self) -> None:
+        self.model = None
+
+
+class LlamaCppScorer:
+    """Windows through llama.cpp (llama-cpp-python, ``logits_all=True``) on a GGUF file."""
+
+    name = "llama.cpp"
+
+    def __init__(self, path: str | Path, context: int, threads: int | None = None) -> None:
+        import llama_cpp
+
+        from llmctl.runtime.tokenizer import _captured_native_output, _last_line
+
+        self.path = Path(path)
+        if self.path.suffix.lower() != ".gguf":
+            raise UsageError(
+                f"{self.path}: the llama.cpp backend runs .gguf files; pass one or use --backend torch"
+            )
+        n_batch = min(context, 2048)
+        with _captured_native_output() as log, _no_extra_buffer_types():
+            try:
+                self.llm = llama_cpp.Llama(
+                    str(self.path),
+                    n_ctx=context,
+                    n_batch=n_batch,
+                    n_ubatch=n_batch,
+                    logits_all=True,
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    verbose=False,
+                )
+            except (ValueError, RuntimeError, OSError) as e:
+                err: Exception | None = e
+            else:
+                err = None
+        if err is not None:
+            raise FormatError(f"{self.path}: llama.cpp cannot load it ({_last_line(log.text) or err})")
+        self.vocab_size = int(self.llm.n_vocab())
+        self._capture = _captured_native_output
+
+    def log_probs(self, windows: Sequence[Window]) -> Iterator[torch.Tensor]:
+        import numpy as np
+        import torch
+
+        for w in windows:
+            with self._capture():
+                self.llm.reset()
+                self.llm.eval(list(w.ids))
+            rows = np.asarray(self.llm.scores[w.first : w.first + len(w.targets)], dtype=np.float32)
+            yield torch.log_softmax(torch.from_numpy(rows.copy()), dim=-1)
+
+    def close(self) -> None:
+        from llmctl.runtime.tokenizer import _close_quietly
+
+        if getattr(self, "llm", None) is not None:
+            _close_quietly(self.llm)
+            self.llm = None
+
+
+class _no_extra_buffer_types:
+    """Load llama.cpp models without the CPU "extra" buffer types (AMX / repacked weights).
+
+    On this project's machines (AMX-capable Xeons under a VM), llama.cpp's AMX matmul crashes the process
+    with SIGSEGV at the first decode; llama-cpp-python has no keyword for ``use_extra_bufts``, so the
+    default model parameters are wrapped while the model loads. Plain CPU kernels give the same numbers.
+    """
+
+    def __enter__(self) -> None:
+        import llama_cpp.llama as ll
+
+        self._module = ll.llama_cpp
+        self._orig = self._module.llama_model_default_params
+        orig = self._orig
+
+        def params():
+            p = orig()
+            p.use_extra_bufts = False
+            return p
+
+        self._module.llama_model_default_params = params
+
+    def __exit__(self, *exc: object) -> None:
+        self._module.llama_model_default_params = self._orig
+
+
+# ---- baselines ------------------------------------------------------------------------------------
+@dataclass
+class TopK:
+    """A baseline's compact log-probabilities per scored token: top-k ids and log-probs (descending)
+    and the log-prob of the correct token."""
+
+    ids: torch.Tensor  # (n, k) int32
+    logp: torch.Tensor  # (n, k) float32
+    target_logp: torch.Tensor  # (n,) float32
+
+
+def top_k_of(logp: torch.Tensor, targets: torch.Tensor, k: int) -> TopK:
+    import torch
+
+    vals, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return TopK(idx.to(torch.int32), vals.float(), logp.gather(-1, targets[:, None])[:, 0].float())
+
+
+def save_logits(path: str | Path, parts: Sequence[TopK], meta: dict[str, str]) -> None:
+    """Write top-k log-probs as safetensors (no pickle), through a temporary file then rename."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {
+        "topk_ids": torch.cat([p.ids for p in parts]).contiguous(),
+        "topk_logp": torch.cat([p.logp for p in parts]).contiguous(),
+        "target_logp": torch.cat([p.target_logp for p in parts]).contiguous(),
+    }
+    meta = {"format": LOGITS_FORMAT, "version": LOGITS_VERSION, **meta}
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"--save-logits {path}: folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class SavedLogits:
+    path: Path
+    meta: dict[str, str]
+    ids: torch.Tensor
+    logp: torch.Tensor
+    target_logp: torch.Tensor
+
+    def rows(self, windows: Sequence[Window]) -> Iterator[TopK]:
+        at = 0
+        for w in windows:
+            n = len(w.targets)
+            yield TopK(self.ids[at : at + n], self.logp[at : at + n], self.target_logp[at : at + n])
+            at += n
+
+
+def load_logits(path: str | Path) -> SavedLogits:
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"--baseline-logits {path}: no such file; create one with --save-logits")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            if meta.get("format") != LOGITS_FORMAT:
+                raise FormatError(
+                    f"{path}: not a log-probabilities file written by `llmctl eval --save-logits`"
+                )
+            if meta.get("version") != LOGITS_VERSION:
+                raise FormatError(
+                    f"{path}: log-probabilities format version {meta.get('version')!r}, this llmctl reads "
+                    f"{LOGITS_VERSION}; save the baseline again"
+                )
+            ids, logp, tgt = f.get_tensor("topk_ids"), f.get_tensor("topk_logp"), f.get_tensor("target_logp")
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise FormatError(f"{path}: cannot read the saved log-probabilities ({e})") from None
+    if not (ids.shape == logp.shape and ids.shape[0] == tgt.shape[0]):
+        raise FormatError(f"{path}: inconsistent tensor shapes; the file is damaged, save the baseline again")
+    return SavedLogits(path, meta, ids, logp, tgt)
+
+
+# ---- the evaluation loop -------------------------------------------------------------------------
+@dataclass
+class TokenResults:
+    """Per scored token, in order."""
+
+    nll: np.ndarray  # float64
+    top1: np.ndarray  # int64
+    doc: np.ndarray  # int64
+    kld: np.ndarray | None = None
+    nll_base: np.ndarray | None = None
+    top1_base: np.ndarray | None = None
+
+
+Progress = Callable[[int, int], None]  # (tokens fed so far, total tokens to feed)
+
+
+def score_windows(
+    scorer: Any,
+    windows: Sequence[Window],
+    *,
+    baseline: Any = None,
+    save_top_k: int = 0,
+    on_progress: Progress | None = None,
+) -> tuple[TokenResults, list[TopK]]:
+    """Score every window; ``baseline`` is another scorer (exact KL) or ``SavedLogits`` (top-k KL).
+    Returns per-token results and, when ``save_top_k``, this model's top-k log-probs per window."""
+    import numpy as np
+    import torch
+
+    total = sum(len(w.ids) for w in windows)
+    base_iter: Iterator[Any] | None = None
+    if baseline is not None:
+        base_iter = baseline.rows(windows) if isinstance(baseline, SavedLogits) else baseline.log_probs(windows)
+    nll, top1, docs, kld, nll_b, top1_b, saved = [], [], [], [], [], [], []
+    fed = 0
+    for w, logp in zip(windows, scorer.log_probs(windows), strict=True):
+        targets = torch.tensor(w.targets, dtype=torch.long)
+        nll.append(-logp.gather(-1, targets[:, None])[:, 0].double().numpy())
+        top1.append(logp.argmax(-1).numpy())
+        docs.append(np.full(len(w.targets), w.doc))
+        if save_top_k:
+            saved.append(top_k_of(logp, targets, save_top_k))
+        if base_iter is not None:
+            b = next(base_iter)
+            if isinstance(b, TopK):
+                kld.append(kl_rows_topk(logp, b.ids, b.logp).numpy())
+                nll_b.append(-b.target_logp.double().numpy())
+                top1_b.append(b.ids[:, 0].long().numpy())
+            else:
+                kld.append(kl_rows(logp, b).numpy())
+                nll_b.append(-b.gather(-1, targets[:, None])[:, 0].double().numpy())
+                top1_b.append(b.argmax(-1).numpy())
+        del logp
+        fed += len(w.ids)
+        if on_progress is not None:
+            on_progress(fed, total)
+    results = TokenResults(np.concatenate(nll), np.concatenate(top1), np.concatenate(docs))
+    if base_iter is not None:
+        results.kld = np.maximum(np.concatenate(kld), 0.0)  # rounding can give -1e-9
+        results.nll_base = np.concatenate(nll_b)
+        results.top1_base = np.concatenate(top1_b)
+    return results, saved
+
+
+# ---- from MODEL and SOURCE to a result ---------------------------------------------------------------
+@dataclass
+class EvalResult:
+    model: str
+    data: str
+    backend: str
+    protocol: str
+    context: int
+    stride: int | None
+    windows: int
+    tokens: int  # scored
+    tokens_fed: int
+    perplexity: float
+    stderr: float
+    nll: float  # mean negative log-likelihood (nats per token)
+    elapsed_s: float
+    load_s: float
+    device: str
+    documents: int = 1
+    words: int | None = None
+    bytes: int | None = None
+    word_perplexity: float | None = None
+    byte_perplexity: float | None = None
+    bits_per_byte: float | None = None
+    baseline: str | None = None
+    kl: KLStats | None = None
+    saved_logits: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Tokens through the model per second (what llama.cpp's timings report)."""
+        return self.tokens_fed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def scored_per_second(self) -> float:
+        return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tokens_per_second"] = self.tokens_per_second
+        d["scored_tokens_per_second"] = self.scored_per_second
+        return d
+
+
+def build_windows(
+    protocol: str,
+    tokenizer: Any,
+    docs: Sequence[Any],
+    *,
+    context: int,
+    stride: int | None,
+    max_tokens: int | None,
+    chunks: int | None,
+) -> list[Window]:
+    """Tokenize ``docs`` (corpus.Document) and cut them into the protocol's windows."""
+    from llmctl.runtime.corpus import joined_text
+
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"unknown --protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    if max_tokens is not None:
+        _check_positive("--max-tokens", max_tokens)
+    if chunks is not None:
+        _check_positive("--chunks", chunks)
+    if protocol == "documents":
+        if stride is not None:
+            raise UsageError("--stride is for --protocol sliding; documents are scored in disjoint windows")
+        prefix = tokenizer.bos_id if tokenizer.bos_id is not None else min(tokenizer.eos_ids, default=None)
+        if prefix is None:
+            raise UsageError("the documents protocol needs a BOS or EOS token to start each document")
+        toks, left = [], max_tokens
+        for d in docs:
+            ids = tokenizer.encode(d.text, add_bos=False)
+            if left is not None:
+                ids, left = ids[:left], left - min(left, len(ids))
+            toks.append(ids)
+        windows = document_windows(toks, context, prefix)
+    else:
+        tokens = tokenizer.encode(joined_text(list(docs)))  # BOS once when the model adds one
+        if max_tokens is not None:
+            tokens = tokens[:max_tokens]
+        if protocol == "llama.cpp":
+            if stride is not None:
+                raise UsageError("--stride is for --protocol sliding; llama.cpp windows do not overlap")
+            bos = tokenizer.bos_id if tokenizer.add_bos_default else None
+            windows = llama_cpp_windows(tokens, context, bos)
+        else:
+            windows = sliding_windows(tokens, context, stride if stride is not None else context // 2)
+    return windows[:chunks] if chunks is not None else windows
+
+
+def open_scorer(
+    spec: str | None,
+    backend: str,
+    *,
+    context: int,
+    device: str | None = None,
+    dtype: str | None = None,
+    threads: int | None = None,
+    batch_size: int | None = None,
+) -> tuple[Any, Any, str, str]:
+    """(scorer, tokenizer, model name, device label) for a MODEL argument."""
+    from llmctl.runtime.device import set_threads
+    from llmctl.runtime.tokenizer import load_tokenizer
+    from llmctl.sources import resolve
+
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown --backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    source = resolve(spec)
+    if backend == "llama.cpp":
+        if not source.is_gguf:
+            raise UsageError(f"{source.spec}: the llama.cpp backend runs GGUF files; use --backend torch")
+        if device not in (None, "auto", "cpu") or dtype not in (None, "auto"):
+            raise UsageError("--device and --dtype apply to the torch backend; llama.cpp runs the GGUF as stored")
+        scorer = LlamaCppScorer(source.path, context, threads)
+        label = f"llama.cpp cpu ({threads or 'default'} threads)"
+    else:
+        from llmctl.runtime.device import describe
+        from llmctl.runtime.loader import load_model
+
+        set_threads(threads)
+        model = load_model(source.path, dtype=dtype, device=device)
+        scorer = TorchScorer(model, batch_size)
+        label = describe(model.device, model.dtype)
+    return scorer, load_tokenizer(source.path), str(source.spec), label
+
+
+def same_tokenization(a: Any, b: Any, windows: Sequence[Window], docs: Sequence[Any], build: Callable) -> None:
+    """Refuse a baseline whose tokenizer does not give the same windows."""
+    if a.vocab_size != b.vocab_size or build(b) != list(windows):
+        raise UsageError(
+            f"the model and the baseline tokenize the text differently (vocabularies of {a.vocab_size} and "
+            f"{b.vocab_size} tokens); KL divergence compares two models with the same tokenizer, such as a "
+            "model and a quantized copy of it"
+        )
+
+
+def evaluate(
+    model: str | None,
+    data: str,
+    *,
+    protocol: str = "llama.cpp",
+    context: int = DEFAULT_CONTEXT,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    chunks: int | None = None,
+    backend: str = "torch",
+    baseline: str | None = None,
+    baseline_logits: str | None = None,
+    save_logits_path: str | None = None,
+    top_k: int = 128,
+    errors: str = "strict",
+    device: str | None = None,
+    dtype: str | None = None,
+    threads: int | None = None,
+    batch_size: int | None = None,
+    on_progress: Progress | None = None,
+) -> EvalResult:
+    """``llmctl eval``: perplexity of MODEL on ``data`` under ``protocol``, and KL against a baseline."""
+    import numpy as np
+
+    from llmctl.runtime.corpus import load_corpus
+
+    if baseline and baseline_logits:
+        raise UsageError("pass --baseline MODEL2 or --baseline-logits FILE, not both")
+    _check_positive("--top-k", top_k)
+    docs = load_corpus(data, errors=errors)
+    saved = load_logits(baseline_logits) if baseline_logits else None  # fail early on a bad file
+    t0 = time.perf_counter()
+    scorer, tok, name, label = open_scorer(
+        model, backend, context=context, device=device, dtype=dtype, threads=threads, batch_size=batch_size
+    )
+    base_scorer = None
+    try:
+
+        def build(t: Any) -> list[Window]:
+            return build_windows(
+                protocol, t, docs, context=context, stride=stride, max_tokens=max_tokens, chunks=chunks
+            )
+
+        windows = build(tok)
+        digest = windows_digest(windows)
+        notes: list[str] = []
+        if saved is not None:
+            if saved.meta.get("windows_sha256") != digest:
+                raise UsageError(
+                    f"{saved.path} holds log-probabilities of other tokens (saved with --protocol "
+                    f"{saved.meta.get('protocol')} --context {saved.meta.get('context')} on "
+                    f"{saved.meta.get('data')}); pass the same --data, protocol options and a model with the "
+                    "same tokenizer, or save the baseline again"
+                )
+            if int(saved.meta.get("vocab_size", -1)) != scorer.vocab_size:
+                raise UsageError(
+                    f"{saved.path} was saved from a model with a vocabulary of {saved.meta.get('vocab_size')} "
+                    f"tokens, this one has {scorer.vocab_size}; compare models with the same tokenizer"
+                )
+            notes.append(
+                f"KL from the baseline's saved top-{saved.ids.shape[1]} log-probabilities (the rest as one "
+                "bucket: a slight underestimate)"
+            )
+        if baseline:
+            base_scorer, base_tok, _, _ = open_scorer(
+                baseline, backend, context=context, device=device, dtype=dtype, threads=threads,
+                batch_size=batch_size,
+            )  # fmt: skip
+            same_tokenization(tok, base_tok, windows, docs, build)
+            if base_scorer.vocab_size != scorer.vocab_size:
+                raise UsageError(
+                    f"the model's output has {scorer.vocab_size} logits and the baseline's "
+                    f"{base_scorer.vocab_size}; KL divergence needs the same vocabulary"
+                )
+        load_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        results, parts = score_windows(
+            scorer,
+            windows,
+            baseline=base_scorer if base_scorer is not None else saved,
+            save_top_k=top_k if save_logits_path else 0,
+            on_progress=on_progress,
+        )
+        elapsed = time.perf_counter() - t1
+    finally:
+        scorer.close()
+        if base_scorer is not None:
+            base_scorer.close()
+    ppl, err = perplexity_stats(results.nll)
+    result = EvalResult(
+        model=name,
+        data=data,
+        backend=backend,
+        protocol=protocol,
+        context=context,
+        stride=(stride if stride is not None else context // 2) if protocol == "sliding" else None,
+        windows=len(windows),
+        tokens=len(results.nll),
+        tokens_fed=sum(len(w.ids) for w in windows),
+        perplexity=ppl,
+        stderr=err,
+        nll=float(np.mean(results.nll)),
+        elapsed_s=elapsed,
+        load_s=load_s,
+        device=label,
+        documents=len(docs),
+        notes=notes,
+    )
+    if protocol == "documents":
+        used = sorted({w.doc for w in windows})
+        total_nll = float(np.sum(results.nll))
+        texts = [docs[i].text for i in used]
+        if max_tokens is None and chunks is None:
+            result.words = sum(word_count(t) for t in texts)
+            result.bytes = sum(len(t.encode("utf-8")) for t in texts)
+            result.word_perplexity = math.exp(total_nll / result.words)
+            result.byte_perplexity = math.exp(total_nll / result.bytes)
+            result.bits_per_byte = total_nll / result.bytes / math.log(2)
+        else:
+            result.notes.append("word and byte perplexity need whole documents: not reported with --max-tokens/--chunks")
+        result.documents = len(used)
+    if results.kld is not None and results.nll_base is not None and results.top1_base is not None:
+        result.baseline = baseline if saved is None else f"{saved.meta.get('model')} ({saved.path})"
+        result.kl = kl_stats(
+            results.kld,
+            results.nll,
+            results.nll_base,
+            results.top1 == results.top1_base,
+            approximate=saved is not None,
+        )
+    if save_logits_path:
+        meta = {
+            "model": name,
+            "data": str(data),
+            "protocol": protocol,
+            "context": str(context),
+            "stride": str(result.stride),
+            "windows_sha256": digest,
+            "vocab_size": str(scorer.vocab_size),
+            "top_k": str(top_k),
+        }
+        save_logits(save_logits_path, parts, meta)
+        result.saved_logits = str(save_logits_path)
+    return result
