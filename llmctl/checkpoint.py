@@ -72,8 +72,10 @@ def read_safetensors_header(path: str | Path) -> tuple[list[TensorInfo], dict[st
     if not isinstance(header, dict):
         raise FormatError(f"{path}: safetensors header is not a JSON object; the file is corrupt")
     meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict):
-        raise FormatError(f"{path}: safetensors __metadata__ is not an object; the file is corrupt")
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise FormatError(
+            f"{path}: safetensors __metadata__ is not an object of strings; the file is corrupt"
+        )
     data_len = size - 8 - n
     tensors: list[TensorInfo] = []
     spans: list[tuple[int, int, str]] = []
@@ -103,6 +105,7 @@ def read_safetensors_header(path: str | Path) -> tuple[list[TensorInfo], dict[st
             )
         tensors.append(TensorInfo(name, shape, dtype, expected))
         spans.append((begin, end, name))
+    # As the safetensors library requires: tensors tile the data section exactly, no overlap, no gap.
     spans.sort()
     reach, owner = 0, ""
     for begin, end, name in spans:
@@ -110,8 +113,18 @@ def read_safetensors_header(path: str | Path) -> tuple[list[TensorInfo], dict[st
             raise FormatError(
                 f"{path}: tensors {owner!r} and {name!r} overlap in the data section; the file is corrupt"
             )
+        if begin > reach:
+            raise FormatError(
+                f"{path}: {begin - reach} unused bytes before tensor {name!r} in the data section; "
+                "the file is corrupt — re-download it"
+            )
         if end > reach:
             reach, owner = end, name
+    if reach != data_len:
+        raise FormatError(
+            f"{path}: {data_len - reach} bytes after the last tensor's data; the file is corrupt or was "
+            "written incompletely — re-download it"
+        )
     return tensors, {str(k): str(v) for k, v in meta.items()}
 
 

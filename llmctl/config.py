@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,7 @@ class ModelConfig:
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         self.model_type = _ALIASES.get(self.model_type, self.model_type)
         if self.model_type not in FAMILIES:
             raise UnsupportedArchitectureError(
@@ -205,6 +207,11 @@ class ModelConfig:
             raise ConfigError(
                 f"{source or 'config'}: no model_type; a Hugging Face config.json names its model_type "
                 f"(one of {supported_families()})"
+            )
+        if not isinstance(d["model_type"], str):
+            raise ConfigError(
+                f"{source or 'config'}: model_type must be a string (one of {supported_families()}), "
+                f"got {d['model_type']!r:.40}; fix config.json"
             )
         if d.get("hidden_act") is None and d.get("hidden_activation") is not None:
             d["hidden_act"] = d["hidden_activation"]  # Gemma 3 names its activation hidden_activation
@@ -364,7 +371,51 @@ class ModelConfig:
         return {k: v for k, v in d.items() if v is not None}
 
 
+# Sizes beyond these are corrupt or hostile configs, not models: they would only make llmctl loop or
+# allocate without end (2**31 tokens of context, 100k layers are far past any published model).
+_MAX_INT = 2**31
+_MAX_LAYERS = 100_000
+
+
 def _positive_int(cfg: ModelConfig, name: str) -> None:
     v = getattr(cfg, name)
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise ConfigError(f"{cfg._where()}{name} must be a positive integer, got {v!r}; fix config.json")
+    limit = _MAX_LAYERS if name == "num_hidden_layers" else _MAX_INT
+    if v > limit:
+        raise ConfigError(f"{cfg._where()}{name} is {v}, above the sane limit {limit}; fix config.json")
+
+
+def _type_ok(value: Any, annotation: str) -> bool:
+    """Whether a JSON value matches a field annotation such as ``int | list[int] | None``."""
+    for part in (p.strip() for p in annotation.split("|")):
+        if part == "None" and value is None:
+            return True
+        if isinstance(value, bool):
+            if part == "bool":
+                return True
+            continue
+        if part == "int" and isinstance(value, int) and abs(value) <= 2**63:
+            return True
+        if part == "float" and isinstance(value, (int, float)) and math.isfinite(value):
+            return True
+        if part == "str" and isinstance(value, str):
+            return True
+        if part.startswith("dict") and isinstance(value, Mapping):
+            return True
+        if part.startswith("list[") and isinstance(value, list):
+            item = part[5:-1]
+            if len(value) <= _MAX_LAYERS and all(_type_ok(v, item) for v in value):
+                return True
+    return False
+
+
+def _check_types(cfg: ModelConfig) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name != "source" and not _type_ok(value, str(f.type)):
+            shown = repr(value)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise ConfigError(
+                f"{cfg._where()}{f.name} must be of type {f.type}, got {shown}; fix config.json"
+            )
