@@ -1,0 +1,157 @@
+"""The llama.cpp backend: a GGUF file run by llama-cpp-python behind the ``Backend`` interface.
+
+llama.cpp keeps its own KV cache; as in ``Llama.generate``, a new prompt keeps the longest common prefix
+with the tokens it holds (``llama_memory_seq_rm`` from there on) and only the rest is evaluated. If the
+cache cannot drop that range (sliding-window caches past their window), it is cleared and the prompt
+evaluated whole.
+
+Sampling uses llama.cpp's own samplers, chained in the order and with the semantics of
+``llmctl.runtime.sampler``: penalties → top-k → top-p → min-p → temperature → draw (``dist``, seeded), or
+penalties → greedy at temperature 0. As in llama.cpp's CLI and server, the prompt's last
+``repeat_last_n`` tokens are accepted into the penalty window before the first draw. llama.cpp's log
+output is captured, never printed.
+
+Models load without llama.cpp's CPU "extra" buffer types (AMX / repacked weights): on AMX-capable Xeons
+under a VM (this project's machines) the AMX matmul kills the process with SIGSEGV at the first
+multi-token decode. llama-cpp-python has no keyword for ``use_extra_bufts``, so the default model
+parameters are wrapped while the model loads (``_plain_cpu_kernels``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from llmctl.errors import FormatError, UsageError
+from llmctl.runtime.sampler import SamplingOptions
+from llmctl.runtime.session import Backend, common_prefix
+
+
+class LlamaCppBackend(Backend):
+    name = "llama.cpp"
+
+    def __init__(self, path: str | Path, n_ctx: int, *, threads: int | None = None, n_batch: int = 512) -> None:
+        import llama_cpp
+
+        from llmctl.runtime.tokenizer import _captured_native_output, _last_line, load_tokenizer
+
+        path = Path(path)
+        self.tokenizer = load_tokenizer(path)  # validates the GGUF before llama.cpp parses it
+        self.n_ctx = n_ctx
+        self.threads = threads
+        self._lib = llama_cpp
+        kwargs: dict[str, Any] = dict(
+            model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=0, verbose=False
+        )
+        threads = threads or os.cpu_count() or 1  # llama-cpp-python's own default is half the cores
+        kwargs.update(n_threads=threads, n_threads_batch=threads)
+        with _captured_native_output() as log, _plain_cpu_kernels():
+            try:
+                self.llm = llama_cpp.Llama(**kwargs)
+            except (ValueError, RuntimeError, OSError) as e:
+                err: Exception | None = e
+            else:
+                err = None
+        if err is not None:
+            self.tokenizer.close()
+            raise FormatError(f"{path}: llama.cpp cannot load the model ({_last_line(log.text) or err})")
+        self.n_vocab = self.llm.n_vocab()
+
+    @property
+    def tokens(self) -> list[int]:
+        return [int(t) for t in self.llm.input_ids[: self.llm.n_tokens]]
+
+    def describe(self) -> str:
+        return f"llama.cpp, cpu (threads: {self.llm.n_threads})"
+
+    def reset(self) -> None:
+        L = self._lib
+        L.llama_memory_clear(L.llama_get_memory(self.llm.ctx), True)
+        self.llm.n_tokens = 0
+
+    def _keep(self, prompt: Sequence[int]) -> int:
+        L = self._lib
+        n = min(common_prefix(self.tokens, prompt), len(prompt) - 1)
+        if not L.llama_memory_seq_rm(L.llama_get_memory(self.llm.ctx), -1, n, -1):
+            self.reset()
+            n = 0
+        self.llm.n_tokens = n
+        return n
+
+    def _sampler(self, options: SamplingOptions, seed: int) -> Any:
+        L, o = self._lib, options
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        last_n = self.n_ctx if o.repeat_last_n < 0 else o.repeat_last_n
+        for s in (
+            L.llama_sampler_init_penalties(
+                self.n_vocab, last_n, o.repeat_penalty, o.frequency_penalty, o.presence_penalty
+            ),
+            *(
+                [L.llama_sampler_init_greedy()]
+                if o.greedy
+                else [
+                    L.llama_sampler_init_top_k(o.top_k),
+                    L.llama_sampler_init_top_p(o.top_p, 1),
+                    L.llama_sampler_init_min_p(o.min_p, 1),
+                    L.llama_sampler_init_temp(o.temperature),
+                    L.llama_sampler_init_dist(seed),
+                ]
+            ),
+        ):
+            L.llama_sampler_chain_add(chain, s)  # the chain owns (and frees) its samplers
+        return chain
+
+    def generate(self, prompt: Sequence[int], options: SamplingOptions, seed: int) -> Iterator[int]:
+        L, llm = self._lib, self.llm
+        if not prompt:
+            raise UsageError("nothing to generate from: the prompt has no tokens")
+        if len(prompt) >= self.n_ctx:
+            raise UsageError(f"the prompt has {len(prompt)} tokens; the context holds {self.n_ctx}")
+        prompt = [int(t) for t in prompt]
+        n = self._keep(prompt)
+        self.prefilled = len(prompt) - n
+        llm.eval(prompt[n:])
+        chain = self._sampler(options, seed)
+        try:
+            last_n = len(prompt) if options.repeat_last_n < 0 else options.repeat_last_n
+            for t in prompt[len(prompt) - last_n :] if last_n else ():
+                L.llama_sampler_accept(chain, t)
+            while True:
+                token = int(L.llama_sampler_sample(chain, llm.ctx, -1))  # also accepts it
+                yield token
+                if llm.n_tokens + 1 > self.n_ctx:
+                    return
+                llm.eval([token])
+        finally:
+            L.llama_sampler_free(chain)
+
+    def close(self) -> None:
+        from llmctl.runtime.tokenizer import _captured_native_output
+
+        with _captured_native_output():
+            self.llm.close()
+        super().close()
+
+
+
+@contextlib.contextmanager
+def _plain_cpu_kernels() -> Iterator[None]:
+    """While a ``Llama`` is built: model parameters with ``use_extra_bufts = False``."""
+    import llama_cpp.llama as ll
+
+    module = ll.llama_cpp
+    orig = module.llama_model_default_params
+
+    def params():  # type: ignore[no-untyped-def]
+        p = orig()
+        p.use_extra_bufts = False
+        return p
+
+    module.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = orig

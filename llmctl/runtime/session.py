@@ -1,0 +1,590 @@
+"""The chat engine, backend-neutral: a conversation, its chat template, context trimming, KV reuse across
+turns, stop strings and timings. Nothing here prints: ``Session.reply`` is a generator of events.
+
+A *backend* holds a model and its KV cache and does one thing, ``generate(prompt_ids, options, seed)``:
+bring the cache to ``prompt_ids`` — keep the longest common prefix with the tokens it already holds,
+prefill only the rest — then yield sampled token ids until the caller stops. Two implement it:
+``TorchBackend`` (here: llmctl's own runtime, every format ``load_model`` reads) and
+``LlamaCppBackend`` (``llmctl.runtime.llamacpp``: GGUF files through llama-cpp-python). Both use the
+sampler semantics of ``llmctl.runtime.sampler`` (llama.cpp's chain).
+
+Each turn renders the *whole* conversation with the template; since the conversation only grows, its
+tokens start with what the cache holds and only the new turn is prefilled. When the rendered
+conversation plus room for the reply no longer fits the context, the oldest turns are dropped (the
+system prompt stays) and the next reply says so.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmctl.errors import UsageError
+from llmctl.runtime.sampler import MAX_SEED, Sampler, SamplingOptions
+
+if TYPE_CHECKING:
+    from llmctl.runtime.chat_template import ChatTemplate
+    from llmctl.runtime.tokenizer import Tokenizer
+
+BACKENDS = ("auto", "torch", "llama.cpp")
+DEFAULT_CONTEXT = 4096  # cap of the default --context (the model's limit is often 32k-128k)
+MIN_CONTEXT = 64
+ROLLBACK = 64  # extra ring slots of sliding-window layers, so a new turn can roll back a few tokens
+TRANSCRIPT_FORMAT = "llmctl-chat-transcript"
+FALLBACK_STOPS = ("<|im_end|>", "<|im_start|>")  # the ChatML fallback's markers, as text
+
+
+# ---- events ----------------------------------------------------------------------------------------
+@dataclass
+class Notice:
+    """Something the user should know about this turn (e.g. turns dropped from the context)."""
+
+    text: str
+
+
+@dataclass
+class Piece:
+    """New reply text, ready to print."""
+
+    text: str
+
+
+@dataclass
+class Reply:
+    """The end of a reply: its text, why it ended and its counts and timings.
+
+    ``finish_reason``: ``stop`` (end-of-turn token or a stop string), ``length`` (``max_tokens``),
+    ``context`` (the context window is full), ``interrupted`` (Ctrl-C).
+    """
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int  # tokens of the rendered conversation this reply continues
+    prefilled_tokens: int  # of those, computed for this reply (the rest came from the KV cache)
+    completion_tokens: int  # tokens generated (an end-of-turn token not counted)
+    ttft_s: float  # from the request to the first generated token (render, prefill, first sample)
+    total_s: float
+    seed: int
+    context_used: int  # tokens in the KV cache afterwards
+    context_size: int
+    dropped_turns: int = 0
+
+    @property
+    def decode_tok_s(self) -> float | None:
+        """Tokens per second after the first (None with fewer than two tokens)."""
+        n, dt = self.completion_tokens - 1, self.total_s - self.ttft_s
+        return n / dt if n > 0 and dt > 0 else None
+
+    @property
+    def prefill_tok_s(self) -> float | None:
+        return self.prefilled_tokens / self.ttft_s if self.prefilled_tokens and self.ttft_s > 0 else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reply": self.text,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "prefilled_tokens": self.prefilled_tokens,
+            "completion_tokens": self.completion_tokens,
+            "ttft_s": round(self.ttft_s, 6),
+            "total_s": round(self.total_s, 6),
+            "tokens_per_s": None if self.decode_tok_s is None else round(self.decode_tok_s, 3),
+            "seed": self.seed,
+            "context_used": self.context_used,
+            "context_size": self.context_size,
+            "dropped_turns": self.dropped_turns,
+        }
+
+
+# ---- backends --------------------------------------------------------------------------------------
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Backend(abc.ABC):
+    """A model with its KV cache. ``tokens``: the ids whose keys/values the cache holds."""
+
+    name: str = ""
+    tokenizer: Tokenizer
+    n_ctx: int = 0
+    prefilled: int = 0  # tokens the last ``generate`` computed before sampling
+
+    @property
+    @abc.abstractmethod
+    def tokens(self) -> list[int]: ...
+
+    @abc.abstractmethod
+    def generate(self, prompt: Sequence[int], options: SamplingOptions, seed: int) -> Iterator[int]:
+        """Reuse the cached prefix of ``prompt``, prefill the rest, then yield sampled ids. Stops by itself
+        only when the context is full. The last yielded id is not yet in the cache."""
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Forget the cached tokens."""
+
+    def describe(self) -> str:
+        return self.name
+
+    def kv_bytes(self) -> int | None:
+        return None
+
+    def close(self) -> None:
+        self.tokenizer.close()
+
+
+class TorchBackend(Backend):
+    """llmctl's torch runtime: ``load_model`` + ``KVCache`` + ``Sampler``."""
+
+    name = "torch"
+
+    def __init__(self, model: Any, tokenizer: Tokenizer, n_ctx: int, *, chunk_size: int = 512) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.n_ctx = n_ctx
+        self.chunk_size = chunk_size
+        self.cache = model.make_cache(n_ctx, rollback=ROLLBACK)
+        self._tokens: list[int] = []
+
+    @property
+    def tokens(self) -> list[int]:
+        return self._tokens
+
+    def describe(self) -> str:
+        from llmctl.runtime.device import describe
+
+        return f"torch, {describe(self.model.device, self.model.dtype)}"
+
+    def kv_bytes(self) -> int | None:
+        return self.cache.nbytes
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self._tokens = []
+
+    def _keep(self, prompt: Sequence[int]) -> int:
+        """Truncate the cache to its common prefix with ``prompt`` (one token short of all of it, so that
+        there is something to compute logits from); returns the kept length."""
+        n = common_prefix(self._tokens, prompt)
+        n = min(n, len(prompt) - 1)
+        try:
+            self.cache.truncate(n)  # the cache may hold more than _tokens after an interrupted step
+        except UsageError:  # sliding-window layers cannot roll back that far: start over
+            self.cache.reset()
+            n = 0
+        self._tokens = list(prompt[:n])
+        return n
+
+    def generate(self, prompt: Sequence[int], options: SamplingOptions, seed: int) -> Iterator[int]:
+        import torch
+
+        from llmctl.runtime.generate import decode_one_token, prefill
+
+        if not prompt:
+            raise UsageError("nothing to generate from: the prompt has no tokens")
+        if len(prompt) >= self.n_ctx:
+            raise UsageError(f"the prompt has {len(prompt)} tokens; the context holds {self.n_ctx}")
+        device = self.model.device
+        n = self._keep(prompt)
+        self.prefilled = len(prompt) - n
+        new = torch.tensor([list(prompt[n:])], dtype=torch.long, device=device)  # (1, T)
+        logits = prefill(self.model, new, self.cache, self.chunk_size)  # (1, vocab)
+        self._tokens = list(prompt)
+        sampler = Sampler(options, seed=seed, device=device)
+        seen = list(prompt)
+        with torch.no_grad():
+            while True:
+                token = sampler(logits[0], seen)
+                seen.append(token)
+                yield token
+                if len(self._tokens) + 1 > self.n_ctx:
+                    return
+                step = torch.tensor([[token]], dtype=torch.long, device=device)  # (1, 1)
+                logits = decode_one_token(self.model, step, self.cache)
+                self._tokens.append(token)
+
+
+def load_backend(
+    spec: str | None,
+    backend: str = "auto",
+    *,
+    context: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    threads: int | None = None,
+) -> tuple[Backend, str]:
+    """Resolve MODEL, pick and load the backend; returns it and a line saying which and why."""
+    from llmctl.runtime.device import set_threads
+    from llmctl.sources import resolve
+
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0):
+        raise UsageError(f"--threads must be a positive integer, got {threads!r}")
+    source = resolve(spec)
+    limit = source.config.max_position_embeddings
+    if context is None:
+        context = min(limit, DEFAULT_CONTEXT)
+    elif isinstance(context, bool) or not isinstance(context, int) or not MIN_CONTEXT <= context <= limit:
+        raise UsageError(
+            f"--context must be between {MIN_CONTEXT} and the model's limit of {limit} tokens, got {context!r}"
+        )
+    if backend == "auto":
+        chosen = "llama.cpp" if source.is_gguf else "torch"
+        why = "auto: the model is a GGUF file" if source.is_gguf else "auto: the model is not a GGUF file"
+        if source.is_gguf and ((dtype not in (None, "auto")) or (device not in (None, "auto", "cpu"))):
+            chosen, why = "torch", "auto: GGUF file, but --dtype/--device ask for the torch runtime"
+    else:
+        chosen, why = backend, "--backend"
+    if chosen == "llama.cpp":
+        if not source.is_gguf:
+            raise UsageError(
+                f"the llama.cpp backend runs .gguf files only and {source.display} is a {source.kind}; "
+                "use --backend torch (or auto)"
+            )
+        if dtype not in (None, "auto"):
+            raise UsageError(
+                "--dtype is a torch-backend option: llama.cpp computes with the GGUF's own types; "
+                "drop --dtype or use --backend torch"
+            )
+        if device not in (None, "auto", "cpu"):
+            raise UsageError(
+                f"--device {device}: the llama.cpp backend runs on the CPU here; drop --device or use "
+                "--backend torch"
+            )
+        from llmctl.runtime.llamacpp import LlamaCppBackend
+
+        b: Backend = LlamaCppBackend(source.path, context, threads=threads)
+    else:
+        from llmctl.runtime.loader import load_model
+        from llmctl.runtime.tokenizer import load_tokenizer
+
+        set_threads(threads)
+        tokenizer = load_tokenizer(source.path)
+        model = load_model(source.path, dtype=dtype, device=device)
+        b = TorchBackend(model, tokenizer, context)
+    return b, f"backend: {b.describe()} ({why}); context {context} tokens"
+
+
+# ---- stop strings ----------------------------------------------------------------------------------
+class StopMatcher:
+    """Finds stop strings in streamed text without ever emitting part of one: text that could still
+    become a stop string is held back until the next piece decides."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string was found: then the text ends before it)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = k
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+# ---- the session -----------------------------------------------------------------------------------
+@dataclass
+class _Turn:
+    prompt_tokens: int = 0
+    prefilled: int = 0
+    completion: int = 0
+    text: str = ""
+    reason: str = "interrupted"
+    t0: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+    seed: int = 0
+    dropped: int = 0
+    recorded: bool = False
+
+
+class Session:
+    """A conversation with one backend. ``reply(text)`` yields ``Notice``/``Piece`` events, then a
+    ``Reply``. Reply ``i`` since the start (or ``reset`` or a new seed) is sampled with ``seed + i``, so
+    the same seed, options, backend and conversation give the same text."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        options: SamplingOptions | None = None,
+        *,
+        system: str | None = None,
+        template: str | None = None,
+    ) -> None:
+        from llmctl.runtime.chat_template import ChatTemplate
+
+        self.backend = backend
+        self.tokenizer = backend.tokenizer
+        self.options = options or SamplingOptions()
+        self.seed = self.options.seed if self.options.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        self.system = system or None
+        source = template if template is not None else self.tokenizer.chat_template
+        self.template: ChatTemplate = ChatTemplate(source)
+        self.messages: list[dict[str, str]] = []
+        self.replies = 0
+        self.last: Reply | None = None
+        self.turn_stats: list[Reply] = []
+
+    # ---- settings ------------------------------------------------------------------------------
+    @property
+    def uses_fallback_template(self) -> bool:
+        return self.template.is_fallback
+
+    def set_option(self, name: str, value: Any) -> None:
+        self.options = self.options.with_(**{name: value})
+        if name == "seed":
+            self.seed = value if value is not None else secrets.randbelow(MAX_SEED + 1)
+            self.replies = 0
+
+    def set_system(self, text: str | None) -> None:
+        self.system = text or None
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt and options stay); the KV cache is cleared."""
+        self.messages = []
+        self.replies = 0
+        self.backend.reset()
+
+    # ---- rendering -----------------------------------------------------------------------------
+    def conversation(self) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.messages
+
+    def encode(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """The conversation's token ids with the generation prompt (BOS as ``Tokenizer.encode_chat``)."""
+        tok = self.tokenizer
+        text = self.template.render(
+            messages, add_generation_prompt=True, bos_token=tok.bos_token or "", eos_token=tok.eos_token or ""
+        )
+        has_bos = bool(tok.bos_token) and text.startswith(tok.bos_token or "")
+        return tok.encode(text, add_bos=tok.add_bos_default and not has_bos)
+
+    def _fit(self) -> tuple[list[int], int]:
+        """Token ids of the conversation, dropping the oldest turns until it fits with room to reply."""
+        n_ctx = self.backend.n_ctx
+        reserve = min(self.options.max_tokens, n_ctx // 4)
+        dropped = 0
+        while True:
+            ids = self.encode(self.conversation())
+            if len(ids) + reserve <= n_ctx:
+                return ids, dropped
+            if len(self.messages) <= 1:
+                raise UsageError(
+                    f"the message needs {len(ids)} tokens with the template and system prompt, but the "
+                    f"context holds {n_ctx} with {reserve} kept for the reply; shorten it or raise --context"
+                )
+            self.messages.pop(0)  # the oldest user message, and the reply to it
+            while self.messages[:-1] and self.messages[0]["role"] != "user":
+                self.messages.pop(0)
+            dropped += 1
+
+    # ---- one turn ------------------------------------------------------------------------------
+    def reply(self, text: str) -> Iterator[Notice | Piece | Reply]:
+        """Add a user message and generate the reply. Closing the generator early (Ctrl-C in the caller)
+        keeps what was generated so far as the reply, marked ``interrupted``."""
+        if not isinstance(text, str) or not text.strip():
+            raise UsageError("the message is empty; type something to send")
+        saved = list(self.messages)
+        self.messages.append({"role": "user", "content": text})
+        turn = _Turn()
+        try:
+            ids, turn.dropped = self._fit()
+        except BaseException:
+            self.messages = saved
+            raise
+        if turn.dropped:
+            yield Notice(
+                f"context full: dropped the {turn.dropped} oldest turn(s) "
+                f"({'system prompt kept, ' if self.system else ''}{len(self.messages) - 1} message(s) left)"
+            )
+        turn.prompt_tokens = len(ids)
+        turn.seed = (self.seed + self.replies) % (MAX_SEED + 1)
+        self.replies += 1
+        try:
+            yield from self._generate(ids, turn)
+        except KeyboardInterrupt:
+            turn.reason = "interrupted"
+        except GeneratorExit:
+            turn.reason = "interrupted"
+            self._record(turn)
+            raise
+        except BaseException:
+            turn.reason = "error"
+            self._record(turn)
+            raise
+        yield self._record(turn)
+
+    def _generate(self, ids: list[int], turn: _Turn) -> Iterator[Piece]:
+        o = self.options
+        eos = self.tokenizer.eos_ids
+        stops = list(o.stop) + (list(FALLBACK_STOPS) if self.uses_fallback_template else [])
+        matcher = StopMatcher(stops)
+        decoder = self.tokenizer.stream_decoder(skip_special=True)
+        tokens = self.backend.generate(ids, o, turn.seed)
+        try:
+            reason, hit = "context", False
+            for token in tokens:
+                if turn.t_first is None:
+                    turn.t_first = time.perf_counter()
+                    turn.prefilled = self.backend.prefilled
+                if token in eos:
+                    reason = "stop"
+                    break
+                turn.completion += 1
+                out, hit = matcher.push(decoder.push(token))
+                if out:
+                    turn.text += out
+                    yield Piece(out)
+                if hit:
+                    reason = "stop"
+                    break
+                if turn.completion >= o.max_tokens:
+                    reason = "length"
+                    break
+            if not hit:  # text held back (a partial character, a possible stop string) is reply text
+                out, hit = matcher.push(decoder.flush())
+                out += "" if hit else matcher.flush()
+                if out:
+                    turn.text += out
+                    yield Piece(out)
+            turn.reason = reason
+        finally:
+            tokens.close()
+            turn.prefilled = self.backend.prefilled
+
+    def _record(self, turn: _Turn) -> Reply:
+        if not turn.recorded:
+            turn.recorded = True
+            if turn.text or turn.reason not in ("interrupted", "error"):
+                self.messages.append({"role": "assistant", "content": turn.text})
+            else:  # nothing came out: forget the question too, so roles keep alternating
+                self.messages.pop()
+        now = time.perf_counter()
+        first = turn.t_first if turn.t_first is not None else now
+        self.last = Reply(
+            text=turn.text,
+            finish_reason=turn.reason,
+            prompt_tokens=turn.prompt_tokens,
+            prefilled_tokens=turn.prefilled,
+            completion_tokens=turn.completion,
+            ttft_s=first - turn.t0,
+            total_s=now - turn.t0,
+            seed=turn.seed,
+            context_used=len(self.backend.tokens),
+            context_size=self.backend.n_ctx,
+            dropped_turns=turn.dropped,
+        )
+        self.turn_stats.append(self.last)
+        return self.last
+
+    def complete(self, text: str) -> Reply:
+        """``reply`` run to its end (no streaming)."""
+        last = None
+        for event in self.reply(text):
+            if isinstance(event, Reply):
+                last = event
+        assert last is not None
+        return last
+
+    # ---- /stats, /save, /load ------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        done = [r for r in self.turn_stats if r.completion_tokens]
+        gen = sum(r.completion_tokens for r in done)
+        return {
+            "backend": self.backend.describe(),
+            "turns": sum(m["role"] == "user" for m in self.messages),
+            "context_used": len(self.backend.tokens),
+            "context_size": self.backend.n_ctx,
+            "kv_cache_bytes": self.backend.kv_bytes(),
+            "replies": len(self.turn_stats),
+            "generated_tokens": gen,
+            "prefilled_tokens": sum(r.prefilled_tokens for r in self.turn_stats),
+            "seed": self.seed,
+            "template": "ChatML fallback" if self.uses_fallback_template else "the model's",
+            "options": self.options.to_dict(),
+            "last": self.last.to_dict() if self.last else None,
+        }
+
+    def transcript(self) -> dict[str, Any]:
+        return {
+            "format": TRANSCRIPT_FORMAT,
+            "version": 1,
+            "system": self.system,
+            "messages": [dict(m) for m in self.messages],
+            "options": self.options.to_dict(),
+            "seed": self.seed,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the transcript as JSON (a temporary file, then renamed: never half-written)."""
+        path = Path(path).expanduser()
+        if not str(path).strip() or path.is_dir():
+            raise UsageError(f"/save needs a file name, got {str(path)!r}")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.transcript(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise UsageError(f"cannot write {path}: {e.strerror or e}; pick a writable path") from None
+        return path
+
+    def load(self, path: str | Path) -> int:
+        """Replace the conversation (and system prompt) with a saved transcript; returns its message
+        count. Options are kept. Also reads ``{"messages": [...]}`` with an optional leading system
+        message (OpenAI style)."""
+        path = Path(path).expanduser()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UsageError(f"{path}: no such file; /load takes a file written by /save") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UsageError(f"{path}: not a JSON transcript ({e}); /load takes a file written by /save") from None
+        messages = data.get("messages") if isinstance(data, dict) else None
+        if not isinstance(messages, list):
+            raise UsageError(f"{path}: no \"messages\" list; /load takes a file written by /save")
+        system = data.get("system")
+        out: list[dict[str, str]] = []
+        for i, m in enumerate(messages):
+            role = m.get("role") if isinstance(m, dict) else None
+            content = m.get("content") if isinstance(m, dict) else None
+            if role not in ("system", "user", "assistant") or not isinstance(content, str):
+                raise UsageError(
+                    f"{path}: message {i} must be {{\"role\": \"user\"|\"assistant\", \"content\": text}}"
+                )
+            if role == "system":
+                if i:
+                    raise UsageError(f"{path}: a system message may only come first (message {i})")
+                system = content
+                continue
+            out.append({"role": role, "content": content})
+        if system is not None and not isinstance(system, str):
+            raise UsageError(f"{path}: \"system\" must be text or null")
+        self.messages, self.system = out, system or None
+        self.replies = 0
+        return len(out)
