@@ -148,7 +148,9 @@ def test_torch_greedy_reply_matches_transformers(torch_backend) -> None:
     ours = torch_backend.tokens[len(ids) :]  # 31 ids: the last generated one is not fed back yet
 
     ref_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    assert ids == ref_tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    rendered = ref_tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                           tokenize=False)  # fmt: skip
+    assert ids == ref_tok(rendered, add_special_tokens=False).input_ids
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():
         out = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
