@@ -511,10 +511,12 @@ def _write_all(plan: Plan, tmp: Path, progress, measure_error: bool, chunk_value
                 results.append(
                     TensorResult(tp.name, tp.format, math.prod(tp.shape), tp.src_bytes, tp.nbytes, sqnr)
                 )
-            for name, _, _ in f.entries:
-                index[name] = f.name
-        finally:
-            w.close()
+        except BaseException:
+            w.abort()
+            raise
+        w.close()
+        for name, _, _ in f.entries:
+            index[name] = f.name
     if progress:
         progress(Progress(len(plan.tensors), len(plan.tensors), "", total, total))
     if len(plan.files) > 1:

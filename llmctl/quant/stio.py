@@ -159,6 +159,9 @@ class Writer:
             view, off = view[k:], off + k
         self.done[name] = at + len(raw)
 
+    def abort(self) -> None:
+        os.close(self.fd)
+
     def close(self) -> None:
         short = [k for k, (_, n) in self.spans.items() if self.done[k] != n]
         os.close(self.fd)

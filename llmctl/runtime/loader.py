@@ -127,6 +127,10 @@ def load_model(path: str | Path, dtype: Any = None, device: Any = None) -> Trans
 
         return load_state_dict(*load_gguf_state_dict(source.path), dtype=dtype, device=device)
     folder, config = source.path, source.config
+    from llmctl.quant.qlinear import load_quantized, quantized_layout  # llmctl quantize's layouts
+
+    if (quantized := quantized_layout(folder)) is not None:
+        return load_quantized(folder, quantized[1], quantized[0], dtype=dtype, device=device)
     device = pick_device(device)
     dtype = compute_dtype(device, dtype)
     model = empty_model(config)

@@ -1,0 +1,195 @@
+"""Quantized weights in llmctl's torch runtime: the model keeps the quantized bytes and multiplies with
+them directly.
+
+``QuantWeight`` is a tensor subclass (the approach of torchao's quantized tensors) that stands in for a
+linear layer's ``weight``: it has the weight's shape and compute dtype but holds only the quantized parts.
+``F.linear`` and ``torch.mv`` on it run a quantized kernel where torch has one on CPU —
+``aten._weight_int8pack_mm`` for int8 with one scale per row, ``aten._weight_int4pack_mm_for_cpu`` for
+int4 (symmetric or with zero-points) in groups of 32/64/128/256 — and otherwise dequantize the weight for
+that call only (fp8, NF4, int8 in groups). Any other operation sees the dequantized weight. So
+``runtime/model.py`` runs unchanged; ``load_quantized`` puts these in place of the parameters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llmctl.errors import FormatError
+from llmctl.quant.formats import REGISTRY, QTensor
+
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+
+
+class QuantWeight(torch.Tensor):
+    """A (out_features, in_features) weight held quantized; see the module docstring."""
+
+    q: QTensor
+    kernel: str  # "int8pack", "int4pack" or "dequantize"
+
+    @staticmethod
+    def __new__(cls, q: QTensor, dtype: torch.dtype) -> QuantWeight:
+        return torch.Tensor._make_wrapper_subclass(cls, q.shape, dtype=dtype, device="cpu", requires_grad=False)
+
+    def __init__(self, q: QTensor, dtype: torch.dtype) -> None:
+        self.q = q
+        self.cdtype = dtype  # a plain attribute: reading .dtype goes through __torch_function__
+        self.kernel = "dequantize"
+        self._kernel_args: tuple[Any, ...] = ()
+        self._prepare()
+
+    def _prepare(self) -> None:
+        q, fmt = self.q, self.q.format
+        if fmt == "int8" and q.group_size == q.shape[-1]:
+            self.kernel = "int8pack"
+            self._kernel_args = (q.parts["weight"], q.parts["scale"].reshape(-1).to(self.cdtype))
+        elif fmt in ("int4", "int4-asym") and q.group_size in INT4_KERNEL_GROUPS and len(q.shape) == 2:
+            codes, zp = REGISTRY[fmt].codes(q)
+            try:
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32) + 8, 2)
+            except RuntimeError:
+                return  # a shape the kernel does not take: dequantize per call
+            scale = q.parts["scale"].float()  # (rows, groups)
+            zero = torch.zeros_like(scale) if zp is None else -zp.float() * scale  # w = (u - 8)·s + zero
+            sz = torch.stack([scale.t(), zero.t()], dim=-1).to(self.cdtype).contiguous()  # (groups, rows, 2)
+            self.kernel = "int4pack"
+            self._kernel_args = (packed, q.group_size, sz)
+            self.q = QTensor(fmt, q.shape, q.group_size, {}, q.meta)  # the packed copy replaces the codes
+
+    @property
+    def quantized_nbytes(self) -> int:
+        """Bytes this weight holds in memory."""
+        return self.q.nbytes + sum(t.numel() * t.element_size() for t in self._kernel_args if isinstance(t, torch.Tensor))
+
+    def dequantize(self) -> torch.Tensor:
+        if self.kernel == "int4pack":  # multiply the identity: the kernel's own dequantization
+            eye = torch.eye(self.shape[-1], dtype=self.cdtype)
+            return self._int4(eye).t().contiguous()
+        return REGISTRY[self.q.format].dequantize(self.q, self.cdtype)
+
+    def _int4(self, x2: torch.Tensor) -> torch.Tensor:
+        packed, g, sz = self._kernel_args
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, g, sz)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kernel == "dequantize":
+            y = F.linear(x, self.dequantize().to(x.dtype))
+        else:
+            x2 = x.reshape(-1, x.shape[-1]).to(self.cdtype)  # (tokens, in_features)
+            if self.kernel == "int8pack":
+                w, scales = self._kernel_args
+                y = torch.ops.aten._weight_int8pack_mm(x2, w, scales)
+            else:
+                y = self._int4(x2.contiguous())
+            y = y.to(x.dtype).reshape(*x.shape[:-1], -1)  # (..., out_features)
+        return y if bias is None else y + bias
+
+    def __repr__(self) -> str:
+        g = f", group {self.q.group_size}" if self.q.group_size else ""
+        return f"QuantWeight({self.q.format}{g}, shape={list(self.shape)}, kernel={self.kernel})"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func is F.linear and len(args) >= 2 and isinstance(args[1], QuantWeight) and not isinstance(args[0], QuantWeight):
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            return args[1].linear(args[0], bias)
+        if func is torch.mv and isinstance(args[0], QuantWeight):
+            return args[0].linear(args[1].reshape(1, -1)).reshape(-1)
+        if func in (torch.Tensor.__repr__, torch.Tensor.__format__):
+            return cls.__repr__(args[0])
+        with torch._C.DisableTorchFunctionSubclass():  # attributes (shape, dtype) answer from the wrapper;
+            return func(*args, **kwargs)  # operations reach __torch_dispatch__ and see the dense weight
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        return func(*_dense(args), **_dense(kwargs or {}))
+
+
+def _dense(obj: Any) -> Any:
+    if isinstance(obj, QuantWeight):
+        return obj.dequantize()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_dense(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _dense(v) for k, v in obj.items()}
+    return obj
+
+
+def weight_memory(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes of the model's weights in memory, and what the quantized ones would take dense."""
+    held = dense = 0
+    for module in model.modules():
+        for name, t in list(module._parameters.items()) + list(vars(module).items()):
+            if isinstance(t, QuantWeight):
+                held += t.quantized_nbytes
+                dense += t.numel() * t.element_size()
+            elif isinstance(t, torch.nn.Parameter) and name in module._parameters:
+                held += t.numel() * t.element_size()
+                dense += t.numel() * t.element_size()
+    return {"bytes": held, "dense_bytes": dense}
+
+
+def quantized_layout(folder: Path) -> tuple[str, dict[str, Any]] | None:
+    """(layout, config.json) when the folder holds quantized weights llmctl loads; None for a float one."""
+    import json
+
+    from llmctl.quant.layouts import detect
+
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    layout = detect(cfg) if isinstance(cfg, dict) else None
+    return None if layout is None else (layout, cfg)
+
+
+def load_quantized(folder: Path, config_json: dict[str, Any], layout: str, dtype: Any = None, device: Any = None):
+    """A ``Transformer`` from a folder in one of llmctl's layouts (compressed-tensors, bnb, llmctl)."""
+    from safetensors import safe_open
+
+    from llmctl.checkpoint import safetensors_files
+    from llmctl.config import ModelConfig
+    from llmctl.quant.layouts import read_quantized
+    from llmctl.runtime.device import compute_dtype, pick_device
+    from llmctl.runtime.loader import assign, check_names, empty_model
+
+    device = pick_device(device)
+    if torch.device(device).type != "cpu":
+        raise FormatError(f"{folder}: quantized weights run on the CPU in llmctl's runtime; pass --device cpu")
+    dtype = compute_dtype(device, dtype)
+    config = ModelConfig.from_dict(config_json, source=str(folder / "config.json"))
+    model = empty_model(config)
+    handles = {}
+    where: dict[str, Any] = {}
+    for file in safetensors_files(folder):
+        h = safe_open(str(file), framework="pt", device="cpu")
+        handles[file] = h
+        for k in h.keys():
+            where[k] = h
+    used: set[str] = set()
+
+    def fetch(name: str) -> torch.Tensor:
+        if name not in where:
+            raise FormatError(f"{folder}: tensor {name} is missing; the quantized checkpoint is incomplete")
+        used.add(name)
+        return where[name].get_tensor(name)
+
+    quantized = read_quantized(layout, config_json, set(where), fetch)
+    shapes = {n: tuple(where[n].get_slice(n).get_shape()) for n in where if n not in used}
+    shapes.update({n: tuple(q.shape) for n, q in quantized.items()})
+    for name in check_names(model, shapes, str(folder)):
+        if name in quantized:
+            module_name, _, leaf = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            delattr(module, leaf)
+            setattr(module, leaf, QuantWeight(quantized[name], dtype))
+        else:
+            t = fetch(name)
+            if not t.is_floating_point():
+                raise FormatError(f"{folder}: tensor {name} is {t.dtype}, not floating point")
+            assign(model, name, t.to(dtype=dtype))
+    return model.eval()  # projections stay unfused: each quantized weight runs its own kernel
