@@ -209,10 +209,13 @@ def test_nf4_block_sizes_bitsandbytes_cannot_read_are_refused():
         REGISTRY["nf4"].quantize(torch.zeros(4, 100), 100)
 
 
-def test_nan_weights_are_refused():
-    from llmctl.quant.primitives import check_finite
-
-    w = torch.zeros(4, 4)
-    w[1, 1] = float("nan")
-    with pytest.raises(QuantError, match="layer.weight: the tensor holds NaN or infinite values"):
-        check_finite(w, "layer.weight")
+@pytest.mark.parametrize("name", ["fp8", "int8", "int4", "int4-asym", "nf4", "nf4-dq"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_and_inf_weights_are_refused(name, bad):
+    w = torch.zeros(4, 128)
+    w[1, 1] = bad
+    with pytest.raises(QuantError, match="the tensor holds NaN or infinite values"):
+        REGISTRY[name].quantize(w)
+    if name == "fp8":
+        with pytest.raises(QuantError, match="the tensor holds NaN or infinite values"):
+            REGISTRY[name].quantize(w, PER_TENSOR)

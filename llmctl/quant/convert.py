@@ -472,8 +472,14 @@ def run_plan(
     out = Path(out)
     check_out(out, force)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    _remove_dead_runs(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise QuantError(
+            f"cannot write the output next to {out} ({e.strerror or e}); choose a writable folder with --out"
+        ) from None
     t0 = time.perf_counter()
     try:
         results = _write_all(plan, tmp, progress, measure_error, chunk_values)
@@ -485,10 +491,31 @@ def run_plan(
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except OSError as e:  # a full disk, a vanished folder: nothing is left behind, the old output stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise QuantError(
+            f"writing {out} failed ({e.strerror or e}); nothing was written — free space or choose "
+            "another --out"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Result(plan, out, time.perf_counter() - t0, results)
+
+
+def _remove_dead_runs(out: Path) -> None:
+    """Remove temporary folders left next to ``out`` by runs that were killed (SIGKILL, power loss):
+    ``.NAME.partial-PID`` / ``.NAME.old-PID`` whose process no longer exists."""
+    for leftover in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = leftover.name[len(out.name) + 2 :].rpartition("-")
+        if kind not in ("partial", "old") or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(leftover, ignore_errors=True)
+        except (PermissionError, OverflowError):  # alive (someone else's), or not a pid
+            pass
 
 
 def _write_all(plan: Plan, tmp: Path, progress, measure_error: bool, chunk_values: int) -> list[TensorResult]:
@@ -541,7 +568,6 @@ def _write_tensor(
     import torch
 
     from llmctl.quant.formats import double_quantize
-    from llmctl.quant.primitives import check_finite
 
     fmt = REGISTRY[tp.format]
     rows_per = _chunk_rows(tp, chunk_values)
@@ -550,6 +576,8 @@ def _write_tensor(
         amax = torch.zeros(())
         for chunk in inp.read(tp.name, rows_per):
             amax = torch.maximum(amax, chunk.float().abs().amax())
+        if not bool(torch.isfinite(amax)):
+            raise QuantError(f"{tp.name}: the tensor holds NaN or infinite values; the checkpoint is corrupt")
         opts["amax"] = amax
     dq = tp.format == "nf4-dq"
     qfmt = REGISTRY["nf4"] if dq else fmt
@@ -561,11 +589,12 @@ def _write_tensor(
     signal = noise = 0.0
     first = True
     for chunk in inp.read(tp.name, rows_per):
-        if tp.quantized:
-            check_finite(chunk, tp.name)
         shape = (chunk.shape[0], *tp.shape[1:]) if len(tp.shape) > 1 else tp.shape
         x = chunk.reshape(shape)
-        q = qfmt.quantize(x, tp.group_size, **opts)
+        try:
+            q = qfmt.quantize(x, tp.group_size, **opts)
+        except QuantError as e:
+            raise QuantError(f"{tp.name}: {e}") from None
         if measure and tp.quantized:  # nf4-dq: measured before the absmax's double quantization
             xf = x.float()
             signal += float((xf * xf).sum())

@@ -227,6 +227,8 @@ class FP8(WeightFormat):
     def quantize(cls, w, group_size=None, **opts):
         import torch
 
+        from llmctl.quant.primitives import check_finite
+
         variant = _fp8_variant(opts)
         dtype, fmax = FP8_VARIANTS[variant]
         x = _as_2d(w).float()
@@ -237,6 +239,8 @@ class FP8(WeightFormat):
             amax = x.abs().amax().reshape(1, 1)
         else:
             amax = x.reshape(x.shape[0], c, -1).abs().amax(-1)  # (rows, n_scales)
+        if "amax" not in opts:
+            check_finite(amax)
         scale = amax / fmax
         s = scale.clamp_min(_tiny())
         if c == 1:
@@ -313,7 +317,7 @@ class _IntGroup(WeightFormat):
     def quantize(cls, w, group_size=None, **opts):
         import torch
 
-        from llmctl.quant.primitives import pack_nibbles
+        from llmctl.quant.primitives import check_finite, pack_nibbles
 
         bits = int(cls.bits)
         qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
@@ -325,12 +329,14 @@ class _IntGroup(WeightFormat):
         if cls.zero_bits:
             lo = x.amin(-1).clamp_(max=0)
             hi = x.amax(-1).clamp_(min=0)
+            check_finite(lo + hi)
             scale = _round_up_fp16((hi - lo) / (qmax - qmin))
             s = scale.float().clamp_min_(_tiny())
             zp = (qmin - torch.round(lo / s)).clamp_(qmin, qmax)  # (rows, n_groups)
             q = torch.round(x / s.unsqueeze(-1)).add_(zp.unsqueeze(-1)).clamp_(qmin, qmax)
         else:
             amax = x.abs().amax(-1)
+            check_finite(amax)
             scale = _round_up_fp16(amax / ((qmax - qmin) / 2))  # amax / scale <= qmax + 1/2
             s = scale.float().clamp_min_(_tiny())
             q = torch.round(x / s.unsqueeze(-1)).clamp_(qmin, qmax)
@@ -470,7 +476,7 @@ class NF4(WeightFormat):
     def quantize(cls, w, group_size=None, **opts):
         import torch
 
-        from llmctl.quant.primitives import midpoints, nf4_code, pack_nibbles
+        from llmctl.quant.primitives import check_finite, midpoints, nf4_code, pack_nibbles
 
         g = cls.check_group(0, group_size)
         assert g is not None
@@ -486,6 +492,7 @@ class NF4(WeightFormat):
             am = tail.abs().max().clamp(min=1e-38)
             absmax = torch.cat([absmax, am.reshape(1)])
             scaled = torch.cat([scaled, torch.clamp(tail / am, -1, 1)])
+        check_finite(absmax)
         q = torch.bucketize(scaled, midpoints(code), out_int32=True).to(torch.uint8)
         if n % 2:  # bitsandbytes pads the scaled values with 0.0, whose code is 7
             q = torch.cat([q, torch.full((1,), 7, dtype=torch.uint8)])

@@ -1,0 +1,85 @@
+"""End to end on the bundled Gemma-3-270M: its GGUF converted to a bf16 Hugging Face folder (with a
+tokenizer), then quantized to every format; llmctl's runtime loads each output and its next-token
+predictions stay close to the bf16 model's.
+
+Chat and eval on these folders belong to the chat/eval commands (issues being written alongside this one):
+they load models through ``llmctl.runtime.loader.load_model`` and ``load_tokenizer``, which is what is
+exercised here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmctl.quant.convert import make_plan, run_plan
+
+pytestmark = pytest.mark.slow
+TEXT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
+
+
+@pytest.fixture(scope="module")
+def gemma_bf16(tmp_path_factory) -> Path:
+    from conftest import gemma3_path
+
+    out = tmp_path_factory.mktemp("gemma") / "bf16"
+    run_plan(make_plan(str(gemma3_path()), "bf16"), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(gemma_bf16):
+    from llmctl.runtime.loader import load_model
+    from llmctl.runtime.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(gemma_bf16)
+    ids = torch.tensor([[tok.bos_id, *tok.encode(TEXT)]])
+    model = load_model(gemma_bf16, dtype=torch.float32)
+    with torch.no_grad():
+        return ids, model(ids)
+
+
+def test_gguf_to_bf16_folder_matches_the_gguf(gemma_bf16, reference):
+    """The converted folder computes what the GGUF computes, and its tokenizer tokenizes like the GGUF's."""
+    from conftest import gemma3_path
+
+    from llmctl.runtime.loader import load_model
+    from llmctl.runtime.tokenizer import load_tokenizer
+
+    ids, logits = reference
+    gguf_tok = load_tokenizer(gemma3_path())
+    assert [gguf_tok.bos_id, *gguf_tok.encode(TEXT)] == ids[0].tolist()
+    model = load_model(gemma3_path(), dtype=torch.float32)
+    with torch.no_grad():
+        direct = model(ids)
+    assert (direct - logits).abs().max() < 0.05 * logits.abs().max()  # bf16 rounding of the weights
+    assert (direct.argmax(-1) == logits.argmax(-1)).float().mean() > 0.9
+    assert " Rome" in load_tokenizer(gemma_bf16).decode([int(logits[0, -1].argmax())])
+
+
+@pytest.mark.parametrize("fmt,agree", [("fp16", 0.95), ("fp8", 0.85), ("int8", 0.9), ("int4", 0.6),
+                                       ("int4-asym", 0.6), ("nf4", 0.6), ("nf4-dq", 0.6)])  # fmt: skip
+def test_each_format_loads_and_runs(gemma_bf16, reference, tmp_path, fmt, agree):
+    from llmctl.quant.qlinear import weight_memory
+    from llmctl.runtime.loader import load_model
+    from llmctl.runtime.tokenizer import load_tokenizer
+
+    ids, logits = reference
+    plan = make_plan(str(gemma_bf16), fmt)
+    result = run_plan(plan, tmp_path / fmt)
+    assert (tmp_path / fmt / "tokenizer.json").is_file()
+    assert load_tokenizer(tmp_path / fmt).encode(TEXT) == ids[0, 1:].tolist()
+    model = load_model(tmp_path / fmt, dtype=torch.float32)
+    with torch.no_grad():
+        out = model(ids)
+        cache = model.make_cache(ids.shape[1] + 1)
+        step = model(ids, cache)[:, -1]  # prefill with a KV cache, as chat does
+    assert (out[:, -1] - step).abs().max() < 1e-3 * out.abs().max()
+    assert (out.argmax(-1) == logits.argmax(-1)).float().mean() >= agree
+    if fmt != "fp16":
+        mem = weight_memory(model)
+        assert mem["bytes"] < mem["dense_bytes"]
+        worst = result.worst(1)[0]
+        assert worst.sqnr_db > {"fp8": 25, "int8": 35}.get(fmt, 12)
