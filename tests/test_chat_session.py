@@ -50,14 +50,14 @@ def test_common_prefix() -> None:
 # ---- backends on SmolLM2 -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def torch_backend():
-    b, _ = load_backend(str(smollm2_path()), "torch", context=1024, threads=2)
+    b, _ = load_backend(str(smollm2_path()), "torch", context=1024, threads=1)
     yield b
     b.close()
 
 
 @pytest.fixture(scope="module")
 def llama_backend():
-    b, _ = load_backend(str(smollm2_path()), "llama.cpp", context=1024, threads=2)
+    b, _ = load_backend(str(smollm2_path()), "llama.cpp", context=1024, threads=1)
     yield b
     b.close()
 
@@ -207,13 +207,16 @@ def test_max_tokens_and_interrupt(llama_backend) -> None:
     assert s.messages[-1] == {"role": "assistant", "content": first.text}
     r2, _, _ = run(s, "Thanks.")
     assert r2.finish_reason in ("stop", "length") and r2.prefilled_tokens < r2.prompt_tokens
+    polls = iter(range(100))  # the REPL's Ctrl-C flag: raised at the fourth token
+    events = list(s.reply("Count from forty to sixty in words.", lambda: next(polls) >= 3))
+    assert events[-1].finish_reason == "interrupted" and events[-1].completion_tokens == 3
 
 
 @pytest.mark.slow
 def test_context_trimming_keeps_the_system_prompt(llama_backend) -> None:
     from llmctl.runtime.llamacpp import LlamaCppBackend
 
-    small = LlamaCppBackend(smollm2_path(), 128, threads=2)
+    small = LlamaCppBackend(smollm2_path(), 128, threads=1)
     try:
         s = Session(small, GREEDY.with_(max_tokens=8), system="Answer briefly.")
         dropped = []

@@ -6,7 +6,9 @@ options and lines, dispatches the slash commands and hands every output to ``ren
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +113,8 @@ def _read_template(path: Path) -> str:
         raise UsageError(f"--template {path}: cannot read it ({e})") from None
     if not text.strip():
         raise UsageError(f"--template {path}: the file is empty")
-    ChatTemplate(text)  # compile now: a syntax error is reported before the model loads
+    # Compile and try it now: a broken or hostile template is reported before the model loads.
+    ChatTemplate(text).render([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     return text
 
 
@@ -187,7 +190,17 @@ def _read_message() -> str | None:
 def _turn(session: Any, text: str) -> None:
     from llmctl.runtime.session import Notice, Piece, Reply
 
-    events = session.reply(text)
+    # Ctrl-C during a reply asks the session to stop at the next token (a KeyboardInterrupt raised inside
+    # native code could be swallowed by a ctypes callback); a second Ctrl-C interrupts at once.
+    requested = threading.Event()
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    events = session.reply(text, requested.is_set)
     reply = None
     try:
         for event in events:
@@ -200,6 +213,8 @@ def _turn(session: Any, text: str) -> None:
     except KeyboardInterrupt:
         events.close()  # the session keeps what was generated, marked interrupted
         reply = session.last
+    finally:
+        signal.signal(signal.SIGINT, previous)
     if reply is not None:
         render.reply_end(reply, stats=True)
 

@@ -21,7 +21,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -404,9 +404,12 @@ class Session:
             dropped += 1
 
     # ---- one turn ------------------------------------------------------------------------------
-    def reply(self, text: str) -> Iterator[Notice | Piece | Reply]:
-        """Add a user message and generate the reply. Closing the generator early (Ctrl-C in the caller)
-        keeps what was generated so far as the reply, marked ``interrupted``."""
+    def reply(
+        self, text: str, stop_requested: Callable[[], bool] | None = None
+    ) -> Iterator[Notice | Piece | Reply]:
+        """Add a user message and generate the reply. ``stop_requested`` is polled once per token (the
+        REPL's Ctrl-C sets it); when it returns True, or when the caller closes the generator early, what
+        was generated so far is kept as the reply, marked ``interrupted``."""
         if not isinstance(text, str) or not text.strip():
             raise UsageError("the message is empty; type something to send")
         saved = list(self.messages)
@@ -426,7 +429,7 @@ class Session:
         turn.seed = (self.seed + self.replies) % (MAX_SEED + 1)
         self.replies += 1
         try:
-            yield from self._generate(ids, turn)
+            yield from self._generate(ids, turn, stop_requested)
         except KeyboardInterrupt:
             turn.reason = "interrupted"
         except GeneratorExit:
@@ -439,7 +442,9 @@ class Session:
             raise
         yield self._record(turn)
 
-    def _generate(self, ids: list[int], turn: _Turn) -> Iterator[Piece]:
+    def _generate(
+        self, ids: list[int], turn: _Turn, stop_requested: Callable[[], bool] | None
+    ) -> Iterator[Piece]:
         o = self.options
         eos = self.tokenizer.eos_ids
         stops = list(o.stop) + (list(FALLBACK_STOPS) if self.uses_fallback_template else [])
@@ -454,6 +459,9 @@ class Session:
                     turn.prefilled = self.backend.prefilled
                 if token in eos:
                     reason = "stop"
+                    break
+                if stop_requested is not None and stop_requested():
+                    reason = "interrupted"
                     break
                 turn.completion += 1
                 out, hit = matcher.push(decoder.push(token))
