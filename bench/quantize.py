@@ -1,0 +1,232 @@
+"""Quantization speed and memory, and decode speed of quantized models, each against its anchor in the
+same run.
+
+    python bench/quantize.py throughput [--rows 4096 --cols 4096 --repeats 3]
+    python bench/quantize.py synthetic  [--dir /tmp/llama8b --scale 1.0 --format int4 --keep-files]
+    python bench/quantize.py decode     [--model smollm2-135m --new-tokens 32 --repeats 3 --threads 2]
+    add --json FILE to any of them to keep the numbers
+
+throughput: one (rows, cols) bf16 tensor quantized by ``bitsandbytes.functional.quantize_4bit`` (NF4,
+blocks of 64, on CPU) and by each llmctl format's ``quantize``; best of N, params/s and the ratio to
+bitsandbytes. Runs alternate, so load from other processes hits both alike.
+
+synthetic: a checkpoint shaped like Llama-3.1-8B (vocab 128256, hidden 4096, 32 layers, GQA 8, MLP 14336;
+8.03 B params, 16.06 GB of bf16) written to disk in 4 shards — random bf16 values, one random 64 MiB block
+tiled (quantization costs the same whatever the values) — then ``llmctl quantize``'s library path run in a
+child process; reported: wall time, params/s and the child's peak RSS (``ru_maxrss``), which the streaming
+design keeps near one chunk whatever the model size. ``--scale`` shrinks layers and widths for a dry run.
+
+decode: the model quantized to each format, loaded by llmctl's runtime (compute in fp32), greedy decode
+with a KV cache; against llama.cpp (llama-cpp-python) on the bundled GGUF (Q4_1, 5.0 bits per weight), the
+speed reference at similar bits. Best of N decode tok/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+# ---- throughput ----------------------------------------------------------------------------------------
+def throughput(rows: int, cols: int, repeats: int) -> dict:
+    import bitsandbytes.functional as F
+    import torch
+
+    from llmctl.quant.formats import REGISTRY
+
+    torch.manual_seed(0)
+    w = (torch.randn(rows, cols) * 0.02).to(torch.bfloat16)
+    runs = {
+        "bitsandbytes nf4": lambda: F.quantize_4bit(w, blocksize=64, quant_type="nf4"),
+        **{f"llmctl {n}": (lambda n=n: REGISTRY[n].quantize(w)) for n in ("nf4", "nf4-dq", "int4", "int4-asym", "int8", "fp8")},
+    }
+    best = dict.fromkeys(runs, math.inf)
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    anchor = w.numel() / best["bitsandbytes nf4"]
+    out = {name: {"params_per_s": w.numel() / s, "vs_bitsandbytes": w.numel() / s / anchor} for name, s in best.items()}
+    return {"shape": [rows, cols], "threads": torch.get_num_threads(), "results": out}
+
+
+# ---- synthetic Llama-3.1-8B ----------------------------------------------------------------------------
+def llama8b_config(scale: float) -> dict:
+    s = lambda n, m=128: max(m, int(n * scale) // m * m)  # noqa: E731
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": s(128256),
+        "hidden_size": s(4096), "intermediate_size": s(14336), "num_hidden_layers": max(2, int(32 * scale)),
+        "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+    }  # fmt: skip
+
+
+def write_synthetic(folder: Path, cfg: dict, shards: int = 4) -> int:
+    """Write random bf16 tensors of the config's shapes as a sharded safetensors folder; returns bytes."""
+    import torch
+
+    from llmctl.quant.stio import Writer
+
+    h, i, v, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    tensors = [("model.embed_tokens.weight", (v, h))]
+    for layer in range(L):
+        p = f"model.layers.{layer}."
+        tensors += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
+        tensors += [(p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                    (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+                    (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                    (p + "mlp.down_proj.weight", (h, i))]  # fmt: skip
+    tensors += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    total = sum(2 * math.prod(s) for _, s in tensors)
+    per_shard = total / shards
+    block = (torch.randn(32 * 1024 * 1024) * 0.02).to(torch.bfloat16)  # 64 MiB, tiled
+    folder.mkdir(parents=True, exist_ok=True)
+    groups: list[list] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + 2 * math.prod(t[1]) > per_shard * len(groups):
+            groups.append([])
+        groups[-1].append(t)
+        size += 2 * math.prod(t[1])
+    weight_map = {}
+    for k, group in enumerate(groups):
+        name = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        w = Writer(folder / name, [(n, "BF16", s) for n, s in group], {"format": "pt"})
+        for n, s in group:
+            left = math.prod(s)
+            while left:
+                take = min(left, block.numel())
+                w.append(n, block[:take])
+                left -= take
+            weight_map[n] = name
+        w.close()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return total
+
+
+_CHILD = """
+import json, resource, sys, time
+from llmctl.quant.convert import make_plan, run_plan
+t0 = time.perf_counter()
+plan = make_plan(sys.argv[1], sys.argv[2])
+res = run_plan(plan, sys.argv[3], measure_error=False)
+print(json.dumps({"seconds": time.perf_counter() - t0, "params": res.params, "output_bytes": plan.out_bytes,
+                  "source_bytes": plan.src_bytes, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def synthetic(folder: Path, scale: float, fmt: str, keep: bool) -> dict:
+    free = shutil.disk_usage(folder.parent if folder.parent.exists() else Path(tempfile.gettempdir())).free
+    cfg = llama8b_config(scale)
+    t0 = time.perf_counter()
+    nbytes = write_synthetic(folder / "src", cfg)
+    written = time.perf_counter() - t0
+    out = folder / f"out-{fmt}"
+    shutil.rmtree(out, ignore_errors=True)
+    p = subprocess.run([sys.executable, "-c", _CHILD, str(folder / "src"), fmt, str(out)], capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(p.stderr)
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    res.update(format=fmt, scale=scale, disk_free_before=free, source_written_bytes=nbytes, write_seconds=written,
+               params_per_s=res["params"] / res["seconds"], config=cfg)  # fmt: skip
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+    return res
+
+
+# ---- decode ----------------------------------------------------------------------------------------------
+def decode(model: str, formats: list[str], new_tokens: int, repeats: int, threads: int) -> dict:
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from decode import LlamaCpp, run_llama_cpp, run_llmctl  # the decode bench's own runners
+
+    from llmctl.quant.convert import make_plan, run_plan
+    from llmctl.quant.qlinear import weight_memory
+    from llmctl.runtime.loader import load_model
+    from llmctl.sources import resolve
+
+    torch.set_num_threads(threads)
+    src = resolve(model)
+    tmp = Path(tempfile.mkdtemp(prefix="llmctl-bench-"))
+    engines = {}
+    try:
+        cfg = src.config
+        g = 64 if cfg.hidden_size % 128 else None  # SmolLM2's rows of 576 take groups of 64
+        for fmt in formats:
+            plan = make_plan(str(src.path), fmt, group_size=g if fmt.startswith("int") else None)
+            run_plan(plan, tmp / fmt, measure_error=False)
+            m = load_model(tmp / fmt, dtype=torch.float32)
+            engines[f"llmctl {fmt}"] = (m, weight_memory(m), 8 * plan.out_bytes / sum(math.prod(t.shape) for t in plan.tensors))
+        prompt = torch.randint(0, cfg.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+        llama = LlamaCpp(src.path, 256, threads) if src.is_gguf else None
+        best: dict[str, float] = {}
+        for _ in range(repeats):
+            for name, (m, _, _) in engines.items():
+                _, dt, toks = run_llmctl(m, prompt, new_tokens)
+                best[name] = max(best.get(name, 0.0), (len(toks) - 1) / dt)
+            if llama is not None:
+                _, dt, toks = run_llama_cpp(llama, prompt, new_tokens)
+                best["llama.cpp " + src.path.name] = max(best.get("llama.cpp " + src.path.name, 0.0), (len(toks) - 1) / dt)
+        rows = {}
+        for name, rate in best.items():
+            row = {"decode_tok_s": rate}
+            if name in engines:
+                _, mem, bpw = engines[name]
+                row.update(bits_per_weight=bpw, weight_bytes_in_memory=mem["bytes"], dense_fp32_bytes=mem["dense_bytes"])
+            rows[name] = row
+        return {"model": model, "threads": threads, "new_tokens": new_tokens, "results": rows}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("throughput")
+    t.add_argument("--rows", type=int, default=4096)
+    t.add_argument("--cols", type=int, default=4096)
+    t.add_argument("--repeats", type=int, default=3)
+    s = sub.add_parser("synthetic")
+    s.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "llmctl-llama8b")
+    s.add_argument("--scale", type=float, default=1.0)
+    s.add_argument("--format", default="int4")
+    s.add_argument("--keep-files", action="store_true")
+    d = sub.add_parser("decode")
+    d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--formats", default="bf16,fp8,int8,int4,nf4")
+    d.add_argument("--new-tokens", type=int, default=32)
+    d.add_argument("--repeats", type=int, default=3)
+    d.add_argument("--threads", type=int, default=2)
+    for p in (t, s, d):
+        p.add_argument("--json", type=Path)
+    a = ap.parse_args(argv)
+    if a.what == "throughput":
+        res = throughput(a.rows, a.cols, a.repeats)
+    elif a.what == "synthetic":
+        res = synthetic(a.dir, a.scale, a.format, a.keep_files)
+    else:
+        res = decode(a.model, a.formats.split(","), a.new_tokens, a.repeats, a.threads)
+    text = json.dumps(res, indent=2)
+    print(text)
+    if a.json:
+        a.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
