@@ -7,8 +7,9 @@ same run.
     add --json FILE to any of them to keep the numbers
 
 throughput: one (rows, cols) bf16 tensor quantized by ``bitsandbytes.functional.quantize_4bit`` (NF4,
-blocks of 64, on CPU) and by each llmctl format's ``quantize``; best of N, params/s and the ratio to
-bitsandbytes. Runs alternate, so load from other processes hits both alike.
+blocks of 64, on CPU) and by each llmctl format's ``quantize`` (with the native kernels of
+``llmctl.quant.native``, built first, and without them: "eager torch"); best of N, params/s and the ratio
+to bitsandbytes. Runs alternate, so load from other processes hits both alike.
 
 synthetic: a checkpoint shaped like Llama-3.1-8B (vocab 128256, hidden 4096, 32 layers, GQA 8, MLP 14336;
 8.03 B params, 16.06 GB of bf16) written to disk in 4 shards — random bf16 values, one random 64 MiB block
@@ -45,9 +46,26 @@ def throughput(rows: int, cols: int, repeats: int) -> dict:
 
     torch.manual_seed(0)
     w = (torch.randn(rows, cols) * 0.02).to(torch.bfloat16)
+    from llmctl.quant import native
+
+    native.build()  # compiled once (cached); "eager" rows run the same formats without it
+
+    def eager(n: str):
+        def run():
+            native.get = lambda: None
+            try:
+                REGISTRY[n].quantize(w)
+            finally:
+                native.get = get
+
+        return run
+
+    get = native.get
+
     runs = {
         "bitsandbytes nf4": lambda: F.quantize_4bit(w, blocksize=64, quant_type="nf4"),
         **{f"llmctl {n}": (lambda n=n: REGISTRY[n].quantize(w)) for n in ("nf4", "nf4-dq", "int4", "int4-asym", "int8", "fp8")},
+        **{f"llmctl {n} (eager torch)": eager(n) for n in ("nf4", "int4")},
     }
     best = dict.fromkeys(runs, math.inf)
     for _ in range(repeats):

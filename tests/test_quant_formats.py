@@ -219,3 +219,30 @@ def test_nan_and_inf_weights_are_refused(name, bad):
     if name == "fp8":
         with pytest.raises(QuantError, match="the tensor holds NaN or infinite values"):
             REGISTRY[name].quantize(w, PER_TENSOR)
+
+
+# ---- the optional native kernels compute the same bytes ---------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["nf4", "nf4-dq", "int4", "int4-asym", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_kernels_are_byte_identical_to_eager(name, dtype, monkeypatch):
+    """llmctl.quant.native (compiled once, ~1 min) is an accelerator: every part byte-identical to the
+    eager torch code, zero groups, odd shapes and NaN refusal included."""
+    from llmctl.quant import native
+
+    kernels = native.build()
+    shapes = [(96, 384), (7, 192), (33, 77)] if name.startswith("nf4") else [(96, 384), (7, 192)]
+    for shape in shapes:
+        w = torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(dtype) * 0.05
+        w[0, :64] = 0
+        group = 64 if not name.startswith("nf4") else None
+        monkeypatch.setattr(native, "get", lambda: None)
+        eager = REGISTRY[name].quantize(w, group)
+        monkeypatch.setattr(native, "get", lambda: kernels)
+        fast = REGISTRY[name].quantize(w, group)
+        assert eager.parts.keys() == fast.parts.keys()
+        for k in eager.parts:
+            assert torch.equal(eager.parts[k], fast.parts[k]), (shape, k)
+    w[1, 3] = float("nan")
+    with pytest.raises(QuantError, match="NaN or infinite"):
+        REGISTRY[name].quantize(w, group)

@@ -317,7 +317,8 @@ class _IntGroup(WeightFormat):
     def quantize(cls, w, group_size=None, **opts):
         import torch
 
-        from llmctl.quant.primitives import check_finite, pack_nibbles
+        from llmctl.quant import native
+        from llmctl.quant.primitives import check_finite
 
         bits = int(cls.bits)
         qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
@@ -325,6 +326,11 @@ class _IntGroup(WeightFormat):
         rows, cols = x.shape
         g = cls.check_group(cols, group_size)
         assert g is not None
+        kernels = native.get()
+        if kernels is not None:  # the same arithmetic in one pass (llmctl.quant.native)
+            q, scale, zp = kernels.int_group(x, g, bits, bool(cls.zero_bits))
+            check_finite(scale)
+            return cls._pack(tuple(w.shape), g, q, scale, zp if cls.zero_bits else None)
         x = x.float().reshape(rows, cols // g, g)  # (rows, n_groups, group_size)
         if cls.zero_bits:
             lo = x.amin(-1).clamp_(max=0)
@@ -340,14 +346,22 @@ class _IntGroup(WeightFormat):
             scale = _round_up_fp16(amax / ((qmax - qmin) / 2))  # amax / scale <= qmax + 1/2
             s = scale.float().clamp_min_(_tiny())
             q = torch.round(x / s.unsqueeze(-1)).clamp_(qmin, qmax)
-        q = q.reshape(rows, cols)
-        if bits == 8:
+        return cls._pack(tuple(w.shape), g, q.reshape(rows, cols), scale, zp if cls.zero_bits else None)
+
+    @classmethod
+    def _pack(cls, shape: tuple[int, ...], g: int, q: torch.Tensor, scale: torch.Tensor, zp: Any) -> QTensor:
+        """Codes (rows, cols) and zero-points (rows, groups), as integers of any dtype → stored parts."""
+        import torch
+
+        from llmctl.quant.primitives import pack_nibbles
+
+        if cls.bits == 8:
             parts = {"weight": q.to(torch.int8), "scale": scale}
         else:
-            parts = {"weight": pack_nibbles((q + 8).to(torch.uint8)), "scale": scale}
-        if cls.zero_bits:
-            parts["zero_point"] = pack_nibbles((zp.reshape(-1) + 8).to(torch.uint8))
-        return QTensor(cls.name, tuple(w.shape), g, parts)
+            parts = {"weight": pack_nibbles((q.to(torch.int16) + 8).to(torch.uint8)), "scale": scale}
+        if zp is not None:
+            parts["zero_point"] = pack_nibbles((zp.reshape(-1).to(torch.int16) + 8).to(torch.uint8))
+        return QTensor(cls.name, shape, g, parts)
 
     @classmethod
     def codes(cls, q: QTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -476,11 +490,21 @@ class NF4(WeightFormat):
     def quantize(cls, w, group_size=None, **opts):
         import torch
 
+        from llmctl.quant import native
         from llmctl.quant.primitives import check_finite, midpoints, nf4_code, pack_nibbles
 
         g = cls.check_group(0, group_size)
         assert g is not None
         code = nf4_code()
+        kernels = native.get()
+        if kernels is not None:  # the same arithmetic in one pass (llmctl.quant.native)
+            packed, absmax = kernels.nf4(w, g, midpoints(code))
+            check_finite(absmax)
+            parts = {"weight": packed.reshape(-1, 1), "absmax": absmax}
+            if cls.double_quant:
+                parts.update(double_quantize(absmax))
+            parts["quant_map"] = code
+            return QTensor(cls.name, tuple(w.shape), g, parts)
         flat = w.reshape(-1).float()
         n = flat.numel()
         full = n - n % g

@@ -1,0 +1,195 @@
+"""Optional one-pass C++ kernels for the hot loops of quantization (NF4 codes; int4/int8 group codes),
+compiled once with ``torch.utils.cpp_extension`` and cached (``~/.cache/torch_extensions``).
+
+They compute exactly what the eager torch code in ``llmctl.quant.formats`` computes — same fp32 operations
+in the same order (multiply by the reciprocal for NF4 as bitsandbytes does, divide for int, round half to
+even, fp16 scales rounded up) — in one pass over the input instead of a dozen, so they are an accelerator,
+never a different result (tests/test_quant_formats.py checks byte equality).
+
+Building takes 30 s to a few minutes and needs a C++ compiler, so it never happens behind a user's back:
+``build()`` (``python -m llmctl.quant.native``, or ``bench/quantize.py``) compiles; afterwards ``get()``
+loads the cached build and the formats use it. ``LLMCTL_NATIVE=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cmath>
+#include <cstring>
+
+// Loads as fp32. bf16 is the top half of an fp32: a shift the compiler vectorizes.
+static inline float ld(const float* p, int64_t i) { return p[i]; }
+static inline float ld(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+static inline float ld(const c10::BFloat16* p, int64_t i) {
+  uint32_t u = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  float f; std::memcpy(&f, &u, 4); return f;
+}
+
+template <typename T>
+static void nf4_impl(const T* x, int64_t n, int64_t g, const float* bounds, uint8_t* packed, float* absmax) {
+  // g is even (64, 128, ...), so blocks start on a byte; the comparisons run bound by bound over the
+  // block so that the compiler vectorizes them.
+  int64_t nblocks = (n + g - 1) / g;
+  at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
+    std::vector<float> v(g + 1);
+    std::vector<uint8_t> c(g + 1);
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t s = b * g, m = std::min(n, s + g) - s;
+      float am = 0.f;
+      int nan = 0;
+      for (int64_t i = 0; i < m; ++i) { float a = std::fabs(ld(x, s + i)); v[i] = a; nan |= (a != a); am = a > am ? a : am; }
+      absmax[b] = nan ? NAN : am;
+      float inv = 1.0f / std::max(am, 1e-38f);
+      for (int64_t i = 0; i < m; ++i) { float t = ld(x, s + i) * inv; v[i] = t < -1.f ? -1.f : (t > 1.f ? 1.f : t); }
+      if (m % 2) v[m] = 0.f;  // bitsandbytes pads an odd tensor with 0.0 (code 7)
+      int64_t mm = m + (m % 2);
+      for (int64_t i = 0; i < mm; ++i) c[i] = 0;
+      for (int k = 0; k < 15; ++k) { float bk = bounds[k]; for (int64_t i = 0; i < mm; ++i) c[i] += v[i] > bk; }
+      for (int64_t i = 0; i < mm; i += 2) packed[(s + i) / 2] = (c[i] << 4) | c[i + 1];
+    }
+  });
+}
+
+std::vector<torch::Tensor> nf4(torch::Tensor x, int64_t g, torch::Tensor bounds) {
+  x = x.contiguous().reshape(-1);
+  int64_t n = x.numel();
+  auto packed = torch::empty({(n + 1) / 2}, torch::kUInt8);
+  auto absmax = torch::empty({(n + g - 1) / g}, torch::kFloat32);
+  auto bp = bounds.contiguous().data_ptr<float>();
+  auto pp = packed.data_ptr<uint8_t>();
+  if (x.scalar_type() == torch::kBFloat16) nf4_impl(reinterpret_cast<const c10::BFloat16*>(x.data_ptr()), n, g, bp, pp, absmax.data_ptr<float>());
+  else if (x.scalar_type() == torch::kHalf) nf4_impl(reinterpret_cast<const c10::Half*>(x.data_ptr()), n, g, bp, pp, absmax.data_ptr<float>());
+  else { auto xf = x.to(torch::kFloat32); nf4_impl(xf.data_ptr<float>(), n, g, bp, pp, absmax.data_ptr<float>()); }
+  return std::vector<torch::Tensor>{packed, absmax};
+}
+
+static inline c10::Half round_up_half(float v) {
+  c10::Half h(v);  // round to nearest even, as torch's .to(float16)
+  if (static_cast<float>(h) < v) { uint16_t bits = h.x; bits = (bits & 0x8000) ? bits - 1 : bits + 1; h.x = bits; }
+  return h;
+}
+
+template <typename T>
+static void int_impl(const T* x, int64_t rows, int64_t cols, int64_t g, int bits, bool asym,
+                     int8_t* q, c10::Half* scale, int8_t* zp) {
+  const int qmin = -(1 << (bits - 1)), qmax = (1 << (bits - 1)) - 1;
+  const float tiny = 1.1754943508222875e-38f;
+  int64_t ng = cols / g;
+  at::parallel_for(0, rows * ng, 16, [&](int64_t a, int64_t z) {
+    for (int64_t k = a; k < z; ++k) {
+      const T* xs = x + (k / ng) * cols + (k % ng) * g;
+      int8_t* qs = q + (k / ng) * cols + (k % ng) * g;
+      if (asym) {
+        float lo = 0.f, hi = 0.f;
+        int nan = 0;
+        for (int64_t i = 0; i < g; ++i) { float v = ld(xs, i); nan |= (v != v); lo = v < lo ? v : lo; hi = v > hi ? v : hi; }
+        if (nan) { lo = NAN; hi = NAN; }
+        c10::Half sh = round_up_half((hi - lo) / static_cast<float>(qmax - qmin));
+        scale[k] = sh;
+        float s = std::max(static_cast<float>(sh), tiny);
+        float zf = static_cast<float>(qmin) - std::nearbyint(lo / s);
+        zf = zf < qmin ? qmin : (zf > qmax ? qmax : zf);
+        zp[k] = static_cast<int8_t>(zf);
+        for (int64_t i = 0; i < g; ++i) {
+          float r = std::nearbyint(ld(xs, i) / s) + zf;
+          qs[i] = static_cast<int8_t>(r < qmin ? qmin : (r > qmax ? qmax : r));
+        }
+      } else {
+        float am = 0.f;
+        int nan = 0;
+        for (int64_t i = 0; i < g; ++i) { float v = std::fabs(ld(xs, i)); nan |= (v != v); am = v > am ? v : am; }
+        if (nan) am = NAN;
+        c10::Half sh = round_up_half(am / (static_cast<float>(qmax - qmin) / 2.0f));
+        scale[k] = sh;
+        float s = std::max(static_cast<float>(sh), tiny);
+        for (int64_t i = 0; i < g; ++i) {
+          float r = std::nearbyint(ld(xs, i) / s);
+          qs[i] = static_cast<int8_t>(r < qmin ? qmin : (r > qmax ? qmax : r));
+        }
+      }
+    }
+  });
+}
+
+// (codes int8 (rows, cols), scales fp16 (rows, groups), zero-points int8 (rows, groups) or empty)
+std::vector<torch::Tensor> int_group(torch::Tensor x, int64_t g, int64_t bits, bool asym) {
+  x = x.contiguous();
+  int64_t rows = x.size(0), cols = x.size(1);
+  auto q = torch::empty({rows, cols}, torch::kInt8);
+  auto scale = torch::empty({rows, cols / g}, torch::kHalf);
+  auto zp = torch::empty({asym ? rows : 0, cols / g}, torch::kInt8);
+  auto qp = q.data_ptr<int8_t>(); auto sp = reinterpret_cast<c10::Half*>(scale.data_ptr()); auto zpp = zp.data_ptr<int8_t>();
+  int b = static_cast<int>(bits);
+  if (x.scalar_type() == torch::kBFloat16) int_impl(reinterpret_cast<const c10::BFloat16*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp);
+  else if (x.scalar_type() == torch::kHalf) int_impl(reinterpret_cast<const c10::Half*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp);
+  else { auto xf = x.to(torch::kFloat32); int_impl(xf.data_ptr<float>(), rows, cols, g, b, asym, qp, sp, zpp); }
+  return std::vector<torch::Tensor>{q, scale, zp};
+}
+"""
+
+def _flags() -> list[str]:
+    """-O3, plus AVX2/FMA/F16C when this CPU has them (the flags are part of the build's name, so a
+    cached build only ever runs where it was built for)."""
+    flags = ["-O3"]
+    try:
+        cpu = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return flags
+    if all(f" {f}" in cpu for f in ("avx2", "fma", "f16c")):
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    return flags
+
+
+_FLAGS = _flags()
+_NAME = "llmctl_quant_" + hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:10]
+_module: Any = None
+_failed = False
+
+
+def _enabled() -> bool:
+    return os.environ.get("LLMCTL_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _built() -> bool:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return (Path(_get_build_directory(_NAME, False)) / f"{_NAME}.so").is_file()
+
+
+def build() -> Any:
+    """Compile (or load the cached) kernels; raises when no compiler is available."""
+    global _module
+    if _module is None:
+        from torch.utils.cpp_extension import load_inline
+
+        _module = load_inline(_NAME, cpp_sources=_SOURCE, functions=["nf4", "int_group"],
+                              extra_cflags=_FLAGS, verbose=False)  # fmt: skip
+    return _module
+
+
+def get() -> Any:
+    """The kernels when enabled and already built, else None (the formats then run eager torch)."""
+    global _failed
+    if _module is not None or not _enabled() or _failed:
+        return _module if _enabled() else None
+    try:
+        if not _built():
+            return None
+        return build()
+    except Exception:  # a broken cache or toolchain: eager torch computes the same bytes
+        _failed = True
+        return None
+
+
+if __name__ == "__main__":
+    build()
+    print(f"built {_NAME}")
