@@ -28,8 +28,10 @@ def speech_text() -> str:
     return doc.text
 
 
-def llama_cpp_reference(path: Path, text: str, n_ctx: int, n_chunks: int) -> tuple[float, float, int, list]:
-    """(PPL, stderr, tokens scored, all tokens) the way llama-perplexity computes them."""
+def llama_cpp_reference(
+    path: Path, text: str, n_ctx: int, n_chunks: int
+) -> tuple[float, float, int, list, list[float]]:
+    """(PPL, stderr, tokens scored, all tokens, PPL of each chunk) the way llama-perplexity computes them."""
     import llama_cpp
 
     with _no_extra_buffer_types():  # llama.cpp's AMX kernels crash on this machine (see perplexity.py)
@@ -44,6 +46,7 @@ def llama_cpp_reference(path: Path, text: str, n_ctx: int, n_chunks: int) -> tup
         first = n_ctx // 2
         nll = nll2 = 0.0
         count = 0
+        per_chunk = []
         for i in range(n_chunks):
             start = i * n_ctx
             chunk = tokens[start : start + n_ctx]
@@ -58,13 +61,14 @@ def llama_cpp_reference(path: Path, text: str, n_ctx: int, n_chunks: int) -> tup
             v = lse - logits[np.arange(len(targets)), targets]
             nll += v.sum()
             nll2 += (v * v).sum()
+            per_chunk.append(math.exp(v.mean()))
             count += len(targets)
     finally:
         llm.close()
     nll /= count
     nll2 /= count
     ppl = math.exp(nll)
-    return ppl, ppl * math.sqrt((nll2 - nll * nll) / (count - 1)), count, tokens
+    return ppl, ppl * math.sqrt((nll2 - nll * nll) / (count - 1)), count, tokens, per_chunk
 
 
 @pytest.mark.slow
@@ -79,7 +83,7 @@ def llama_cpp_reference(path: Path, text: str, n_ctx: int, n_chunks: int) -> tup
 )
 def test_torch_perplexity_matches_llama_cpp(model: str, chunks: int, tolerance: float) -> None:
     path = smollm2_path() if model == "smollm2" else gemma3_path()
-    ref_ppl, ref_err, ref_count, ref_tokens = llama_cpp_reference(path, speech_text(), 512, chunks)
+    ref_ppl, ref_err, ref_count, ref_tokens, ref_chunks = llama_cpp_reference(path, speech_text(), 512, chunks)
 
     ours = evaluate(str(path), f"sotu:{SPEECH}", protocol="llama.cpp", context=512, chunks=chunks)
     assert ours.tokens == ref_count == chunks * 255
@@ -88,13 +92,11 @@ def test_torch_perplexity_matches_llama_cpp(model: str, chunks: int, tolerance: 
     assert abs(ours.stderr / ref_err - 1) < 2 * tolerance + 0.03, (ours.stderr, ref_err)
     print(f"{model}: llmctl torch {ours.perplexity:.4f} ± {ours.stderr:.4f}, llama.cpp {ref_ppl:.4f} ± {ref_err:.4f}")
 
-    # llmctl's llama.cpp backend: the same numbers as the reference computation on the same logits.
-    lc = evaluate(
-        str(path), f"sotu:{SPEECH}", protocol="llama.cpp", context=512, chunks=chunks, backend="llama.cpp"
-    )
-    assert lc.tokens == ref_count
-    assert lc.perplexity == pytest.approx(ref_ppl, rel=1e-4)  # fp32 vs fp64 log-softmax
-    assert lc.stderr == pytest.approx(ref_err, rel=1e-3)
+    # llmctl's llama.cpp backend: the same number as the reference computation on the same logits
+    # (first chunk only: llama.cpp is the slow part here).
+    lc = evaluate(str(path), f"sotu:{SPEECH}", protocol="llama.cpp", context=512, chunks=1, backend="llama.cpp")
+    assert lc.tokens == 255
+    assert lc.perplexity == pytest.approx(ref_chunks[0], rel=1e-4)  # fp32 vs fp64 log-softmax
 
     # And the tokens are llama.cpp's: llmctl tokenizes the speech as llama-perplexity does.
     from llmctl.runtime.tokenizer import load_tokenizer

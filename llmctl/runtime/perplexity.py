@@ -442,6 +442,10 @@ def top_k_of(logp: torch.Tensor, targets: torch.Tensor, k: int) -> TopK:
     return TopK(idx.to(torch.int32), vals.float(), logp.gather(-1, targets[:, None])[:, 0].float())
 
 
+def _to_cpu(t: TopK) -> TopK:
+    return TopK(t.ids.cpu(), t.logp.cpu(), t.target_logp.cpu())
+
+
 def save_logits(path: str | Path, parts: Sequence[TopK], meta: dict[str, str]) -> None:
     """Write top-k log-probs as safetensors (no pickle), through a temporary file then rename."""
     import torch
@@ -547,22 +551,24 @@ def score_windows(
     nll, top1, docs, kld, nll_b, top1_b, saved = [], [], [], [], [], [], []
     fed = 0
     for w, logp in zip(windows, scorer.log_probs(windows), strict=True):
-        targets = torch.tensor(w.targets, dtype=torch.long)
-        nll.append(-logp.gather(-1, targets[:, None])[:, 0].double().numpy())
-        top1.append(logp.argmax(-1).numpy())
+        targets = torch.tensor(w.targets, dtype=torch.long, device=logp.device)
+        nll.append(-logp.gather(-1, targets[:, None])[:, 0].double().cpu().numpy())
+        top1.append(logp.argmax(-1).cpu().numpy())
         docs.append(np.full(len(w.targets), w.doc))
         if save_top_k:
-            saved.append(top_k_of(logp, targets, save_top_k))
+            saved.append(_to_cpu(top_k_of(logp, targets, save_top_k)))
         if base_iter is not None:
             b = next(base_iter)
             if isinstance(b, TopK):
-                kld.append(kl_rows_topk(logp, b.ids, b.logp).numpy())
+                ids = b.ids.to(logp.device)
+                kld.append(kl_rows_topk(logp, ids, b.logp.to(logp.device)).cpu().numpy())
                 nll_b.append(-b.target_logp.double().numpy())
                 top1_b.append(b.ids[:, 0].long().numpy())
             else:
-                kld.append(kl_rows(logp, b).numpy())
-                nll_b.append(-b.gather(-1, targets[:, None])[:, 0].double().numpy())
-                top1_b.append(b.argmax(-1).numpy())
+                b = b.to(logp.device)
+                kld.append(kl_rows(logp, b).cpu().numpy())
+                nll_b.append(-b.gather(-1, targets[:, None])[:, 0].double().cpu().numpy())
+                top1_b.append(b.argmax(-1).cpu().numpy())
         del logp
         fed += len(w.ids)
         if on_progress is not None:
