@@ -3,6 +3,7 @@ transformers, seeds, stop strings, end-of-turn, context trimming, templates, int
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -219,12 +220,17 @@ def test_context_trimming_keeps_the_system_prompt(llama_backend) -> None:
     small = LlamaCppBackend(smollm2_path(), 128, threads=1)
     try:
         s = Session(small, GREEDY.with_(max_tokens=8), system="Answer briefly.")
-        dropped = []
-        for i in range(8):
+        dropped, turns = [], []
+        for i in range(10):
             r, notices, _ = run(s, f"Question number {i}: name a fruit.")
             dropped += notices
-            assert r.context_used <= 128
+            turns.append((bool(notices), r))
+            assert r.context_used <= 128 and r.prompt_tokens <= 128 - 8
         assert dropped and "dropped the" in dropped[0].text and "system prompt kept" in dropped[0].text
+        # A trim frees half of the room, so the turn after it reuses the cache again.
+        after = [r for (trimmed, _), (again, r) in itertools.pairwise(turns) if trimmed and not again]
+        assert after and all(r.prefilled_tokens < r.prompt_tokens for r in after)
+        assert all(r.prompt_tokens <= (128 - 8) // 2 for trimmed, r in turns if trimmed)
         conv = s.conversation()
         assert conv[0] == {"role": "system", "content": "Answer briefly."}
         assert conv[1]["role"] == "user" and "Question number 0" not in json.dumps(conv)

@@ -11,7 +11,7 @@ sampler semantics of ``llmctl.runtime.sampler`` (llama.cpp's chain).
 Each turn renders the *whole* conversation with the template; since the conversation only grows, its
 tokens start with what the cache holds and only the new turn is prefilled. When the rendered
 conversation plus room for the reply no longer fits the context, the oldest turns are dropped (the
-system prompt stays) and the next reply says so.
+system prompt stays) until half of the room is free, and the next reply says so.
 """
 
 from __future__ import annotations
@@ -385,15 +385,19 @@ class Session:
         return tok.encode(text, add_bos=tok.add_bos_default and not has_bos)
 
     def _fit(self) -> tuple[list[int], int]:
-        """Token ids of the conversation, dropping the oldest turns until it fits with room to reply."""
+        """Token ids of the conversation, with room for the reply. When it does not fit, the oldest turns
+        are dropped until it takes at most half of what is left for the prompt (as llama.cpp's context
+        shift discards half), so the next turns reuse the KV cache again instead of each dropping one turn
+        and prefilling everything anew."""
         n_ctx = self.backend.n_ctx
         reserve = min(self.options.max_tokens, n_ctx // 4)
+        limit = n_ctx - reserve
+        ids = self.encode(self.conversation())
         dropped = 0
-        while True:
-            ids = self.encode(self.conversation())
-            if len(ids) + reserve <= n_ctx:
-                return ids, dropped
+        while len(ids) > (limit if not dropped else limit // 2):
             if len(self.messages) <= 1:
+                if dropped and len(ids) <= limit:
+                    break
                 raise UsageError(
                     f"the message needs {len(ids)} tokens with the template and system prompt, but the "
                     f"context holds {n_ctx} with {reserve} kept for the reply; shorten it or raise --context"
@@ -402,6 +406,8 @@ class Session:
             while self.messages[:-1] and self.messages[0]["role"] != "user":
                 self.messages.pop(0)
             dropped += 1
+            ids = self.encode(self.conversation())
+        return ids, dropped
 
     # ---- one turn ------------------------------------------------------------------------------
     def reply(
