@@ -316,3 +316,40 @@ def test_llama_cpp_refuses_non_gguf(tiny_models) -> None:
     folder, _ = tiny_models["llama"]
     with pytest.raises(UsageError, match="the llama.cpp backend runs .gguf files only"):
         load_backend(str(folder), "llama.cpp")
+
+
+@pytest.mark.parametrize("family", ["smollm2", "gemma3_untied"])
+def test_torch_backend_reuse_equals_fresh_prefill_past_the_sliding_window(family: str, loaded) -> None:
+    """Multi-turn reuse on tiny random models, Gemma's sliding window (8) wrapped many times: continuing
+    from the cache gives the same greedy tokens as prefilling the whole sequence into a new cache, and
+    prefills only the new part; a turn that must roll back further than the ring holds starts over."""
+    import torch
+
+    from llmctl.runtime.session import TorchBackend
+
+    model = loaded[family]
+    g = torch.Generator().manual_seed(3)
+    greedy = SamplingOptions(temperature=0, max_tokens=1)
+    reused = TorchBackend(model, None, 400)
+    prompt = torch.randint(0, 96, (150,), generator=g).tolist()
+    for turn in range(3):
+        gen = reused.generate(prompt, greedy, 0)
+        out = [next(gen) for _ in range(20)]
+        gen.close()
+        assert reused.prefilled == (150 if turn == 0 else 31)  # 30 new tokens + the last reply token
+        fresh = TorchBackend(model, None, 400)
+        gen = fresh.generate(prompt, greedy, 0)
+        assert [next(gen) for _ in range(20)] == out, turn
+        gen.close()
+        prompt = prompt + out + torch.randint(0, 96, (30,), generator=g).tolist()
+    # Diverging 100 tokens back: past the sliding layers' ring (8 + 64 slots), so the cache starts over.
+    prompt = [*prompt[:-100], 1, 2, 3]
+    gen = reused.generate(prompt, greedy, 0)
+    first = next(gen)
+    gen.close()
+    expected = len(prompt) if family.startswith("gemma3") else 3
+    assert reused.prefilled == expected
+    fresh = TorchBackend(model, None, 400)
+    gen = fresh.generate(prompt, greedy, 0)
+    assert next(gen) == first
+    gen.close()
