@@ -348,7 +348,7 @@ class Session:
         self.messages: list[dict[str, str]] = []
         self.replies = 0
         self.last: Reply | None = None
-        self.turn_stats: list[Reply] = []
+        self.totals = {"replies": 0, "generated_tokens": 0, "prefilled_tokens": 0}  # running, not a log
 
     # ---- settings ------------------------------------------------------------------------------
     @property
@@ -513,7 +513,9 @@ class Session:
             context_size=self.backend.n_ctx,
             dropped_turns=turn.dropped,
         )
-        self.turn_stats.append(self.last)
+        self.totals["replies"] += 1
+        self.totals["generated_tokens"] += self.last.completion_tokens
+        self.totals["prefilled_tokens"] += self.last.prefilled_tokens
         return self.last
 
     def complete(self, text: str) -> Reply:
@@ -527,17 +529,13 @@ class Session:
 
     # ---- /stats, /save, /load ------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        done = [r for r in self.turn_stats if r.completion_tokens]
-        gen = sum(r.completion_tokens for r in done)
         return {
             "backend": self.backend.describe(),
             "turns": sum(m["role"] == "user" for m in self.messages),
             "context_used": len(self.backend.tokens),
             "context_size": self.backend.n_ctx,
             "kv_cache_bytes": self.backend.kv_bytes(),
-            "replies": len(self.turn_stats),
-            "generated_tokens": gen,
-            "prefilled_tokens": sum(r.prefilled_tokens for r in self.turn_stats),
+            **self.totals,
             "seed": self.seed,
             "template": "ChatML fallback" if self.uses_fallback_template else "the model's",
             "options": self.options.to_dict(),
