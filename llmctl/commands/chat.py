@@ -32,15 +32,15 @@ MULTILINE = '"""'
 
 def chat(
     model: str = typer.Argument(
-        None, help="Folder, .gguf, hub id org/name[@rev] or bundled name [default: smollm2-135m]."
+        None, help="Folder, .gguf, hub id org/name[@rev] or bundled name (default: smollm2-135m)."
     ),
     backend: str = typer.Option("auto", "--backend", help="auto (llama.cpp for GGUF, else torch), torch, llama.cpp."),
     context: int = typer.Option(
-        None, "--context", "-c", help="Context tokens to allocate [default: the model's limit, at most 4096]."
+        None, "--context", "-c", help="Context tokens to allocate (default: the model's limit, at most 4096)."
     ),
     device: str = typer.Option(None, "--device", help="torch: auto, cpu, cuda, cuda:N, mps."),
-    dtype: str = typer.Option(None, "--dtype", help="torch compute dtype: fp32, bf16, fp16 [default: auto]."),
-    threads: int = typer.Option(None, "--threads", "-t", help="CPU threads."),
+    dtype: str = typer.Option(None, "--dtype", help="torch compute dtype: fp32, bf16, fp16 (default: fp32 on CPU, bf16/fp16 on GPU)."),
+    threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: torch's choice; llama.cpp: all cores)."),
     temperature: float = typer.Option(0.8, "--temperature", "--temp", help="0 = greedy."),
     top_k: int = typer.Option(40, "--top-k", help="Keep the k most likely tokens (0 = off)."),
     top_p: float = typer.Option(0.95, "--top-p", help="Keep the most likely tokens up to this mass (1 = off)."),
@@ -49,7 +49,7 @@ def chat(
     repeat_last_n: int = typer.Option(64, "--repeat-last-n", help="Tokens the penalties look at (-1 = all)."),
     presence_penalty: float = typer.Option(0.0, "--presence-penalty", help="Subtracted once per recent token."),
     frequency_penalty: float = typer.Option(0.0, "--frequency-penalty", help="Subtracted per occurrence."),
-    seed: int = typer.Option(None, "--seed", help="Seed for reproducible sampling [default: random]."),
+    seed: int = typer.Option(None, "--seed", help="Seed for reproducible sampling (default: random, shown by /stats and --json)."),
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens per reply."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop the reply at this text (repeatable)."),
     system: str = typer.Option(None, "--system", "-s", help="System prompt."),
