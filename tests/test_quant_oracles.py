@@ -105,6 +105,8 @@ def test_transformers_loads_our_output_and_agrees_with_our_runtime(outputs, case
     with torch.no_grad():
         a = hf(TOKENS).logits
         b = ours(TOKENS)
-    tol = 2e-2 if case.startswith(("int4", "nf4")) else 2e-3  # kernels that compute in bf16 inside
+    tol = 2e-2 if case.startswith(("int4", "nf4", "int8-channel")) else 2e-3  # kernels computing in bf16
     assert (a - b).abs().max() <= tol * a.abs().max(), (a - b).abs().max()
-    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    # same next token, except where transformers' top two are closer than the tolerance
+    picked = a.gather(-1, b.argmax(-1, keepdim=True)).squeeze(-1)
+    assert bool((picked >= a.amax(-1) - 2 * tol * a.abs().max()).all())
