@@ -343,7 +343,9 @@ class TorchScorer:
 
 
 class LlamaCppScorer:
-    """Windows through llama.cpp (llama-cpp-python, ``logits_all=True``) on a GGUF file."""
+    """Windows through llama.cpp (llama-cpp-python) on a GGUF file, as llama-perplexity runs them: the KV
+    cache cleared per window, logits requested only for the scored rows (``batch.logits[i] = pos >= first``
+    in perplexity.cpp), so the vocabulary projection and the copies cover those rows alone."""
 
     name = "llama.cpp"
 
@@ -357,15 +359,14 @@ class LlamaCppScorer:
             raise UsageError(
                 f"{self.path}: the llama.cpp backend runs .gguf files; pass one or use --backend torch"
             )
-        n_batch = min(context, 2048)
+        self.n_batch = min(context, 2048)
         with _captured_native_output() as log, _no_extra_buffer_types():
             try:
                 self.llm = llama_cpp.Llama(
                     str(self.path),
                     n_ctx=context,
-                    n_batch=n_batch,
-                    n_ubatch=n_batch,
-                    logits_all=True,
+                    n_batch=self.n_batch,
+                    n_ubatch=self.n_batch,
                     n_threads=threads,
                     n_threads_batch=threads,
                     verbose=False,
@@ -376,23 +377,51 @@ class LlamaCppScorer:
                 err = None
         if err is not None:
             raise FormatError(f"{self.path}: llama.cpp cannot load it ({_last_line(log.text) or err})")
+        self._lib = llama_cpp
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.vocab_size = int(self.llm.n_vocab())
         self._capture = _captured_native_output
 
-    def log_probs(self, windows: Sequence[Window]) -> Iterator[torch.Tensor]:
+    def _scored_logits(self, w: Window) -> np.ndarray:
+        """(len(w.targets), vocab) float32 logits of rows ``w.first ..``."""
         import numpy as np
+
+        lib, ctx, b = self._lib, self.llm.ctx, self._batch
+        lo, hi = w.first, w.first + len(w.targets)
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+        rows = []
+        for start in range(0, len(w.ids), self.n_batch):
+            chunk = w.ids[start : start + self.n_batch]
+            n_out = 0
+            for k, token in enumerate(chunk):
+                pos = start + k
+                b.token[k], b.pos[k], b.n_seq_id[k] = token, pos, 1
+                b.seq_id[k][0] = 0
+                b.logits[k] = lo <= pos < hi
+                n_out += lo <= pos < hi
+            b.n_tokens = len(chunk)
+            rc = lib.llama_decode(ctx, b)
+            if rc != 0:
+                raise FormatError(f"{self.path}: llama.cpp failed to evaluate a window (llama_decode returned {rc})")
+            if n_out:
+                logits = lib.llama_get_logits(ctx)
+                rows.append(np.ctypeslib.as_array(logits, shape=(n_out, self.vocab_size)).copy())
+        return np.concatenate(rows)
+
+    def log_probs(self, windows: Sequence[Window]) -> Iterator[torch.Tensor]:
         import torch
 
         for w in windows:
             with self._capture():
-                self.llm.reset()
-                self.llm.eval(list(w.ids))
-            rows = np.asarray(self.llm.scores[w.first : w.first + len(w.targets)], dtype=np.float32)
-            yield torch.log_softmax(torch.from_numpy(rows.copy()), dim=-1)
+                rows = self._scored_logits(w)
+            yield torch.log_softmax(torch.from_numpy(rows), dim=-1)
 
     def close(self) -> None:
         from llmctl.runtime.tokenizer import _close_quietly
 
+        if getattr(self, "_batch", None) is not None:
+            self._lib.llama_batch_free(self._batch)
+            self._batch = None
         if getattr(self, "llm", None) is not None:
             _close_quietly(self.llm)
             self.llm = None
