@@ -17,8 +17,9 @@ tiled (quantization costs the same whatever the values) — then ``llmctl quanti
 child process; reported: wall time, params/s and the child's peak RSS (``ru_maxrss``), which the streaming
 design keeps near one chunk whatever the model size. ``--scale`` shrinks layers and widths for a dry run.
 
-decode: the model quantized to each format, loaded by llmctl's runtime (compute in fp32), greedy decode
-with a KV cache; against llama.cpp (llama-cpp-python) on the bundled GGUF (Q4_1, 5.0 bits per weight), the
+decode: the model quantized to each format (int8 per channel, int4 in groups of 128 or 64), loaded by
+llmctl's runtime (compute in fp32; the int8/int4 kernels take bf16 activations), greedy decode with a KV
+cache; against llama.cpp (llama-cpp-python) on the bundled GGUF (Q4_1, 5.0 bits per weight), the
 speed reference at similar bits. Best of N decode tok/s.
 """
 
@@ -186,7 +187,8 @@ def decode(model: str, formats: list[str], new_tokens: int, repeats: int, thread
         cfg = src.config
         g = 64 if cfg.hidden_size % 128 else None  # SmolLM2's rows of 576 take groups of 64
         for fmt in formats:
-            plan = make_plan(str(src.path), fmt, group_size=g if fmt.startswith("int") else None)
+            group = "channel" if fmt == "int8" else g if fmt.startswith("int4") else None  # int8: the kernel's layout
+            plan = make_plan(str(src.path), fmt, group_size=group)
             run_plan(plan, tmp / fmt, measure_error=False)
             m = load_model(tmp / fmt, dtype=torch.float32)
             engines[f"llmctl {fmt}"] = (m, weight_memory(m), 8 * plan.out_bytes / sum(math.prod(t.shape) for t in plan.tensors))
@@ -219,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--rows", type=int, default=4096)
     t.add_argument("--cols", type=int, default=4096)
     t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     s = sub.add_parser("synthetic")
     s.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "llmctl-llama8b")
     s.add_argument("--scale", type=float, default=1.0)
@@ -229,11 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--formats", default="bf16,fp8,int8,int4,nf4")
     d.add_argument("--new-tokens", type=int, default=32)
     d.add_argument("--repeats", type=int, default=3)
-    d.add_argument("--threads", type=int, default=2)
+    d.add_argument("--threads", type=int, default=1)
     for p in (t, s, d):
         p.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     if a.what == "throughput":
+        if a.threads:
+            import torch
+
+            torch.set_num_threads(a.threads)
         res = throughput(a.rows, a.cols, a.repeats)
     elif a.what == "synthetic":
         res = synthetic(a.dir, a.scale, a.format, a.keep_files)
