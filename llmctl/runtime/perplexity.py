@@ -330,11 +330,16 @@ class TorchScorer:
     def _scored_logits(self, ids: torch.Tensor, first: int) -> torch.Tensor:
         import torch
 
-        # Keep rows first.. after the final norm: the vocabulary projection runs on scored rows only.
-        hook = self.model.model.norm.register_forward_hook(lambda _m, _i, out: out[:, first:])
+        # Keep rows first.. after the final norm: the vocabulary projection runs on scored rows only. They
+        # go on as one 2-D matrix: torch's CPU F.linear on a 3-D bf16 input against Gemma's 262k x 640
+        # embedding takes 9.4 s where the same rows in 2-D take 0.5 s (torch 2.13).
+        B, T = ids.shape
+        hook = self.model.model.norm.register_forward_hook(
+            lambda _m, _i, out: out[:, first:].reshape(B * (T - first), out.shape[-1])  # (B * rows, hidden)
+        )
         try:
             with torch.no_grad():
-                return self.model(ids)
+                return self.model(ids).view(B, T - first, -1)  # (B, rows, vocab)
         finally:
             hook.remove()
 
