@@ -285,10 +285,12 @@ def test_device_and_dtype_choices():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_bundled_gguf_matches_transformers(name):
-    """The bundled GGUFs (dequantized) against transformers' own GGUF loading: 600 tokens, past Gemma 3's
-    512-token window; then greedy decoding through the cache."""
+    """The bundled GGUFs (dequantized) against transformers' own GGUF loading: logits over 600 tokens, past
+    Gemma 3's 512-token window; then the same 32 greedy tokens after a fixed prompt, decoded through the
+    cache, continuing the 600 tokens (so Gemma's sliding layers decode from a wrapped ring buffer)."""
     from transformers import AutoModelForCausalLM
 
+    from llmctl.runtime.tokenizer import load_tokenizer
     from llmctl.sources import resolve
 
     path = resolve(name).path  # installed by scripts/install.sh: missing is a failure
@@ -297,7 +299,12 @@ def test_bundled_gguf_matches_transformers(name):
     ids = torch.randint(0, 30000, (1, 600), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (model(ids) - hf(ids).logits).abs().max().item() <= TOL
+    tok = load_tokenizer(path)
+    prompt = tok.encode("The history of the United States of America begins", add_bos=True)
+    ids = torch.cat((ids, torch.tensor([prompt])), dim=1)  # (1, 600 + prompt)
+    with torch.no_grad():
         mask = torch.ones_like(ids)
-        ref = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8, eos_token_id=None)
-    got = list(greedy(model, model.make_cache(608), ids[0].tolist(), 8, chunk_size=256))
-    assert got == ref[0, 600:].tolist()
+        ref = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=32, eos_token_id=None)
+    n = ids.shape[1]
+    got = list(greedy(model, model.make_cache(n + 32), ids[0].tolist(), 32, chunk_size=256))
+    assert len(got) == 32 and got == ref[0, n:].tolist()
