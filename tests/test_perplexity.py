@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from conftest import gemma3_path, smollm2_path
 
-from llmctl.runtime.perplexity import _no_extra_buffer_types, evaluate
+from llmctl.runtime.perplexity import evaluate
+from llmctl.runtime.tokenizer import plain_cpu_kernels
 
 SPEECH = "1994-Clinton-1"
 
@@ -34,7 +35,7 @@ def llama_cpp_reference(
     """(PPL, stderr, tokens scored, all tokens, PPL of each chunk) the way llama-perplexity computes them."""
     import llama_cpp
 
-    with _no_extra_buffer_types():  # llama.cpp's AMX kernels crash on this machine (see perplexity.py)
+    with plain_cpu_kernels():  # llama.cpp's AMX kernels crash on this machine (see tokenizer.py)
         llm = llama_cpp.Llama(
             str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, verbose=False
         )

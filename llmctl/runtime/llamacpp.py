@@ -14,12 +14,11 @@ output is captured, never printed.
 Models load without llama.cpp's CPU "extra" buffer types (AMX / repacked weights): on AMX-capable Xeons
 under a VM (this project's machines) the AMX matmul kills the process with SIGSEGV at the first
 multi-token decode. llama-cpp-python has no keyword for ``use_extra_bufts``, so the default model
-parameters are wrapped while the model loads (``_plain_cpu_kernels``).
+parameters are wrapped while the model loads (``tokenizer.plain_cpu_kernels``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,7 +35,12 @@ class LlamaCppBackend(Backend):
     def __init__(self, path: str | Path, n_ctx: int, *, threads: int | None = None, n_batch: int = 512) -> None:
         import llama_cpp
 
-        from llmctl.runtime.tokenizer import _captured_native_output, _last_line, load_tokenizer
+        from llmctl.runtime.tokenizer import (
+            _captured_native_output,
+            _last_line,
+            load_tokenizer,
+            plain_cpu_kernels,
+        )
 
         path = Path(path)
         self.tokenizer = load_tokenizer(path)  # validates the GGUF before llama.cpp parses it
@@ -48,7 +52,7 @@ class LlamaCppBackend(Backend):
         )
         threads = threads or os.cpu_count() or 1  # llama-cpp-python's own default is half the cores
         kwargs.update(n_threads=threads, n_threads_batch=threads)
-        with _captured_native_output() as log, _plain_cpu_kernels():
+        with _captured_native_output() as log, plain_cpu_kernels():
             try:
                 self.llm = llama_cpp.Llama(**kwargs)
             except (ValueError, RuntimeError, OSError) as e:
@@ -134,24 +138,3 @@ class LlamaCppBackend(Backend):
         with _captured_native_output():
             self.llm.close()
         super().close()
-
-
-
-@contextlib.contextmanager
-def _plain_cpu_kernels() -> Iterator[None]:
-    """While a ``Llama`` is built: model parameters with ``use_extra_bufts = False``."""
-    import llama_cpp.llama as ll
-
-    module = ll.llama_cpp
-    orig = module.llama_model_default_params
-
-    def params():  # type: ignore[no-untyped-def]
-        p = orig()
-        p.use_extra_bufts = False
-        return p
-
-    module.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        module.llama_model_default_params = orig

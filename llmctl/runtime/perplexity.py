@@ -357,7 +357,7 @@ class LlamaCppScorer:
     def __init__(self, path: str | Path, context: int, threads: int | None = None) -> None:
         import llama_cpp
 
-        from llmctl.runtime.tokenizer import _captured_native_output, _last_line
+        from llmctl.runtime.tokenizer import _captured_native_output, _last_line, plain_cpu_kernels
 
         self.path = Path(path)
         if self.path.suffix.lower() != ".gguf":
@@ -365,7 +365,7 @@ class LlamaCppScorer:
                 f"{self.path}: the llama.cpp backend runs .gguf files; pass one or use --backend torch"
             )
         self.n_batch = min(context, 2048)
-        with _captured_native_output() as log, _no_extra_buffer_types():
+        with _captured_native_output() as log, plain_cpu_kernels():
             try:
                 self.llm = llama_cpp.Llama(
                     str(self.path),
@@ -430,32 +430,6 @@ class LlamaCppScorer:
         if getattr(self, "llm", None) is not None:
             _close_quietly(self.llm)
             self.llm = None
-
-
-class _no_extra_buffer_types:
-    """Load llama.cpp models without the CPU "extra" buffer types (AMX / repacked weights).
-
-    On this project's machines (AMX-capable Xeons under a VM), llama.cpp's AMX matmul crashes the process
-    with SIGSEGV at the first decode; llama-cpp-python has no keyword for ``use_extra_bufts``, so the
-    default model parameters are wrapped while the model loads. Plain CPU kernels give the same numbers.
-    """
-
-    def __enter__(self) -> None:
-        import llama_cpp.llama as ll
-
-        self._module = ll.llama_cpp
-        self._orig = self._module.llama_model_default_params
-        orig = self._orig
-
-        def params():
-            p = orig()
-            p.use_extra_bufts = False
-            return p
-
-        self._module.llama_model_default_params = params
-
-    def __exit__(self, *exc: object) -> None:
-        self._module.llama_model_default_params = self._orig
 
 
 # ---- baselines ------------------------------------------------------------------------------------

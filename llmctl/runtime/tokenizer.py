@@ -398,6 +398,30 @@ class GGUFTokenizer(Tokenizer):
         self._finalizer()
 
 
+@contextlib.contextmanager
+def plain_cpu_kernels() -> Iterator[None]:
+    """While a ``llama_cpp.Llama`` is built: load it without llama.cpp's CPU "extra" buffer types (AMX,
+    repacked weights). On AMX-capable Xeons under a VM (this project's machines) the AMX matmul kills the
+    process with SIGSEGV at the first multi-token decode; the plain CPU kernels compute the same numbers.
+    llama-cpp-python has no keyword for ``use_extra_bufts``, so its default model parameters are wrapped
+    meanwhile (not thread-safe: build models from one thread at a time)."""
+    import llama_cpp.llama as ll
+
+    module = ll.llama_cpp
+    orig = module.llama_model_default_params
+
+    def params():  # type: ignore[no-untyped-def]
+        p = orig()
+        p.use_extra_bufts = False
+        return p
+
+    module.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = orig
+
+
 def _close_quietly(llm: Any) -> None:
     with _captured_native_output():
         llm.close()
