@@ -28,21 +28,9 @@ import time
 
 
 def transformers_model(config, state):
-    import torch
-    import transformers
+    from decode import transformers_model as build  # bench/decode.py, run from this folder
 
-    fields = {k: v for k, v in config.to_dict().items() if k != "architectures"}
-    if config.model_type == "gemma3_text":  # transformers' names and types for the same settings
-        fields["hidden_activation"] = fields.pop("hidden_act")
-        fields["query_pre_attn_scalar"] = int(fields["query_pre_attn_scalar"])
-        fields["layer_types"] = config.layer_kinds()
-    hf_config = transformers.AutoConfig.for_model(**fields)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
-    result = model.load_state_dict(state, strict=False)
-    allowed = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if set(result.missing_keys) - allowed or result.unexpected_keys:
-        sys.exit(f"transformers model does not match the weights: {result}")
-    return model
+    return build(config, state, None)
 
 
 class TransformersScorer:

@@ -74,7 +74,8 @@ def llmctl_cache_dir() -> Path:
     return Path(base) / "llmctl"
 
 
-def _package_dir(module: str) -> Path | None:
+def package_dir(module: str) -> Path | None:
+    """The folder of an installed package, without importing it (None if it is not installed)."""
     try:
         spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
@@ -86,7 +87,7 @@ def _package_dir(module: str) -> Path | None:
 
 def bundled_path(model: BundledModel, *, assemble: bool = True) -> Path | None:
     """Where the bundled model's GGUF is; assembles chunked ones into the llmctl cache on first use."""
-    pkg = _package_dir(model.module)
+    pkg = package_dir(model.module)
     if pkg is None:
         return None
     if not model.assembled:
@@ -344,7 +345,7 @@ def list_models() -> list[ModelEntry]:
     """Bundled models (installed or not) and the model repositories in the Hugging Face cache."""
     out: list[ModelEntry] = []
     for m in BUNDLED.values():
-        pkg = _package_dir(m.module)
+        pkg = package_dir(m.module)
         path = bundled_path(m, assemble=False)
         if path is not None:
             status = "ready"

