@@ -170,7 +170,7 @@ def test_cli_dry_run_json_and_errors(llama, tmp_path):
     p = _cli(str(llama), "-f", "int4", "-g", "32", "--dry-run", "--json", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
-    assert doc["dry_run"] and doc["layout"] == "compressed-tensors" and doc["out"] == "llama0-int4"
+    assert doc["dry_run"] and doc["layout"] == "compressed-tensors" and doc["out"] == f"{llama.name}-int4"
     assert doc["output_bytes"] == sum(f["bytes"] for f in doc["files"])
     assert list(tmp_path.iterdir()) == []  # nothing written
     p = _cli(str(llama), "-f", "int4", "-g", "32", "--json", "-o", "q", cwd=tmp_path)
