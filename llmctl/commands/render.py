@@ -214,19 +214,42 @@ def quantize_plan(plan: Any, out_path: Any) -> None:
         notice(f"note: {note}")
 
 
-class _QuantProgress:
+class _Bar:
+    """A transient rich progress bar on stderr, shown only on a terminal. ``with`` yields the subclass's
+    ``update`` callback, or None when nothing is shown."""
+
+    def __init__(self, enabled: bool, *columns: Any) -> None:
+        from rich.progress import Progress
+
+        self.enabled = enabled and err().is_terminal
+        self.bar = Progress(*columns, console=err(), transient=True)
+        self.task: Any = None
+
+    def __enter__(self) -> Any:
+        if self.enabled:
+            self.bar.start()
+        return self.update if self.enabled else None
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+    def update(self, *args: Any) -> None:
+        raise NotImplementedError
+
+
+class _QuantProgress(_Bar):
     def __init__(self, enabled: bool) -> None:
         from rich.progress import (
             BarColumn,
             DownloadColumn,
-            Progress,
             TextColumn,
             TimeElapsedColumn,
             TimeRemainingColumn,
         )
 
-        self.enabled = enabled and err().is_terminal
-        self.bar = Progress(
+        super().__init__(
+            enabled,
             TextColumn("{task.description}"),
             BarColumn(),
             DownloadColumn(),
@@ -234,24 +257,12 @@ class _QuantProgress:
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
-            console=err(),
-            transient=True,
         )
-        self.task = None
-
-    def __enter__(self) -> Any:
-        if self.enabled:
-            self.bar.start()
-        return self.update if self.enabled else None
 
     def update(self, p: Any) -> None:
         if self.task is None:
             self.task = self.bar.add_task("quantizing", total=p.bytes_total, tensor="")
         self.bar.update(self.task, completed=p.bytes_done, tensor=f"{p.tensor}/{p.tensors}")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            self.bar.stop()
 
 
 def quantize_progress(enabled: bool = True) -> _QuantProgress:
@@ -377,39 +388,27 @@ def chat_bye() -> None:
 
 
 # ---- llmctl eval (issue 5) ---------------------------------------------------------------------------
-class _EvalProgress:
+class _EvalProgress(_Bar):
     """Progress over tokens fed to the model, with rate and ETA, on stderr (only on a terminal)."""
 
     def __init__(self, enabled: bool) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-        self.enabled = enabled and err().is_terminal
-        self.bar = Progress(
+        super().__init__(
+            enabled,
             TextColumn("evaluating"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("tokens {task.fields[rate]}"),
             TextColumn("ETA"),
             TimeRemainingColumn(),
-            console=err(),
-            transient=True,
         )
-        self.task: Any = None
-
-    def __enter__(self) -> Any:
-        if self.enabled:
-            self.bar.start()
-        return self.update if self.enabled else None
 
     def update(self, done: int, total: int) -> None:
         if self.task is None:
             self.task = self.bar.add_task("eval", total=total, rate="")
         speed = self.bar.tasks[0].speed if self.bar.tasks else None
         self.bar.update(self.task, completed=done, rate=f"{speed:,.0f} tok/s" if speed else "")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            self.bar.stop()
 
 
 def eval_progress(enabled: bool = True) -> _EvalProgress:
