@@ -246,3 +246,22 @@ def test_native_kernels_are_byte_identical_to_eager(name, dtype, monkeypatch):
     w[1, 3] = float("nan")
     with pytest.raises(QuantError, match="NaN or infinite"):
         REGISTRY[name].quantize(w, group)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", ["get", "build"])
+def test_a_killed_build_never_blocks_later_loads(entry):
+    """A build killed mid-compile leaves torch's lock file (``FileBaton``) behind, and torch's
+    ``load_inline`` waits on it forever: a whole CI run once hung there. Loading the cached build and
+    rebuilding both go through an flock instead, which dies with its holder."""
+    import subprocess
+    import sys
+
+    from llmctl.quant import native
+
+    native.build()
+    (native._build_dir() / "lock").write_text("")  # what a SIGKILLed build leaves
+    code = f"from llmctl.quant import native; assert native.{entry}() is not None; print('loaded')"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "loaded", p.stderr
+    assert not (native._build_dir() / "lock").exists()

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -159,10 +161,33 @@ def _enabled() -> bool:
     return os.environ.get("LLMCTL_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _built() -> bool:
+def _build_dir() -> Path:
     from torch.utils.cpp_extension import _get_build_directory
 
-    return (Path(_get_build_directory(_NAME, False)) / f"{_NAME}.so").is_file()
+    return Path(_get_build_directory(_NAME, False))
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Hold an flock on the build folder while building or loading.
+
+    torch's own lock (``FileBaton``) is a file created with O_EXCL and removed when the build ends; a build
+    that is killed (Ctrl-C, SIGKILL, a machine stopped mid-compile) leaves it behind and every later
+    ``load_inline`` of that name waits for it forever. An flock is released by the kernel when its holder
+    dies, so while we hold ours no other llmctl build is running and a leftover torch lock is stale."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): torch's own lock alone
+        yield
+        return
+    with open(directory / "llmctl.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (directory / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def build() -> Any:
@@ -171,23 +196,43 @@ def build() -> Any:
     if _module is None:
         from torch.utils.cpp_extension import load_inline
 
-        _module = load_inline(_NAME, cpp_sources=_SOURCE, functions=["nf4", "int_group"],
-                              extra_cflags=_FLAGS, verbose=False)  # fmt: skip
+        directory = _build_dir()
+        with _locked(directory):
+            _module = load_inline(_NAME, cpp_sources=_SOURCE, functions=["nf4", "int_group"],
+                                  extra_cflags=_FLAGS, build_directory=str(directory), verbose=False)  # fmt: skip
     return _module
+
+
+def _load_built() -> Any:
+    """The cached build imported as it is (no compiler, no torch lock), or None when there is none."""
+    directory = _build_dir()
+    library = directory / f"{_NAME}.so"
+    if not library.is_file():
+        return None
+    import importlib.util
+
+    import torch  # noqa: F401  (the extension links against libtorch)
+
+    with _locked(directory):
+        spec = importlib.util.spec_from_file_location(_NAME, library)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module
 
 
 def get() -> Any:
     """The kernels when enabled and already built, else None (the formats then run eager torch)."""
-    global _failed
-    if _module is not None or not _enabled() or _failed:
-        return _module if _enabled() else None
-    try:
-        if not _built():
-            return None
-        return build()
-    except Exception:  # a broken cache or toolchain: eager torch computes the same bytes
-        _failed = True
+    global _failed, _module
+    if not _enabled():
         return None
+    if _module is not None or _failed:
+        return _module
+    try:
+        _module = _load_built()
+    except Exception:  # a broken cache: eager torch computes the same bytes
+        _failed = True
+    return _module
 
 
 if __name__ == "__main__":
