@@ -50,7 +50,7 @@ EXPECTED_BYTES = {
     "fp16": 2 * N,
     "bf16": 2 * N,
     "fp8": N + 4 * 4096,  # one byte a weight + fp32 scale per output channel
-    "int8": N + 2 * (N // 128),  # + fp16 scale per group of 128
+    "int8": N + 2 * 4096,  # + fp16 scale per output channel (the default; -g 128 gives per group)
     "int4": N // 2 + 2 * (N // 128),
     "int4-asym": N // 2 + 2 * (N // 128) + (N // 128) // 2,  # + 4-bit zero-point per group
     "nf4": N // 2 + 4 * (N // 64) + 16 * 4,  # fp32 absmax per 64, 16-entry code table

@@ -19,7 +19,7 @@ def quantize(
         None,
         "--group-size",
         "-g",
-        help="Values per scale: a divisor of the row (int4/int8: 128), 'channel' (one per row), "
+        help="Values per scale: a divisor of the row (int4: 128), 'channel' (one per row; int8's default), "
         "'tensor' (fp8); NF4 block size (64).",
     ),
     symmetric: bool = typer.Option(

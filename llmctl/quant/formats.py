@@ -66,8 +66,7 @@ class WeightFormat:
         """The effective group size for rows of length ``row``; refuse one that does not divide it."""
         if not cls.grouped:
             return None
-        g = group_size or cls.default_group_size
-        assert g is not None
+        g = group_size or cls.default_group_size or row  # no default group: one scale per row
         if g <= 0:
             raise QuantError(f"group size must be a positive integer, got {g}")
         if row % g:
@@ -406,9 +405,13 @@ def _round_up_fp16(x: torch.Tensor) -> torch.Tensor:
 
 
 class Int8(_IntGroup):
+    """Per output channel by default: what compressed-tensors' W8A16 writes, what torch's int8 CPU kernel
+    (``_weight_int8pack_mm``) runs, and a row of any length takes it."""
+
     name = "int8"
     bits = 8
-    description = "int8 symmetric, fp16 scale per group of 128"
+    default_group_size = None
+    description = "int8 symmetric, fp16 scale per output channel (or per group)"
 
 
 class Int4(_IntGroup):
