@@ -231,18 +231,23 @@ def test_native_kernels_are_byte_identical_to_eager(name, dtype, monkeypatch):
     from llmctl.quant import native
 
     kernels = native.build()
-    shapes = [(96, 384), (7, 192), (33, 77)] if name.startswith("nf4") else [(96, 384), (7, 192)]
-    for shape in shapes:
+    nf4 = name.startswith("nf4")
+    # int: groups of 64 (4-bit codes packed inside the kernel's group loop), of 3 (odd: packed after) and
+    # rows of odd length
+    cases = [(s, None) for s in [(96, 384), (7, 192), (33, 77)]] if nf4 else [
+        ((96, 384), 64), ((7, 192), 64), ((7, 192), 3), ((5, 27), 3), ((3, 27), 27)]  # fmt: skip
+    for shape, group in cases:
         w = torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(dtype) * 0.05
-        w[0, :64] = 0
-        group = 64 if not name.startswith("nf4") else None
+        w[0, : min(64, shape[1])] = 0
+        w[1] = -w[1].abs()  # all-negative groups (asymmetric: the range still includes 0)
+        w[2, ::2] = -0.0
         monkeypatch.setattr(native, "get", lambda: None)
         eager = REGISTRY[name].quantize(w, group)
         monkeypatch.setattr(native, "get", lambda: kernels)
         fast = REGISTRY[name].quantize(w, group)
         assert eager.parts.keys() == fast.parts.keys()
         for k in eager.parts:
-            assert torch.equal(eager.parts[k], fast.parts[k]), (shape, k)
+            assert eager.parts[k].dtype == fast.parts[k].dtype and torch.equal(eager.parts[k], fast.parts[k]), (shape, group, k)
     w[1, 3] = float("nan")
     with pytest.raises(QuantError, match="NaN or infinite"):
         REGISTRY[name].quantize(w, group)

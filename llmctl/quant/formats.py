@@ -329,7 +329,10 @@ class _IntGroup(WeightFormat):
         if kernels is not None:  # the same arithmetic in one pass (llmctl.quant.native)
             q, scale, zp = kernels.int_group(x, g, bits, bool(cls.zero_bits))
             check_finite(scale)
-            return cls._pack(tuple(w.shape), g, q, scale, zp if cls.zero_bits else None)
+            if bits == 8:
+                return cls._pack(tuple(w.shape), g, q, scale, zp if cls.zero_bits else None)
+            parts = {"weight": q, "scale": scale} | ({"zero_point": zp} if cls.zero_bits else {})
+            return QTensor(cls.name, tuple(w.shape), g, parts)  # 4 bits: the kernel packs the nibbles
         x = x.float().reshape(rows, cols // g, g)  # (rows, n_groups, group_size)
         if cls.zero_bits:
             lo = x.amin(-1).clamp_(max=0)

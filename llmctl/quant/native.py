@@ -36,27 +36,42 @@ static inline float ld(const c10::BFloat16* p, int64_t i) {
   float f; std::memcpy(&f, &u, 4); return f;
 }
 
+// max |x| over a block as bits: the bit patterns of non-negative floats order like their values and every
+// NaN's lies above +inf's, so an integer max (which vectorizes, where a float max with NaN checks does
+// not) gives the absmax and tells whether the block holds a NaN.
+static inline uint32_t abs_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u & 0x7fffffffu; }
+static inline float from_bits(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+// A float's bits as an int32 that orders like the value (negative values' magnitude bits flipped).
+static inline int32_t order_key(float f) { int32_t i; std::memcpy(&i, &f, 4); return i ^ ((i >> 31) & 0x7fffffff); }
+static inline float from_key(int32_t k) { int32_t i = k ^ ((k >> 31) & 0x7fffffff); float f; std::memcpy(&f, &i, 4); return f; }
+
 template <typename T>
 static void nf4_impl(const T* x, int64_t n, int64_t g, const float* bounds, uint8_t* packed, float* absmax) {
-  // g is even (64, 128, ...), so blocks start on a byte; the comparisons run bound by bound over the
-  // block so that the compiler vectorizes them.
+  // g is even (64, 128, ...), so blocks start on a byte. Loops are shaped for the compiler's vectorizer:
+  // the code of a value is the number of the 15 midpoints it lies above (unrolled, no memory traffic).
   int64_t nblocks = (n + g - 1) / g;
+  float bk[15];
+  for (int k = 0; k < 15; ++k) bk[k] = bounds[k];
   at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
     std::vector<float> v(g + 1);
-    std::vector<uint8_t> c(g + 1);
+    std::vector<int32_t> c(g + 1);
     for (int64_t b = b0; b < b1; ++b) {
       int64_t s = b * g, m = std::min(n, s + g) - s;
-      float am = 0.f;
-      int nan = 0;
-      for (int64_t i = 0; i < m; ++i) { float a = std::fabs(ld(x, s + i)); v[i] = a; nan |= (a != a); am = a > am ? a : am; }
-      absmax[b] = nan ? NAN : am;
+      uint32_t top = 0;
+      for (int64_t i = 0; i < m; ++i) { float f = ld(x, s + i); v[i] = f; uint32_t a = abs_bits(f); top = a > top ? a : top; }
+      float am = from_bits(top);
+      absmax[b] = top > 0x7f800000u ? NAN : am;  // a NaN block: the caller refuses the tensor
       float inv = 1.0f / std::max(am, 1e-38f);
-      for (int64_t i = 0; i < m; ++i) { float t = ld(x, s + i) * inv; v[i] = t < -1.f ? -1.f : (t > 1.f ? 1.f : t); }
+      for (int64_t i = 0; i < m; ++i) { float t = v[i] * inv; v[i] = t < -1.f ? -1.f : (t > 1.f ? 1.f : t); }
       if (m % 2) v[m] = 0.f;  // bitsandbytes pads an odd tensor with 0.0 (code 7)
       int64_t mm = m + (m % 2);
-      for (int64_t i = 0; i < mm; ++i) c[i] = 0;
-      for (int k = 0; k < 15; ++k) { float bk = bounds[k]; for (int64_t i = 0; i < mm; ++i) c[i] += v[i] > bk; }
-      for (int64_t i = 0; i < mm; i += 2) packed[(s + i) / 2] = (c[i] << 4) | c[i + 1];
+      for (int64_t i = 0; i < mm; ++i) {
+        float t = v[i];
+        int32_t code = 0;
+        for (int k = 0; k < 15; ++k) code += t > bk[k];
+        c[i] = code;
+      }
+      for (int64_t i = 0; i < mm; i += 2) packed[(s + i) / 2] = static_cast<uint8_t>((c[i] << 4) | c[i + 1]);
     }
   });
 }
@@ -80,21 +95,35 @@ static inline c10::Half round_up_half(float v) {
   return h;
 }
 
+// Round half to even in the default rounding mode without a libm call (which stops vectorization): adding
+// and subtracting 1.5 * 2^23 leaves the integer part. Exact for |v| < 2^22; larger values come out still
+// beyond any 8-bit code and are clamped right after, as are infinities.
+static inline float round_even(float v) { return (v + 12582912.0f) - 12582912.0f; }
+
 template <typename T>
 static void int_impl(const T* x, int64_t rows, int64_t cols, int64_t g, int bits, bool asym,
-                     int8_t* q, c10::Half* scale, int8_t* zp) {
+                     int8_t* q, c10::Half* scale, int8_t* zp, uint8_t* nibbles) {
+  // nibbles (4 bits, even g): the codes go straight into pack4's bytes through a per-thread buffer
   const int qmin = -(1 << (bits - 1)), qmax = (1 << (bits - 1)) - 1;
   const float tiny = 1.1754943508222875e-38f;
   int64_t ng = cols / g;
   at::parallel_for(0, rows * ng, 16, [&](int64_t a, int64_t z) {
+    std::vector<int8_t> buf(nibbles ? g : 0);
     for (int64_t k = a; k < z; ++k) {
       const T* xs = x + (k / ng) * cols + (k % ng) * g;
-      int8_t* qs = q + (k / ng) * cols + (k % ng) * g;
+      int8_t* qs = nibbles ? buf.data() : q + (k / ng) * cols + (k % ng) * g;
       if (asym) {
-        float lo = 0.f, hi = 0.f;
-        int nan = 0;
-        for (int64_t i = 0; i < g; ++i) { float v = ld(xs, i); nan |= (v != v); lo = v < lo ? v : lo; hi = v > hi ? v : hi; }
-        if (nan) { lo = NAN; hi = NAN; }
+        // min and max (with 0) as integer reductions over order-preserving keys, NaN from the abs bits
+        int32_t klo = 0, khi = 0;
+        uint32_t top = 0;
+        for (int64_t i = 0; i < g; ++i) {
+          float v = ld(xs, i);
+          int32_t k = order_key(v);
+          uint32_t a = abs_bits(v);
+          klo = k < klo ? k : klo; khi = k > khi ? k : khi; top = a > top ? a : top;
+        }
+        float lo = from_key(klo) + 0.0f, hi = from_key(khi);  // + 0.0f: -0.0 counts as 0, as v < 0.f does
+        if (top > 0x7f800000u) { lo = NAN; hi = NAN; }
         c10::Half sh = round_up_half((hi - lo) / static_cast<float>(qmax - qmin));
         scale[k] = sh;
         float s = std::max(static_cast<float>(sh), tiny);
@@ -102,38 +131,68 @@ static void int_impl(const T* x, int64_t rows, int64_t cols, int64_t g, int bits
         zf = zf < qmin ? qmin : (zf > qmax ? qmax : zf);
         zp[k] = static_cast<int8_t>(zf);
         for (int64_t i = 0; i < g; ++i) {
-          float r = std::nearbyint(ld(xs, i) / s) + zf;
+          float r = round_even(ld(xs, i) / s) + zf;
           qs[i] = static_cast<int8_t>(r < qmin ? qmin : (r > qmax ? qmax : r));
         }
       } else {
-        float am = 0.f;
-        int nan = 0;
-        for (int64_t i = 0; i < g; ++i) { float v = std::fabs(ld(xs, i)); nan |= (v != v); am = v > am ? v : am; }
-        if (nan) am = NAN;
+        uint32_t top = 0;
+        for (int64_t i = 0; i < g; ++i) { uint32_t a = abs_bits(ld(xs, i)); top = a > top ? a : top; }
+        float am = top > 0x7f800000u ? NAN : from_bits(top);
         c10::Half sh = round_up_half(am / (static_cast<float>(qmax - qmin) / 2.0f));
         scale[k] = sh;
         float s = std::max(static_cast<float>(sh), tiny);
         for (int64_t i = 0; i < g; ++i) {
-          float r = std::nearbyint(ld(xs, i) / s);
+          float r = round_even(ld(xs, i) / s);
           qs[i] = static_cast<int8_t>(r < qmin ? qmin : (r > qmax ? qmax : r));
         }
+      }
+      if (nibbles) {
+        uint8_t* o = nibbles + ((k / ng) * cols + (k % ng) * g) / 2;
+        for (int64_t j = 0; j < g / 2; ++j) o[j] = static_cast<uint8_t>((buf[2 * j] + 8) | ((buf[2 * j + 1] + 8) << 4));
       }
     }
   });
 }
 
-// (codes int8 (rows, cols), scales fp16 (rows, groups), zero-points int8 (rows, groups) or empty)
+// Two codes a byte, element 2k in the low nibble, each stored as code + 8 (compressed-tensors' order; an odd
+// row is padded with 0), what ``primitives.pack_nibbles((q + 8).to(uint8))`` gives.
+static torch::Tensor pack4(const torch::Tensor& q, int64_t rows, int64_t cols) {
+  int64_t half = (cols + 1) / 2;
+  auto out = torch::empty({rows, half}, torch::kUInt8);
+  const int8_t* qp = q.data_ptr<int8_t>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int8_t* a = qp + r * cols;
+      uint8_t* o = op + r * half;
+      for (int64_t j = 0; j < cols / 2; ++j)
+        o[j] = static_cast<uint8_t>((a[2 * j] + 8) | ((a[2 * j + 1] + 8) << 4));
+      if (cols % 2) o[half - 1] = static_cast<uint8_t>(a[cols - 1] + 8);
+    }
+  });
+  return out;
+}
+
+// 8 bits: (codes int8 (rows, cols), scales fp16 (rows, groups), zero-points int8 (rows, groups) or empty);
+// 4 bits: codes and zero-points (flattened) packed by pack4.
 std::vector<torch::Tensor> int_group(torch::Tensor x, int64_t g, int64_t bits, bool asym) {
   x = x.contiguous();
   int64_t rows = x.size(0), cols = x.size(1);
-  auto q = torch::empty({rows, cols}, torch::kInt8);
+  bool inline_pack = bits == 4 && g % 2 == 0;
+  auto q = torch::empty({inline_pack ? 0 : rows, cols}, torch::kInt8);
+  auto packed = torch::empty({inline_pack ? rows : 0, cols / 2}, torch::kUInt8);
   auto scale = torch::empty({rows, cols / g}, torch::kHalf);
   auto zp = torch::empty({asym ? rows : 0, cols / g}, torch::kInt8);
   auto qp = q.data_ptr<int8_t>(); auto sp = reinterpret_cast<c10::Half*>(scale.data_ptr()); auto zpp = zp.data_ptr<int8_t>();
+  uint8_t* np = inline_pack ? packed.data_ptr<uint8_t>() : nullptr;
   int b = static_cast<int>(bits);
-  if (x.scalar_type() == torch::kBFloat16) int_impl(reinterpret_cast<const c10::BFloat16*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp);
-  else if (x.scalar_type() == torch::kHalf) int_impl(reinterpret_cast<const c10::Half*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp);
-  else { auto xf = x.to(torch::kFloat32); int_impl(xf.data_ptr<float>(), rows, cols, g, b, asym, qp, sp, zpp); }
+  if (x.scalar_type() == torch::kBFloat16) int_impl(reinterpret_cast<const c10::BFloat16*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp, np);
+  else if (x.scalar_type() == torch::kHalf) int_impl(reinterpret_cast<const c10::Half*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp, np);
+  else { auto xf = x.to(torch::kFloat32); int_impl(xf.data_ptr<float>(), rows, cols, g, b, asym, qp, sp, zpp, np); }
+  if (bits == 4) {
+    q = inline_pack ? packed : pack4(q, rows, cols);
+    if (asym) zp = pack4(zp, 1, zp.numel()).reshape(-1);
+  }
   return std::vector<torch::Tensor>{q, scale, zp};
 }
 """
