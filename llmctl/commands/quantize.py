@@ -1,5 +1,6 @@
 """`llmctl quantize MODEL --format F`: quantize a model to fp8/int8/int4/nf4 (or convert to bf16/fp16/fp32)
-in a layout other engines load (compressed-tensors, bitsandbytes, Hugging Face) or llmctl's own."""
+in a layout other engines load (compressed-tensors, bitsandbytes, Hugging Face) or llmctl's own; or, with
+``--out X.gguf`` / ``--layout gguf``, to a GGUF file llama.cpp loads (llmctl.quant.gguf_out)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import typer
 
 from llmctl.commands import render
+from llmctl.errors import UsageError
 
 
 def quantize(
@@ -28,7 +30,7 @@ def quantize(
     fp8: str = typer.Option("e4m3", "--fp8", help="FP8 variant: e4m3 or e5m2 (llmctl layout)."),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder [default: ./<model>-<format>]."),
     layout: str = typer.Option(
-        "auto", "--layout", help="auto, compressed-tensors, bnb, hf or llmctl (see docs/formats.md)."
+        "auto", "--layout", help="auto, compressed-tensors, bnb, hf, llmctl or gguf (see docs/formats.md)."
     ),
     keep: list[str] = typer.Option(None, "--keep", help="Regex: matching tensors stay unquantized (repeatable)."),
     override: list[str] = typer.Option(
@@ -40,8 +42,23 @@ def quantize(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exact output size; write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     json_: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    by: str = typer.Option(
+        "auto", "--by", help="GGUF q8_0/q4_0/q4_1/q5_0/q5_1: auto (llmctl writes them) or llama.cpp (its mix)."
+    ),
+    threads: int = typer.Option(None, "--threads", "-t", help="Threads for llama.cpp's quantizer (GGUF mixes)."),
 ) -> None:
-    """Quantize a model's linear weights and write a folder that vLLM, transformers and llmctl load."""
+    """Quantize a model's linear weights and write a folder that vLLM, transformers and llmctl load, or a
+    GGUF file (--out X.gguf) that llama.cpp loads."""
+    if layout == "gguf" or (out is not None and out.suffix == ".gguf"):
+        given = {"--group-size": group_size, "--symmetric/--asymmetric": symmetric, "--keep": keep,
+                 "--override": override, "--skip-indivisible": skip_indivisible or None}  # fmt: skip
+        unused = [k for k, v in given.items() if v]
+        if unused:
+            verb = "does" if len(unused) == 1 else "do"
+            raise UsageError(f"{', '.join(unused)} {verb} not apply to GGUF output (its types fix their blocks)")
+        return _quantize_gguf(model, format_, out, by, threads, dry_run, force, json_)
+    if by != "auto" or threads is not None:
+        raise UsageError("--by and --threads apply to GGUF output only (--out X.gguf)")
     from llmctl.quant.convert import check_out, default_out, make_plan, run_plan
 
     plan = make_plan(
@@ -65,6 +82,36 @@ def quantize(
     check_out(target, force)
     with render.quantize_progress(enabled=not json_) as progress:
         result = run_plan(plan, target, force=force, progress=progress)
+    if json_:
+        render.print_json(result.to_dict())
+    else:
+        render.quantize_summary(result)
+
+
+def _quantize_gguf(
+    model: str | None, fmt: str, out: Path | None, by: str, threads: int | None, dry_run: bool, force: bool, json_: bool
+) -> None:
+    from llmctl.quant.gguf_out import gguf_format, plan_gguf, write_gguf
+    from llmctl.sources import resolve
+
+    if by not in ("auto", "llama.cpp"):
+        raise UsageError(f"--by must be auto or llama.cpp, got {by!r}")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    name, _ = gguf_format(fmt, by)
+    source = resolve(model)
+    if out is None:
+        stem = source.display if source.kind == "bundled" else source.path.stem
+        out = Path(f"{stem}-{name}.gguf")
+    if dry_run:
+        plan = plan_gguf(source, fmt, by)
+        if json_:
+            render.print_json({"dry_run": True, "out": str(out), **plan})
+        else:
+            render.gguf_plan(plan, out)
+        return
+    with render.quantize_progress(enabled=not json_) as progress:
+        result = write_gguf(source, out, fmt, by=by, force=force, threads=threads, progress=progress)
     if json_:
         render.print_json(result.to_dict())
     else:

@@ -214,6 +214,21 @@ def quantize_plan(plan: Any, out_path: Any) -> None:
         notice(f"note: {note}")
 
 
+def gguf_plan(plan: dict, out_path: Any) -> None:
+    """The dry-run of a GGUF output: each tensor's type and bytes."""
+    con = out()
+    table = Table(title=f"Plan: {plan['model']} → {plan['format']} GGUF, written by {plan['written_by']}", title_justify="left")
+    for col in ("tensor", "shape", "from", "to", "bytes"):
+        table.add_column(col, justify="right" if col == "bytes" else "left", overflow="fold")
+    for t in plan["tensors"]:
+        table.add_row(t["name"], "×".join(map(str, t["shape"])), t["from"], t["to"], f"{t['bytes']:,}")
+    con.print(table)
+    con.print(
+        f"output {out_path}: [bold]{plan['tensor_bytes']:,} bytes[/bold] ({human_bytes(plan['tensor_bytes'])}) of "
+        "tensor data, plus the metadata copied from the source (tokenizer included)"
+    )
+
+
 class _Bar:
     """A transient rich progress bar on stderr, shown only on a terminal. ``with`` yields the subclass's
     ``update`` callback, or None when nothing is shown."""
@@ -273,7 +288,8 @@ def quantize_progress(enabled: bool = True) -> _QuantProgress:
 def quantize_summary(result: Any) -> None:
     d = result.to_dict()
     con = out()
-    table = Table(title=f"{d['model']} → {d['out']} ({d['format']}, {d['layout']} layout)", title_justify="left")
+    by = f", written by {d['written_by']}" if "written_by" in d else ""
+    table = Table(title=f"{d['model']} → {d['out']} ({d['format']}, {d['layout']} layout{by})", title_justify="left")
     for col in ("format", "tensors", "params", "before", "after", "bits/weight"):
         table.add_column(col, justify="left" if col == "format" else "right")
     for fmt, s in d["by_format"].items():

@@ -1,0 +1,316 @@
+"""GGUF output: ``llmctl quantize MODEL.gguf --format q8_0 --out x.gguf`` (or ``--layout gguf``).
+
+Two ways a tensor is written:
+
+* **From Python** — f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1: the source tensor dequantized to fp32,
+  then gguf-py's own quantizers (``gguf.quants.quantize``, the reference implementations of ggml's block
+  formats), so the bytes are exactly gguf-py's. Which tensors get the type follows llama.cpp's converter
+  (convert_hf_to_gguf.py): 1-D tensors (norms, biases) stay F32; a 2-D tensor whose rows are not a multiple
+  of the type's block is written F16, as the converter falls back.
+* **By llama.cpp** — its K-quant and i-quant mixes (q2_k, q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k, iq4_xs,
+  …): an f16 GGUF is written to a temporary file as above, then llama.cpp's own quantizer
+  (``llama_model_quantize`` through llama-cpp-python) makes the output with its per-tensor rules; the
+  intermediate file is removed whatever happens.
+
+Metadata (architecture, hyper-parameters, tokenizer: tokens, scores/merges, token types, special ids, chat
+template) is copied from the source GGUF key by key; ``general.file_type`` is set for the new type and
+``general.quantized_by`` names llmctl. Tensor names and their layout (llama.cpp's Q/K row order) are the
+source's. The output is written to a temporary file beside it and renamed when complete.
+
+Sources are GGUF files. A Hugging Face folder needs its tokenizer turned into GGUF metadata (vocabulary,
+merges, llama.cpp's pre-tokenizer name), which llmctl does not do yet: it is refused with that reason.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmctl.errors import QuantError, UsageError
+
+PY_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+ALIASES = {"fp32": "f32", "fp16": "f16"}
+# llama.cpp's file types (enum llama_ftype) for the mixes its quantizer makes
+LLAMA_MIXES = {
+    "q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16,
+    "q5_k_m": 17, "q6_k": 18, "iq4_xs": 30, "iq4_nl": 25, "q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9,
+    "q8_0": 7,
+}  # fmt: skip
+_FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32, **{k: LLAMA_MIXES[k] for k in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")}}
+
+
+def gguf_format(name: str, by: str = "auto") -> tuple[str, str]:
+    """(type or mix name, "python" | "llama.cpp") for ``--format`` with a GGUF output.
+
+    q8_0/q4_0/q4_1/q5_0/q5_1 are written from Python by default (every 2-D tensor in the type);
+    ``by="llama.cpp"`` makes llama.cpp's mix of the same name instead (output tensor q6_k, …)."""
+    n = ALIASES.get(name.lower(), name.lower())
+    if n in PY_TYPES and (by != "llama.cpp" or n not in LLAMA_MIXES):
+        return n, "python"
+    if n in LLAMA_MIXES:
+        return n, "llama.cpp"
+    raise UsageError(
+        f"--format {name!r} cannot be written as GGUF; choose one of {', '.join(PY_TYPES)} (written by llmctl) "
+        f"or {', '.join(k for k in LLAMA_MIXES if k not in PY_TYPES)} (llama.cpp's quantizer)"
+    )
+
+
+def tensor_type(name: str, shape: tuple[int, ...], want: str) -> str:
+    """The type a tensor of numpy ``shape`` (rows last dim) gets in a ``want`` file (see module doc)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    if len(shape) < 2 or math.prod(shape[:-1]) == 1:
+        return "f32"
+    block, _ = GGML_QUANT_SIZES[GGMLQuantizationType[want.upper()]]
+    return want if shape[-1] % block == 0 else "f16"
+
+
+@dataclass
+class GGUFTensor:
+    name: str
+    format: str
+    params: int
+    src_bytes: int
+    out_bytes: int
+    sqnr_db: float | None
+
+
+@dataclass
+class GGUFResult:
+    source: str
+    out: Path
+    format: str
+    by: str
+    seconds: float
+    source_bytes: int
+    output_bytes: int
+    tensors: list[GGUFTensor] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return sum(t.params for t in self.tensors)
+
+    def to_dict(self) -> dict[str, Any]:
+        by_format: dict[str, dict[str, Any]] = {}
+        for t in self.tensors:
+            d = by_format.setdefault(t.format, {"tensors": 0, "params": 0, "source_bytes": 0, "output_bytes": 0})
+            d["tensors"] += 1
+            d["params"] += t.params
+            d["source_bytes"] += t.src_bytes
+            d["output_bytes"] += t.out_bytes
+        for d in by_format.values():
+            d["bits_per_weight"] = 8 * d["output_bytes"] / d["params"] if d["params"] else 0.0
+        measured = sorted((t for t in self.tensors if t.sqnr_db is not None), key=lambda t: t.sqnr_db or 0.0)
+        return {
+            "model": self.source,
+            "out": str(self.out),
+            "format": self.format,
+            "layout": "gguf",
+            "written_by": "llmctl (gguf-py quantizers)" if self.by == "python" else "llama.cpp (llama_model_quantize)",
+            "source_bytes": self.source_bytes,
+            "output_bytes": self.output_bytes,
+            "params": self.params,
+            "bits_per_weight": 8 * self.output_bytes / self.params if self.params else 0.0,
+            "seconds": round(self.seconds, 3),
+            "params_per_second": self.params / self.seconds if self.seconds else None,
+            "by_format": by_format,
+            "worst_sqnr": [
+                {"name": t.name, "format": t.format, "sqnr_db": round(t.sqnr_db or 0.0, 2)} for t in measured[:5]
+            ],
+            "notes": self.notes,
+        }
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise QuantError(f"{out} already exists; pass --force to replace it or choose another --out")
+    if out.exists() and not out.is_file():
+        raise QuantError(f"{out} exists and is not a file; choose another --out")
+    if not out.parent.is_dir():
+        raise QuantError(f"{out.parent}: no such folder for the output; create it first")
+
+
+def write_gguf(
+    source: Any,
+    out: str | Path,
+    fmt: str,
+    *,
+    by: str = "auto",
+    force: bool = False,
+    threads: int | None = None,
+    progress: Callable[[Any], None] | None = None,
+) -> GGUFResult:
+    """Write ``source`` (a resolved GGUF source) as a GGUF of type/mix ``fmt`` to ``out`` (see module doc)."""
+    if not source.is_gguf:
+        raise UsageError(
+            f"{source.display}: GGUF output from a Hugging Face folder is not supported yet (its tokenizer would "
+            "have to become GGUF metadata); convert it with llama.cpp's convert_hf_to_gguf.py first, or quantize "
+            "a GGUF model"
+        )
+    name, how = gguf_format(fmt, by)
+    out = Path(out)
+    _check_target(out, force)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    t0 = time.perf_counter()
+    try:
+        if how == "python":
+            tensors = _write_python(Path(source.path), tmp, name, progress)
+        else:
+            tensors = _write_llama_cpp(Path(source.path), tmp, name, threads, progress)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    src_bytes = Path(source.path).stat().st_size
+    result = GGUFResult(source.display, out, name, how, time.perf_counter() - t0, src_bytes, out.stat().st_size, tensors)
+    if how == "python" and any(t.format == "f16" for t in tensors) and name not in ("f16", "f32", "bf16"):
+        result.notes.append(f"tensors whose rows are not a multiple of {name}'s block are written as f16")
+    return result
+
+
+def _progress(progress, i: int, n: int, name: str, done: int, total: int) -> None:
+    if progress is not None:
+        from llmctl.quant.convert import Progress
+
+        progress(Progress(i, n, name, done, total))
+
+
+def _copy_metadata(reader: Any, writer: Any, file_type: int) -> None:
+    import gguf
+
+    for f in reader.fields.values():
+        if f.name.startswith("GGUF.") or f.name in ("general.architecture", "general.file_type", "general.quantized_by"):
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(f.name, f.contents(), f.types[0], sub)
+    writer.add_file_type(file_type)
+    from llmctl import __version__
+
+    writer.add_string("general.quantized_by", f"llmctl {__version__}")
+
+
+def _write_python(src: Path, dst: Path, want: str, progress) -> list[GGUFTensor]:
+    """Every tensor dequantized to fp32 and quantized with gguf-py, written in the source's order."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize, quantize
+
+    reader = gguf.GGUFReader(str(src))
+    writer = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
+    _copy_metadata(reader, writer, _FILE_TYPES[want])
+    plan = []
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # numpy order: rows last
+        kind = tensor_type(t.name, shape, want)
+        qtype = gguf.GGMLQuantizationType[kind.upper()]
+        if kind in ("f32", "f16"):
+            dtype, info_shape = np.dtype(np.float32 if kind == "f32" else np.float16), shape
+        else:  # gguf-py's quantizers give bytes: the info takes their shape
+            dtype, info_shape = np.dtype(np.uint8), tuple(gguf.quant_shape_to_byte_shape(shape, qtype))
+        nbytes = math.prod(info_shape) * dtype.itemsize
+        writer.add_tensor_info(t.name, info_shape, dtype, nbytes, raw_dtype=qtype)
+        plan.append((t, shape, kind, qtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    total = sum(int(t.n_bytes) for t, *_ in plan)
+    done = 0
+    results = []
+    for i, (t, shape, kind, qtype) in enumerate(plan):
+        _progress(progress, i + 1, len(plan), t.name, done, total)
+        x = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+        data = quantize(x, qtype)
+        writer.write_tensor_data(data)
+        back = x if kind == "f32" else dequantize(data, qtype).reshape(shape)
+        noise = float(np.square(back.astype(np.float64) - x).sum())
+        signal = float(np.square(x.astype(np.float64)).sum())
+        sqnr = None if kind == "f32" or noise == 0 else 10 * math.log10(signal / noise) if signal else 0.0
+        results.append(GGUFTensor(t.name, kind, math.prod(shape), int(t.n_bytes), int(data.nbytes), sqnr))
+        done += int(t.n_bytes)
+    writer.close()
+    _progress(progress, len(plan), len(plan), "", total, total)
+    return results
+
+
+def _write_llama_cpp(src: Path, dst: Path, mix: str, threads: int | None, progress) -> list[GGUFTensor]:
+    """An f16 GGUF (temporary) quantized by llama.cpp's ``llama_model_quantize``."""
+    import ctypes
+
+    import llama_cpp
+
+    f16 = dst.with_name(dst.name + ".f16")
+    try:
+        _write_python(src, f16, "f16", progress)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = LLAMA_MIXES[mix]
+        params.nthread = threads or (os.cpu_count() or 1)
+        seen: list[str] = []
+
+        @llama_cpp.llama_log_callback
+        def log(_level: int, text: bytes, _user: Any) -> None:  # "[  12/ 236]  blk.0.attn_q.weight - ..."
+            line = text.decode("utf-8", "replace")
+            m = re.match(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)", line)
+            if m:
+                seen.append(m.group(3))
+                _progress(progress, int(m.group(1)), int(m.group(2)), m.group(3), int(m.group(1)), int(m.group(2)))
+
+        llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+        try:
+            status = llama_cpp.llama_model_quantize(str(f16).encode(), str(dst).encode(), ctypes.byref(params))
+        finally:
+            from llama_cpp._logger import llama_log_callback as default_log
+
+            llama_cpp.llama_log_set(default_log, ctypes.c_void_p(0))
+        if status != 0:
+            raise QuantError(f"llama.cpp's quantizer failed on {src.name} for {mix} (status {status})")
+        return _describe(dst, src)
+    finally:
+        f16.unlink(missing_ok=True)
+
+
+def _describe(path: Path, src: Path) -> list[GGUFTensor]:
+    """The tensors of a written GGUF (type, size) against the source's sizes; no error measurement."""
+    import gguf
+
+    source = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(src)).tensors}
+    return [
+        GGUFTensor(t.name, t.tensor_type.name.lower(), int(t.n_elements), source.get(t.name, 0), int(t.n_bytes), None)
+        for t in gguf.GGUFReader(str(path)).tensors
+    ]
+
+
+def plan_gguf(source: Any, fmt: str, by: str = "auto") -> dict[str, Any]:
+    """The dry run: each tensor's type in the output and its bytes. For llama.cpp's mixes the types come from
+    the recipe estimate-memory uses (llmctl.quant.recipes, llama.cpp's ``llama_tensor_get_type`` rules)."""
+    from llmctl.quant import recipes
+    from llmctl.quant.formats import REGISTRY
+
+    if not source.is_gguf:
+        write_gguf(source, "-", fmt)  # raises the refusal
+    name, how = gguf_format(fmt, by)
+    infos = source.tensors() or []
+    rows = []
+    if how == "python":
+        for t in infos:
+            kind = tensor_type(t.name, tuple(t.shape), name)
+            reg = {"f32": "fp32", "f16": "fp16"}.get(kind, kind)
+            rows.append({"name": t.name, "shape": list(t.shape), "from": t.dtype.lower(), "to": kind,
+                         "bytes": REGISTRY[reg].nbytes(tuple(t.shape))})  # fmt: skip
+    else:
+        for (t, src), (out, kind) in zip(
+            ((t, t.dtype) for t in infos), recipes.assign_formats(infos, name, None, "f16", config=source.config),
+            strict=True,
+        ):
+            rows.append({"name": t.name, "shape": list(t.shape), "from": src.lower(), "to": kind, "bytes": out.nbytes})
+    return {
+        "model": source.display, "format": name, "layout": "gguf",
+        "written_by": "llmctl (gguf-py quantizers)" if how == "python" else "llama.cpp (llama_model_quantize)",
+        "tensors": rows, "tensor_bytes": sum(r["bytes"] for r in rows),
+    }  # fmt: skip
