@@ -392,6 +392,21 @@ class TensorResult:
     sqnr_db: float | None  # None: not quantized or not measured
 
 
+def by_format(tensors: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """Tensors, params, bytes before/after and bits per weight for each output format (the summary table);
+    ``tensors`` have .format, .params, .src_bytes and .out_bytes."""
+    out: dict[str, dict[str, Any]] = {}
+    for t in tensors:
+        d = out.setdefault(t.format, {"tensors": 0, "params": 0, "source_bytes": 0, "output_bytes": 0})
+        d["tensors"] += 1
+        d["params"] += t.params
+        d["source_bytes"] += t.src_bytes
+        d["output_bytes"] += t.out_bytes
+    for d in out.values():
+        d["bits_per_weight"] = 8 * d["output_bytes"] / d["params"] if d["params"] else 0.0
+    return out
+
+
 @dataclass
 class Result:
     plan: Plan
@@ -404,16 +419,7 @@ class Result:
         return sum(t.params for t in self.tensors)
 
     def by_format(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for t in self.tensors:
-            d = out.setdefault(t.format, {"tensors": 0, "params": 0, "source_bytes": 0, "output_bytes": 0})
-            d["tensors"] += 1
-            d["params"] += t.params
-            d["source_bytes"] += t.src_bytes
-            d["output_bytes"] += t.out_bytes
-        for d in out.values():
-            d["bits_per_weight"] = 8 * d["output_bytes"] / d["params"] if d["params"] else 0.0
-        return out
+        return by_format(self.tensors)
 
     def worst(self, n: int = 5) -> list[TensorResult]:
         measured = [t for t in self.tensors if t.sqnr_db is not None]

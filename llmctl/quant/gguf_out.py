@@ -98,15 +98,8 @@ class GGUFResult:
         return sum(t.params for t in self.tensors)
 
     def to_dict(self) -> dict[str, Any]:
-        by_format: dict[str, dict[str, Any]] = {}
-        for t in self.tensors:
-            d = by_format.setdefault(t.format, {"tensors": 0, "params": 0, "source_bytes": 0, "output_bytes": 0})
-            d["tensors"] += 1
-            d["params"] += t.params
-            d["source_bytes"] += t.src_bytes
-            d["output_bytes"] += t.out_bytes
-        for d in by_format.values():
-            d["bits_per_weight"] = 8 * d["output_bytes"] / d["params"] if d["params"] else 0.0
+        from llmctl.quant.convert import by_format
+
         measured = sorted((t for t in self.tensors if t.sqnr_db is not None), key=lambda t: t.sqnr_db or 0.0)
         return {
             "model": self.source,
@@ -120,7 +113,7 @@ class GGUFResult:
             "bits_per_weight": 8 * self.output_bytes / self.params if self.params else 0.0,
             "seconds": round(self.seconds, 3),
             "params_per_second": self.params / self.seconds if self.seconds else None,
-            "by_format": by_format,
+            "by_format": by_format(self.tensors),
             "worst_sqnr": [
                 {"name": t.name, "format": t.format, "sqnr_db": round(t.sqnr_db or 0.0, 2)} for t in measured[:5]
             ],
