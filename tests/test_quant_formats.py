@@ -270,3 +270,33 @@ def test_a_killed_build_never_blocks_later_loads(entry):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.strip() == "loaded", p.stderr
     assert not (native._build_dir() / "lock").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name,group,opts",
+    [("fp8", None, {}), ("fp8", 0, {}), ("fp8", 64, {}), ("fp8", 3, {}), ("fp8", None, {"fp8": "e5m2"}),
+     ("nf4", None, {}), ("nf4-dq", None, {}), ("nf4", 128, {})],
+)  # fmt: skip
+def test_decode_kernels_on_codes_equal_the_dequantized_product(name, group, opts):
+    """fp8 / NF4 decode steps multiply the stored codes (llmctl.quant.native.fp8_linear / nf4_linear) and
+    give the product of the dequantized weight, to fp32 rounding; prefill-sized inputs dequantize."""
+    import torch.nn.functional as F
+
+    from llmctl.quant import native
+    from llmctl.quant.qlinear import CODE_KERNEL_ROWS, QuantWeight
+
+    native.build()
+    w = torch.randn(96, 384, generator=torch.Generator().manual_seed(3)) * 0.05
+    w[5] = 0  # an all-zero row
+    q = REGISTRY[name].quantize(w, group, **opts)
+    qw = QuantWeight(q, torch.float32)
+    assert qw.kernel == ("fp8-codes" if name == "fp8" else "nf4-codes")
+    dense = REGISTRY[name].dequantize(q, torch.float32)
+    for shape in [(1, 384), (2, 3, 384), (CODE_KERNEL_ROWS, 384), (CODE_KERNEL_ROWS + 1, 384)]:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+        got, want = qw.linear(x), F.linear(x, dense)
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), shape
+    # the stored parts plus the small tables (fp8: 256 values; nf4-dq: its absmax undone, 0.5 bit/weight)
+    assert qw.quantized_nbytes <= q.nbytes + 1024 + 4 * (dense.numel() // 64)

@@ -1,14 +1,18 @@
-"""Optional one-pass C++ kernels for the hot loops of quantization (NF4 codes; int4/int8 group codes),
-compiled once with ``torch.utils.cpp_extension`` and cached (``~/.cache/torch_extensions``).
+"""Optional one-pass C++ kernels for the hot loops of quantization (NF4 codes; int4/int8 group codes) and
+for decoding fp8 / NF4 weights without dequantizing them (``fp8_linear``, ``nf4_linear``: matrix-vector
+products on the stored codes), compiled once with ``torch.utils.cpp_extension`` and cached
+(``~/.cache/torch_extensions``).
 
-They compute exactly what the eager torch code in ``llmctl.quant.formats`` computes — same fp32 operations
-in the same order (multiply by the reciprocal for NF4 as bitsandbytes does, divide for int, round half to
-even, fp16 scales rounded up) — in one pass over the input instead of a dozen, so they are an accelerator,
-never a different result (tests/test_quant_formats.py checks byte equality).
+The quantization kernels compute exactly what the eager torch code in ``llmctl.quant.formats`` computes —
+same fp32 operations (multiply by the reciprocal for NF4 as bitsandbytes does, divide for int, round half
+to even, fp16 scales rounded up) — in one pass over the input instead of a dozen, so they are an
+accelerator, never a different result (tests/test_quant_formats.py checks byte equality). The decode
+kernels equal the product with the dequantized weight up to fp32 summation order (tested).
 
 Building takes 30 s to a few minutes and needs a C++ compiler, so it never happens behind a user's back:
-``build()`` (``python -m llmctl.quant.native``, or ``bench/quantize.py``) compiles; afterwards ``get()``
-loads the cached build and the formats use it. ``LLMCTL_NATIVE=0`` turns it off.
+``build()`` (``python -m llmctl.quant.native``, run by scripts/install.sh, or ``bench/quantize.py``)
+compiles; afterwards ``get()`` loads the cached build and the formats and ``QuantWeight`` use it.
+``LLMCTL_NATIVE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -154,6 +158,81 @@ static void int_impl(const T* x, int64_t rows, int64_t cols, int64_t g, int bits
   });
 }
 
+// ---- decode-time matrix-vector products on the stored codes (fp8, NF4): y (n, rows) = x (n, cols) · Wᵀ ----
+// The weight is never materialised: each code goes through a small table (256 fp8 values, 16 NF4 values),
+// is multiplied by x and summed per scale group, and the group's sum is scaled once. Eight running sums
+// let the compiler vectorize the reduction (a float sum in one accumulator it may not reorder).
+static inline float dot_lut8(const uint8_t* w, const float* lut, const float* x, int64_t m) {
+  float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= m; j += 8)
+    for (int k = 0; k < 8; ++k) a[k] += lut[w[j + k]] * x[j + k];
+  float t = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+  for (; j < m; ++j) t += lut[w[j]] * x[j];
+  return t;
+}
+
+// w (rows, cols) fp8 bytes, lut[256] their values, scale (1 or rows, groups) fp32
+torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor lut, torch::Tensor scale) {
+  x = x.to(torch::kFloat32).contiguous(); w = w.contiguous(); scale = scale.to(torch::kFloat32).contiguous();
+  int64_t n = x.size(0), cols = x.size(1), rows = w.size(0), groups = scale.size(1), g = cols / groups;
+  bool per_row = scale.size(0) == rows;
+  auto y = torch::empty({n, rows}, torch::kFloat32);
+  const float* xp = x.data_ptr<float>(); const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* lp = lut.data_ptr<float>(); const float* sp = scale.data_ptr<float>(); float* yp = y.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* wr = wp + r * cols;
+      const float* sr = sp + (per_row ? r * groups : 0);
+      for (int64_t i = 0; i < n; ++i) {
+        float acc = 0.f;
+        for (int64_t q = 0; q < groups; ++q) acc += dot_lut8(wr + q * g, lp, xp + i * cols + q * g, g) * sr[q];
+        yp[i * rows + r] = acc;
+      }
+    }
+  });
+  return y;
+}
+
+// packed: NF4 codes two a byte, the first in the high nibble, over the flattened (rows, cols) weight;
+// code[16] the values; absmax one fp32 per block of bs (cols a multiple of bs: blocks stay in a row)
+torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor code, torch::Tensor absmax, int64_t rows, int64_t bs) {
+  x = x.to(torch::kFloat32).contiguous(); packed = packed.contiguous();
+  int64_t n = x.size(0), cols = x.size(1), per_row = cols / bs;
+  auto y = torch::empty({n, rows}, torch::kFloat32);
+  const float* xp = x.data_ptr<float>(); const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* cp = code.data_ptr<float>(); const float* ap = absmax.data_ptr<float>(); float* yp = y.data_ptr<float>();
+  // the 256 byte values as (high, low) pairs: one table look-up gives both codes' values
+  float pair[512];
+  for (int b = 0; b < 256; ++b) { pair[2 * b] = cp[b >> 4]; pair[2 * b + 1] = cp[b & 15]; }
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* wr = pp + r * cols / 2;
+      for (int64_t i = 0; i < n; ++i) {
+        const float* xi = xp + i * cols;
+        float acc = 0.f;
+        for (int64_t b = 0; b < per_row; ++b) {
+          const uint8_t* wb = wr + b * bs / 2;
+          const float* xb = xi + b * bs;
+          float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+          int64_t k = 0;
+          for (; k + 4 <= bs / 2; k += 4)
+            for (int t = 0; t < 4; ++t) {
+              const float* v = pair + 2 * wb[k + t];
+              a[2 * t] += v[0] * xb[2 * (k + t)];
+              a[2 * t + 1] += v[1] * xb[2 * (k + t) + 1];
+            }
+          float s = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+          for (; k < bs / 2; ++k) { const float* v = pair + 2 * wb[k]; s += v[0] * xb[2 * k] + v[1] * xb[2 * k + 1]; }
+          acc += s * ap[r * per_row + b];
+        }
+        yp[i * rows + r] = acc;
+      }
+    }
+  });
+  return y;
+}
+
 // Two codes a byte, element 2k in the low nibble, each stored as code + 8 (compressed-tensors' order; an odd
 // row is padded with 0), what ``primitives.pack_nibbles((q + 8).to(uint8))`` gives.
 static torch::Tensor pack4(const torch::Tensor& q, int64_t rows, int64_t cols) {
@@ -257,7 +336,7 @@ def build() -> Any:
 
         directory = _build_dir()
         with _locked(directory):
-            _module = load_inline(_NAME, cpp_sources=_SOURCE, functions=["nf4", "int_group"],
+            _module = load_inline(_NAME, cpp_sources=_SOURCE, functions=["nf4", "int_group", "fp8_linear", "nf4_linear"],
                                   extra_cflags=_FLAGS, build_directory=str(directory), verbose=False)  # fmt: skip
     return _module
 

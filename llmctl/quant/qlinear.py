@@ -5,8 +5,11 @@ them directly.
 linear layer's ``weight``: it has the weight's shape and compute dtype but holds only the quantized parts.
 ``F.linear`` and ``torch.mv`` on it run a quantized kernel where torch has one on CPU —
 ``aten._weight_int8pack_mm`` for int8 with one scale per row, ``aten._weight_int4pack_mm_for_cpu`` for
-int4 (symmetric or with zero-points) in groups of 32/64/128/256, both in bf16 — and otherwise dequantize
-the weight for that call only (fp8, NF4, int8 in groups). Any other operation sees the dequantized weight. So
+int4 (symmetric or with zero-points) in groups of 32/64/128/256, both in bf16. fp8 and NF4 weights, which
+torch has no CPU kernel for, multiply a few rows (decoding) through llmctl's optional C++ kernels on the
+stored codes (``llmctl.quant.native.fp8_linear`` / ``nf4_linear``) when they are built, and otherwise — and
+for longer inputs (prefill), and int8 in groups — dequantize the weight for that call only. Any other
+operation sees the dequantized weight. So
 ``runtime/model.py`` runs unchanged; ``load_quantized`` puts these in place of the parameters.
 """
 
@@ -25,6 +28,9 @@ INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 # The CPU kernels are fast in bf16 only (measured: int4 M=1 94 µs in bf16 vs 2.3 ms in fp32; int8 79 µs
 # vs 0.87 ms), so they always take bf16 activations and scales, whatever the model's compute dtype.
 KERNEL_DTYPE = torch.bfloat16
+# Inputs of at most this many rows (decode steps) go through the code kernels; longer ones (prefill)
+# dequantize once and run one matrix product.
+CODE_KERNEL_ROWS = 8
 
 
 class QuantWeight(torch.Tensor):
@@ -61,11 +67,28 @@ class QuantWeight(torch.Tensor):
             self.kernel = "int4pack"
             self._kernel_args = (packed, q.group_size, sz)
             self.q = QTensor(fmt, q.shape, q.group_size, {}, q.meta)  # the packed copy replaces the codes
+        elif fmt == "fp8" and len(q.shape) == 2:
+            from llmctl.quant import native
+
+            if native.get() is not None:
+                lut = torch.arange(256, dtype=torch.uint8).view(q.parts["weight"].dtype).float()  # code -> value
+                scale = q.parts["scale"].float()
+                self.kernel = "fp8-codes"
+                self._kernel_args = (lut, scale.reshape(-1, scale.shape[-1]))
+        elif fmt in ("nf4", "nf4-dq") and len(q.shape) == 2 and q.shape[-1] % q.group_size == 0:
+            from llmctl.quant import native
+
+            if native.get() is not None:
+                absmax = REGISTRY[fmt].absmax(q).float()  # double quantization undone once (0.5 bit/weight)
+                self.kernel = "nf4-codes"
+                self._kernel_args = (q.parts["quant_map"].float(), absmax)
 
     @property
     def quantized_nbytes(self) -> int:
-        """Bytes this weight holds in memory."""
-        return self.q.nbytes + sum(t.numel() * t.element_size() for t in self._kernel_args if isinstance(t, torch.Tensor))
+        """Bytes this weight holds in memory (kernel tensors that share the parts' storage counted once)."""
+        held = {p.untyped_storage().data_ptr() for p in self.q.parts.values()}
+        extra = [t for t in self._kernel_args if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in held]
+        return self.q.nbytes + sum(t.numel() * t.element_size() for t in extra)
 
     def dequantize(self) -> torch.Tensor:
         if self.kernel == "int4pack":  # multiply the identity: the kernel's own dequantization
@@ -77,8 +100,23 @@ class QuantWeight(torch.Tensor):
         packed, g, sz = self._kernel_args
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, g, sz)
 
+    def _codes(self, x2: torch.Tensor) -> torch.Tensor:
+        """fp8 / NF4 rows through the C++ kernels on the stored codes (fp32 out)."""
+        from llmctl.quant import native
+
+        kernels = native.get()
+        if self.kernel == "fp8-codes":
+            lut, scale = self._kernel_args
+            return kernels.fp8_linear(x2, self.q.parts["weight"].view(torch.uint8), lut, scale)
+        code, absmax = self._kernel_args
+        rows = self.shape[0]
+        return kernels.nf4_linear(x2, self.q.parts["weight"].reshape(-1), code, absmax, rows, self.q.group_size)
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kernel == "dequantize":
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if self.kernel in ("fp8-codes", "nf4-codes") and rows <= CODE_KERNEL_ROWS:
+            y = self._codes(x.reshape(-1, x.shape[-1])).to(x.dtype).reshape(*x.shape[:-1], -1)
+        elif self.kernel in ("dequantize", "fp8-codes", "nf4-codes"):
             y = F.linear(x, self.dequantize().to(x.dtype))
         else:
             x2 = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)  # (tokens, in_features)
