@@ -142,10 +142,18 @@ def test_command(tmp_path):
     assert sum(r["bytes"] for r in plan["tensors"]) == sum(v["output_bytes"] for v in d["by_format"].values())
     again = run("--format", "q8_0", "--out", str(out))
     assert again.returncode == 2 and "already exists; pass --force" in again.stderr
+    import torch
+    from safetensors.torch import save_file
+
     folder = tmp_path / "hf"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 96, "max_position_embeddings": 128,
+    }))  # fmt: skip
+    save_file({"model.embed_tokens.weight": torch.zeros(96, 64)}, str(folder / "model.safetensors"))
     for args, message in [
+        ([str(folder), "--format", "q8_0", "--out", str(tmp_path / "a.gguf")], "GGUF output from a Hugging Face folder"),
         (["--format", "q3_x", "--out", str(tmp_path / "a.gguf")], "cannot be written as GGUF"),
         (["--format", "q4_0", "--out", str(tmp_path / "a.gguf"), "-g", "64"], "--group-size does not apply"),
         (["--format", "q4_0", "--out", str(tmp_path / "missing" / "a.gguf")], "no such folder for the output"),

@@ -121,6 +121,15 @@ class GGUFResult:
         }
 
 
+def _require_gguf(source: Any) -> None:
+    if not source.is_gguf:
+        raise UsageError(
+            f"{source.display}: GGUF output from a Hugging Face folder is not supported yet (its tokenizer would "
+            "have to become GGUF metadata); convert it with llama.cpp's convert_hf_to_gguf.py first, or quantize "
+            "a GGUF model"
+        )
+
+
 def _check_target(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise QuantError(f"{out} already exists; pass --force to replace it or choose another --out")
@@ -141,12 +150,7 @@ def write_gguf(
     progress: Callable[[Any], None] | None = None,
 ) -> GGUFResult:
     """Write ``source`` (a resolved GGUF source) as a GGUF of type/mix ``fmt`` to ``out`` (see module doc)."""
-    if not source.is_gguf:
-        raise UsageError(
-            f"{source.display}: GGUF output from a Hugging Face folder is not supported yet (its tokenizer would "
-            "have to become GGUF metadata); convert it with llama.cpp's convert_hf_to_gguf.py first, or quantize "
-            "a GGUF model"
-        )
+    _require_gguf(source)
     name, how = gguf_format(fmt, by)
     out = Path(out)
     _check_target(out, force)
@@ -285,8 +289,7 @@ def plan_gguf(source: Any, fmt: str, by: str = "auto") -> dict[str, Any]:
     from llmctl.quant import recipes
     from llmctl.quant.formats import REGISTRY
 
-    if not source.is_gguf:
-        write_gguf(source, "-", fmt)  # raises the refusal
+    _require_gguf(source)
     name, how = gguf_format(fmt, by)
     infos = source.tensors() or []
     rows = []
