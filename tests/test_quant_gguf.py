@@ -115,6 +115,8 @@ def test_llama_cpp_mixes_follow_the_recipe(mix, tmp_path):
     write_gguf(source, out, mix, threads=2, progress=seen.append)
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
     assert seen and seen[-1].tensor == seen[-1].tensors == 272
+    done = [p.bytes_done for p in seen]  # one bar over both phases: the f16 file, then llama.cpp's tensors
+    assert done == sorted(done) and done[-1] == seen[-1].bytes_total and {p.bytes_total for p in seen} == {done[-1]}
     plan = plan_gguf(source, mix)
     written = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
     for row in plan["tensors"]:

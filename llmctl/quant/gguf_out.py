@@ -243,8 +243,14 @@ def _write_llama_cpp(src: Path, dst: Path, mix: str, threads: int | None, progre
     import llama_cpp
 
     f16 = dst.with_name(dst.name + ".f16")
+    total = src.stat().st_size  # one bar: the f16 file is its first half, llama.cpp's tensors the second
+
+    def first_half(p: Any) -> None:
+        if progress is not None:
+            _progress(progress, p.tensor, p.tensors, p.name, total * p.bytes_done // (2 * max(p.bytes_total, 1)), total)
+
     try:
-        _write_python(src, f16, "f16", progress)
+        _write_python(src, f16, "f16", first_half)
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = LLAMA_MIXES[mix]
         params.nthread = threads or (os.cpu_count() or 1)
@@ -256,7 +262,8 @@ def _write_llama_cpp(src: Path, dst: Path, mix: str, threads: int | None, progre
             m = re.match(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)", line)
             if m:
                 seen.append(m.group(3))
-                _progress(progress, int(m.group(1)), int(m.group(2)), m.group(3), int(m.group(1)), int(m.group(2)))
+                i, n = int(m.group(1)), int(m.group(2))
+                _progress(progress, i, n, m.group(3), total // 2 + (total - total // 2) * i // n, total)
 
         llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
         try:
