@@ -67,6 +67,7 @@ def throughput(rows: int, cols: int, repeats: int) -> dict:
         "bitsandbytes nf4": lambda: F.quantize_4bit(w, blocksize=64, quant_type="nf4"),
         **{f"llmctl {n}": (lambda n=n: REGISTRY[n].quantize(w)) for n in ("nf4", "nf4-dq", "int4", "int4-asym", "int8", "fp8")},
         **{f"llmctl {n} (eager torch)": eager(n) for n in ("nf4", "int4")},
+        **{f"llmctl {n} --method search": (lambda n=n: REGISTRY[n].quantize(w, method="search")) for n in ("int4", "int4-asym")},
     }
     best = dict.fromkeys(runs, math.inf)
     for _ in range(repeats):

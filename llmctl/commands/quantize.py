@@ -28,6 +28,9 @@ def quantize(
         None, "--symmetric/--asymmetric", help="int4 with or without zero-points [default: symmetric]."
     ),
     fp8: str = typer.Option("e4m3", "--fp8", help="FP8 variant: e4m3 or e5m2 (llmctl layout)."),
+    method: str = typer.Option(
+        "rtn", "--method", help="int4/int8 scales: rtn (round to nearest) or search (per-group clipping search)."
+    ),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder [default: ./<model>-<format>]."),
     layout: str = typer.Option(
         "auto", "--layout", help="auto, compressed-tensors, bnb, hf, llmctl or gguf (see docs/formats.md)."
@@ -51,7 +54,8 @@ def quantize(
     GGUF file (--out X.gguf) that llama.cpp loads."""
     if layout == "gguf" or (out is not None and out.suffix == ".gguf"):
         given = {"--group-size": group_size, "--symmetric/--asymmetric": symmetric, "--keep": keep,
-                 "--override": override, "--skip-indivisible": skip_indivisible or None}  # fmt: skip
+                 "--override": override, "--skip-indivisible": skip_indivisible or None,
+                 "--method": None if method == "rtn" else method}  # fmt: skip
         unused = [k for k, v in given.items() if v]
         if unused:
             verb = "does" if len(unused) == 1 else "do"
@@ -71,6 +75,7 @@ def quantize(
         overrides=override or (),
         skip_indivisible=skip_indivisible,
         fp8=fp8,
+        method=method,
     )
     target = out or default_out(plan)
     if dry_run:

@@ -27,6 +27,7 @@ from llmctl.quant.formats import PER_TENSOR, REGISTRY, QTensor
 from llmctl.quant.layouts import FLOATS, Layout, TensorPlan, choose_layout
 
 QUANT_FORMATS = ("fp8", "int8", "int4", "int4-asym", "nf4", "nf4-dq")
+INT_FORMATS = ("int8", "int4", "int4-asym")  # the formats --method search applies to
 WRITABLE = (*FLOATS, *QUANT_FORMATS)
 CHUNK_VALUES = 1 << 22  # values quantized at a time
 SHARD_BYTES = 4 * 1024**3  # output shard size (Hugging Face's default is 5 GB)
@@ -54,6 +55,7 @@ class Plan:
     tensors: list[TensorPlan]
     files: list[OutFile]
     config: dict[str, Any]  # the output's config.json
+    method: str = "rtn"  # scales of int4/int8 groups: round to nearest, or the scale search
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -69,6 +71,7 @@ class Plan:
             "model": self.source.display,
             "format": self.format,
             "layout": self.layout.name,
+            "method": self.method,
             "source_bytes": self.src_bytes,
             "output_bytes": self.out_bytes,
             "files": [{"name": f.name, "bytes": f.nbytes} for f in self.files],
@@ -249,16 +252,19 @@ def make_plan(
     overrides: Sequence[str] = (),
     skip_indivisible: bool = False,
     fp8: str = "e4m3",
+    method: str = "rtn",
     shard_bytes: int = SHARD_BYTES,
 ) -> Plan:
-    """Decide every tensor's format and the exact output files; reads headers only."""
+    """Decide every tensor's format and the exact output files; reads headers only. ``method``: "rtn" or
+    "search" (the scale search of int4/int8 groups, llmctl.quant.formats.SEARCH_STEPS)."""
     from llmctl.memory.params import tensor_role
-    from llmctl.quant.formats import _fp8_variant
+    from llmctl.quant.formats import _fp8_variant, _search_steps
     from llmctl.quant.layouts import LAYOUTS
     from llmctl.sources import resolve
 
     name = resolve_format(fmt, symmetric)
     fp8 = _fp8_variant({"fp8": fp8})
+    _search_steps({"method": method})  # refuses an unknown method
     request = parse_group_size(group_size)
     keeps = [_regex(k, "--keep") for k in keep]
     rules = parse_overrides(overrides, symmetric)
@@ -290,7 +296,7 @@ def make_plan(
                 target, reason = ofmt, f"--override {pattern.pattern}={ofmt}"
         if any(k.search(tname) for k in keeps):
             target, reason = kept_fmt, f"--keep {next(k.pattern for k in keeps if k.search(tname))}"
-        opts = {"fp8": fp8} if target == "fp8" else {}
+        opts = {"fp8": fp8} if target == "fp8" else {"method": method} if target in INT_FORMATS else {}
         try:
             g = _effective_group(target, request, cols)
         except QuantError as e:
@@ -308,7 +314,7 @@ def make_plan(
     lay = choose_layout(layout, plans)
     files = _shard(plans, lay, shard_bytes)
     config = _out_config(source, lay, plans, compute)
-    plan = Plan(source, name, lay, plans, files, config)
+    plan = Plan(source, name, lay, plans, files, config, method)
     if skipped:
         plan.notes.append(
             f"{len(skipped)} tensor(s) kept unquantized: the group size does not divide their rows"
@@ -433,6 +439,7 @@ class Result:
             "out": str(self.out),
             "format": self.plan.format,
             "layout": self.plan.layout.name,
+            "method": self.plan.method,
             "source_bytes": self.plan.src_bytes,
             "output_bytes": self.plan.out_bytes,
             "params": self.params,

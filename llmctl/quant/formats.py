@@ -267,6 +267,26 @@ def _fp8_variant(opts: dict[str, Any]) -> str:
     return v
 
 
+# The scale search (``method="search"``; llama.cpp's K-quant rmse search and HQQ do the same kind of thing):
+# each group's range — absmax, or [min, max] with zero-points — is shrunk by 1 - j * SEARCH_DELTA for
+# j < SEARCH_STEPS (down to 0.67 of it), and the candidate with the smallest weighted squared
+# reconstruction error is kept (the full range on ties, so never worse than round-to-nearest by that
+# measure). The weights are llama.cpp's for K-quants without an importance matrix, rms(group) + |x|: plain
+# squared error clips Gemma-3's outlier weights and made its int4 (g128) KL divergence worse (0.49 -> 0.70);
+# weighted, it is neutral there (0.487 vs 0.488). Off by default: without activation statistics it does not
+# lower KL divergence on the bundled models (docs/formats.md).
+METHODS = ("rtn", "search")
+SEARCH_STEPS = 12
+SEARCH_DELTA = 0.03
+
+
+def _search_steps(opts: dict[str, Any]) -> int:
+    method = opts.get("method") or "rtn"
+    if method not in METHODS:
+        raise QuantError(f"unknown --method {method!r}; choose rtn (round to nearest) or search (scale search)")
+    return SEARCH_STEPS if method == "search" else 1
+
+
 class _IntGroup(WeightFormat):
     """Integers of ``bits`` bits in groups of ``group_size`` along each row, one scale per group.
 
@@ -325,9 +345,10 @@ class _IntGroup(WeightFormat):
         rows, cols = x.shape
         g = cls.check_group(cols, group_size)
         assert g is not None
+        steps = _search_steps(opts)
         kernels = native.get()
         if kernels is not None:  # the same arithmetic in one pass (llmctl.quant.native)
-            q, scale, zp = kernels.int_group(x, g, bits, bool(cls.zero_bits))
+            q, scale, zp = kernels.int_group(x, g, bits, bool(cls.zero_bits), steps, SEARCH_DELTA)
             check_finite(scale)
             if bits == 8:
                 return cls._pack(tuple(w.shape), g, q, scale, zp if cls.zero_bits else None)
@@ -335,19 +356,44 @@ class _IntGroup(WeightFormat):
             return QTensor(cls.name, tuple(w.shape), g, parts)  # 4 bits: the kernel packs the nibbles
         x = x.float().reshape(rows, cols // g, g)  # (rows, n_groups, group_size)
         if cls.zero_bits:
-            lo = x.amin(-1).clamp_(max=0)
-            hi = x.amax(-1).clamp_(min=0)
-            check_finite(lo + hi)
-            scale = _round_up_fp16((hi - lo) / (qmax - qmin))
-            s = scale.float().clamp_min_(_tiny())
-            zp = (qmin - torch.round(lo / s)).clamp_(qmin, qmax)  # (rows, n_groups)
-            q = torch.round(x / s.unsqueeze(-1)).add_(zp.unsqueeze(-1)).clamp_(qmin, qmax)
+            lo0 = x.amin(-1).clamp_(max=0)
+            hi0 = x.amax(-1).clamp_(min=0)
+            check_finite(lo0 + hi0)
+
+            def candidate(alpha: float) -> tuple[Any, Any, Any]:  # (fp16 scale, fp32 scale, zero-point)
+                lo = lo0 * alpha if alpha != 1 else lo0
+                scale = _round_up_fp16(((hi0 * alpha if alpha != 1 else hi0) - lo) / (qmax - qmin))
+                s = scale.float().clamp_min_(_tiny())
+                return scale, s, (qmin - torch.round(lo / s)).clamp_(qmin, qmax)  # (rows, n_groups)
         else:
             amax = x.abs().amax(-1)
             check_finite(amax)
-            scale = _round_up_fp16(amax / ((qmax - qmin) / 2))  # amax / scale <= qmax + 1/2
-            s = scale.float().clamp_min_(_tiny())
-            q = torch.round(x / s.unsqueeze(-1)).clamp_(qmin, qmax)
+
+            def candidate(alpha: float) -> tuple[Any, Any, Any]:
+                scale = _round_up_fp16((amax * alpha if alpha != 1 else amax) / ((qmax - qmin) / 2))
+                return scale, scale.float().clamp_min_(_tiny()), torch.zeros_like(amax)  # amax/scale <= qmax + 1/2
+
+        def codes(s: Any, zp: Any) -> Any:
+            return torch.round(x / s.unsqueeze(-1)).add_(zp.unsqueeze(-1)).clamp_(qmin, qmax)
+
+        weight = None
+        if steps > 1:  # llama.cpp's K-quant error weights: rms of the group + |x|, so large values count more
+            weight = x.double().square().mean(-1, keepdim=True).sqrt_().float().add(x.abs())
+
+        def error(s: Any, zp: Any) -> Any:  # ranks candidates: x · (1/s) as the native kernel does
+            q = torch.round(x * s.reciprocal().unsqueeze(-1)).add_(zp.unsqueeze(-1)).clamp_(qmin, qmax)
+            return ((q - zp.unsqueeze(-1)) * s.unsqueeze(-1) - x).square_().mul_(weight).sum(-1)
+
+        scale, s, zp = candidate(1.0)
+        if steps > 1:  # the scale search: keep each group's candidate with the smallest squared error
+            best = error(s, zp)
+            for j in range(1, steps):
+                c_scale, c_s, c_zp = candidate(float(torch.tensor(1.0 - j * SEARCH_DELTA, dtype=torch.float32)))
+                err = error(c_s, c_zp)
+                better = err < best
+                best = torch.where(better, err, best)
+                scale, s, zp = (torch.where(better, new, old) for new, old in ((c_scale, scale), (c_s, s), (c_zp, zp)))
+        q = codes(s, zp)
         return cls._pack(tuple(w.shape), g, q.reshape(rows, cols), scale, zp if cls.zero_bits else None)
 
     @classmethod

@@ -104,17 +104,54 @@ static inline c10::Half round_up_half(float v) {
 // beyond any 8-bit code and are clamped right after, as are infinities.
 static inline float round_even(float v) { return (v + 12582912.0f) - 12582912.0f; }
 
+// Weighted squared reconstruction error of a group (fp32 values v, weights w) at scale s and zero-point zf
+// (0: symmetric). The search only ranks candidates, so it multiplies by 1/s (the eager code does the same);
+// the stored codes are computed with a division, as round-to-nearest does.
+static inline float group_err(const float* v, const float* w, int64_t g, float s, float zf, float qmin, float qmax) {
+  const float inv = 1.0f / s;
+  float e = 0.f;
+  int64_t i = 0;
+  if (g % 8 == 0) {
+    float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (; i < g; i += 8)
+      for (int t = 0; t < 8; ++t) {
+        float r = round_even(v[i + t] * inv) + zf;
+        r = r < qmin ? qmin : (r > qmax ? qmax : r);
+        float d = (r - zf) * s - v[i + t];
+        a[t] += d * d * w[i + t];
+      }
+    e = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+  }
+  for (; i < g; ++i) {
+    float r = round_even(v[i] * inv) + zf;
+    r = r < qmin ? qmin : (r > qmax ? qmax : r);
+    float d = (r - zf) * s - v[i];
+    e += d * d * w[i];
+  }
+  return e;
+}
+
+// steps > 1: the scale search (llmctl.quant.formats.SEARCH_*): the range (absmax, or [lo, hi]) shrunk by
+// 1 - j * delta for j < steps, keeping the candidate with the smallest squared error (the full range on ties).
 template <typename T>
 static void int_impl(const T* x, int64_t rows, int64_t cols, int64_t g, int bits, bool asym,
-                     int8_t* q, c10::Half* scale, int8_t* zp, uint8_t* nibbles) {
+                     int8_t* q, c10::Half* scale, int8_t* zp, uint8_t* nibbles, int64_t steps, double delta) {
   // nibbles (4 bits, even g): the codes go straight into pack4's bytes through a per-thread buffer
   const int qmin = -(1 << (bits - 1)), qmax = (1 << (bits - 1)) - 1;
   const float tiny = 1.1754943508222875e-38f;
   int64_t ng = cols / g;
   at::parallel_for(0, rows * ng, 16, [&](int64_t a, int64_t z) {
     std::vector<int8_t> buf(nibbles ? g : 0);
+    std::vector<float> vf(steps > 1 ? g : 0), wf(steps > 1 ? g : 0);  // the group as fp32, its error weights
+    const float fmin = static_cast<float>(qmin), fmax = static_cast<float>(qmax);
     for (int64_t k = a; k < z; ++k) {
       const T* xs = x + (k / ng) * cols + (k % ng) * g;
+      if (steps > 1) {  // llama.cpp's K-quant error weights: rms of the group + |x|
+        double ss = 0;
+        for (int64_t i = 0; i < g; ++i) { vf[i] = ld(xs, i); ss += static_cast<double>(vf[i]) * vf[i]; }
+        float rms = static_cast<float>(std::sqrt(ss / g));
+        for (int64_t i = 0; i < g; ++i) wf[i] = rms + std::fabs(vf[i]);
+      }
       int8_t* qs = nibbles ? buf.data() : q + (k / ng) * cols + (k % ng) * g;
       if (asym) {
         // min and max (with 0) as integer reductions over order-preserving keys, NaN from the abs bits
@@ -129,10 +166,23 @@ static void int_impl(const T* x, int64_t rows, int64_t cols, int64_t g, int bits
         float lo = from_key(klo) + 0.0f, hi = from_key(khi);  // + 0.0f: -0.0 counts as 0, as v < 0.f does
         if (top > 0x7f800000u) { lo = NAN; hi = NAN; }
         c10::Half sh = round_up_half((hi - lo) / static_cast<float>(qmax - qmin));
-        scale[k] = sh;
         float s = std::max(static_cast<float>(sh), tiny);
         float zf = static_cast<float>(qmin) - std::nearbyint(lo / s);
         zf = zf < qmin ? qmin : (zf > qmax ? qmax : zf);
+        if (steps > 1 && hi > lo) {
+          float best = group_err(vf.data(), wf.data(), g, s, zf, fmin, fmax);
+          for (int64_t j = 1; j < steps; ++j) {
+            float alpha = static_cast<float>(1.0 - j * delta);
+            float lj = lo * alpha, hj = hi * alpha;
+            c10::Half h = round_up_half((hj - lj) / static_cast<float>(qmax - qmin));
+            float sj = std::max(static_cast<float>(h), tiny);
+            float zj = static_cast<float>(qmin) - std::nearbyint(lj / sj);
+            zj = zj < qmin ? qmin : (zj > qmax ? qmax : zj);
+            float e = group_err(vf.data(), wf.data(), g, sj, zj, fmin, fmax);
+            if (e < best) { best = e; sh = h; s = sj; zf = zj; }
+          }
+        }
+        scale[k] = sh;
         zp[k] = static_cast<int8_t>(zf);
         for (int64_t i = 0; i < g; ++i) {
           float r = round_even(ld(xs, i) / s) + zf;
@@ -142,9 +192,19 @@ static void int_impl(const T* x, int64_t rows, int64_t cols, int64_t g, int bits
         uint32_t top = 0;
         for (int64_t i = 0; i < g; ++i) { uint32_t a = abs_bits(ld(xs, i)); top = a > top ? a : top; }
         float am = top > 0x7f800000u ? NAN : from_bits(top);
-        c10::Half sh = round_up_half(am / (static_cast<float>(qmax - qmin) / 2.0f));
-        scale[k] = sh;
+        const float half = static_cast<float>(qmax - qmin) / 2.0f;
+        c10::Half sh = round_up_half(am / half);
         float s = std::max(static_cast<float>(sh), tiny);
+        if (steps > 1 && am > 0.f && am <= 3.4e38f) {
+          float best = group_err(vf.data(), wf.data(), g, s, 0.f, fmin, fmax);
+          for (int64_t j = 1; j < steps; ++j) {
+            c10::Half h = round_up_half(am * static_cast<float>(1.0 - j * delta) / half);
+            float sj = std::max(static_cast<float>(h), tiny);
+            float e = group_err(vf.data(), wf.data(), g, sj, 0.f, fmin, fmax);
+            if (e < best) { best = e; sh = h; s = sj; }
+          }
+        }
+        scale[k] = sh;
         for (int64_t i = 0; i < g; ++i) {
           float r = round_even(ld(xs, i) / s);
           qs[i] = static_cast<int8_t>(r < qmin ? qmin : (r > qmax ? qmax : r));
@@ -254,7 +314,7 @@ static torch::Tensor pack4(const torch::Tensor& q, int64_t rows, int64_t cols) {
 
 // 8 bits: (codes int8 (rows, cols), scales fp16 (rows, groups), zero-points int8 (rows, groups) or empty);
 // 4 bits: codes and zero-points (flattened) packed by pack4.
-std::vector<torch::Tensor> int_group(torch::Tensor x, int64_t g, int64_t bits, bool asym) {
+std::vector<torch::Tensor> int_group(torch::Tensor x, int64_t g, int64_t bits, bool asym, int64_t steps, double delta) {
   x = x.contiguous();
   int64_t rows = x.size(0), cols = x.size(1);
   bool inline_pack = bits == 4 && g % 2 == 0;
@@ -265,9 +325,9 @@ std::vector<torch::Tensor> int_group(torch::Tensor x, int64_t g, int64_t bits, b
   auto qp = q.data_ptr<int8_t>(); auto sp = reinterpret_cast<c10::Half*>(scale.data_ptr()); auto zpp = zp.data_ptr<int8_t>();
   uint8_t* np = inline_pack ? packed.data_ptr<uint8_t>() : nullptr;
   int b = static_cast<int>(bits);
-  if (x.scalar_type() == torch::kBFloat16) int_impl(reinterpret_cast<const c10::BFloat16*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp, np);
-  else if (x.scalar_type() == torch::kHalf) int_impl(reinterpret_cast<const c10::Half*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp, np);
-  else { auto xf = x.to(torch::kFloat32); int_impl(xf.data_ptr<float>(), rows, cols, g, b, asym, qp, sp, zpp, np); }
+  if (x.scalar_type() == torch::kBFloat16) int_impl(reinterpret_cast<const c10::BFloat16*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta);
+  else if (x.scalar_type() == torch::kHalf) int_impl(reinterpret_cast<const c10::Half*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta);
+  else { auto xf = x.to(torch::kFloat32); int_impl(xf.data_ptr<float>(), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta); }
   if (bits == 4) {
     q = inline_pack ? packed : pack4(q, rows, cols);
     if (asym) zp = pack4(zp, 1, zp.numel()).reshape(-1);
