@@ -455,12 +455,13 @@ class Result:
         }
 
 
-def check_out(out: Path, force: bool) -> None:
+def check_out(out: Path, force: bool, *, file: bool = False) -> None:
+    """Refuse an output that exists (without --force), is of the wrong kind, or has no parent folder."""
     if out.exists() and not force:
         raise QuantError(f"{out} already exists; pass --force to replace it or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise QuantError(f"{out} exists and is not a folder; choose another --out")
-    if not out.parent.exists():
+    if out.exists() and (out.is_dir() if file else not out.is_dir()):
+        raise QuantError(f"{out} exists and is not a {'file' if file else 'folder'}; choose another --out")
+    if not out.parent.is_dir():
         raise QuantError(f"{out.parent}: no such folder for the output; create it first")
 
 

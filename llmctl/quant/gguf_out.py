@@ -130,15 +130,6 @@ def _require_gguf(source: Any) -> None:
         )
 
 
-def _check_target(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise QuantError(f"{out} already exists; pass --force to replace it or choose another --out")
-    if out.exists() and not out.is_file():
-        raise QuantError(f"{out} exists and is not a file; choose another --out")
-    if not out.parent.is_dir():
-        raise QuantError(f"{out.parent}: no such folder for the output; create it first")
-
-
 def write_gguf(
     source: Any,
     out: str | Path,
@@ -153,7 +144,9 @@ def write_gguf(
     _require_gguf(source)
     name, how = gguf_format(fmt, by)
     out = Path(out)
-    _check_target(out, force)
+    from llmctl.quant.convert import check_out
+
+    check_out(out, force, file=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     t0 = time.perf_counter()
     try:
