@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,18 @@ def test_command(tmp_path):
     assert sum(r["bytes"] for r in plan["tensors"]) == sum(v["output_bytes"] for v in d["by_format"].values())
     again = run("--format", "q8_0", "--out", str(out))
     assert again.returncode == 2 and "already exists; pass --force" in again.stderr
+    # what a killed run leaves (its output and a mix's f16 intermediate) goes with the next run
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftovers = [tmp_path / f".smol.gguf.partial-{dead.pid}", tmp_path / f".smol.gguf.f16-{dead.pid}"]
+    for f in leftovers:
+        f.write_bytes(b"half written")
+    alive = tmp_path / f".smol.gguf.partial-{os.getpid()}"  # a live process's: kept
+    alive.write_bytes(b"in progress")
+    forced = run("--format", "q4_0", "--out", str(out), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert not any(f.exists() for f in leftovers) and alive.exists()
+    alive.unlink()
     import torch
     from safetensors.torch import save_file
 

@@ -486,7 +486,7 @@ def run_plan(
     out = Path(out)
     check_out(out, force)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    _remove_dead_runs(out)
+    remove_dead_runs(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
@@ -517,17 +517,21 @@ def run_plan(
     return Result(plan, out, time.perf_counter() - t0, results)
 
 
-def _remove_dead_runs(out: Path) -> None:
-    """Remove temporary folders left next to ``out`` by runs that were killed (SIGKILL, power loss):
-    ``.NAME.partial-PID`` / ``.NAME.old-PID`` whose process no longer exists."""
+def remove_dead_runs(out: Path) -> None:
+    """Remove what runs that were killed (SIGKILL, power loss) left next to ``out``: ``.NAME.partial-PID``,
+    ``.NAME.old-PID`` and ``.NAME.f16-PID`` (a GGUF mix's intermediate) folders or files whose process no
+    longer exists."""
     for leftover in out.parent.glob(f".{out.name}.*-*"):
         kind, _, pid = leftover.name[len(out.name) + 2 :].rpartition("-")
-        if kind not in ("partial", "old") or not pid.isdigit():
+        if kind not in ("partial", "old", "f16") or not pid.isdigit():
             continue
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            shutil.rmtree(leftover, ignore_errors=True)
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
         except (PermissionError, OverflowError):  # alive (someone else's), or not a pid
             pass
 

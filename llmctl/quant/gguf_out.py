@@ -144,20 +144,24 @@ def write_gguf(
     _require_gguf(source)
     name, how = gguf_format(fmt, by)
     out = Path(out)
-    from llmctl.quant.convert import check_out
+    from llmctl.quant.convert import check_out, remove_dead_runs
 
     check_out(out, force, file=True)
+    remove_dead_runs(out)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    f16 = out.with_name(f".{out.name}.f16-{os.getpid()}")  # a mix's intermediate
     t0 = time.perf_counter()
     try:
         if how == "python":
             tensors = _write_python(Path(source.path), tmp, name, progress)
         else:
-            tensors = _write_llama_cpp(Path(source.path), tmp, name, threads, progress)
+            tensors = _write_llama_cpp(Path(source.path), f16, tmp, name, threads, progress)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        f16.unlink(missing_ok=True)
     src_bytes = Path(source.path).stat().st_size
     result = GGUFResult(source.display, out, name, how, time.perf_counter() - t0, src_bytes, out.stat().st_size, tensors)
     if how == "python" and any(t.format == "f16" for t in tensors) and name not in ("f16", "f32", "bf16"):
@@ -229,13 +233,13 @@ def _write_python(src: Path, dst: Path, want: str, progress) -> list[GGUFTensor]
     return results
 
 
-def _write_llama_cpp(src: Path, dst: Path, mix: str, threads: int | None, progress) -> list[GGUFTensor]:
-    """An f16 GGUF (temporary) quantized by llama.cpp's ``llama_model_quantize``."""
+def _write_llama_cpp(src: Path, f16: Path, dst: Path, mix: str, threads: int | None, progress) -> list[GGUFTensor]:
+    """An f16 GGUF (written to ``f16``, removed here whatever happens) quantized by llama.cpp's
+    ``llama_model_quantize`` into ``dst``."""
     import ctypes
 
     import llama_cpp
 
-    f16 = dst.with_name(dst.name + ".f16")
     total = src.stat().st_size  # one bar: the f16 file is its first half, llama.cpp's tensors the second
 
     def first_half(p: Any) -> None:
