@@ -629,8 +629,11 @@ def _write_tensor(
         final = QTensor(tp.format, tp.shape, tp.group_size, double_quantize(torch.cat(absmax)))
         for name, t in lay.write(tp, final, False):
             w.append(name, t)
-    if not (measure and tp.quantized):
-        return None
+    return sqnr_db(signal, noise) if measure and tp.quantized else None
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """Signal-to-quantization-noise ratio in dB from the sums of squares (inf when exact)."""
     if noise == 0:
         return math.inf
     return 10 * math.log10(signal / noise) if signal > 0 else 0.0

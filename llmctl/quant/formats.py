@@ -361,8 +361,8 @@ class _IntGroup(WeightFormat):
             check_finite(lo0 + hi0)
 
             def candidate(alpha: float) -> tuple[Any, Any, Any]:  # (fp16 scale, fp32 scale, zero-point)
-                lo = lo0 * alpha if alpha != 1 else lo0
-                scale = _round_up_fp16(((hi0 * alpha if alpha != 1 else hi0) - lo) / (qmax - qmin))
+                lo = lo0 * alpha  # alpha = 1 (round to nearest): exactly lo0
+                scale = _round_up_fp16((hi0 * alpha - lo) / (qmax - qmin))
                 s = scale.float().clamp_min_(_tiny())
                 return scale, s, (qmin - torch.round(lo / s)).clamp_(qmin, qmax)  # (rows, n_groups)
         else:
@@ -370,7 +370,7 @@ class _IntGroup(WeightFormat):
             check_finite(amax)
 
             def candidate(alpha: float) -> tuple[Any, Any, Any]:
-                scale = _round_up_fp16((amax * alpha if alpha != 1 else amax) / ((qmax - qmin) / 2))
+                scale = _round_up_fp16(amax * alpha / ((qmax - qmin) / 2))
                 return scale, scale.float().clamp_min_(_tiny()), torch.zeros_like(amax)  # amax/scale <= qmax + 1/2
 
         def codes(s: Any, zp: Any) -> Any:

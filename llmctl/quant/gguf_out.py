@@ -196,6 +196,8 @@ def _write_python(src: Path, dst: Path, want: str, progress) -> list[GGUFTensor]
     import numpy as np
     from gguf.quants import dequantize, quantize
 
+    from llmctl.quant.convert import sqnr_db
+
     reader = gguf.GGUFReader(str(src))
     writer = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
     _copy_metadata(reader, writer, _FILE_TYPES[want])
@@ -222,10 +224,11 @@ def _write_python(src: Path, dst: Path, want: str, progress) -> list[GGUFTensor]
         x = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
         data = quantize(x, qtype)
         writer.write_tensor_data(data)
-        back = x if kind == "f32" else dequantize(data, qtype).reshape(shape)
-        noise = float(np.square(back.astype(np.float64) - x).sum())
-        signal = float(np.square(x.astype(np.float64)).sum())
-        sqnr = None if kind == "f32" or noise == 0 else 10 * math.log10(signal / noise) if signal else 0.0
+        sqnr = None
+        if kind != "f32":
+            noise = float(np.square(dequantize(data, qtype).reshape(shape).astype(np.float64) - x).sum())
+            if noise:  # exact tensors (an f16 file from f16 weights) are left out, as unquantized ones
+                sqnr = sqnr_db(float(np.square(x.astype(np.float64)).sum()), noise)
         results.append(GGUFTensor(t.name, kind, math.prod(shape), int(t.n_bytes), int(data.nbytes), sqnr))
         done += int(t.n_bytes)
     writer.close()
@@ -234,7 +237,7 @@ def _write_python(src: Path, dst: Path, want: str, progress) -> list[GGUFTensor]
 
 
 def _write_llama_cpp(src: Path, f16: Path, dst: Path, mix: str, threads: int | None, progress) -> list[GGUFTensor]:
-    """An f16 GGUF (written to ``f16``, removed here whatever happens) quantized by llama.cpp's
+    """An f16 GGUF written to ``f16`` (the caller removes it) and quantized by llama.cpp's
     ``llama_model_quantize`` into ``dst``."""
     import ctypes
 
@@ -243,37 +246,30 @@ def _write_llama_cpp(src: Path, f16: Path, dst: Path, mix: str, threads: int | N
     total = src.stat().st_size  # one bar: the f16 file is its first half, llama.cpp's tensors the second
 
     def first_half(p: Any) -> None:
-        if progress is not None:
-            _progress(progress, p.tensor, p.tensors, p.name, total * p.bytes_done // (2 * max(p.bytes_total, 1)), total)
+        _progress(progress, p.tensor, p.tensors, p.name, total * p.bytes_done // (2 * max(p.bytes_total, 1)), total)
 
+    _write_python(src, f16, "f16", first_half)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_MIXES[mix]
+    params.nthread = threads or (os.cpu_count() or 1)
+
+    @llama_cpp.llama_log_callback
+    def log(_level: int, text: bytes, _user: Any) -> None:  # "[  12/ 236]  blk.0.attn_q.weight - ..."
+        m = re.match(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)", text.decode("utf-8", "replace"))
+        if m:
+            i, n = int(m.group(1)), int(m.group(2))
+            _progress(progress, i, n, m.group(3), total // 2 + (total - total // 2) * i // n, total)
+
+    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
     try:
-        _write_python(src, f16, "f16", first_half)
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = LLAMA_MIXES[mix]
-        params.nthread = threads or (os.cpu_count() or 1)
-        seen: list[str] = []
-
-        @llama_cpp.llama_log_callback
-        def log(_level: int, text: bytes, _user: Any) -> None:  # "[  12/ 236]  blk.0.attn_q.weight - ..."
-            line = text.decode("utf-8", "replace")
-            m = re.match(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)", line)
-            if m:
-                seen.append(m.group(3))
-                i, n = int(m.group(1)), int(m.group(2))
-                _progress(progress, i, n, m.group(3), total // 2 + (total - total // 2) * i // n, total)
-
-        llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
-        try:
-            status = llama_cpp.llama_model_quantize(str(f16).encode(), str(dst).encode(), ctypes.byref(params))
-        finally:
-            from llama_cpp._logger import llama_log_callback as default_log
-
-            llama_cpp.llama_log_set(default_log, ctypes.c_void_p(0))
-        if status != 0:
-            raise QuantError(f"llama.cpp's quantizer failed on {src.name} for {mix} (status {status})")
-        return _describe(dst, src)
+        status = llama_cpp.llama_model_quantize(str(f16).encode(), str(dst).encode(), ctypes.byref(params))
     finally:
-        f16.unlink(missing_ok=True)
+        from llama_cpp._logger import llama_log_callback as default_log
+
+        llama_cpp.llama_log_set(default_log, ctypes.c_void_p(0))
+    if status != 0:
+        raise QuantError(f"llama.cpp's quantizer failed on {src.name} for {mix} (status {status})")
+    return _describe(dst, src)
 
 
 def _describe(path: Path, src: Path) -> list[GGUFTensor]:
