@@ -21,6 +21,9 @@ def estimate_memory(
         "q8_0 q4_0 q4_k …, or mixes q4_k_m q5_k_m …  [default: as stored]",
     ),
     group_size: int = typer.Option(None, "--group-size", "-g", help="Group size for int4/int8/nf4 scales."),
+    recipe: str = typer.Option(
+        "uniform", "--recipe", help="Which tensors get more bits, as `llmctl quantize --recipe`: uniform, k-m, k-l."
+    ),
     kv_dtype: str = typer.Option("f16", "--kv-dtype", help="KV cache dtype: f32 f16 bf16 fp8 q8_0 q4_0."),
     kv_layout: str = typer.Option(
         "windowed",
@@ -47,6 +50,7 @@ def estimate_memory(
         tensor_parallel=tensor_parallel,
         gpu=gpu,
         vram_gib=vram,
+        recipe=recipe,
     )
     if json_:
         render.print_json(report.to_json())

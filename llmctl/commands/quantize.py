@@ -31,6 +31,12 @@ def quantize(
     method: str = typer.Option(
         "rtn", "--method", help="int4/int8 scales: rtn (round to nearest) or search (per-group clipping search)."
     ),
+    recipe: str = typer.Option(
+        "uniform",
+        "--recipe",
+        help="Which tensors get more bits: uniform; k-m (like Q4_K_M: attention q/k/v and down_proj one "
+        "format up in a half of the layers, untied lm_head too); k-l (in every layer). See docs/formats.md.",
+    ),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder [default: ./<model>-<format>]."),
     layout: str = typer.Option(
         "auto", "--layout", help="auto, compressed-tensors, bnb, hf, llmctl or gguf (see docs/formats.md)."
@@ -57,6 +63,11 @@ def quantize(
                  "--override": override, "--skip-indivisible": skip_indivisible or None,
                  "--method": None if method == "rtn" else method}  # fmt: skip
         unused = [k for k, v in given.items() if v]
+        if recipe != "uniform":
+            raise UsageError(
+                "--recipe applies to llmctl's formats; for GGUF output choose a llama.cpp mix such as "
+                "q4_k_m, which carries its own per-tensor rules"
+            )
         if unused:
             verb = "does" if len(unused) == 1 else "do"
             raise UsageError(f"{', '.join(unused)} {verb} not apply to GGUF output (its types fix their blocks)")
@@ -76,6 +87,7 @@ def quantize(
         skip_indivisible=skip_indivisible,
         fp8=fp8,
         method=method,
+        recipe=recipe,
     )
     target = out or default_out(plan)
     if dry_run:

@@ -88,7 +88,9 @@ def memory_report(report: Any) -> None:
     first = report.estimates[0]
     con.print(
         f"context {first.context} tokens × batch {first.batch}, KV cache {first.kv_dtype} "
-        f"({first.kv_layout} layout), tensor parallel {first.tensor_parallel}; sizes in GiB (2^30 bytes)"
+        f"({first.kv_layout} layout), tensor parallel {first.tensor_parallel}"
+        + (f", recipe {first.recipe}" if first.recipe != "uniform" else "")
+        + "; sizes in GiB (2^30 bytes)"
     )
     tp = first.tensor_parallel > 1
     table = Table(title="Memory per weights format" + (" (per GPU)" if tp else ""), title_justify="left")
@@ -198,7 +200,8 @@ def _memory_chart(report: Any, width: int = 50) -> None:
 def quantize_plan(plan: Any, out_path: Any) -> None:
     """The dry-run: each tensor's format and the exact output size."""
     con = out()
-    table = Table(title=f"Plan: {plan.source.display} → {plan.format} ({plan.layout.name} layout)", title_justify="left")
+    recipe = f"recipe {plan.recipe}, " if plan.recipe != "uniform" else ""
+    table = Table(title=f"Plan: {plan.source.display} → {plan.format} ({recipe}{plan.layout.name} layout)", title_justify="left")
     for col in ("tensor", "shape", "from", "to", "group", "bytes", "why"):
         table.add_column(col, justify="right" if col in ("bytes", "group") else "left", overflow="fold")
     for t in plan.tensors:
@@ -289,7 +292,8 @@ def quantize_summary(result: Any) -> None:
     d = result.to_dict()
     con = out()
     by = f", written by {d['written_by']}" if "written_by" in d else ""
-    table = Table(title=f"{d['model']} → {d['out']} ({d['format']}, {d['layout']} layout{by})", title_justify="left")
+    recipe = f", recipe {d['recipe']}" if d.get("recipe", "uniform") != "uniform" else ""
+    table = Table(title=f"{d['model']} → {d['out']} ({d['format']}{recipe}, {d['layout']} layout{by})", title_justify="left")
     for col in ("format", "tensors", "params", "before", "after", "bits/weight"):
         table.add_column(col, justify="left" if col == "format" else "right")
     for fmt, s in d["by_format"].items():

@@ -92,6 +92,7 @@ class Estimate:
     per_gpu_overhead_bytes: int
     per_gpu_total_bytes: int
     notes: tuple[str, ...] = field(default=())
+    recipe: str = "uniform"  # llmctl.quant.recipes.RECIPES: which tensors got one format up
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -259,14 +260,20 @@ def weights_breakdown(
     tensors: Sequence[TensorInfo] | None = None,
     weights_format: str | None = None,
     group_size: int | None = None,
+    recipe: str = "uniform",
 ) -> WeightsBreakdown:
-    """Exact weight bytes: as stored (``weights_format=None``) or converted to ``weights_format``."""
+    """Exact weight bytes: as stored (``weights_format=None``) or converted to ``weights_format`` with
+    ``recipe`` (what ``llmctl quantize --recipe`` writes)."""
     stored = _stored_tensors(config, tensors)
     if weights_format is None:
+        if recipe != "uniform":
+            raise UsageError(f"--recipe {recipe} needs a weights format to convert to (--weights int4, ...)")
         items = [(t, recipes.stored_format_name(t.dtype)) for t in stored]
     else:
         base = _base_dtype(config, stored)
-        items = recipes.assign_formats(stored, weights_format, group_size, base, config=_tied(config, stored))
+        items = recipes.assign_formats(
+            stored, weights_format, group_size, base, config=_tied(config, stored), recipe=recipe
+        )
     by_format: dict[str, int] = {}
     by_role: dict[str, int] = {}
     quantized = kept = sharded = 0
@@ -340,6 +347,7 @@ def estimate(
     ubatch: int = DEFAULT_UBATCH,
     flash_attention: bool = False,
     weights: WeightsBreakdown | None = None,
+    recipe: str = "uniform",
 ) -> Estimate:
     """Memory needed to run ``config`` with ``batch`` sequences of ``context`` tokens.
 
@@ -347,16 +355,18 @@ def estimate(
     order). ``weights_format``: a registry format or GGUF mix to convert to; None keeps the stored
     formats. ``tensor_parallel``: GPUs the model is split over (see ``per_gpu_*``). ``weights``: the
     ``weights_breakdown(...)`` of the same config/tensors/format/group size, to skip recomputing it when
-    estimating many contexts (DeepSeek-V3 has ~45k tensors).
+    estimating many contexts (DeepSeek-V3 has ~45k tensors). ``recipe``: which tensors get one format up
+    (``llmctl.quant.recipes.RECIPES``).
     """
     weights_format = _check(context, batch, kv_dtype, kv_layout, tensor_parallel, ubatch, weights_format)
     wb = weights or weights_breakdown(
-        config, tensors=tensors, weights_format=weights_format, group_size=group_size
+        config, tensors=tensors, weights_format=weights_format, group_size=group_size, recipe=recipe
     )
-    return _assemble(
+    est = _assemble(
         config, wb, tensors, weights_format, group_size, context, batch, kv_dtype, kv_layout,
         tensor_parallel, ubatch, flash_attention,
     )  # fmt: skip
+    return dataclasses.replace(est, recipe=recipe)
 
 
 def _assemble(
@@ -472,11 +482,14 @@ def max_context_that_fits(
     ubatch: int = DEFAULT_UBATCH,
     flash_attention: bool = False,
     limit: int | None = None,
+    recipe: str = "uniform",
 ) -> int:
     """The longest context (≤ ``limit``, default max_position_embeddings) whose per-GPU total fits in
     ``vram_bytes``; 0 when not even one token fits. Binary search: the total grows with the context."""
     weights_format = _check(1, batch, kv_dtype, kv_layout, tensor_parallel, ubatch, weights_format)
-    wb = weights_breakdown(config, tensors=tensors, weights_format=weights_format, group_size=group_size)
+    wb = weights_breakdown(
+        config, tensors=tensors, weights_format=weights_format, group_size=group_size, recipe=recipe
+    )
 
     def fits(ctx: int) -> bool:
         e = _assemble(
@@ -502,11 +515,14 @@ def max_batch_that_fits(
     ubatch: int = DEFAULT_UBATCH,
     flash_attention: bool = False,
     limit: int = 1 << 16,
+    recipe: str = "uniform",
 ) -> int:
     """The largest batch (≤ ``limit``) of ``context``-token sequences whose per-GPU total fits in
     ``vram_bytes``; 0 when not even one sequence fits."""
     weights_format = _check(context, 1, kv_dtype, kv_layout, tensor_parallel, ubatch, weights_format)
-    wb = weights_breakdown(config, tensors=tensors, weights_format=weights_format, group_size=group_size)
+    wb = weights_breakdown(
+        config, tensors=tensors, weights_format=weights_format, group_size=group_size, recipe=recipe
+    )
 
     def fits(b: int) -> bool:
         e = _assemble(

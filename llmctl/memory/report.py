@@ -110,6 +110,7 @@ def memory_report(
     tensor_parallel: int = 1,
     gpu: str | None = None,
     vram_gib: float | None = None,
+    recipe: str = "uniform",
 ) -> Report:
     validate_options(
         context=context, batch=batch, group_size=group_size, kv_dtype=kv_dtype, kv_layout=kv_layout,
@@ -118,9 +119,11 @@ def memory_report(
     formats: list[str | None] = (
         list(dict.fromkeys(f.lower() for f in weights_formats)) if weights_formats else [None]
     )
+    if recipe != "uniform" and weights_formats is None:
+        raise UsageError(f"--recipe {recipe} needs --weights: the format the recipe starts from (e.g. -w int4)")
     common = dict(
         tensors=tensors, group_size=group_size, batch=batch, kv_dtype=kv_dtype, kv_layout=kv_layout,
-        tensor_parallel=tensor_parallel,
+        tensor_parallel=tensor_parallel, recipe=recipe,
     )  # fmt: skip
     estimates = [estimate(config, weights_format=f, context=context, **common) for f in formats]
 

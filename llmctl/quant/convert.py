@@ -56,6 +56,7 @@ class Plan:
     files: list[OutFile]
     config: dict[str, Any]  # the output's config.json
     method: str = "rtn"  # scales of int4/int8 groups: round to nearest, or the scale search
+    recipe: str = "uniform"  # llmctl.quant.recipes.RECIPES: which tensors get one format up
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -72,6 +73,7 @@ class Plan:
             "format": self.format,
             "layout": self.layout.name,
             "method": self.method,
+            "recipe": self.recipe,
             "source_bytes": self.src_bytes,
             "output_bytes": self.out_bytes,
             "files": [{"name": f.name, "bytes": f.nbytes} for f in self.files],
@@ -253,16 +255,20 @@ def make_plan(
     skip_indivisible: bool = False,
     fp8: str = "e4m3",
     method: str = "rtn",
+    recipe: str = "uniform",
     shard_bytes: int = SHARD_BYTES,
 ) -> Plan:
     """Decide every tensor's format and the exact output files; reads headers only. ``method``: "rtn" or
-    "search" (the scale search of int4/int8 groups, llmctl.quant.formats.SEARCH_STEPS)."""
+    "search" (the scale search of int4/int8 groups, llmctl.quant.formats.SEARCH_STEPS). ``recipe``: which
+    tensors get one format up (llmctl.quant.recipes.RECIPES), before ``overrides`` and ``keep``."""
     from llmctl.memory.params import tensor_role
+    from llmctl.quant import recipes
     from llmctl.quant.formats import _fp8_variant, _search_steps
     from llmctl.quant.layouts import LAYOUTS
     from llmctl.sources import resolve
 
     name = resolve_format(fmt, symmetric)
+    rec = recipes.check_recipe(recipe, name)
     fp8 = _fp8_variant({"fp8": fp8})
     _search_steps({"method": method})  # refuses an unknown method
     request = parse_group_size(group_size)
@@ -279,6 +285,7 @@ def make_plan(
             "quantize from the bf16/fp16/fp32 original"
         )
     inp = _open_input(source)
+    n_layers = recipes.layer_count((i[0] for i in inp.infos), source.config) if rec.layers else 0
     kept_fmt = name if name in FLOATS else inp.dtype
     compute = _NAME_TO_TORCH[name if name in FLOATS else inp.dtype]
     plans: list[TensorPlan] = []
@@ -288,7 +295,9 @@ def make_plan(
         target, reason = kept_fmt, "norm / 1-D" if len(shape) < 2 else "embedding / lm_head kept 16-bit"
         role = tensor_role(tname, shape)
         if len(shape) >= 2 and role == "linear":
-            target, reason = name, "linear (recipe)"
+            target, reason = name, f"linear (recipe {rec.name})"
+        if moved := recipes.recipe_format(rec, name, tname, shape, n_layers):
+            target, reason = moved[0], f"recipe {rec.name}: {moved[1]}"
         if name in FLOATS:
             target, reason = name, "converted"
         for pattern, ofmt in rules:
@@ -311,10 +320,14 @@ def make_plan(
             skipped.append(tname)
         src = _ST_TO_NAME.get(dtype, dtype.lower())
         plans.append(TensorPlan(tname, tuple(shape), src, target, g, opts, reason, nbytes, compute))
-    lay = choose_layout(layout, plans)
+    lay, passed_over = choose_layout(layout, plans)
     files = _shard(plans, lay, shard_bytes)
     config = _out_config(source, lay, plans, compute)
-    plan = Plan(source, name, lay, plans, files, config, method)
+    if name not in FLOATS:  # what made the file, for readers to report
+        config["llmctl"] = {"format": name, "recipe": rec.name, "method": method}
+    plan = Plan(source, name, lay, plans, files, config, method, rec.name)
+    if passed_over:
+        plan.notes.append(passed_over)
     if skipped:
         plan.notes.append(
             f"{len(skipped)} tensor(s) kept unquantized: the group size does not divide their rows"
@@ -348,6 +361,7 @@ def _out_config(source: Any, lay: Layout, plans: list[TensorPlan], compute: str)
         cfg = _read_config(source.path)
     cfg.pop("quantization_config", None)
     cfg.pop("quantization", None)
+    cfg.pop("llmctl", None)
     cfg["torch_dtype"] = compute
     cfg.update(lay.config(plans))
     return cfg
@@ -440,6 +454,7 @@ class Result:
             "format": self.plan.format,
             "layout": self.plan.layout.name,
             "method": self.plan.method,
+            "recipe": self.plan.recipe,
             "source_bytes": self.plan.src_bytes,
             "output_bytes": self.plan.out_bytes,
             "params": self.params,

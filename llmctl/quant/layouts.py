@@ -90,6 +90,10 @@ class Layout:
     def config(self, plans: list[TensorPlan]) -> dict[str, Any]:
         return {}
 
+    def problem(self, plans: list[TensorPlan]) -> str | None:
+        """Why the layout cannot hold this combination of tensors (each of which it accepts), or None."""
+        return None
+
     def _outputs(self, tp: TensorPlan) -> Out:
         raise NotImplementedError
 
@@ -121,6 +125,26 @@ class CompressedTensors(Layout):
 
     def accepts(self, tp: TensorPlan) -> bool:
         return super().accepts(tp) and (tp.format != "fp8" or tp.opts.get("fp8", "e4m3") == "e4m3")
+
+    def problem(self, plans: list[TensorPlan]) -> str | None:
+        """vLLM runs q/k/v_proj as one qkv_proj layer and gate/up_proj as one gate_up_proj, and needs one
+        scheme (or all kept) for the parts of a fused layer: a file that splits them does not load there."""
+        seen: dict[tuple[str, int], tuple[TensorPlan, str]] = {}
+        for tp in plans:
+            m = _module(tp.name)
+            parent, _, leaf = m.rpartition(".")
+            k = next((k for k, parts in enumerate(_FUSED) if leaf in parts), None)
+            if k is None or not _is_linear_weight(tp):
+                continue
+            scheme = json.dumps(_ct_scheme(tp), sort_keys=True) if tp.quantized else "kept"
+            first = seen.setdefault((parent, k), (tp, scheme))
+            if first[1] != scheme:
+                a, b = first[0], tp
+                return (
+                    f"vLLM fuses {'/'.join(_FUSED[k])} into one layer and needs one scheme for it, but "
+                    f"{_module(a.name)} is {_what(a)} and {_module(b.name)} is {_what(b)}"
+                )
+        return None
 
     def _outputs(self, tp: TensorPlan) -> Out:
         from llmctl.quant.stio import st_dtype
@@ -196,6 +220,16 @@ class CompressedTensors(Layout):
                 "kv_cache_scheme": None,
             }
         }
+
+
+_FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM's qkv_proj and gate_up_proj
+
+
+def _what(tp: TensorPlan) -> str:
+    if not tp.quantized:
+        return f"kept {tp.format}"
+    g = tp.group_size
+    return tp.format + ("" if g is None else " per tensor" if g == PER_TENSOR else f" g{g}")
 
 
 def _is_linear_weight(tp: TensorPlan) -> bool:
@@ -336,27 +370,43 @@ def _part_name(name: str, part: str) -> str:
 LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (HF(), CompressedTensors(), BnB(), Llmctl())}
 
 
-def choose_layout(requested: str, plans: list[TensorPlan]) -> Layout:
+def choose_layout(requested: str, plans: list[TensorPlan]) -> tuple[Layout, str | None]:
     """``auto``: the ecosystem layout that holds every planned tensor (hf, compressed-tensors, bnb), else
-    llmctl's. A named layout that cannot hold a tensor is refused, naming it."""
+    llmctl's. A named layout that cannot hold a tensor, or the combination, is refused, naming the tensor
+    and the layouts that hold the whole plan. Returns the layout and, when ``auto`` passed over an
+    ecosystem layout that holds every tensor but not their combination, why."""
     if requested != "auto":
         if requested not in LAYOUTS:
             raise QuantError(f"unknown layout {requested!r}; choose auto, {', '.join(LAYOUTS)}")
         lay = LAYOUTS[requested]
+        fits = [n for n, other in LAYOUTS.items() if _holds(other, plans)]
         bad = [tp for tp in plans if not lay.accepts(tp)]
         if bad:
             tp = bad[0]
             what = f"{tp.format}" + (f" {tp.opts['fp8']}" if "fp8" in tp.opts else "")
-            fits = [n for n, other in LAYOUTS.items() if other.accepts(tp)]
+            why = f", {tp.reason}" if tp.reason.startswith(("recipe", "--override")) else ""
             raise QuantError(
-                f"layout {requested} cannot hold {what} ({tp.name}); use --layout {' or '.join(fits)} "
+                f"layout {requested} cannot hold {what} ({tp.name}{why}); use --layout {' or '.join(fits)} "
                 "(or auto)"
             )
-        return lay
+        if problem := lay.problem(plans):
+            raise QuantError(
+                f"layout {requested} cannot hold this mix: {problem}; give them one format "
+                "(e.g. --override 'self_attn\\.[qkv]_proj=int8') or use --layout llmctl"
+            )
+        return lay, None
+    passed_over = None
     for name in ("hf", "compressed-tensors", "bnb"):
-        if all(LAYOUTS[name].accepts(tp) for tp in plans):
-            return LAYOUTS[name]
-    return LAYOUTS["llmctl"]
+        lay = LAYOUTS[name]
+        if all(lay.accepts(tp) for tp in plans):
+            if (problem := lay.problem(plans)) is None:
+                return lay, None
+            passed_over = f"written in llmctl's layout, not {name}: {problem}"
+    return LAYOUTS["llmctl"], passed_over
+
+
+def _holds(lay: Layout, plans: list[TensorPlan]) -> bool:
+    return all(lay.accepts(tp) for tp in plans) and lay.problem(plans) is None
 
 
 # ---- reading back (llmctl's runtime) ----------------------------------------------------------------

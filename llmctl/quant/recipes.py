@@ -2,12 +2,14 @@
 
 ``assign_formats(tensors, weights_format, group_size, base_dtype)`` returns, for each tensor, the tensor
 as it would be stored in the target (same name and shape; ``dtype`` the registry format name, ``nbytes``
-its exact size from ``llmctl.quant.formats``) together with that format name. Three recipes:
+its exact size from ``llmctl.quant.formats``) together with that format name. Three kinds of rules:
 
 * **Our formats** (int8, int4, int4-asym, nf4, nf4-dq, fp8): the 2-D linear weights of attention, MLP,
   experts and shared experts are quantized; embeddings and lm_head, norms, every 1-D tensor, biases and
   MoE routers stay in the checkpoint's 16-bit dtype (``base_dtype``). This is what bitsandbytes and
-  compressed-tensors do by default (both quantize ``nn.Linear`` layers and skip ``lm_head``).
+  compressed-tensors do by default (both quantize ``nn.Linear`` layers and skip ``lm_head``). A named
+  *recipe* (``RECIPES``: uniform, k-m, k-l) moves some of them one format up (``MORE_BITS``): k-m gives
+  attention q/k/v and down_proj more bits in the layers llama.cpp's Q4_K_M picks (``use_more_bits``).
 * **Float formats** (fp32, fp16, bf16): every tensor in that dtype.
 * **GGUF** follows llama.cpp (``llama_tensor_get_type`` and ``tensor_type_fallback`` in
   src/llama-quant.cpp). 1-D tensors and routers (``ffn_gate_inp``) are F32, as convert_hf_to_gguf.py
@@ -32,12 +34,12 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from llmctl.checkpoint import TensorInfo
 from llmctl.config import ModelConfig
-from llmctl.errors import QuantError
+from llmctl.errors import QuantError, UsageError
 from llmctl.memory.params import tensor_layer, tensor_role
 from llmctl.quant.formats import REGISTRY, GGMLType, get_format
 
@@ -122,15 +124,18 @@ def assign_formats(
     base_dtype: str = "bf16",
     *,
     config: ModelConfig | None = None,
+    recipe: str = "uniform",
 ) -> list[tuple[TensorInfo, str]]:
     """Each tensor as stored in ``weights_format``, with the registry format it gets.
 
     ``base_dtype`` is the dtype of the tensors our formats keep unquantized. ``config`` (optional) gives
     the GGUF mixes what llama.cpp reads from the model: heads per KV head, expert count, layer count;
-    without it they are inferred from the tensor names. Raises QuantError, naming the tensor, for a
-    group size that does not divide a row.
+    without it they are inferred from the tensor names. ``recipe``: a name in ``RECIPES``, for our
+    quantized formats only. Raises QuantError, naming the tensor, for a group size that does not divide
+    a row.
     """
     name = weights_format.lower()
+    rec = check_recipe(recipe, name)
     if name in GGUF_MIXES:
         return _gguf(tensors, GGUF_MIXES[name], None, config)
     fmt = get_format(name)  # QuantError listing the known formats for an unknown name
@@ -140,10 +145,13 @@ def assign_formats(
         return [(_as(t, name, fmt.nbytes(t.shape)), name) for t in tensors]
     base = normalize_dtype(base_dtype)
     base_fmt = REGISTRY[base]
+    n_layers = layer_count((t.name for t in tensors), config) if rec.layers else 0
     out = []
     for t in tensors:
         role = tensor_role(t.name, t.shape)
-        if role == "linear" or (not fmt.keeps_embeddings and role in ("embedding", "lm_head")):
+        if moved := recipe_format(rec, fmt.name, t.name, t.shape, n_layers):
+            out.append((_as(t, moved[0], _nbytes(t, moved[0], group_size)), moved[0]))
+        elif role == "linear" or (not fmt.keeps_embeddings and role in ("embedding", "lm_head")):
             out.append((_as(t, fmt.name, _nbytes(t, fmt.name, group_size)), fmt.name))
         else:
             out.append((_as(t, base, base_fmt.nbytes(t.shape)), base))
@@ -255,8 +263,7 @@ def _facts(tensors: Sequence[TensorInfo], config: ModelConfig | None) -> _ModelF
             and (config.model_type == "qwen2" or nkv != config.num_attention_heads),
             tied=tied,
         )
-    layers = [tensor_layer(t.name) for t in tensors]
-    n_layer = max((i for i in layers if i is not None), default=-1) + 1
+    n_layer = layer_count(t.name for t in tensors)
     experts = {int(m.group(1)) for t in tensors if (m := _EXPERT.search(t.name))}
     n_expert = len(experts) or max((t.shape[0] for t in tensors if "_exps." in t.name), default=0)
     return _ModelFacts(n_layer=n_layer, n_gqa=1, n_expert=n_expert, is_70b=False, tied=tied)
@@ -346,3 +353,108 @@ def _mix_type(
             return "q5_k" if ftype in ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m") else t
         return {"q2_k": "q3_k", "q3_k_m": "q4_k", "q3_k_l": "q5_k"}.get(ftype, t)
     return t
+
+
+# ---- recipes for our formats ------------------------------------------------------------------------
+# "One format up" for each base format: what a recipe gives the tensors it favours. 4-bit formats go to
+# int8 (every layout that holds them mixed holds int8 too, except bitsandbytes'); 8-bit formats have
+# nothing above them but 16 bits, so they stay.
+MORE_BITS = {
+    "int4": "int8",
+    "int4-asym": "int8",
+    "nf4": "int8",
+    "nf4-dq": "int8",
+    "int8": "int8",
+    "fp8": "fp8",
+}
+# The attention projections engines fuse into one layer (vLLM's qkv_proj; llama.cpp's attn_qkv): a recipe
+# moves them together, so a compressed-tensors file keeps one scheme per fused layer.
+_ATTENTION = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_kv_b")
+
+
+def _every_layer(i_layer: int, n_layers: int) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Which tensors get one format up (``MORE_BITS``) instead of the base format."""
+
+    name: str
+    description: str
+    layers: Callable[[int, int], bool] | None  # (layer, layers) -> attention q/k/v and down_proj move up
+    lm_head: bool  # an untied lm_head is quantized, one format up (a tied one stays with the embeddings)
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            "uniform", "every linear weight in the base format; embeddings and lm_head 16-bit", None, False
+        ),
+        Recipe(
+            "k-m",
+            "like llama.cpp's Q4_K_M: attention q/k/v and down_proj one format up in the first and last "
+            "eighth of the layers and every third between; an untied lm_head one format up",
+            use_more_bits,
+            True,
+        ),
+        Recipe(
+            "k-l",
+            "attention q/k/v and down_proj one format up in every layer; an untied lm_head one format up",
+            _every_layer,
+            True,
+        ),
+    )
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name.lower()]
+    except KeyError:
+        raise UsageError(f"unknown --recipe {name!r}; choose one of {', '.join(RECIPES)}") from None
+
+
+def check_recipe(name: str, weights_format: str) -> Recipe:
+    """The recipe, refused for formats it does not apply to (floats, GGUF types and mixes)."""
+    rec = get_recipe(name)
+    if rec.layers is not None and weights_format.lower() not in LINEAR_ONLY_FORMATS:
+        hint = (
+            "; GGUF mixes such as q4_k_m carry llama.cpp's own per-tensor rules"
+            if weights_format.lower() not in FLOAT_FORMATS
+            else ""
+        )
+        raise UsageError(
+            f"--recipe {rec.name} applies to {', '.join(LINEAR_ONLY_FORMATS)}, not {weights_format}{hint}"
+        )
+    return rec
+
+
+def layer_count(names: Iterable[str], config: ModelConfig | None = None) -> int:
+    """Decoder layers: the config's, else the highest layer index in the tensor names plus one."""
+    if config is not None:
+        return config.num_hidden_layers
+    return max((i for n in names if (i := tensor_layer(n)) is not None), default=-1) + 1
+
+
+def recipe_format(
+    rec: Recipe, base: str, name: str, shape: Sequence[int], n_layers: int
+) -> tuple[str, str] | None:
+    """(format, rule) for a tensor the recipe moves off the base format; None for one it leaves to the
+    base rules (linear weights in ``base``, the rest 16-bit)."""
+    if rec.layers is None or len(shape) < 2:
+        return None
+    role = tensor_role(name, shape)
+    if role == "lm_head" and rec.lm_head:
+        return MORE_BITS[base], "lm_head one format up"
+    if role != "linear":
+        return None
+    category = gguf_category(name, shape)
+    if category not in (*_ATTENTION, "ffn_down"):
+        return None
+    i = tensor_layer(name)
+    if i is None or not rec.layers(i, n_layers):
+        return None
+    what = "down_proj" if category == "ffn_down" else "attention q/k/v"
+    return MORE_BITS[base], f"{what}, layer {i} of {n_layers}"
