@@ -391,8 +391,8 @@ def choose_layout(requested: str, plans: list[TensorPlan]) -> tuple[Layout, str 
             )
         if problem := lay.problem(plans):
             raise QuantError(
-                f"layout {requested} cannot hold this mix: {problem}; give them one format "
-                "(e.g. --override 'self_attn\\.[qkv]_proj=int8') or use --layout llmctl"
+                f"layout {requested} cannot hold this mix: {problem}; give the whole group one format (one "
+                "--override or --keep pattern for all of it) or use --layout llmctl"
             )
         return lay, None
     passed_over = None
