@@ -104,3 +104,23 @@ def test_each_format_loads_and_runs(gemma_bf16, reference, tmp_path, fmt, agree)
     kld, top1 = {"fp16": (0.001, 0.97), "int8": (0.01, 0.88), "fp8": (0.03, 0.85)}.get(fmt, (0.8, 0.55))
     assert 0 <= kl["mean"] < kld and kl["same_top"] > top1, kl
     print(fmt, {k: round(kl[k], 4) for k in ("mean", "p99", "same_top", "delta_ppl")})
+
+
+def test_k_m_recipe_lowers_kl_divergence(gemma_bf16, tmp_path):
+    """int4 with --recipe k-m (attention q/k/v and down_proj in int8 in 9 of the 18 layers) against int4
+    uniform, both round to nearest in groups of 128, KL divergence against the bf16 folder (the GGUF's
+    own weights dequantized) on the 254 tokens above. Measured: uniform 0.519 at 4.125 bits per quantized
+    weight, k-m 0.318 at 4.926 (k-l, every layer: 0.164 at 5.727)."""
+    runs = {}
+    for recipe in ("uniform", "k-m"):
+        out = tmp_path / recipe
+        q = llmctl("quantize", str(gemma_bf16), "-f", "int4", "--recipe", recipe, "-o", str(out), "--json")
+        assert q["recipe"] == recipe and json.loads((out / "config.json").read_text())["llmctl"]["recipe"] == recipe
+        ev = llmctl("eval", str(out), *EVAL, "--baseline", str(gemma_bf16))
+        runs[recipe] = (q["quantized_bits_per_weight"], q["bits_per_weight"], ev["kl"]["mean"], ev["kl"]["same_top"])
+        print(recipe, runs[recipe])
+    (bpw_u, _, kld_u, top_u), (bpw_m, _, kld_m, top_m) = runs["uniform"], runs["k-m"]
+    assert bpw_u == 4.125 and 4.9 < bpw_m < 4.95  # 36 of the 126 linear weights at 8.015 bits
+    assert kld_m < 0.7 * kld_u and kld_m < 0.4 and top_m > top_u
+    chat = llmctl("chat", str(tmp_path / "k-m"), "--prompt", TEXT, "--temperature", "0", "--max-tokens", "4", "--json")
+    assert chat["backend"] == "torch" and chat["reply"].strip(), chat
