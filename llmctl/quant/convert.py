@@ -58,6 +58,8 @@ class Plan:
     method: str = "rtn"  # scales of int4/int8 groups: round to nearest, or the scale search
     recipe: str = "uniform"  # llmctl.quant.recipes.RECIPES: which tensors get one format up
     notes: list[str] = field(default_factory=list)
+    calibrate: dict[str, Any] | None = None  # --calibration: {"data": spec, "tokens": n}
+    calibration: Any = None  # its statistics (llmctl.quant.calibrate.Calibration), collected by run_plan
 
     @property
     def out_bytes(self) -> int:
@@ -74,6 +76,7 @@ class Plan:
             "layout": self.layout.name,
             "method": self.method,
             "recipe": self.recipe,
+            "calibration": self.calibrate,
             "source_bytes": self.src_bytes,
             "output_bytes": self.out_bytes,
             "files": [{"name": f.name, "bytes": f.nbytes} for f in self.files],
@@ -256,6 +259,8 @@ def make_plan(
     fp8: str = "e4m3",
     method: str = "rtn",
     recipe: str = "uniform",
+    calibration: str | None = None,
+    calibration_tokens: int | None = None,
     shard_bytes: int = SHARD_BYTES,
 ) -> Plan:
     """Decide every tensor's format and the exact output files; reads headers only. ``method``: "rtn" or
@@ -271,6 +276,7 @@ def make_plan(
     rec = recipes.check_recipe(recipe, name)
     fp8 = _fp8_variant({"fp8": fp8})
     _search_steps({"method": method})  # refuses an unknown method
+    calibrate = _calibration_request(calibration, calibration_tokens, method)
     request = parse_group_size(group_size)
     keeps = [_regex(k, "--keep") for k in keep]
     rules = parse_overrides(overrides, symmetric)
@@ -325,7 +331,11 @@ def make_plan(
     config = _out_config(source, lay, plans, compute)
     if name not in FLOATS:  # what made the file, for readers to report
         config["llmctl"] = {"format": name, "recipe": rec.name, "method": method}
-    plan = Plan(source, name, lay, plans, files, config, method, rec.name)
+        if calibrate is not None:
+            config["llmctl"]["calibration"] = calibrate
+    plan = Plan(source, name, lay, plans, files, config, method, rec.name, calibrate=calibrate)
+    if calibrate is not None and not any(t.format in INT_FORMATS for t in plans):
+        plan.notes.append("--calibration weighs the scale search of int4/int8 tensors; none is in this plan")
     if passed_over:
         plan.notes.append(passed_over)
     if skipped:
@@ -335,6 +345,34 @@ def make_plan(
     if not any(t.quantized for t in plans) and name not in FLOATS:
         plan.notes.append("no tensor matched the recipe: nothing is quantized")
     return plan
+
+
+def calibrate(plan: Plan, progress: Callable[[Progress], None] | None = None) -> None:
+    """Collect the plan's activation statistics (``--calibration``) unless it has them; progress by window."""
+    if plan.calibrate is None or plan.calibration is not None:
+        return
+    from llmctl.quant.calibrate import collect
+
+    def step(i: int, n: int) -> None:
+        if progress is not None:
+            progress(Progress(i, n, f"calibration on {plan.calibrate['data']}", i, n))
+
+    plan.calibration = collect(plan.source.path, plan.calibrate["data"], tokens=plan.calibrate["tokens"], progress=step)
+    plan.calibrate = plan.calibration.describe()
+    plan.config.setdefault("llmctl", {})["calibration"] = plan.calibrate
+
+
+def _calibration_request(data: str | None, tokens: int | None, method: str) -> dict[str, Any] | None:
+    from llmctl.quant.calibrate import DEFAULT_TOKENS, check_tokens
+
+    if data is None:
+        if tokens is not None:
+            raise UsageError("--calibration-tokens needs --calibration TEXT")
+        return None
+    if method != "search":
+        raise UsageError("--calibration weighs the scale search; use it with --method search (the default)")
+    check_tokens(DEFAULT_TOKENS if tokens is None else tokens)
+    return {"data": data, "tokens": DEFAULT_TOKENS if tokens is None else tokens}
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -500,6 +538,7 @@ def run_plan(
     """Write the plan's output folder at ``out`` (atomically) and measure each tensor's error."""
     out = Path(out)
     check_out(out, force)
+    calibrate(plan, progress)  # before anything is written: a bad text leaves no trace
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     remove_dead_runs(out)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -566,7 +605,7 @@ def _write_all(plan: Plan, tmp: Path, progress, measure_error: bool, chunk_value
                 tp = plan.tensors[i]
                 if progress:
                     progress(Progress(i, len(plan.tensors), tp.name, done, total))
-                sqnr = _write_tensor(tp, inp, plan.layout, w, measure_error, chunk_values)
+                sqnr = _write_tensor(tp, inp, plan.layout, w, measure_error, chunk_values, plan.calibration)
                 done += tp.src_bytes
                 results.append(
                     TensorResult(tp.name, tp.format, math.prod(tp.shape), tp.src_bytes, tp.nbytes, sqnr)
@@ -596,7 +635,7 @@ def _chunk_rows(tp: TensorPlan, chunk_values: int) -> int:
 
 
 def _write_tensor(
-    tp: TensorPlan, inp: _Input, lay: Layout, w: Any, measure: bool, chunk_values: int
+    tp: TensorPlan, inp: _Input, lay: Layout, w: Any, measure: bool, chunk_values: int, calibration: Any = None
 ) -> float | None:
     import torch
 
@@ -605,6 +644,8 @@ def _write_tensor(
     fmt = REGISTRY[tp.format]
     rows_per = _chunk_rows(tp, chunk_values)
     opts = dict(tp.opts)
+    if calibration is not None and tp.format in INT_FORMATS and tp.name in calibration.importance:
+        opts["importance"] = calibration.importance[tp.name]
     if tp.format == "fp8" and tp.group_size == PER_TENSOR:  # one scale: the absmax of the whole tensor first
         amax = torch.zeros(())
         for chunk in inp.read(tp.name, rows_per):

@@ -346,7 +346,10 @@ class _IntGroup(WeightFormat):
         g = cls.check_group(cols, group_size)
         assert g is not None
         steps = _search_steps(opts)
-        kernels = native.get()
+        importance = opts.get("importance")  # per input channel, from --calibration (llmctl.quant.calibrate)
+        if importance is not None:
+            steps = SEARCH_STEPS
+        kernels = native.get() if importance is None else None
         if kernels is not None:  # the same arithmetic in one pass (llmctl.quant.native)
             q, scale, zp = kernels.int_group(x, g, bits, bool(cls.zero_bits), steps, SEARCH_DELTA)
             check_finite(scale)
@@ -377,7 +380,9 @@ class _IntGroup(WeightFormat):
             return torch.round(x / s.unsqueeze(-1)).add_(zp.unsqueeze(-1)).clamp_(qmin, qmax)
 
         weight = None
-        if steps > 1:  # llama.cpp's K-quant error weights: rms of the group + |x|, so large values count more
+        if importance is not None:  # an error in column j reaches the output scaled by x_j: weigh it E[x_j²]
+            weight = importance.float().reshape(1, cols // g, g)
+        elif steps > 1:  # llama.cpp's K-quant error weights: rms of the group + |x|, so large values count more
             weight = x.double().square().mean(-1, keepdim=True).sqrt_().float().add(x.abs())
 
         def error(s: Any, zp: Any) -> Any:  # ranks candidates: x · (1/s) as the native kernel does

@@ -27,7 +27,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,12 +61,41 @@ def gguf_format(name: str, by: str = "auto") -> tuple[str, str]:
     )
 
 
-def tensor_type(name: str, shape: tuple[int, ...], want: str) -> str:
-    """The type a tensor of numpy ``shape`` (rows last dim) gets in a ``want`` file (see module doc)."""
+def parse_overrides(overrides: Sequence[str], how: str) -> list[tuple[str, str]]:
+    """``PATTERN=TYPE`` pairs for GGUF output: types llmctl writes (f32 … q5_1) when llmctl writes the file,
+    any ggml type llama.cpp's quantizer makes (q6_k, iq4_xs, …) when it does. Patterns are regular
+    expressions searched in llama.cpp's tensor names (``blk\\.1[0-7]\\.ffn_down``)."""
+    from gguf import GGMLQuantizationType
+
+    allowed = PY_TYPES if how == "python" else tuple(t.name.lower() for t in GGMLQuantizationType)
+    out = []
+    for o in overrides:
+        pattern, sep, kind = o.rpartition("=")
+        kind = ALIASES.get(kind.lower(), kind.lower())
+        if not sep or not pattern or not kind:
+            raise UsageError(f"--override {o!r}: expected PATTERN=TYPE, e.g. 'ffn_down=q8_0'")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise UsageError(f"--override {pattern!r} is not a valid regular expression: {e}") from None
+        if kind not in allowed:
+            where = "llmctl writes" if how == "python" else "llama.cpp's quantizer makes"
+            hint = " (or a llama.cpp mix such as q4_k_m, whose quantizer makes K-quants)" if how == "python" else ""
+            raise UsageError(f"--override {o!r}: {kind!r} is not a type {where}; choose one of {', '.join(allowed)}{hint}")
+        out.append((pattern, kind))
+    return out
+
+
+def tensor_type(name: str, shape: tuple[int, ...], want: str, overrides: Sequence[tuple[str, str]] = ()) -> str:
+    """The type a tensor of numpy ``shape`` (rows last dim) gets in a ``want`` file (see module doc); the
+    first matching ``--override`` replaces ``want`` for 2-D tensors."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     if len(shape) < 2 or math.prod(shape[:-1]) == 1:
         return "f32"
+    want = next((kind for pattern, kind in overrides if re.search(pattern, name)), want)
+    if want in ("f32", "f16", "bf16"):
+        return want
     block, _ = GGML_QUANT_SIZES[GGMLQuantizationType[want.upper()]]
     return want if shape[-1] % block == 0 else "f16"
 
@@ -92,6 +121,7 @@ class GGUFResult:
     output_bytes: int
     tensors: list[GGUFTensor] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None
 
     @property
     def params(self) -> int:
@@ -113,6 +143,7 @@ class GGUFResult:
             "bits_per_weight": 8 * self.output_bytes / self.params if self.params else 0.0,
             "seconds": round(self.seconds, 3),
             "params_per_second": self.params / self.seconds if self.seconds else None,
+            "calibration": self.calibration,
             "by_format": by_format(self.tensors),
             "worst_sqnr": [
                 {"name": t.name, "format": t.format, "sqnr_db": round(t.sqnr_db or 0.0, 2)} for t in measured[:5]
@@ -139,23 +170,36 @@ def write_gguf(
     force: bool = False,
     threads: int | None = None,
     progress: Callable[[Any], None] | None = None,
+    overrides: Sequence[str] = (),
+    calibration: dict[str, Any] | None = None,
 ) -> GGUFResult:
-    """Write ``source`` (a resolved GGUF source) as a GGUF of type/mix ``fmt`` to ``out`` (see module doc)."""
+    """Write ``source`` (a resolved GGUF source) as a GGUF of type/mix ``fmt`` to ``out`` (see module doc).
+
+    ``overrides``: ``PATTERN=TYPE`` strings (``parse_overrides``). ``calibration``: ``{"data": spec,
+    "tokens": n}``; its statistics become llama.cpp's importance matrix, so the file is made by llama.cpp's
+    quantizer (for llmctl's own types with ``pure``: every 2-D tensor in the type, as llmctl writes them)."""
     _require_gguf(source)
     name, how = gguf_format(fmt, by)
+    pure = calibration is not None and how == "python"
+    if pure:
+        how = "llama.cpp"
+    rules = parse_overrides(overrides, "python" if pure else how)
     out = Path(out)
     from llmctl.quant.convert import check_out, remove_dead_runs
 
     check_out(out, force, file=True)
+    stats = None
+    if calibration is not None:  # before anything is written: a bad text leaves no trace
+        stats = _imatrix(source, calibration, progress)
     remove_dead_runs(out)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     f16 = out.with_name(f".{out.name}.f16-{os.getpid()}")  # a mix's intermediate
     t0 = time.perf_counter()
     try:
         if how == "python":
-            tensors = _write_python(Path(source.path), tmp, name, progress)
+            tensors = _write_python(Path(source.path), tmp, name, progress, rules)
         else:
-            tensors = _write_llama_cpp(Path(source.path), f16, tmp, name, threads, progress)
+            tensors = _write_llama_cpp(Path(source.path), f16, tmp, name, threads, progress, rules, stats, pure)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -164,6 +208,11 @@ def write_gguf(
         f16.unlink(missing_ok=True)
     src_bytes = Path(source.path).stat().st_size
     result = GGUFResult(source.display, out, name, how, time.perf_counter() - t0, src_bytes, out.stat().st_size, tensors)
+    if stats is not None:
+        result.calibration = stats.describe()
+        if pure:
+            result.notes.append(f"calibrated: written by llama.cpp's quantizer with the importance matrix, every "
+                                f"2-D tensor {name} (pure)")  # fmt: skip
     if how == "python" and any(t.format == "f16" for t in tensors) and name not in ("f16", "f32", "bf16"):
         result.notes.append(f"tensors whose rows are not a multiple of {name}'s block are written as f16")
     return result
@@ -190,8 +239,26 @@ def _copy_metadata(reader: Any, writer: Any, file_type: int) -> None:
     writer.add_string("general.quantized_by", f"llmctl {__version__}")
 
 
-def _write_python(src: Path, dst: Path, want: str, progress) -> list[GGUFTensor]:
-    """Every tensor dequantized to fp32 and quantized with gguf-py, written in the source's order."""
+def _imatrix(source: Any, calibration: dict[str, Any], progress) -> Any:
+    """The source's activation statistics (llmctl.quant.calibrate) keyed by its GGUF tensor names."""
+    from llmctl.quant.calibrate import collect
+    from llmctl.runtime.gguf_loader import gguf_to_hf_name
+
+    def step(i: int, n: int) -> None:
+        _progress(progress, i, n, f"calibration on {calibration['data']}", i, n)
+
+    cal = collect(source.path, calibration["data"], tokens=calibration["tokens"], progress=step)
+    arch = source.gguf.metadata.get("general.architecture")
+    names = {gguf_to_hf_name(t.name, arch): t.name for t in source.gguf.tensors}
+    cal.importance = {names[hf]: v for hf, v in cal.importance.items() if hf in names}
+    return cal
+
+
+def _write_python(
+    src: Path, dst: Path, want: str, progress, rules: Sequence[tuple[str, str]] = (), extra: dict[str, Any] | None = None
+) -> list[GGUFTensor]:
+    """Every tensor dequantized to fp32 and quantized with gguf-py, written in the source's order;
+    ``extra``: metadata keys to add (str or int values)."""
     import gguf
     import numpy as np
     from gguf.quants import dequantize, quantize
@@ -201,10 +268,12 @@ def _write_python(src: Path, dst: Path, want: str, progress) -> list[GGUFTensor]
     reader = gguf.GGUFReader(str(src))
     writer = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
     _copy_metadata(reader, writer, _FILE_TYPES[want])
+    for key, value in (extra or {}).items():
+        writer.add_string(key, value) if isinstance(value, str) else writer.add_uint32(key, value)
     plan = []
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # numpy order: rows last
-        kind = tensor_type(t.name, shape, want)
+        kind = tensor_type(t.name, shape, want, rules)
         qtype = gguf.GGMLQuantizationType[kind.upper()]
         if kind in ("f32", "f16"):
             dtype, info_shape = np.dtype(np.float32 if kind == "f32" else np.float16), shape
@@ -236,11 +305,24 @@ def _write_python(src: Path, dst: Path, want: str, progress) -> list[GGUFTensor]
     return results
 
 
-def _write_llama_cpp(src: Path, f16: Path, dst: Path, mix: str, threads: int | None, progress) -> list[GGUFTensor]:
+def _write_llama_cpp(
+    src: Path,
+    f16: Path,
+    dst: Path,
+    mix: str,
+    threads: int | None,
+    progress,
+    rules: Sequence[tuple[str, str]] = (),
+    stats: Any = None,
+    pure: bool = False,
+) -> list[GGUFTensor]:
     """An f16 GGUF written to ``f16`` (the caller removes it) and quantized by llama.cpp's
-    ``llama_model_quantize`` into ``dst``."""
+    ``llama_model_quantize`` into ``dst``: ``rules`` become its tensor-type overrides, ``stats``
+    (llmctl.quant.calibrate.Calibration by GGUF name) its importance matrix, and ``pure`` its ``pure`` flag
+    (every tensor the mix's base type)."""
     import ctypes
 
+    import gguf
     import llama_cpp
 
     total = src.stat().st_size  # one bar: the f16 file is its first half, llama.cpp's tensors the second
@@ -248,10 +330,30 @@ def _write_llama_cpp(src: Path, f16: Path, dst: Path, mix: str, threads: int | N
     def first_half(p: Any) -> None:
         _progress(progress, p.tensor, p.tensors, p.name, total * p.bytes_done // (2 * max(p.bytes_total, 1)), total)
 
-    _write_python(src, f16, "f16", first_half)
+    extra = {}
+    if stats is not None:  # the keys llama.cpp's llama-quantize writes for an importance matrix
+        extra = {"quantize.imatrix.dataset": stats.data, "quantize.imatrix.entries_count": len(stats.importance),
+                 "quantize.imatrix.chunks_count": stats.windows, "llmctl.calibration.tokens": stats.tokens}  # fmt: skip
+    _write_python(src, f16, "f16", first_half, extra=extra)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = LLAMA_MIXES[mix]
     params.nthread = threads or (os.cpu_count() or 1)
+    params.pure = pure
+    keep = []  # ctypes buffers the params point into, alive until the call returns
+    if rules:
+        overrides = (llama_cpp.llama_model_tensor_override * (len(rules) + 1))()
+        for i, (pattern, kind) in enumerate(rules):
+            keep.append(pattern.encode())
+            overrides[i].pattern, overrides[i].type = keep[-1], gguf.GGMLQuantizationType[kind.upper()].value
+        params.tt_overrides = overrides  # the last entry's NULL pattern ends the list
+    if stats is not None:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(stats.importance) + 1))()
+        for i, (name, values) in enumerate(stats.importance.items()):
+            data = values.float().contiguous().numpy()
+            keep += [name.encode(), data]
+            entries[i].name, entries[i].size = keep[-2], data.size
+            entries[i].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        params.imatrix = entries
 
     @llama_cpp.llama_log_callback
     def log(_level: int, text: bytes, _user: Any) -> None:  # "[  12/ 236]  blk.0.attn_q.weight - ..."
@@ -283,30 +385,44 @@ def _describe(path: Path, src: Path) -> list[GGUFTensor]:
     ]
 
 
-def plan_gguf(source: Any, fmt: str, by: str = "auto") -> dict[str, Any]:
+def plan_gguf(
+    source: Any, fmt: str, by: str = "auto", overrides: Sequence[str] = (), calibration: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The dry run: each tensor's type in the output and its bytes. For llama.cpp's mixes the types come from
-    the recipe estimate-memory uses (llmctl.quant.recipes, llama.cpp's ``llama_tensor_get_type`` rules)."""
+    the recipe estimate-memory uses (llmctl.quant.recipes, llama.cpp's ``llama_tensor_get_type`` rules), then
+    the overrides and, with an importance matrix, llama.cpp's q4_0/q5_0 guard on the first ffn_down layers."""
     from llmctl.quant import recipes
     from llmctl.quant.formats import REGISTRY
 
     _require_gguf(source)
     name, how = gguf_format(fmt, by)
+    pure = calibration is not None and how == "python"
+    rules = parse_overrides(overrides, "python" if pure else how)
     infos = source.tensors() or []
     rows = []
     if how == "python":
         for t in infos:
-            kind = tensor_type(t.name, tuple(t.shape), name)
+            kind = tensor_type(t.name, tuple(t.shape), name, rules)
             reg = {"f32": "fp32", "f16": "fp16"}.get(kind, kind)
             rows.append({"name": t.name, "shape": list(t.shape), "from": t.dtype.lower(), "to": kind,
                          "bytes": REGISTRY[reg].nbytes(tuple(t.shape))})  # fmt: skip
     else:
+        n_layer = source.config.num_hidden_layers
         for (t, src), (out, kind) in zip(
             ((t, t.dtype) for t in infos), recipes.assign_formats(infos, name, None, "f16", config=source.config),
             strict=True,
         ):
-            rows.append({"name": t.name, "shape": list(t.shape), "from": src.lower(), "to": kind, "bytes": out.nbytes})
+            if recipes.is_quantized(kind):  # what llama.cpp quantizes; the rest keeps its type
+                cols = t.shape[-1]
+                m = re.match(r"blk\.(\d+)\.ffn_down\.", t.name)
+                if calibration is not None and name in ("q4_0", "q5_0") and m and int(m.group(1)) < n_layer // 8:
+                    kind = {"q4_0": "q4_1", "q5_0": "q5_1"}[name]
+                kind = recipes.gguf_fallback(next((k for p, k in rules if re.search(p, t.name)), kind), cols)
+            nbytes = recipes.ggml_nbytes(kind, t.shape) if recipes.is_quantized(kind) else out.nbytes
+            rows.append({"name": t.name, "shape": list(t.shape), "from": src.lower(), "to": kind, "bytes": nbytes})
     return {
         "model": source.display, "format": name, "layout": "gguf",
-        "written_by": "llmctl (gguf-py quantizers)" if how == "python" else "llama.cpp (llama_model_quantize)",
+        "written_by": "llmctl (gguf-py quantizers)" if how == "python" and not pure else "llama.cpp (llama_model_quantize)",
+        "calibration": calibration,
         "tensors": rows, "tensor_bytes": sum(r["bytes"] for r in rows),
     }  # fmt: skip

@@ -226,13 +226,13 @@ def _block_bytes(ggml_name: str) -> tuple[int, int]:
     return fmt.block() if issubclass(fmt, GGMLType) else (1, fmt.nbytes((1,)))
 
 
-def _ggml_nbytes(ggml_name: str, shape: Sequence[int]) -> int:
+def ggml_nbytes(ggml_name: str, shape: Sequence[int]) -> int:
     """REGISTRY[ggml_name].nbytes(shape) for a row that fits the block, without per-call imports."""
     block, size = _block_bytes(ggml_name)
     return math.prod(shape) // block * size
 
 
-def _fallback(ggml_name: str, cols: int) -> str:
+def gguf_fallback(ggml_name: str, cols: int) -> str:
     if cols % _block(ggml_name) == 0:
         return ggml_name
     alt = _FALLBACK.get(ggml_name, "f16")
@@ -302,8 +302,8 @@ def _gguf(
             ggml = single
             if single.endswith("_k") and (category == "output" or (facts.tied and category == "token_embd")):
                 ggml = "q6_k"
-        ggml = _fallback(ggml, cols)
-        out.append((_as(t, ggml, _ggml_nbytes(ggml, t.shape)), ggml))
+        ggml = gguf_fallback(ggml, cols)
+        out.append((_as(t, ggml, ggml_nbytes(ggml, t.shape)), ggml))
     return out
 
 
