@@ -28,6 +28,7 @@ converter (convert_hf_to_gguf.py) writes them, for llmctl.quant.gguf_out's write
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections.abc import Iterator
@@ -188,17 +189,22 @@ def add_tokenizer(writer: Any, folder: Path, n_vocab: int) -> None:
             "for BPE models (byte-level or SentencePiece-style)"
         )
     tokens, types = _vocab(tok, n_vocab, folder)
-    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=n_vocab)
+    quiet = logging.getLogger("gguf.vocab")  # library code never prints: gguf-py warns through logging
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        special = gguf.SpecialVocab(folder, load_merges=not model.get("byte_fallback"), n_vocab=n_vocab)
+    finally:
+        quiet.setLevel(level)
     for key in ("bos", "eos"):  # a tokenizer.json that adds no such token: say so, not llama.cpp's default
         special.add_special_token.setdefault(key, False)
     if model.get("byte_fallback"):
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
         writer.add_token_list(tokens)
-        writer.add_token_scores(_spm_scores(tokens, types, special.merges))
+        writer.add_token_scores(_spm_scores(tokens, types, _merges(model)))  # it ranks by scores, not merges
         writer.add_token_types(types)
         writer.add_add_space_prefix(_adds_space_prefix(tok))
-        special.merges = []  # the SPM tokenizer ranks by scores
     else:
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre_tokenizer_name(tok, folder))
@@ -238,15 +244,19 @@ def _vocab(tok: dict[str, Any], n_vocab: int, folder: Path) -> tuple[list[str], 
     return tokens, [int(t) for t in types]
 
 
-def _spm_scores(tokens: list[str], types: list[int], merges: list[str]) -> list[float]:
+def _merges(model: dict[str, Any]) -> list[tuple[str, str]]:
+    """tokenizer.json's merges, "a b" strings or [a, b] pairs, as pairs."""
+    return [tuple(m.split(" ", 1)) if isinstance(m, str) else (m[0], m[1]) for m in model.get("merges") or []]
+
+
+def _spm_scores(tokens: list[str], types: list[int], merges: list[tuple[str, str]]) -> list[float]:
     """SentencePiece-style scores from BPE merges: minus the rank of the first merge that makes a token
     (normal tokens no merge makes rank after every merge); added tokens −1000, bytes 0."""
     import gguf
 
     first: dict[str, int] = {}
-    for rank, m in enumerate(merges):
-        left, _, right = m.partition(" ")
-        first.setdefault((left + right).replace(chr(ord(" ") + 256), " "), rank)
+    for rank, (left, right) in enumerate(merges):
+        first.setdefault(left + right, rank)
     last = float(len(merges))
     scores = []
     for t, kind in zip(tokens, types, strict=True):
