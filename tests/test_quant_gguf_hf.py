@@ -357,6 +357,12 @@ def test_command_and_refusals(tmp_path):
     done = run(str(folder), "-f", "q4_k_m", "--out", str(tmp_path / "x.gguf"), "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["written_by"].startswith("llama.cpp")
+    import gguf
+
+    written = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "x.gguf")).tensors}
+    assert {r["name"]: (r["to"], r["bytes"]) for r in plan["tensors"]} == {
+        n: (t.tensor_type.name.lower(), int(t.n_bytes)) for n, t in written.items()
+    }
     (tmp_path / "x.gguf").unlink()
 
     def variant(name: str, edit) -> Path:

@@ -210,6 +210,7 @@ def add_tokenizer(writer: Any, folder: Path, n_vocab: int) -> None:
         writer.add_tokenizer_pre(pre_tokenizer_name(tok, folder))
         writer.add_token_list(tokens)
         writer.add_token_types(types)
+        writer.add_add_space_prefix(_adds_space_prefix(tok))
     special.add_to_gguf(writer, quiet=True)
 
 
@@ -270,7 +271,8 @@ def _spm_scores(tokens: list[str], types: list[int], merges: list[tuple[str, str
 
 
 def _adds_space_prefix(tok: dict[str, Any]) -> bool:
-    """Whether the tokenizer puts "▁" before the text (a Prepend normalizer or a Metaspace that prepends)."""
+    """Whether the tokenizer puts a space before the text: a "▁" Prepend normalizer, a Metaspace that
+    prepends, or a ByteLevel step with add_prefix_space."""
 
     def steps(node: Any, key: str) -> list[dict[str, Any]]:
         if not isinstance(node, dict):
@@ -284,7 +286,9 @@ def _adds_space_prefix(tok: dict[str, Any]) -> bool:
     norm = steps(tok.get("normalizer"), "normalizers")
     pre = steps(tok.get("pre_tokenizer"), "pretokenizers")
     return any(s.get("type") == "Prepend" for s in norm) or any(
-        s.get("type") == "Metaspace" and s.get("prepend_scheme", "always") != "never" for s in pre
+        (s.get("type") == "Metaspace" and s.get("prepend_scheme", "always") != "never")
+        or (s.get("type") == "ByteLevel" and s.get("add_prefix_space"))
+        for s in pre
     )
 
 

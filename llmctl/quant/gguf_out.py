@@ -141,7 +141,8 @@ class GGUFSource:
 def open_source(source: Any) -> GGUFSource:
     """A resolved MODEL (GGUF file or Hugging Face folder) as a GGUFSource."""
     if source.is_gguf:
-        return _gguf_file_source(Path(source.path))
+        # llmctl's reader validates the file (FormatError) before gguf-py parses it
+        return _gguf_file_source(Path(source.path), source.gguf.config)
     if source.kind == "config":
         raise UsageError(f"{source.path}: a bare config.json has no weights to write")
     from llmctl.quant.gguf_hf import folder_source
@@ -149,7 +150,7 @@ def open_source(source: Any) -> GGUFSource:
     return folder_source(Path(source.path))
 
 
-def _gguf_file_source(path: Path) -> GGUFSource:
+def _gguf_file_source(path: Path, config: Any) -> GGUFSource:
     import gguf
     import numpy as np
     from gguf.quants import dequantize
@@ -164,7 +165,8 @@ def _gguf_file_source(path: Path) -> GGUFSource:
         for t, (_, shape, _, _) in zip(reader.tensors, tensors, strict=True):
             yield dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
 
-    return GGUFSource(reader.fields["general.architecture"].contents(), lambda w: _copy_metadata(reader, w), tensors, read)
+    arch = reader.fields["general.architecture"].contents()
+    return GGUFSource(arch, lambda w: _copy_metadata(reader, w), tensors, read, config)
 
 
 def write_gguf(
@@ -199,7 +201,7 @@ def write_gguf(
         raise
     finally:
         f16.unlink(missing_ok=True)
-    src_bytes = sum(nbytes for _, _, nbytes, _ in src.tensors)
+    src_bytes = Path(source.path).stat().st_size if source.is_gguf else sum(n for _, _, n, _ in src.tensors)
     result = GGUFResult(source.display, out, name, how, time.perf_counter() - t0, src_bytes, out.stat().st_size, tensors)
     result.notes.extend(src.notes)
     if how == "python" and any(t.format == "f16" for t in tensors) and name not in ("f16", "f32", "bf16"):
@@ -333,7 +335,7 @@ def plan_gguf(source: Any, fmt: str, by: str = "auto") -> dict[str, Any]:
             rows.append({"name": t.name, "shape": list(t.shape), "from": t.dtype.lower(), "to": kind,
                          "bytes": REGISTRY[reg].nbytes(tuple(t.shape))})  # fmt: skip
     else:
-        assigned = recipes.assign_formats(infos, name, None, "f16", config=src.config or source.config)
+        assigned = recipes.assign_formats(infos, name, None, "f16", config=src.config)
         for t, (out, kind) in zip(infos, assigned, strict=True):
             rows.append({"name": t.name, "shape": list(t.shape), "from": t.dtype.lower(), "to": kind, "bytes": out.nbytes})
     return {
