@@ -211,17 +211,16 @@ GGUF_ARCH = {"llama": "llama", "smollm2": "llama", "mistral": "llama", "qwen2": 
 TOKENS = [1, 5, 17, 33, 60, 7, 12, 44, 80, 3, 9, 21, 50, 61, 70, 2, 11, 19, 23, 29]
 
 
-def tiny_folder(family: str, folder: Path):
+def tiny_folder(family: str, folder: Path, **gemma: object):
     """A tiny random model of ``family`` saved with a tokenizer; Gemma 3 without the logit soft-capping and
-    query scale llama.cpp's gemma3 does not read (refused, see test_refusals)."""
+    query scale llama.cpp's gemma3 does not read (refused, see test_command_and_refusals)."""
     import torch
     import transformers as T
 
     if family == "gemma3":
         torch.manual_seed(0)
-        model = T.Gemma3ForCausalLM(
-            T.Gemma3TextConfig(**{**_GEMMA, "final_logit_softcapping": None, "query_pre_attn_scalar": 16})
-        ).eval()
+        config = {**_GEMMA, "final_logit_softcapping": None, "query_pre_attn_scalar": 16, **gemma}
+        model = T.Gemma3ForCausalLM(T.Gemma3TextConfig(**config)).eval()
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n.endswith("norm.weight"):
@@ -310,6 +309,27 @@ def test_tiny_families(family, tmp_path):
     for text in ["the quick brown fox", "a lazy dog jumps over the fox", " the  quick"]:
         assert vocab.tokenize(text.encode(), add_bos=True) == hf_tok.encode(text).ids, text
     vocab.close()
+
+
+def test_gemma3_layer_pattern_as_flags(tmp_path):
+    """Sliding layers that follow no period are written one flag per layer, which llama.cpp and llmctl read."""
+    import gguf
+    import torch
+
+    from llmctl.runtime.loader import load_model
+
+    kinds = ["full_attention", "sliding_attention", "sliding_attention"]
+    model = tiny_folder("gemma3", tmp_path / "g", layer_types=kinds)
+    out = tmp_path / "g.gguf"
+    write_gguf(resolve(str(tmp_path / "g")), out, "f32")
+    flags = gguf.GGUFReader(str(out)).fields["gemma3.attention.sliding_window_pattern"].contents()
+    assert flags == [False, True, True]
+    with torch.no_grad():
+        reference = model(torch.tensor([TOKENS])).logits[0].numpy()
+        ours = load_model(out)(torch.tensor([TOKENS]))[0].numpy()
+    tol = 2e-4 * float(np.abs(reference).max())
+    assert float(np.abs(llama_cpp_logits(out, TOKENS) - reference).max()) < tol
+    assert float(np.abs(ours - reference).max()) < tol
 
 
 def test_folder_bytes_are_gguf_pys(tmp_path):
