@@ -415,6 +415,8 @@ def test_command_and_refusals(tmp_path):
         p = run(str(src), "-f", "q8_0", "--out", str(tmp_path / "x.gguf"))
         assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, (src.name, p.stderr)
         assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+        dry = run(str(src), "-f", "q8_0", "--out", str(tmp_path / "x.gguf"), "--dry-run")
+        assert dry.returncode == 2 and message in dry.stderr, (src.name, dry.stderr)
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*"))
 
 

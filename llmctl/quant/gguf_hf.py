@@ -177,10 +177,8 @@ def _swa_pattern(kinds: list[str]) -> int | list[bool]:
     return [k == SLIDING for k in kinds]
 
 
-def add_tokenizer(writer: Any, folder: Path, n_vocab: int) -> None:
-    """tokenizer.ggml.* and the chat template from the folder's tokenizer files (see module doc)."""
-    import gguf
-
+def read_tokenizer(folder: Path) -> dict[str, Any]:
+    """The folder's tokenizer.json, refused unless llmctl can write it as a GGUF tokenizer."""
     tok = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     model = tok.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
@@ -188,6 +186,16 @@ def add_tokenizer(writer: Any, folder: Path, n_vocab: int) -> None:
             f"{folder / 'tokenizer.json'}: a {model.get('type')!r} tokenizer; llmctl writes GGUF tokenizers "
             "for BPE models (byte-level or SentencePiece-style)"
         )
+    if not model.get("byte_fallback"):
+        pre_tokenizer_name(tok, folder / "tokenizer.json")
+    return tok
+
+
+def add_tokenizer(writer: Any, folder: Path, tok: dict[str, Any], n_vocab: int) -> None:
+    """tokenizer.ggml.* and the chat template from the folder's tokenizer files (see module doc)."""
+    import gguf
+
+    model = tok["model"]
     tokens, types = _vocab(tok, n_vocab, folder)
     quiet = logging.getLogger("gguf.vocab")  # library code never prints: gguf-py warns through logging
     level = quiet.level
@@ -207,7 +215,7 @@ def add_tokenizer(writer: Any, folder: Path, n_vocab: int) -> None:
         writer.add_add_space_prefix(_adds_space_prefix(tok))
     else:
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre_tokenizer_name(tok, folder))
+        writer.add_tokenizer_pre(pre_tokenizer_name(tok, folder / "tokenizer.json"))
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_add_space_prefix(_adds_space_prefix(tok))
@@ -400,6 +408,7 @@ def folder_source(folder: Path) -> Any:
             "write GGUF from the bf16/fp16/fp32 original"
         )
     names = tensor_names(cfg, list(entries), folder)
+    tok = read_tokenizer(folder)  # refused here, so that --dry-run refuses it too
     embed = entries.get("model.embed_tokens.weight")
     n_vocab = embed.shape[0] if embed is not None else cfg.vocab_size
     tensors = [
@@ -413,7 +422,7 @@ def folder_source(folder: Path) -> Any:
     def add_metadata(writer: Any) -> None:
         writer.add_name(folder.resolve().name)
         notes.extend(add_arch_metadata(writer, cfg, n_vocab))
-        add_tokenizer(writer, folder, n_vocab)
+        add_tokenizer(writer, folder, tok, n_vocab)
 
     def read() -> Iterator[Any]:
         import numpy as np
