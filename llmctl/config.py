@@ -331,7 +331,11 @@ class ModelConfig:
         if model_type == "gemma3_text":
             d["hidden_act"] = "gelu_pytorch_tanh"
             d["rope_local_base_freq"] = 10000.0
-            d["sliding_window_pattern"] = g("attention.sliding_window_pattern", 6)
+            pattern = g("attention.sliding_window_pattern", 6)
+            if isinstance(pattern, list):  # one flag per layer, true = sliding (llama.cpp's load_swa_pattern)
+                d["layer_types"] = [SLIDING if swa else FULL for swa in pattern]
+            else:
+                d["sliding_window_pattern"] = pattern
             d["query_pre_attn_scalar"] = float(d["head_dim"] or (d["hidden_size"] // n_head))
         if model_type in ("qwen2",):
             d["attention_bias"] = True

@@ -71,6 +71,12 @@ def st_folder(tmp: Path, blob: bytes) -> Path:
     return d
 
 
+def st_folder_config(tmp: Path, blob: bytes, **config) -> Path:
+    d = folder(tmp, {**TINY_CONFIG, **config})
+    (d / "model.safetensors").write_bytes(blob)
+    return d
+
+
 def one_tensor(dtype="F32", shape=(4, 4), offsets=(0, 64), data_len=64, header_len=None) -> bytes:
     header = {"model.norm.weight": {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}}
     return safetensors_blob(header, b"\0" * data_len, header_len)
@@ -167,6 +173,17 @@ CASES = [
         "pickle-checkpoint-refused",
         lambda t: ["quantize", str(pickle_folder(t)), "-f", "int8", "-o", str(t / "o")],
         "pickle",
+    ),
+    Case(
+        "gguf-out-folder-without-tokenizer",
+        lambda t: ["quantize", str(st_folder(t, one_tensor())), "-f", "q8_0", "-o", str(t / "o.gguf")],
+        "no tokenizer.json",
+    ),
+    Case(
+        "gguf-out-quantized-folder",
+        lambda t: ["quantize", str(st_folder_config(t, one_tensor(), quantization_config={"quant_method": "fp8"})),
+                   "-f", "q8_0", "-o", str(t / "o.gguf")],
+        "already quantized",
     ),
     # GGUF
     Case("gguf-wrong-magic", lambda t: ["estimate-memory", str(gguf_file(t, gguf_bytes(magic=b"PK\3\4")))], "not a GGUF file"),

@@ -168,7 +168,7 @@ def test_command(tmp_path):
     }))  # fmt: skip
     save_file({"model.embed_tokens.weight": torch.zeros(96, 64)}, str(folder / "model.safetensors"))
     for args, message in [
-        ([str(folder), "--format", "q8_0", "--out", str(tmp_path / "a.gguf")], "GGUF output from a Hugging Face folder"),
+        ([str(folder), "--format", "q8_0", "--out", str(tmp_path / "a.gguf")], "no tokenizer.json"),
         (["--format", "q3_x", "--out", str(tmp_path / "a.gguf")], "cannot be written as GGUF"),
         (["--format", "q4_0", "--out", str(tmp_path / "a.gguf"), "-g", "64"], "--group-size does not apply"),
         (["--format", "q4_0", "--out", str(tmp_path / "missing" / "a.gguf")], "no such folder for the output"),

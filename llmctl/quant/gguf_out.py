@@ -12,13 +12,18 @@ Two ways a tensor is written:
   (``llama_model_quantize`` through llama-cpp-python) makes the output with its per-tensor rules; the
   intermediate file is removed whatever happens.
 
-Metadata (architecture, hyper-parameters, tokenizer: tokens, scores/merges, token types, special ids, chat
-template) is copied from the source GGUF key by key; ``general.file_type`` is set for the new type and
-``general.quantized_by`` names llmctl. Tensor names and their layout (llama.cpp's Q/K row order) are the
-source's. The output is written to a temporary file beside it and renamed when complete.
+Sources, each a ``GGUFSource`` (architecture, a function writing its metadata, its tensors' GGUF names
+and shapes, and a reader yielding them as fp32 numpy arrays in that order), so both feed the same writer:
 
-Sources are GGUF files. A Hugging Face folder needs its tokenizer turned into GGUF metadata (vocabulary,
-merges, llama.cpp's pre-tokenizer name), which llmctl does not do yet: it is refused with that reason.
+* a GGUF file — metadata (architecture, hyper-parameters, tokenizer: tokens, scores/merges, token types,
+  special ids, chat template) copied key by key; tensor names and layout (llama.cpp's Q/K row order) are
+  the source's;
+* a Hugging Face safetensors folder of a family the runtime runs (llama, mistral, qwen2, qwen3, gemma3) —
+  metadata, tokenizer, llama.cpp's tensor names and layout made as llama.cpp's converter makes them
+  (llmctl.quant.gguf_hf).
+
+``general.file_type`` is set for the new type and ``general.quantized_by`` names llmctl. The output is
+written to a temporary file beside it and renamed when complete.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,13 +157,47 @@ class GGUFResult:
         }
 
 
-def _require_gguf(source: Any) -> None:
-    if not source.is_gguf:
-        raise UsageError(
-            f"{source.display}: GGUF output from a Hugging Face folder is not supported yet (its tokenizer would "
-            "have to become GGUF metadata); convert it with llama.cpp's convert_hf_to_gguf.py first, or quantize "
-            "a GGUF model"
-        )
+@dataclass
+class GGUFSource:
+    """What the writer reads from a source (see module doc)."""
+
+    arch: str
+    add_metadata: Callable[[Any], None]  # writes every key but general.file_type / general.quantized_by
+    tensors: list[tuple[str, tuple[int, ...], int, str]]  # (GGUF name, numpy shape (rows last), bytes, dtype)
+    read: Callable[[], Iterator[Any]]  # each tensor as fp32 numpy in that shape, in that order
+    config: Any = None
+    notes: list[str] = field(default_factory=list)
+
+
+def open_source(source: Any) -> GGUFSource:
+    """A resolved MODEL (GGUF file or Hugging Face folder) as a GGUFSource."""
+    if source.is_gguf:
+        # llmctl's reader validates the file (FormatError) before gguf-py parses it
+        return _gguf_file_source(Path(source.path), source.gguf.config)
+    if source.kind == "config":
+        raise UsageError(f"{source.path}: a bare config.json has no weights to write")
+    from llmctl.quant.gguf_hf import folder_source
+
+    return folder_source(Path(source.path))
+
+
+def _gguf_file_source(path: Path, config: Any) -> GGUFSource:
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(str(path))
+    tensors = [
+        (t.name, tuple(int(d) for d in reversed(t.shape.tolist())), int(t.n_bytes), t.tensor_type.name.lower())
+        for t in reader.tensors
+    ]  # numpy order: rows last
+
+    def read() -> Iterator[Any]:
+        for t, (_, shape, _, _) in zip(reader.tensors, tensors, strict=True):
+            yield dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+
+    arch = reader.fields["general.architecture"].contents()
+    return GGUFSource(arch, lambda w: _copy_metadata(reader, w), tensors, read, config)
 
 
 def write_gguf(
@@ -173,12 +212,12 @@ def write_gguf(
     overrides: Sequence[str] = (),
     calibration: dict[str, Any] | None = None,
 ) -> GGUFResult:
-    """Write ``source`` (a resolved GGUF source) as a GGUF of type/mix ``fmt`` to ``out`` (see module doc).
+    """Write ``source`` (a resolved GGUF file or Hugging Face folder) as a GGUF of type/mix ``fmt`` to ``out``
+    (see module doc).
 
     ``overrides``: ``PATTERN=TYPE`` strings (``parse_overrides``). ``calibration``: ``{"data": spec,
     "tokens": n}``; its statistics become llama.cpp's importance matrix, so the file is made by llama.cpp's
     quantizer (for llmctl's own types with ``pure``: every 2-D tensor in the type, as llmctl writes them)."""
-    _require_gguf(source)
     name, how = gguf_format(fmt, by)
     pure = calibration is not None and how == "python"
     if pure:
@@ -188,26 +227,28 @@ def write_gguf(
     from llmctl.quant.convert import check_out, remove_dead_runs
 
     check_out(out, force, file=True)
+    src = open_source(source)  # refuses what cannot be written before anything is
     stats = None
     if calibration is not None:  # before anything is written: a bad text leaves no trace
-        stats = _imatrix(source, calibration, progress)
+        stats = _imatrix(source, src, calibration, progress)
     remove_dead_runs(out)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     f16 = out.with_name(f".{out.name}.f16-{os.getpid()}")  # a mix's intermediate
     t0 = time.perf_counter()
     try:
         if how == "python":
-            tensors = _write_python(Path(source.path), tmp, name, progress, rules)
+            tensors = _write_python(src, tmp, name, progress, rules)
         else:
-            tensors = _write_llama_cpp(Path(source.path), f16, tmp, name, threads, progress, rules, stats, pure)
+            tensors = _write_llama_cpp(src, f16, tmp, name, threads, progress, rules, stats, pure)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     finally:
         f16.unlink(missing_ok=True)
-    src_bytes = Path(source.path).stat().st_size
+    src_bytes = Path(source.path).stat().st_size if source.is_gguf else sum(n for _, _, n, _ in src.tensors)
     result = GGUFResult(source.display, out, name, how, time.perf_counter() - t0, src_bytes, out.stat().st_size, tensors)
+    result.notes.extend(src.notes)
     if stats is not None:
         result.calibration = stats.describe()
         if pure:
@@ -225,7 +266,7 @@ def _progress(progress, i: int, n: int, name: str, done: int, total: int) -> Non
         progress(Progress(i, n, name, done, total))
 
 
-def _copy_metadata(reader: Any, writer: Any, file_type: int) -> None:
+def _copy_metadata(reader: Any, writer: Any) -> None:
     import gguf
 
     for f in reader.fields.values():
@@ -233,14 +274,10 @@ def _copy_metadata(reader: Any, writer: Any, file_type: int) -> None:
             continue
         sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(f.name, f.contents(), f.types[0], sub)
-    writer.add_file_type(file_type)
-    from llmctl import __version__
-
-    writer.add_string("general.quantized_by", f"llmctl {__version__}")
 
 
-def _imatrix(source: Any, calibration: dict[str, Any], progress) -> Any:
-    """The source's activation statistics (llmctl.quant.calibrate) keyed by its GGUF tensor names."""
+def _imatrix(source: Any, src: GGUFSource, calibration: dict[str, Any], progress) -> Any:
+    """The source's activation statistics (llmctl.quant.calibrate) keyed by the output's GGUF tensor names."""
     from llmctl.quant.calibrate import collect
     from llmctl.runtime.gguf_loader import gguf_to_hf_name
 
@@ -248,49 +285,52 @@ def _imatrix(source: Any, calibration: dict[str, Any], progress) -> Any:
         _progress(progress, i, n, f"calibration on {calibration['data']}", i, n)
 
     cal = collect(source.path, calibration["data"], tokens=calibration["tokens"], progress=step)
-    arch = source.gguf.metadata.get("general.architecture")
-    names = {gguf_to_hf_name(t.name, arch): t.name for t in source.gguf.tensors}
+    names = {gguf_to_hf_name(name, src.arch): name for name, *_ in src.tensors}
     cal.importance = {names[hf]: v for hf, v in cal.importance.items() if hf in names}
     return cal
 
 
 def _write_python(
-    src: Path, dst: Path, want: str, progress, rules: Sequence[tuple[str, str]] = (), extra: dict[str, Any] | None = None
+    src: GGUFSource,
+    dst: Path,
+    want: str,
+    progress,
+    rules: Sequence[tuple[str, str]] = (),
+    extra: dict[str, Any] | None = None,
 ) -> list[GGUFTensor]:
-    """Every tensor dequantized to fp32 and quantized with gguf-py, written in the source's order;
-    ``extra``: metadata keys to add (str or int values)."""
+    """Every tensor of ``src`` quantized from fp32 with gguf-py, written in the source's order; ``rules``:
+    parsed ``--override`` pairs; ``extra``: metadata keys to add (str or int values)."""
     import gguf
     import numpy as np
     from gguf.quants import dequantize, quantize
 
+    from llmctl import __version__
     from llmctl.quant.convert import sqnr_db
 
-    reader = gguf.GGUFReader(str(src))
-    writer = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
-    _copy_metadata(reader, writer, _FILE_TYPES[want])
+    writer = gguf.GGUFWriter(str(dst), src.arch)
+    src.add_metadata(writer)
+    writer.add_file_type(_FILE_TYPES[want])
+    writer.add_string("general.quantized_by", f"llmctl {__version__}")
     for key, value in (extra or {}).items():
         writer.add_string(key, value) if isinstance(value, str) else writer.add_uint32(key, value)
     plan = []
-    for t in reader.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # numpy order: rows last
-        kind = tensor_type(t.name, shape, want, rules)
+    for name, shape, nbytes, _ in src.tensors:
+        kind = tensor_type(name, shape, want, rules)
         qtype = gguf.GGMLQuantizationType[kind.upper()]
         if kind in ("f32", "f16"):
             dtype, info_shape = np.dtype(np.float32 if kind == "f32" else np.float16), shape
         else:  # gguf-py's quantizers give bytes: the info takes their shape
             dtype, info_shape = np.dtype(np.uint8), tuple(gguf.quant_shape_to_byte_shape(shape, qtype))
-        nbytes = math.prod(info_shape) * dtype.itemsize
-        writer.add_tensor_info(t.name, info_shape, dtype, nbytes, raw_dtype=qtype)
-        plan.append((t, shape, kind, qtype))
+        writer.add_tensor_info(name, info_shape, dtype, math.prod(info_shape) * dtype.itemsize, raw_dtype=qtype)
+        plan.append((name, shape, nbytes, kind, qtype))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    total = sum(int(t.n_bytes) for t, *_ in plan)
+    total = sum(nbytes for _, _, nbytes, _, _ in plan)
     done = 0
     results = []
-    for i, (t, shape, kind, qtype) in enumerate(plan):
-        _progress(progress, i + 1, len(plan), t.name, done, total)
-        x = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+    for i, ((name, shape, nbytes, kind, qtype), x) in enumerate(zip(plan, src.read(), strict=True)):
+        _progress(progress, i + 1, len(plan), name, done, total)
         data = quantize(x, qtype)
         writer.write_tensor_data(data)
         sqnr = None
@@ -298,15 +338,15 @@ def _write_python(
             noise = float(np.square(dequantize(data, qtype).reshape(shape).astype(np.float64) - x).sum())
             if noise:  # exact tensors (an f16 file from f16 weights) are left out, as unquantized ones
                 sqnr = sqnr_db(float(np.square(x.astype(np.float64)).sum()), noise)
-        results.append(GGUFTensor(t.name, kind, math.prod(shape), int(t.n_bytes), int(data.nbytes), sqnr))
-        done += int(t.n_bytes)
+        results.append(GGUFTensor(name, kind, math.prod(shape), nbytes, int(data.nbytes), sqnr))
+        done += nbytes
     writer.close()
     _progress(progress, len(plan), len(plan), "", total, total)
     return results
 
 
 def _write_llama_cpp(
-    src: Path,
+    src: GGUFSource,
     f16: Path,
     dst: Path,
     mix: str,
@@ -325,7 +365,7 @@ def _write_llama_cpp(
     import gguf
     import llama_cpp
 
-    total = src.stat().st_size  # one bar: the f16 file is its first half, llama.cpp's tensors the second
+    total = sum(nbytes for _, _, nbytes, _ in src.tensors)  # one bar: the f16 file, then llama.cpp's tensors
 
     def first_half(p: Any) -> None:
         _progress(progress, p.tensor, p.tensors, p.name, total * p.bytes_done // (2 * max(p.bytes_total, 1)), total)
@@ -370,17 +410,16 @@ def _write_llama_cpp(
 
         llama_cpp.llama_log_set(default_log, ctypes.c_void_p(0))
     if status != 0:
-        raise QuantError(f"llama.cpp's quantizer failed on {src.name} for {mix} (status {status})")
-    return _describe(dst, src)
+        raise QuantError(f"llama.cpp's quantizer failed for {mix} (status {status})")
+    return _describe(dst, {name: nbytes for name, _, nbytes, _ in src.tensors})
 
 
-def _describe(path: Path, src: Path) -> list[GGUFTensor]:
+def _describe(path: Path, source_bytes: dict[str, int]) -> list[GGUFTensor]:
     """The tensors of a written GGUF (type, size) against the source's sizes; no error measurement."""
     import gguf
 
-    source = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(src)).tensors}
     return [
-        GGUFTensor(t.name, t.tensor_type.name.lower(), int(t.n_elements), source.get(t.name, 0), int(t.n_bytes), None)
+        GGUFTensor(t.name, t.tensor_type.name.lower(), int(t.n_elements), source_bytes.get(t.name, 0), int(t.n_bytes), None)
         for t in gguf.GGUFReader(str(path)).tensors
     ]
 
@@ -391,14 +430,15 @@ def plan_gguf(
     """The dry run: each tensor's type in the output and its bytes. For llama.cpp's mixes the types come from
     the recipe estimate-memory uses (llmctl.quant.recipes, llama.cpp's ``llama_tensor_get_type`` rules), then
     the overrides and, with an importance matrix, llama.cpp's q4_0/q5_0 guard on the first ffn_down layers."""
+    from llmctl.checkpoint import TensorInfo
     from llmctl.quant import recipes
     from llmctl.quant.formats import REGISTRY
 
-    _require_gguf(source)
     name, how = gguf_format(fmt, by)
     pure = calibration is not None and how == "python"
     rules = parse_overrides(overrides, "python" if pure else how)
-    infos = source.tensors() or []
+    src = open_source(source)
+    infos = [TensorInfo(n, shape, dtype, nbytes) for n, shape, nbytes, dtype in src.tensors]
     rows = []
     if how == "python":
         for t in infos:
@@ -407,19 +447,16 @@ def plan_gguf(
             rows.append({"name": t.name, "shape": list(t.shape), "from": t.dtype.lower(), "to": kind,
                          "bytes": REGISTRY[reg].nbytes(tuple(t.shape))})  # fmt: skip
     else:
-        n_layer = source.config.num_hidden_layers
-        for (t, src), (out, kind) in zip(
-            ((t, t.dtype) for t in infos), recipes.assign_formats(infos, name, None, "f16", config=source.config),
-            strict=True,
-        ):
+        n_layer = src.config.num_hidden_layers
+        assigned = recipes.assign_formats(infos, name, None, "f16", config=src.config)
+        for t, (out, kind) in zip(infos, assigned, strict=True):
             if recipes.is_quantized(kind):  # what llama.cpp quantizes; the rest keeps its type
-                cols = t.shape[-1]
                 m = re.match(r"blk\.(\d+)\.ffn_down\.", t.name)
                 if calibration is not None and name in ("q4_0", "q5_0") and m and int(m.group(1)) < n_layer // 8:
                     kind = {"q4_0": "q4_1", "q5_0": "q5_1"}[name]
-                kind = recipes.gguf_fallback(next((k for p, k in rules if re.search(p, t.name)), kind), cols)
+                kind = recipes.gguf_fallback(next((k for p, k in rules if re.search(p, t.name)), kind), t.shape[-1])
             nbytes = recipes.ggml_nbytes(kind, t.shape) if recipes.is_quantized(kind) else out.nbytes
-            rows.append({"name": t.name, "shape": list(t.shape), "from": src.lower(), "to": kind, "bytes": nbytes})
+            rows.append({"name": t.name, "shape": list(t.shape), "from": t.dtype.lower(), "to": kind, "bytes": nbytes})
     return {
         "model": source.display, "format": name, "layout": "gguf",
         "written_by": "llmctl (gguf-py quantizers)" if how == "python" and not pure else "llama.cpp (llama_model_quantize)",
