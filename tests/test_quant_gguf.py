@@ -25,8 +25,8 @@ from llmctl.sources import resolve
 pytestmark = pytest.mark.slow
 
 
-def ggml_quantize(x: np.ndarray, qtype) -> np.ndarray:
-    """ggml's C quantizer (the code llama.cpp runs) on fp32 rows."""
+def ggml_quantize(x: np.ndarray, qtype, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """ggml's C quantizer (the code llama.cpp runs) on fp32 rows, with an importance matrix when given."""
     import gguf
     import llama_cpp
 
@@ -38,7 +38,8 @@ def ggml_quantize(x: np.ndarray, qtype) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, cols = x.reshape(-1, x.shape[-1]).shape
     out = np.zeros(int(np.prod(gguf.quant_shape_to_byte_shape((rows, cols), qtype))), np.uint8)
-    assert f(int(qtype), x.ctypes.data, out.ctypes.data, 0, rows, cols, None) == out.nbytes
+    im = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    assert f(int(qtype), x.ctypes.data, out.ctypes.data, 0, rows, cols, None if im is None else im.ctypes.data) == out.nbytes
     return out
 
 

@@ -55,7 +55,7 @@ def calibration_windows(ids: list[int], bos: int | None, tokens: int, context: i
     head = [bos] if bos is not None else []
     out, left = [], tokens
     for start in range(0, len(ids), step):
-        if left <= len(head) + 1:
+        if left <= len(head):
             break
         w = head + ids[start : start + min(step, left - len(head))]
         out.append(w)

@@ -493,6 +493,7 @@ class Result:
             "layout": self.plan.layout.name,
             "method": self.plan.method,
             "recipe": self.plan.recipe,
+            "calibration": self.plan.calibrate,
             "source_bytes": self.plan.src_bytes,
             "output_bytes": self.plan.out_bytes,
             "params": self.params,

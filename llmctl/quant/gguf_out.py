@@ -447,14 +447,14 @@ def plan_gguf(
             rows.append({"name": t.name, "shape": list(t.shape), "from": t.dtype.lower(), "to": kind,
                          "bytes": REGISTRY[reg].nbytes(tuple(t.shape))})  # fmt: skip
     else:
-        n_layer = src.config.num_hidden_layers
-        assigned = recipes.assign_formats(infos, name, None, "f16", config=src.config)
+        plain = recipes.assign_formats(infos, name, None, "f16", config=src.config)
+        manual = {t.name for t, (_, kind) in zip(infos, plain, strict=True)  # tensors llama.cpp quantizes
+                  if recipes.is_quantized(kind) and any(re.search(p, t.name) for p, _ in rules)}  # fmt: skip
+        assigned = recipes.assign_formats(infos, name, None, "f16", config=src.config, manual=manual,
+                                          imatrix=calibration is not None)  # fmt: skip
         for t, (out, kind) in zip(infos, assigned, strict=True):
-            if recipes.is_quantized(kind):  # what llama.cpp quantizes; the rest keeps its type
-                m = re.match(r"blk\.(\d+)\.ffn_down\.", t.name)
-                if calibration is not None and name in ("q4_0", "q5_0") and m and int(m.group(1)) < n_layer // 8:
-                    kind = {"q4_0": "q4_1", "q5_0": "q5_1"}[name]
-                kind = recipes.gguf_fallback(next((k for p, k in rules if re.search(p, t.name)), kind), t.shape[-1])
+            if t.name in manual:  # llama.cpp: the first matching override, then its fallback for the row
+                kind = recipes.gguf_fallback(next(k for p, k in rules if re.search(p, t.name)), t.shape[-1])
             nbytes = recipes.ggml_nbytes(kind, t.shape) if recipes.is_quantized(kind) else out.nbytes
             rows.append({"name": t.name, "shape": list(t.shape), "from": t.dtype.lower(), "to": kind, "bytes": nbytes})
     return {

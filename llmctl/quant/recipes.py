@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from llmctl.checkpoint import TensorInfo
@@ -125,6 +125,8 @@ def assign_formats(
     *,
     config: ModelConfig | None = None,
     recipe: str = "uniform",
+    manual: Collection[str] = (),
+    imatrix: bool = False,
 ) -> list[tuple[TensorInfo, str]]:
     """Each tensor as stored in ``weights_format``, with the registry format it gets.
 
@@ -132,12 +134,14 @@ def assign_formats(
     the GGUF mixes what llama.cpp reads from the model: heads per KV head, expert count, layer count;
     without it they are inferred from the tensor names. ``recipe``: a name in ``RECIPES``, for our
     quantized formats only. Raises QuantError, naming the tensor, for a group size that does not divide
-    a row.
+    a row. For GGUF mixes, ``manual`` names the tensors an override types (llama.cpp's per-category layer
+    counters skip them, which moves the layers its rules pick) and ``imatrix`` says the quantizer has an
+    importance matrix (q4_0/q5_0 then give the first eighth of ffn_down q4_1/q5_1).
     """
     name = weights_format.lower()
     rec = check_recipe(recipe, name)
     if name in GGUF_MIXES:
-        return _gguf(tensors, GGUF_MIXES[name], None, config)
+        return _gguf(tensors, GGUF_MIXES[name], None, config, frozenset(manual), imatrix)
     fmt = get_format(name)  # QuantError listing the known formats for an unknown name
     if issubclass(fmt, GGMLType):
         return _gguf(tensors, None, fmt.name, config)
@@ -275,17 +279,28 @@ def _layer_key(name: str) -> int:
 
 
 def _gguf(
-    tensors: Sequence[TensorInfo], mix: GGUFMix | None, single: str | None, config: ModelConfig | None
+    tensors: Sequence[TensorInfo],
+    mix: GGUFMix | None,
+    single: str | None,
+    config: ModelConfig | None,
+    manual: frozenset[str] = frozenset(),
+    imatrix: bool = False,
 ) -> list[tuple[TensorInfo, str]]:
     facts = _facts(tensors, config)
     cats = [gguf_category(t.name, t.shape) for t in tensors]
-    # llama.cpp walks tensors sorted by (layer, name), counting attn_v-like tensors as it goes.
+    # llama.cpp walks tensors sorted by (layer, name), counting attn_v-like and ffn_down tensors as it
+    # types them; a tensor typed by an override is not counted.
     order = sorted(range(len(tensors)), key=lambda k: (_layer_key(tensors[k].name), tensors[k].name))
     n_attn_v = sum(c in _ATTN_V_LIKE for c in cats)
     i_attn_v: dict[int, int] = {}
+    i_ffn_down: dict[int, int] = {}
     for k in order:
+        if tensors[k].name in manual:
+            continue
         if cats[k] in _ATTN_V_LIKE:
             i_attn_v[k] = len(i_attn_v)
+        elif cats[k] == "ffn_down":
+            i_ffn_down[k] = len(i_ffn_down)
 
     out = []
     for k, t in enumerate(tensors):
@@ -296,7 +311,8 @@ def _gguf(
         cols = t.shape[-1]
         category = cats[k]
         if mix is not None:
-            ggml = _mix_type(mix, category, t.name, cols, facts, i_attn_v.get(k, 0), n_attn_v)
+            i_ffn = i_ffn_down.get(k, 0) if facts.n_expert <= 1 else _layer_key(t.name)
+            ggml = _mix_type(mix, category, cols, facts, i_attn_v.get(k, 0), n_attn_v, i_ffn, imatrix)
         else:
             assert single is not None
             ggml = single
@@ -308,9 +324,16 @@ def _gguf(
 
 
 def _mix_type(
-    mix: GGUFMix, category: str, name: str, cols: int, facts: _ModelFacts, i_attn_v: int, n_attn_v: int
+    mix: GGUFMix,
+    category: str,
+    cols: int,
+    facts: _ModelFacts,
+    i_attn_v: int,
+    n_attn_v: int,
+    i_ffn_down: int,
+    imatrix: bool = False,
 ) -> str:
-    """llama_tensor_get_type for the file types in GGUF_MIXES (no imatrix, no overrides)."""
+    """llama_tensor_get_type for the file types in GGUF_MIXES."""
     ftype, t = mix.name, mix.default
     if category == "output" or (facts.tied and category == "token_embd"):
         if cols % _block(t):
@@ -335,7 +358,7 @@ def _mix_type(
     if category == "attn_k":
         return "q8_0" if facts.n_expert == 8 else t
     if category == "ffn_down":
-        i, n = _layer_key(name), facts.n_layer
+        i, n = i_ffn_down, facts.n_layer
         if ftype == "q2_k":
             t = "q3_k"
         elif ftype == "q3_k_m":
@@ -347,6 +370,8 @@ def _mix_type(
                 t = "q6_k"
         elif ftype == "q4_k_s" and i < n // 8:
             t = "q5_k"
+        elif ftype in ("q4_0", "q5_0") and imatrix and i < n // 8:  # llama.cpp's guard, with an imatrix only
+            t = {"q4_0": "q4_1", "q5_0": "q5_1"}[ftype]
         return t
     if category == "attn_output":
         if facts.n_expert == 8:
