@@ -98,7 +98,7 @@ def test_recipe_bytes_plan_files_and_estimate_agree(llama, tmp_path):
         assert sum(t.out_bytes for t in result.tensors) == planned
         assert (tmp_path / recipe / "model.safetensors").stat().st_size == plan.out_bytes
         cfg = json.loads((tmp_path / recipe / "config.json").read_text())
-        assert cfg["llmctl"] == {"format": "int4", "recipe": recipe, "method": "rtn"}
+        assert cfg["llmctl"] == {"format": "int4", "recipe": recipe, "method": "search"}
         fmts = {t.name: t.format for t in plan.tensors}
         assert fmts["lm_head.weight"] == ("bf16" if recipe == "uniform" else "int8")
         moved = {n for n, f in fmts.items() if f == "int8" and n != "lm_head.weight"}

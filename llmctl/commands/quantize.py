@@ -32,7 +32,7 @@ def quantize(
         None,
         "--method",
         help="int4/int8 scales: rtn (round to nearest) or search (per-group clipping search) "
-        "[default: rtn; search with --calibration].",
+        "[default: search; weighted by --calibration statistics when given].",
     ),
     calibration: str = typer.Option(
         None,
@@ -99,7 +99,7 @@ def quantize(
         overrides=override or (),
         skip_indivisible=skip_indivisible,
         fp8=fp8,
-        method=method or ("search" if calibration else "rtn"),
+        method=method or "search",
         recipe=recipe,
         calibration=calibration,
         calibration_tokens=calibration_tokens,

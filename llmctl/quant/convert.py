@@ -257,7 +257,7 @@ def make_plan(
     overrides: Sequence[str] = (),
     skip_indivisible: bool = False,
     fp8: str = "e4m3",
-    method: str = "rtn",
+    method: str = "search",
     recipe: str = "uniform",
     calibration: str | None = None,
     calibration_tokens: int | None = None,

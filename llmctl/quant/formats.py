@@ -267,17 +267,20 @@ def _fp8_variant(opts: dict[str, Any]) -> str:
     return v
 
 
-# The scale search (``method="search"``; llama.cpp's K-quant rmse search and HQQ do the same kind of thing):
-# each group's range — absmax, or [min, max] with zero-points — is shrunk by 1 - j * SEARCH_DELTA for
-# j < SEARCH_STEPS (down to 0.67 of it), and the candidate with the smallest weighted squared
-# reconstruction error is kept (the full range on ties, so never worse than round-to-nearest by that
-# measure). The weights are llama.cpp's for K-quants without an importance matrix, rms(group) + |x|: plain
-# squared error clips Gemma-3's outlier weights and made its int4 (g128) KL divergence worse (0.49 -> 0.70);
-# weighted, it is neutral there (0.487 vs 0.488). Off by default: without activation statistics it does not
-# lower KL divergence on the bundled models (docs/formats.md).
+# The scale search (``method="search"``, the default for int4/int8; llama.cpp's K-quant rmse search and HQQ
+# do the same kind of thing): each group's range — absmax, or [min, max] with zero-points — is shrunk by
+# 1 - j * SEARCH_DELTA for j < SEARCH_STEPS (down to 0.67 of it), and the candidate with the smallest
+# weighted squared reconstruction error is kept (the full range on ties, so never worse than round to
+# nearest by that measure); symmetric groups then try the winner's least-squares scale (sum w·x·q /
+# sum w·q², as llama.cpp's make_qx_quants refines), up to SEARCH_REFITS rounds, each kept only when it
+# lowers the error. The weights are llama.cpp's for K-quants without an importance matrix, rms(group) + |x|
+# (plain squared error clips Gemma-3's outlier weights: its int4 g128 KL divergence went 0.49 -> 0.70), or
+# with ``--calibration`` the mean x² of each input channel (llmctl.quant.calibrate). docs/formats.md has
+# what each buys on Gemma-3-270M.
 METHODS = ("rtn", "search")
 SEARCH_STEPS = 12
 SEARCH_DELTA = 0.03
+SEARCH_REFITS = 2  # symmetric groups: rounds of the winner's least-squares scale, each kept only if better
 
 
 def _search_steps(opts: dict[str, Any]) -> int:
@@ -351,7 +354,7 @@ class _IntGroup(WeightFormat):
             steps = SEARCH_STEPS
         kernels = native.get() if importance is None else None
         if kernels is not None:  # the same arithmetic in one pass (llmctl.quant.native)
-            q, scale, zp = kernels.int_group(x, g, bits, bool(cls.zero_bits), steps, SEARCH_DELTA)
+            q, scale, zp = kernels.int_group(x, g, bits, bool(cls.zero_bits), steps, SEARCH_DELTA, SEARCH_REFITS)
             check_finite(scale)
             if bits == 8:
                 return cls._pack(tuple(w.shape), g, q, scale, zp if cls.zero_bits else None)
@@ -389,15 +392,30 @@ class _IntGroup(WeightFormat):
             q = torch.round(x * s.reciprocal().unsqueeze(-1)).add_(zp.unsqueeze(-1)).clamp_(qmin, qmax)
             return ((q - zp.unsqueeze(-1)) * s.unsqueeze(-1) - x).square_().mul_(weight).sum(-1)
 
+        def refit(s: Any) -> tuple[Any, Any, Any]:  # the least-squares scale of the codes ``s`` gives
+            q = torch.round(x * s.reciprocal().unsqueeze(-1)).clamp_(qmin, qmax)
+            wq = q * weight
+            ls = (wq * x).sum(-1) / (wq * q).sum(-1).clamp_min_(1e-30)  # sum w·x·q / sum w·q²
+            scale = _round_up_fp16(torch.where(ls > 0, ls, s))
+            return scale, scale.float().clamp_min_(_tiny()), zp
+
         scale, s, zp = candidate(1.0)
         if steps > 1:  # the scale search: keep each group's candidate with the smallest squared error
             best = error(s, zp)
-            for j in range(1, steps):
-                c_scale, c_s, c_zp = candidate(float(torch.tensor(1.0 - j * SEARCH_DELTA, dtype=torch.float32)))
+
+            def keep(c_scale: Any, c_s: Any, c_zp: Any) -> Any:
+                nonlocal best, scale, s, zp
                 err = error(c_s, c_zp)
                 better = err < best
                 best = torch.where(better, err, best)
                 scale, s, zp = (torch.where(better, new, old) for new, old in ((c_scale, scale), (c_s, s), (c_zp, zp)))
+                return better
+
+            for j in range(1, steps):
+                keep(*candidate(float(torch.tensor(1.0 - j * SEARCH_DELTA, dtype=torch.float32))))
+            for _ in range(0 if cls.zero_bits else SEARCH_REFITS):  # then the winner's least-squares scale
+                if not bool(keep(*refit(s)).any()):
+                    break
         q = codes(s, zp)
         return cls._pack(tuple(w.shape), g, q.reshape(rows, cols), scale, zp if cls.zero_bits else None)
 

@@ -131,11 +131,26 @@ static inline float group_err(const float* v, const float* w, int64_t g, float s
   return e;
 }
 
+// The least-squares scale of the codes scale s gives a symmetric group, sum w*v*q / sum w*q^2, or 0 when
+// it is not positive (the eager code: llmctl.quant.formats, refit).
+static inline float ls_scale(const float* v, const float* w, int64_t g, float s, float qmin, float qmax) {
+  const float inv = 1.0f / s;
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < g; ++i) {
+    float r = round_even(v[i] * inv);
+    r = r < qmin ? qmin : (r > qmax ? qmax : r);
+    num += static_cast<double>(w[i]) * v[i] * r;
+    den += static_cast<double>(w[i]) * r * r;
+  }
+  return den > 0 && num > 0 ? static_cast<float>(num / den) : 0.f;
+}
+
 // steps > 1: the scale search (llmctl.quant.formats.SEARCH_*): the range (absmax, or [lo, hi]) shrunk by
 // 1 - j * delta for j < steps, keeping the candidate with the smallest squared error (the full range on ties).
 template <typename T>
 static void int_impl(const T* x, int64_t rows, int64_t cols, int64_t g, int bits, bool asym,
-                     int8_t* q, c10::Half* scale, int8_t* zp, uint8_t* nibbles, int64_t steps, double delta) {
+                     int8_t* q, c10::Half* scale, int8_t* zp, uint8_t* nibbles, int64_t steps, double delta,
+                     int64_t refits) {
   // nibbles (4 bits, even g): the codes go straight into pack4's bytes through a per-thread buffer
   const int qmin = -(1 << (bits - 1)), qmax = (1 << (bits - 1)) - 1;
   const float tiny = 1.1754943508222875e-38f;
@@ -202,6 +217,15 @@ static void int_impl(const T* x, int64_t rows, int64_t cols, int64_t g, int bits
             float sj = std::max(static_cast<float>(h), tiny);
             float e = group_err(vf.data(), wf.data(), g, sj, 0.f, fmin, fmax);
             if (e < best) { best = e; sh = h; s = sj; }
+          }
+          for (int64_t r = 0; r < refits; ++r) {  // the winner's least-squares scale, kept when it is better
+            float ls = ls_scale(vf.data(), wf.data(), g, s, fmin, fmax);
+            if (!(ls > 0.f)) break;
+            c10::Half h = round_up_half(ls);
+            float sj = std::max(static_cast<float>(h), tiny);
+            float e = group_err(vf.data(), wf.data(), g, sj, 0.f, fmin, fmax);
+            if (!(e < best)) break;
+            best = e; sh = h; s = sj;
           }
         }
         scale[k] = sh;
@@ -314,7 +338,8 @@ static torch::Tensor pack4(const torch::Tensor& q, int64_t rows, int64_t cols) {
 
 // 8 bits: (codes int8 (rows, cols), scales fp16 (rows, groups), zero-points int8 (rows, groups) or empty);
 // 4 bits: codes and zero-points (flattened) packed by pack4.
-std::vector<torch::Tensor> int_group(torch::Tensor x, int64_t g, int64_t bits, bool asym, int64_t steps, double delta) {
+std::vector<torch::Tensor> int_group(torch::Tensor x, int64_t g, int64_t bits, bool asym, int64_t steps, double delta,
+                                     int64_t refits) {
   x = x.contiguous();
   int64_t rows = x.size(0), cols = x.size(1);
   bool inline_pack = bits == 4 && g % 2 == 0;
@@ -325,9 +350,9 @@ std::vector<torch::Tensor> int_group(torch::Tensor x, int64_t g, int64_t bits, b
   auto qp = q.data_ptr<int8_t>(); auto sp = reinterpret_cast<c10::Half*>(scale.data_ptr()); auto zpp = zp.data_ptr<int8_t>();
   uint8_t* np = inline_pack ? packed.data_ptr<uint8_t>() : nullptr;
   int b = static_cast<int>(bits);
-  if (x.scalar_type() == torch::kBFloat16) int_impl(reinterpret_cast<const c10::BFloat16*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta);
-  else if (x.scalar_type() == torch::kHalf) int_impl(reinterpret_cast<const c10::Half*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta);
-  else { auto xf = x.to(torch::kFloat32); int_impl(xf.data_ptr<float>(), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta); }
+  if (x.scalar_type() == torch::kBFloat16) int_impl(reinterpret_cast<const c10::BFloat16*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta, refits);
+  else if (x.scalar_type() == torch::kHalf) int_impl(reinterpret_cast<const c10::Half*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta, refits);
+  else { auto xf = x.to(torch::kFloat32); int_impl(xf.data_ptr<float>(), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta, refits); }
   if (bits == 4) {
     q = inline_pack ? packed : pack4(q, rows, cols);
     if (asym) zp = pack4(zp, 1, zp.numel()).reshape(-1);
