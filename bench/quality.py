@@ -1,7 +1,7 @@
 """Quantization quality on Gemma-3-270M: perplexity, KL divergence and top-1 agreement of every format
 against the source model, with llama.cpp's and bitsandbytes' quantizers on the same weights.
 
-    python bench/quality.py [--quick] [--rows REGEX] [--threads 2] [--windows 6] [--workdir DIR]
+    python bench/quality.py [--quick] [--rows REGEX] [--threads 2] [--windows 5] [--workdir DIR]
                             [--json FILE] [--fresh]
 
 Source: the bundled Gemma-3-270M GGUF (Q4_K_M) dequantized — ``llmctl quantize GGUF -f bf16 --layout hf``
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
-        "--windows", type=int, default=6, help="512-token windows scored (256 tokens each, minus one)"
+        "--windows", type=int, default=5, help="512-token windows scored (256 tokens each, minus one)"
     )
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "llmctl-quality")
     ap.add_argument("--fresh", action="store_true", help="recompute rows cached in WORKDIR/rows")
