@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "--windows", type=int, default=5, help="512-token windows scored (256 tokens each, minus one)"
     )
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "llmctl-quality")
-    ap.add_argument("--fresh", action="store_true", help="recompute rows cached in WORKDIR/rows")
+    ap.add_argument("--fresh", action="store_true", help="recompute the selected rows cached in WORKDIR/rows")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     from llmctl.sources import BUNDLED, bundled_path
@@ -293,9 +293,6 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir
     (work / "rows").mkdir(parents=True, exist_ok=True)
     (work / "out").mkdir(exist_ok=True)
-    if args.fresh:
-        shutil.rmtree(work / "rows")
-        (work / "rows").mkdir()
     src, f16 = work / "src", work / "src-f16.gguf"
     if not (src / "config.json").is_file():
         llmctl(
@@ -317,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for spec in specs:
         cache = work / "rows" / f"{spec['key']}-w{args.windows}.json"
-        if cache.is_file():
+        if cache.is_file() and not args.fresh:
             results.append(json.loads(cache.read_text()))
             continue
         t0 = time.perf_counter()
