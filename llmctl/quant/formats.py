@@ -267,7 +267,7 @@ def _fp8_variant(opts: dict[str, Any]) -> str:
     return v
 
 
-# The scale search (``method="search"``, the default for int4/int8; llama.cpp's K-quant rmse search and HQQ
+# The scale search (``method="search"``, ``llmctl quantize``'s default for int4/int8; llama.cpp's K-quant rmse search and HQQ
 # do the same kind of thing): each group's range — absmax, or [min, max] with zero-points — is shrunk by
 # 1 - j * SEARCH_DELTA for j < SEARCH_STEPS (down to 0.67 of it), and the candidate with the smallest
 # weighted squared reconstruction error is kept (the full range on ties, so never worse than round to
@@ -394,8 +394,8 @@ class _IntGroup(WeightFormat):
 
         def refit(s: Any) -> tuple[Any, Any, Any]:  # the least-squares scale of the codes ``s`` gives
             q = torch.round(x * s.reciprocal().unsqueeze(-1)).clamp_(qmin, qmax)
-            wq = q * weight
-            ls = (wq * x).sum(-1) / (wq * q).sum(-1).clamp_min_(1e-30)  # sum w·x·q / sum w·q²
+            wq = q.double() * weight  # the sums in float64, as the native kernel's
+            ls = ((wq * x).sum(-1) / (wq * q).sum(-1).clamp_min_(1e-300)).float()  # sum w·x·q / sum w·q²
             scale = _round_up_fp16(torch.where(ls > 0, ls, s))
             return scale, scale.float().clamp_min_(_tiny()), zp
 

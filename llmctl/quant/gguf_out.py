@@ -91,6 +91,20 @@ def parse_overrides(overrides: Sequence[str], how: str) -> list[tuple[str, str]]
     return out
 
 
+def calibrated_plain(name: str, how: str, calibration: Any, overrides: Sequence[str]) -> bool:
+    """Whether a calibrated file of a type llmctl writes itself goes to llama.cpp's quantizer with ``pure``
+    (gguf-py's quantizers take no importance matrix); refuses what that cannot honour."""
+    if calibration is None or how != "python":
+        return False
+    if name in ("f32", "f16", "bf16"):
+        raise UsageError(f"--calibration applies to quantized types; drop it for {name}, or choose q8_0, q4_k_m, …")
+    if overrides:  # llama.cpp applies tensor-type overrides only when it is not ``pure``
+        raise UsageError(
+            "--override with --calibration needs a llama.cpp mix: add --by llama.cpp or choose e.g. q4_k_m"
+        )
+    return True
+
+
 def tensor_type(name: str, shape: tuple[int, ...], want: str, overrides: Sequence[tuple[str, str]] = ()) -> str:
     """The type a tensor of numpy ``shape`` (rows last dim) gets in a ``want`` file (see module doc); the
     first matching ``--override`` replaces ``want`` for 2-D tensors."""
@@ -219,10 +233,10 @@ def write_gguf(
     "tokens": n}``; its statistics become llama.cpp's importance matrix, so the file is made by llama.cpp's
     quantizer (for llmctl's own types with ``pure``: every 2-D tensor in the type, as llmctl writes them)."""
     name, how = gguf_format(fmt, by)
-    pure = calibration is not None and how == "python"
+    pure = calibrated_plain(name, how, calibration, overrides)
     if pure:
         how = "llama.cpp"
-    rules = parse_overrides(overrides, "python" if pure else how)
+    rules = parse_overrides(overrides, how)
     out = Path(out)
     from llmctl.quant.convert import check_out, remove_dead_runs
 
@@ -435,8 +449,8 @@ def plan_gguf(
     from llmctl.quant.formats import REGISTRY
 
     name, how = gguf_format(fmt, by)
-    pure = calibration is not None and how == "python"
-    rules = parse_overrides(overrides, "python" if pure else how)
+    pure = calibrated_plain(name, how, calibration, overrides)
+    rules = parse_overrides(overrides, how)
     src = open_source(source)
     infos = [TensorInfo(n, shape, dtype, nbytes) for n, shape, nbytes, dtype in src.tensors]
     rows = []
@@ -455,7 +469,7 @@ def plan_gguf(
         for t, (out, kind) in zip(infos, assigned, strict=True):
             if t.name in manual:  # llama.cpp: the first matching override, then its fallback for the row
                 kind = recipes.gguf_fallback(next(k for p, k in rules if re.search(p, t.name)), t.shape[-1])
-            nbytes = recipes.ggml_nbytes(kind, t.shape) if recipes.is_quantized(kind) else out.nbytes
+            nbytes = recipes.ggml_nbytes(kind, t.shape) if t.name in manual or recipes.is_quantized(kind) else out.nbytes
             rows.append({"name": t.name, "shape": list(t.shape), "from": t.dtype.lower(), "to": kind, "bytes": nbytes})
     return {
         "model": source.display, "format": name, "layout": "gguf",
