@@ -337,6 +337,27 @@ def test_scale_search_never_loses_by_its_measure(name, native_kernels, monkeypat
     assert (eager.parts["scale"] == search.parts["scale"]).float().mean() >= 0.99
 
 
+@pytest.mark.parametrize("native_kernels", [False, True])
+def test_scale_search_sends_the_largest_value_to_the_long_end(native_kernels, monkeypatch):
+    """int4's codes run -8..7: round to nearest (compressed-tensors' min-max rule) clips a group's largest
+    positive value to 7, while the search may flip the scale's sign, as llama.cpp's q4_0 does, so that value
+    lands on -8 exactly; a group led by a negative value keeps a positive scale."""
+    from llmctl.quant import native
+
+    monkeypatch.setattr(native, "get", (lambda: native.build()) if native_kernels else (lambda: None))
+    ramp = torch.linspace(-0.7, 0.7, 31)
+    w = torch.stack([torch.cat([ramp, torch.tensor([1.0])]), -torch.cat([ramp, torch.tensor([1.0])])])
+    rtn, search = (REGISTRY["int4"].quantize(w, 32, method=m) for m in ("rtn", "search"))
+    assert (rtn.parts["scale"] > 0).all()
+    scale = search.parts["scale"].float().flatten()
+    assert scale[0] < 0 < scale[1]
+    codes, _ = REGISTRY["int4"].codes(search)
+    assert codes[0, -1] == -8 and codes[1, -1] == -8
+    back, clipped = REGISTRY["int4"].dequantize(search), REGISTRY["int4"].dequantize(rtn)
+    assert (back[:, -1] - w[:, -1]).abs().max() < 0.5 * (clipped[:, -1] - w[:, -1]).abs().min()
+    assert (back - w).square().sum() < (clipped - w).square().sum()
+
+
 def test_unknown_method_is_refused():
     with pytest.raises(QuantError, match="unknown --method 'best'; choose rtn"):
         REGISTRY["int4"].quantize(torch.zeros(4, 64), 32, method="best")

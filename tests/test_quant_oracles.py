@@ -71,6 +71,8 @@ def test_compressed_tensors_decompresses_to_our_weights(outputs, case):
         local = {k.removeprefix(module + "."): v for k, v in state.items() if k.startswith(module + ".")}
         theirs = compressor.decompress(local, scheme)["weight"]
         assert torch.equal(q.dequantize(theirs.dtype), theirs), name
+    if case in ("int4", "int8"):  # the default scale search gives groups whose largest value is positive
+        assert any(bool((q.parts["scale"] < 0).any()) for q in ours.values())  # a negative scale (q4_0's rule)
 
 
 @pytest.mark.parametrize("case", ["nf4", "nf4-dq"])

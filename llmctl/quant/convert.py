@@ -66,6 +66,11 @@ class Plan:
         return sum(f.nbytes for f in self.files)
 
     @property
+    def searches(self) -> bool:
+        """Whether any tensor is in a format the scale search (and so --calibration) applies to."""
+        return _searches(self.tensors)
+
+    @property
     def src_bytes(self) -> int:
         return sum(t.src_bytes for t in self.tensors)
 
@@ -97,6 +102,10 @@ class Plan:
 
 
 # ---- planning ---------------------------------------------------------------------------------------
+def _searches(plans: Sequence[TensorPlan]) -> bool:
+    return any(t.format in INT_FORMATS for t in plans)
+
+
 def parse_group_size(value: str | int | None) -> int | str | None:
     """--group-size: a positive integer, 'channel' (one scale per row) or 'tensor' (fp8 only)."""
     if value is None or isinstance(value, int):
@@ -139,14 +148,20 @@ def resolve_format(fmt: str, symmetric: bool | None) -> str:
 def parse_overrides(overrides: Sequence[str], symmetric: bool | None) -> list[tuple[re.Pattern[str], str]]:
     out = []
     for o in overrides:
-        pattern, sep, fmt = o.rpartition("=")
-        if not sep or not pattern or not fmt:
-            raise UsageError(f"--override {o!r}: expected PATTERN=FORMAT, e.g. 'down_proj=int8'")
-        out.append((_regex(pattern, "--override"), resolve_format(fmt, symmetric if fmt == "int4" else None)))
+        pattern, fmt = split_override(o, "PATTERN=FORMAT, e.g. 'down_proj=int8'")
+        out.append((pattern, resolve_format(fmt, symmetric if fmt == "int4" else None)))
     return out
 
 
-def _regex(pattern: str, option: str) -> re.Pattern[str]:
+def split_override(override: str, expected: str) -> tuple[re.Pattern[str], str]:
+    """``--override PATTERN=KIND`` → (the compiled pattern, KIND); a UsageError naming ``expected`` otherwise."""
+    pattern, sep, kind = override.rpartition("=")
+    if not sep or not pattern or not kind:
+        raise UsageError(f"--override {override!r}: expected {expected}")
+    return regex(pattern, "--override"), kind
+
+
+def regex(pattern: str, option: str) -> re.Pattern[str]:
     try:
         return re.compile(pattern)
     except re.error as e:
@@ -268,17 +283,17 @@ def make_plan(
     tensors get one format up (llmctl.quant.recipes.RECIPES), before ``overrides`` and ``keep``."""
     from llmctl.memory.params import tensor_role
     from llmctl.quant import recipes
-    from llmctl.quant.formats import _fp8_variant, _search_steps
+    from llmctl.quant.formats import _fp8_variant, _search_on
     from llmctl.quant.layouts import LAYOUTS
     from llmctl.sources import resolve
 
     name = resolve_format(fmt, symmetric)
     rec = recipes.check_recipe(recipe, name)
     fp8 = _fp8_variant({"fp8": fp8})
-    _search_steps({"method": method})  # refuses an unknown method
+    _search_on({"method": method})  # refuses an unknown method
     calibrate = calibration_request(calibration, calibration_tokens, method)
     request = parse_group_size(group_size)
-    keeps = [_regex(k, "--keep") for k in keep]
+    keeps = [regex(k, "--keep") for k in keep]
     rules = parse_overrides(overrides, symmetric)
     if layout != "auto" and layout not in LAYOUTS:
         raise QuantError(f"unknown layout {layout!r}; choose auto, {', '.join(LAYOUTS)}")
@@ -331,12 +346,12 @@ def make_plan(
     config = _out_config(source, lay, plans, compute)
     if name not in FLOATS:  # what made the file, for readers to report
         config["llmctl"] = {"format": name, "recipe": rec.name}
-        if any(t.format in INT_FORMATS for t in plans):  # the formats the method applies to
+        if _searches(plans):  # the formats the method applies to
             config["llmctl"]["method"] = method
         if calibrate is not None:
             config["llmctl"]["calibration"] = calibrate
     plan = Plan(source, name, lay, plans, files, config, method, rec.name, calibrate=calibrate)
-    if calibrate is not None and not any(t.format in INT_FORMATS for t in plans):
+    if calibrate is not None and not plan.searches:
         plan.notes.append("--calibration weighs the scale search of int4/int8 tensors; none is in this plan")
     if passed_over:
         plan.notes.append(passed_over)
@@ -353,7 +368,7 @@ def calibrate(plan: Plan, progress: Callable[[Progress], None] | None = None) ->
     """Collect the plan's activation statistics (``--calibration``) unless it has them; progress by window."""
     if plan.calibrate is None or plan.calibration is not None:
         return
-    if not any(t.format in INT_FORMATS for t in plan.tensors):  # nothing would use it (the plan notes so)
+    if not plan.searches:  # nothing would use it (the plan notes so)
         return
     from llmctl.quant.calibrate import collect
 
@@ -361,7 +376,7 @@ def calibrate(plan: Plan, progress: Callable[[Progress], None] | None = None) ->
         if progress is not None:
             progress(Progress(i, n, f"calibration on {plan.calibrate['data']}", i, n))
 
-    plan.calibration = collect(plan.source.path, plan.calibrate["data"], tokens=plan.calibrate["tokens"], progress=step)
+    plan.calibration = collect(plan.source, plan.calibrate["data"], tokens=plan.calibrate["tokens"], progress=step)
     plan.calibrate = plan.calibration.describe()
     plan.config.setdefault("llmctl", {})["calibration"] = plan.calibrate
 

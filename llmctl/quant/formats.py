@@ -267,27 +267,35 @@ def _fp8_variant(opts: dict[str, Any]) -> str:
     return v
 
 
-# The scale search (``method="search"``, ``llmctl quantize``'s default for int4/int8; llama.cpp's K-quant rmse search and HQQ
-# do the same kind of thing): each group's range — absmax, or [min, max] with zero-points — is shrunk by
-# 1 - j * SEARCH_DELTA for j < SEARCH_STEPS (down to 0.67 of it), and the candidate with the smallest
-# weighted squared reconstruction error is kept (the full range on ties, so never worse than round to
-# nearest by that measure); symmetric groups then try the winner's least-squares scale (sum w·x·q /
-# sum w·q², as llama.cpp's make_qx_quants refines), up to SEARCH_REFITS rounds, each kept only when it
-# lowers the error. The weights are llama.cpp's for K-quants without an importance matrix, rms(group) + |x|
-# (plain squared error clips Gemma-3's outlier weights: its int4 g128 KL divergence went 0.49 -> 0.70), or
-# with ``--calibration`` the mean x² of each input channel (llmctl.quant.calibrate). docs/formats.md has
-# what each buys on Gemma-3-270M.
+# The scale search (``method="search"``, ``llmctl quantize``'s default for int4/int8; llama.cpp's K-quant
+# rmse search and HQQ do the same kind of thing) keeps, per group, the candidate with the smallest weighted
+# squared reconstruction error, round to nearest first (kept on ties, so never worse than it by that
+# measure). Asymmetric groups: the range [min, max] shrunk by 1 - j * SEARCH_DELTA for j < SEARCH_STEPS
+# (down to 0.67 of it). Symmetric groups: the integer range is lopsided (-8..7 for int4), so the candidates
+# send the group's largest-magnitude value, sign kept, to the long end, -2^(b-1), as llama.cpp's q4_0 does
+# (a negative scale when that value is positive), at 1 + (SEARCH_WIDEN - j) * SEARCH_DELTA of it for
+# j < SEARCH_SIGNED_STEPS (1.15 down to 0.76); then the winner's least-squares scale (sum w·x·q / sum w·q²,
+# as llama.cpp's make_qx_quants refines), SEARCH_REFITS rounds, each kept only when it lowers the error.
+# On Gemma-3-270M's linear weights, int4 g32, that weighted error is 0.72 of round to nearest's (the same
+# search with positive scales only, shrinking to 0.67, two refits: 0.87); a second refit gained < 0.2%, and
+# the calibrated search needs the list down to 0.76 (stopping at 0.88 left its g128 KLD at 0.35, not 0.29).
+# The weights are llama.cpp's for K-quants without an importance matrix, rms(group) + |x| (plain squared
+# error clips Gemma-3's outlier weights: its int4 g128 KL divergence went 0.49 -> 0.70), or with
+# ``--calibration`` the mean x² of each input channel (llmctl.quant.calibrate). docs/formats.md has what
+# each buys on Gemma-3-270M.
 METHODS = ("rtn", "search")
-SEARCH_STEPS = 12
 SEARCH_DELTA = 0.03
-SEARCH_REFITS = 2  # symmetric groups: rounds of the winner's least-squares scale, each kept only if better
+SEARCH_STEPS = 12  # asymmetric groups: ranges 1 - j * delta, j < 12
+SEARCH_WIDEN = 5  # symmetric groups: 1 + (5 - j) * delta of the largest value, j < 14
+SEARCH_SIGNED_STEPS = 14
+SEARCH_REFITS = 1  # symmetric groups: rounds of the winner's least-squares scale, each kept only if better
 
 
-def _search_steps(opts: dict[str, Any]) -> int:
+def _search_on(opts: dict[str, Any]) -> bool:
     method = opts.get("method") or "rtn"
     if method not in METHODS:
         raise QuantError(f"unknown --method {method!r}; choose rtn (round to nearest) or search (scale search)")
-    return SEARCH_STEPS if method == "search" else 1
+    return method == "search"
 
 
 class _IntGroup(WeightFormat):
@@ -348,13 +356,14 @@ class _IntGroup(WeightFormat):
         rows, cols = x.shape
         g = cls.check_group(cols, group_size)
         assert g is not None
-        steps = _search_steps(opts)
         importance = opts.get("importance")  # per input channel, from --calibration (llmctl.quant.calibrate)
-        if importance is not None:
-            steps = SEARCH_STEPS
+        search = _search_on(opts) or importance is not None
+        steps = 1 if not search else SEARCH_STEPS if cls.zero_bits else SEARCH_SIGNED_STEPS
         kernels = native.get() if importance is None else None
         if kernels is not None:  # the same arithmetic in one pass (llmctl.quant.native)
-            q, scale, zp = kernels.int_group(x, g, bits, bool(cls.zero_bits), steps, SEARCH_DELTA, SEARCH_REFITS)
+            q, scale, zp = kernels.int_group(
+                x, g, bits, bool(cls.zero_bits), steps, SEARCH_DELTA, SEARCH_WIDEN, SEARCH_REFITS
+            )
             check_finite(scale)
             if bits == 8:
                 return cls._pack(tuple(w.shape), g, q, scale, zp if cls.zero_bits else None)
@@ -374,10 +383,21 @@ class _IntGroup(WeightFormat):
         else:
             amax = x.abs().amax(-1)
             check_finite(amax)
+            zero = torch.zeros_like(amax)
+            # the search's candidates send the largest-magnitude value (the first, on ties), sign kept, to qmin
+            flip = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1) > 0
 
-            def candidate(alpha: float) -> tuple[Any, Any, Any]:
+            def candidate(alpha: float) -> tuple[Any, Any, Any]:  # round to nearest: amax/scale <= qmax + 1/2
                 scale = _round_up_fp16(amax * alpha / ((qmax - qmin) / 2))
-                return scale, scale.float().clamp_min_(_tiny()), torch.zeros_like(amax)  # amax/scale <= qmax + 1/2
+                return scale, scale.float().clamp_min_(_tiny()), zero
+
+            def signed(magnitude: Any, negative: Any) -> tuple[Any, Any, Any]:
+                scale = torch.where(negative, -magnitude, magnitude)
+                s = magnitude.float().clamp_min_(_tiny())
+                return scale, torch.where(negative, -s, s), zero
+
+            def extreme(alpha: float) -> tuple[Any, Any, Any]:
+                return signed(_round_up_fp16(amax * alpha / float(-qmin)), flip)
 
         def codes(s: Any, zp: Any) -> Any:
             return torch.round(x / s.unsqueeze(-1)).add_(zp.unsqueeze(-1)).clamp_(qmin, qmax)
@@ -394,10 +414,10 @@ class _IntGroup(WeightFormat):
 
         def refit(s: Any) -> tuple[Any, Any, Any]:  # the least-squares scale of the codes ``s`` gives
             q = torch.round(x * s.reciprocal().unsqueeze(-1)).clamp_(qmin, qmax)
-            wq = q.double() * weight  # the sums in float64, as the native kernel's
-            ls = ((wq * x).sum(-1) / (wq * q).sum(-1).clamp_min_(1e-300)).float()  # sum w·x·q / sum w·q²
-            scale = _round_up_fp16(torch.where(ls > 0, ls, s))
-            return scale, scale.float().clamp_min_(_tiny()), zp
+            wq = q * weight  # fp32 sums, as the native kernel's (in another order: the rounding to fp16 hides it)
+            ls = (wq * x).sum(-1) / (wq * q).sum(-1).clamp_min_(_tiny())  # sum w·x·q / sum w·q²
+            same = (ls != 0) & ((ls > 0) == (s > 0))  # a least-squares scale of the other sign is no refit
+            return signed(_round_up_fp16(torch.where(same, ls, s).abs()), s < 0)
 
         scale, s, zp = candidate(1.0)
         if steps > 1:  # the scale search: keep each group's candidate with the smallest squared error
@@ -411,11 +431,15 @@ class _IntGroup(WeightFormat):
                 scale, s, zp = (torch.where(better, new, old) for new, old in ((c_scale, scale), (c_s, s), (c_zp, zp)))
                 return better
 
-            for j in range(1, steps):
-                keep(*candidate(float(torch.tensor(1.0 - j * SEARCH_DELTA, dtype=torch.float32))))
-            for _ in range(0 if cls.zero_bits else SEARCH_REFITS):  # then the winner's least-squares scale
-                if not bool(keep(*refit(s)).any()):
-                    break
+            if cls.zero_bits:
+                for j in range(1, steps):
+                    keep(*candidate(float(torch.tensor(1.0 - j * SEARCH_DELTA, dtype=torch.float32))))
+            else:
+                for j in range(steps):
+                    keep(*extreme(float(torch.tensor(1.0 + (SEARCH_WIDEN - j) * SEARCH_DELTA, dtype=torch.float32))))
+                for _ in range(SEARCH_REFITS):  # then the winner's least-squares scale
+                    if not bool(keep(*refit(s)).any()):
+                        break
         q = codes(s, zp)
         return cls._pack(tuple(w.shape), g, q.reshape(rows, cols), scale, zp if cls.zero_bits else None)
 

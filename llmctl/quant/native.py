@@ -109,48 +109,72 @@ static inline float round_even(float v) { return (v + 12582912.0f) - 12582912.0f
 // the stored codes are computed with a division, as round-to-nearest does.
 static inline float group_err(const float* v, const float* w, int64_t g, float s, float zf, float qmin, float qmax) {
   const float inv = 1.0f / s;
+  const float lo = qmin - zf, hi = qmax - zf;  // q - zf = clamp(round(v / s), qmin - zf, qmax - zf), exactly
   float e = 0.f;
   int64_t i = 0;
   if (g % 8 == 0) {
     float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (; i < g; i += 8)
       for (int t = 0; t < 8; ++t) {
-        float r = round_even(v[i + t] * inv) + zf;
-        r = r < qmin ? qmin : (r > qmax ? qmax : r);
-        float d = (r - zf) * s - v[i + t];
+        float r = round_even(v[i + t] * inv);
+        r = r < lo ? lo : (r > hi ? hi : r);
+        float d = r * s - v[i + t];
         a[t] += d * d * w[i + t];
       }
     e = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
   }
   for (; i < g; ++i) {
-    float r = round_even(v[i] * inv) + zf;
-    r = r < qmin ? qmin : (r > qmax ? qmax : r);
-    float d = (r - zf) * s - v[i];
+    float r = round_even(v[i] * inv);
+    r = r < lo ? lo : (r > hi ? hi : r);
+    float d = r * s - v[i];
     e += d * d * w[i];
   }
   return e;
 }
 
-// The least-squares scale of the codes scale s gives a symmetric group, sum w*v*q / sum w*q^2, or 0 when
-// it is not positive (the eager code: llmctl.quant.formats, refit).
+// The least-squares scale of the codes scale s gives a symmetric group, sum w*v*q / sum w*q^2 (0 when the
+// codes are all 0; the eager code: llmctl.quant.formats, refit).
 static inline float ls_scale(const float* v, const float* w, int64_t g, float s, float qmin, float qmax) {
   const float inv = 1.0f / s;
-  double num = 0, den = 0;
-  for (int64_t i = 0; i < g; ++i) {
+  float num = 0.f, den = 0.f;
+  int64_t i = 0;
+  if (g % 8 == 0) {  // eight running sums of each, so the compiler may vectorize (as group_err)
+    float a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (; i < g; i += 8)
+      for (int t = 0; t < 8; ++t) {
+        float r = round_even(v[i + t] * inv);
+        r = r < qmin ? qmin : (r > qmax ? qmax : r);
+        float wr = w[i + t] * r;
+        a[t] += wr * v[i + t];
+        b[t] += wr * r;
+      }
+    num = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+    den = ((b[0] + b[1]) + (b[2] + b[3])) + ((b[4] + b[5]) + (b[6] + b[7]));
+  }
+  for (; i < g; ++i) {
     float r = round_even(v[i] * inv);
     r = r < qmin ? qmin : (r > qmax ? qmax : r);
-    num += static_cast<double>(w[i]) * v[i] * r;
-    den += static_cast<double>(w[i]) * r * r;
+    float wr = w[i] * r;
+    num += wr * v[i];
+    den += wr * r;
   }
-  return den > 0 && num > 0 ? static_cast<float>(num / den) : 0.f;
+  return den > 0.f ? num / den : 0.f;
 }
 
-// steps > 1: the scale search (llmctl.quant.formats.SEARCH_*): the range (absmax, or [lo, hi]) shrunk by
-// 1 - j * delta for j < steps, keeping the candidate with the smallest squared error (the full range on ties).
+// |v| rounded up to fp16, with the sign of a negative scale
+static inline c10::Half signed_half(float v, bool negative) {
+  c10::Half h = round_up_half(std::fabs(v));
+  if (negative) h.x |= 0x8000;
+  return h;
+}
+
+// steps > 1: the scale search (llmctl.quant.formats.SEARCH_*), keeping the candidate with the smallest squared
+// error (round to nearest on ties): asymmetric, [lo, hi] shrunk by 1 - j * delta for j < steps; symmetric, the
+// largest-magnitude value sent to qmin at 1 + (widen - j) * delta of it, then least-squares refits.
 template <typename T>
 static void int_impl(const T* x, int64_t rows, int64_t cols, int64_t g, int bits, bool asym,
                      int8_t* q, c10::Half* scale, int8_t* zp, uint8_t* nibbles, int64_t steps, double delta,
-                     int64_t refits) {
+                     int64_t widen, int64_t refits) {
   // nibbles (4 bits, even g): the codes go straight into pack4's bytes through a per-thread buffer
   const int qmin = -(1 << (bits - 1)), qmax = (1 << (bits - 1)) - 1;
   const float tiny = 1.1754943508222875e-38f;
@@ -162,9 +186,12 @@ static void int_impl(const T* x, int64_t rows, int64_t cols, int64_t g, int bits
     for (int64_t k = a; k < z; ++k) {
       const T* xs = x + (k / ng) * cols + (k % ng) * g;
       if (steps > 1) {  // llama.cpp's K-quant error weights: rms of the group + |x|
-        double ss = 0;
-        for (int64_t i = 0; i < g; ++i) { vf[i] = ld(xs, i); ss += static_cast<double>(vf[i]) * vf[i]; }
-        float rms = static_cast<float>(std::sqrt(ss / g));
+        double sq[4] = {0, 0, 0, 0};  // four running sums: one chain of float64 adds would be the search's cost
+        int64_t i = 0;
+        for (; i + 4 <= g; i += 4)
+          for (int t = 0; t < 4; ++t) { vf[i + t] = ld(xs, i + t); sq[t] += static_cast<double>(vf[i + t]) * vf[i + t]; }
+        for (; i < g; ++i) { vf[i] = ld(xs, i); sq[0] += static_cast<double>(vf[i]) * vf[i]; }
+        float rms = static_cast<float>(std::sqrt(((sq[0] + sq[1]) + (sq[2] + sq[3])) / g));
         for (int64_t i = 0; i < g; ++i) wf[i] = rms + std::fabs(vf[i]);
       }
       int8_t* qs = nibbles ? buf.data() : q + (k / ng) * cols + (k % ng) * g;
@@ -212,17 +239,24 @@ static void int_impl(const T* x, int64_t rows, int64_t cols, int64_t g, int bits
         float s = std::max(static_cast<float>(sh), tiny);
         if (steps > 1 && am > 0.f && am <= 3.4e38f) {
           float best = group_err(vf.data(), wf.data(), g, s, 0.f, fmin, fmax);
-          for (int64_t j = 1; j < steps; ++j) {
-            c10::Half h = round_up_half(am * static_cast<float>(1.0 - j * delta) / half);
-            float sj = std::max(static_cast<float>(h), tiny);
+          bool flip = false;  // the first largest-magnitude value is positive: the candidates' scales are negative
+          for (int64_t i = 0; i < g; ++i)
+            if (abs_bits(vf[i]) == top) { flip = !std::signbit(vf[i]); break; }
+          for (int64_t j = 0; j < steps; ++j) {
+            float alpha = static_cast<float>(1.0 + (widen - j) * delta);
+            c10::Half h = signed_half(am * alpha / -fmin, flip);
+            float sj = std::max(std::fabs(static_cast<float>(h)), tiny);
+            sj = flip ? -sj : sj;
             float e = group_err(vf.data(), wf.data(), g, sj, 0.f, fmin, fmax);
             if (e < best) { best = e; sh = h; s = sj; }
           }
           for (int64_t r = 0; r < refits; ++r) {  // the winner's least-squares scale, kept when it is better
             float ls = ls_scale(vf.data(), wf.data(), g, s, fmin, fmax);
-            if (!(ls > 0.f)) break;
-            c10::Half h = round_up_half(ls);
-            float sj = std::max(static_cast<float>(h), tiny);
+            if (!(ls != 0.f && (ls > 0.f) == (s > 0.f))) break;
+            bool negative = s < 0.f;
+            c10::Half h = signed_half(ls, negative);
+            float sj = std::max(std::fabs(static_cast<float>(h)), tiny);
+            sj = negative ? -sj : sj;
             float e = group_err(vf.data(), wf.data(), g, sj, 0.f, fmin, fmax);
             if (!(e < best)) break;
             best = e; sh = h; s = sj;
@@ -339,7 +373,7 @@ static torch::Tensor pack4(const torch::Tensor& q, int64_t rows, int64_t cols) {
 // 8 bits: (codes int8 (rows, cols), scales fp16 (rows, groups), zero-points int8 (rows, groups) or empty);
 // 4 bits: codes and zero-points (flattened) packed by pack4.
 std::vector<torch::Tensor> int_group(torch::Tensor x, int64_t g, int64_t bits, bool asym, int64_t steps, double delta,
-                                     int64_t refits) {
+                                     int64_t widen, int64_t refits) {
   x = x.contiguous();
   int64_t rows = x.size(0), cols = x.size(1);
   bool inline_pack = bits == 4 && g % 2 == 0;
@@ -350,9 +384,9 @@ std::vector<torch::Tensor> int_group(torch::Tensor x, int64_t g, int64_t bits, b
   auto qp = q.data_ptr<int8_t>(); auto sp = reinterpret_cast<c10::Half*>(scale.data_ptr()); auto zpp = zp.data_ptr<int8_t>();
   uint8_t* np = inline_pack ? packed.data_ptr<uint8_t>() : nullptr;
   int b = static_cast<int>(bits);
-  if (x.scalar_type() == torch::kBFloat16) int_impl(reinterpret_cast<const c10::BFloat16*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta, refits);
-  else if (x.scalar_type() == torch::kHalf) int_impl(reinterpret_cast<const c10::Half*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta, refits);
-  else { auto xf = x.to(torch::kFloat32); int_impl(xf.data_ptr<float>(), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta, refits); }
+  if (x.scalar_type() == torch::kBFloat16) int_impl(reinterpret_cast<const c10::BFloat16*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta, widen, refits);
+  else if (x.scalar_type() == torch::kHalf) int_impl(reinterpret_cast<const c10::Half*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta, widen, refits);
+  else { auto xf = x.to(torch::kFloat32); int_impl(xf.data_ptr<float>(), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta, widen, refits); }
   if (bits == 4) {
     q = inline_pack ? packed : pack4(q, rows, cols);
     if (asym) zp = pack4(zp, 1, zp.numel()).reshape(-1);
@@ -364,7 +398,7 @@ std::vector<torch::Tensor> int_group(torch::Tensor x, int64_t g, int64_t bits, b
 def _flags() -> list[str]:
     """-O3, plus AVX2/FMA/F16C when this CPU has them (the flags are part of the build's name, so a
     cached build only ever runs where it was built for)."""
-    flags = ["-O3"]
+    flags = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP pragmas in the header: serial without it
     try:
         cpu = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -422,7 +456,8 @@ def build() -> Any:
         directory = _build_dir()
         with _locked(directory):
             _module = load_inline(_NAME, cpp_sources=_SOURCE, functions=["nf4", "int_group", "fp8_linear", "nf4_linear"],
-                                  extra_cflags=_FLAGS, build_directory=str(directory), verbose=False)  # fmt: skip
+                                  extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory),
+                                  verbose=False)  # fmt: skip
     return _module
 
 
