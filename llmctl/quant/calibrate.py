@@ -66,26 +66,25 @@ def calibration_windows(ids: list[int], bos: int | None, tokens: int, context: i
 FP32_LIMIT = 8 * 2**30  # models whose fp32 weights would take more run in bf16
 
 
-def _dtype(model_path: Any) -> Any:
+def _dtype(source: Any) -> Any:
     """fp32 for the statistics while the weights fit FP32_LIMIT in fp32, else bf16 (an 8B model would need
     32 GB in fp32; bf16 activations still give E[x²] to about three digits)."""
     import torch
 
-    from llmctl.sources import resolve
-
-    params = sum(t.numel for t in resolve(str(model_path)).tensors() or [])
+    params = sum(t.numel for t in source.tensors() or [])
     return torch.float32 if 4 * params <= FP32_LIMIT else torch.bfloat16
 
 
 def collect(
-    model_path: Any,
+    model: Any,
     data: str,
     *,
     tokens: int = DEFAULT_TOKENS,
     context: int = CONTEXT,
     progress: Callable[[int, int], None] | None = None,
 ) -> Calibration:
-    """Run the model at ``model_path`` (a folder or .gguf) over ``data`` and return its statistics."""
+    """Run ``model`` (a resolved llmctl.sources.ModelSource, or a folder or .gguf path) over ``data`` and
+    return its statistics."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -94,20 +93,24 @@ def collect(
     from llmctl.runtime.corpus import joined_text, load_corpus
     from llmctl.runtime.loader import load_model
     from llmctl.runtime.tokenizer import load_tokenizer
+    from llmctl.sources import ModelSource, resolve
 
     check_tokens(tokens)
+    source = model if isinstance(model, ModelSource) else resolve(str(model))
+    model_path = source.path
     t0 = time.perf_counter()
     docs = load_corpus(data)
     tok = load_tokenizer(model_path)
     windows = calibration_windows(tok.encode(joined_text(docs)), tok.bos_id, tokens, context)
     if not windows:
         raise UsageError(f"--calibration {data}: the text has no tokens; pass a longer text")
-    model = load_model(model_path, dtype=_dtype(model_path), device="cpu")
+    model = load_model(model_path, dtype=_dtype(source), device="cpu")
     linears = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     by_storage: dict[int, list[str]] = {}  # fused q/k/v and gate/up are views of one matrix
     for name, m in linears.items():
         by_storage.setdefault(m.weight.untyped_storage().data_ptr(), []).append(name)
     sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in linears.items()}
+    seen = dict.fromkeys(linears, 0)  # rows each weight's calls saw (a one-token window goes through torch.mv)
 
     class Observe(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -118,6 +121,7 @@ def collect(
                     s = x.reshape(-1, x.shape[-1]).double().square().sum(0)
                     for name in names:
                         sums[name] += s
+                        seen[name] += x.numel() // x.shape[-1]
             return func(*args, **(kwargs or {}))
 
     rows = 0
@@ -127,5 +131,5 @@ def collect(
             rows += len(w)
             if progress is not None:
                 progress(i + 1, len(windows))
-    importance = {name: (s / rows).float() for name, s in sums.items()}
+    importance = {name: (s / max(seen[name], 1)).float() for name, s in sums.items()}
     return Calibration(data, rows, len(windows), context, importance, time.perf_counter() - t0)

@@ -72,17 +72,13 @@ def parse_overrides(overrides: Sequence[str], how: str) -> list[tuple[str, str]]
     expressions searched in llama.cpp's tensor names (``blk\\.1[0-7]\\.ffn_down``)."""
     from gguf import GGMLQuantizationType
 
+    from llmctl.quant.convert import split_override
+
     allowed = PY_TYPES if how == "python" else tuple(t.name.lower() for t in GGMLQuantizationType)
     out = []
     for o in overrides:
-        pattern, sep, kind = o.rpartition("=")
-        kind = ALIASES.get(kind.lower(), kind.lower())
-        if not sep or not pattern or not kind:
-            raise UsageError(f"--override {o!r}: expected PATTERN=TYPE, e.g. 'ffn_down=q8_0'")
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise UsageError(f"--override {pattern!r} is not a valid regular expression: {e}") from None
+        compiled, kind = split_override(o, "PATTERN=TYPE, e.g. 'ffn_down=q8_0'")
+        pattern, kind = compiled.pattern, ALIASES.get(kind.lower(), kind.lower())
         if kind not in allowed:
             where = "llmctl writes" if how == "python" else "llama.cpp's quantizer makes"
             hint = " (or a llama.cpp mix such as q4_k_m, whose quantizer makes K-quants)" if how == "python" else ""
@@ -113,8 +109,6 @@ def tensor_type(name: str, shape: tuple[int, ...], want: str, overrides: Sequenc
     if len(shape) < 2 or math.prod(shape[:-1]) == 1:
         return "f32"
     want = next((kind for pattern, kind in overrides if re.search(pattern, name)), want)
-    if want in ("f32", "f16", "bf16"):
-        return want
     block, _ = GGML_QUANT_SIZES[GGMLQuantizationType[want.upper()]]
     return want if shape[-1] % block == 0 else "f16"
 
@@ -298,7 +292,7 @@ def _imatrix(source: Any, src: GGUFSource, calibration: dict[str, Any], progress
     def step(i: int, n: int) -> None:
         _progress(progress, i, n, f"calibration on {calibration['data']}", i, n)
 
-    cal = collect(source.path, calibration["data"], tokens=calibration["tokens"], progress=step)
+    cal = collect(source, calibration["data"], tokens=calibration["tokens"], progress=step)
     names = {gguf_to_hf_name(name, src.arch): name for name, *_ in src.tensors}
     cal.importance = {names[hf]: v for hf, v in cal.importance.items() if hf in names}
     return cal
