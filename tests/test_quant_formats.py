@@ -358,6 +358,29 @@ def test_scale_search_sends_the_largest_value_to_the_long_end(native_kernels, mo
     assert (back - w).square().sum() < (clipped - w).square().sum()
 
 
+@pytest.mark.parametrize("name, g", [("nf4", 64), ("nf4-dq", 64), ("fp8", None), ("fp8", 128)])
+def test_nf4_and_fp8_search_never_loses_by_its_measure(name, g):
+    """--method search for nf4 (the absmax per block) and fp8 (the scale per channel or group), eager torch:
+    per group the weighted squared error (rms + |x| weights) is never above round to nearest's, and plain
+    round to nearest stays the default (bitsandbytes' bytes for nf4)."""
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(7)) * 0.05
+    w[torch.rand(w.shape, generator=torch.Generator().manual_seed(8)) < 0.01] *= 6  # outliers
+    w[0, :64] = 0  # an all-zero group
+    fmt = REGISTRY[name]
+    rtn, search = fmt.quantize(w, g), fmt.quantize(w, g, method="search")
+    assert all(torch.equal(rtn.parts[k], fmt.quantize(w, g, method="rtn").parts[k]) for k in rtn.parts)
+    size = 64 if name.startswith("nf4") else g or 512
+    x = w.reshape(-1, size).double()
+    weight = x.square().mean(-1, keepdim=True).sqrt() + x.abs()
+
+    def err(q):
+        return ((fmt.dequantize(q).reshape(x.shape).double() - x).square() * weight).sum(-1)
+
+    if name != "nf4-dq":  # nf4-dq stores the absmax (searched or not) in 8 bits afterwards: in total only
+        assert bool((err(search) <= err(rtn) * (1 + 1e-5) + 1e-12).all())
+    assert err(search).sum() < (0.99 if name.startswith("nf4") else 1.0) * err(rtn).sum()  # fp8: < 1% to gain
+
+
 def test_unknown_method_is_refused():
     with pytest.raises(QuantError, match="unknown --method 'best'; choose rtn"):
         REGISTRY["int4"].quantize(torch.zeros(4, 64), 32, method="best")

@@ -25,6 +25,8 @@ CASES = {
     "fp8-tensor": {"group_size": "tensor"},
     "nf4": {},
     "nf4-dq": {},
+    "nf4-search": {"method": "search"},  # the scale search: other absmax values, the same format
+    "fp8-search": {"method": "search"},
 }
 
 
@@ -39,7 +41,7 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
     T.LlamaForCausalLM(cfg).eval().save_pretrained(root / "src", safe_serialization=True)
     out = {}
     for case, kw in CASES.items():
-        plan = make_plan(str(root / "src"), case.split("-channel")[0].split("-tensor")[0], **kw)
+        plan = make_plan(str(root / "src"), case.split("-channel")[0].split("-tensor")[0].split("-search")[0], **kw)
         run_plan(plan, root / case)
         out[case] = root / case
     out["src"] = root / "src"
@@ -53,7 +55,9 @@ def _state(folder: Path) -> tuple[dict, dict]:
     return {k: f.get_tensor(k) for k in f.keys()}, json.loads((folder / "config.json").read_text())
 
 
-@pytest.mark.parametrize("case", ["int4", "int4-asym", "int4-channel", "int8", "int8-channel", "fp8", "fp8-tensor"])
+@pytest.mark.parametrize(
+    "case", ["int4", "int4-asym", "int4-channel", "int8", "int8-channel", "fp8", "fp8-tensor", "fp8-search"]
+)
 def test_compressed_tensors_decompresses_to_our_weights(outputs, case):
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationScheme
@@ -75,7 +79,7 @@ def test_compressed_tensors_decompresses_to_our_weights(outputs, case):
         assert any(bool((q.parts["scale"] < 0).any()) for q in ours.values())  # a negative scale (q4_0's rule)
 
 
-@pytest.mark.parametrize("case", ["nf4", "nf4-dq"])
+@pytest.mark.parametrize("case", ["nf4", "nf4-dq", "nf4-search"])
 def test_bitsandbytes_reads_our_weights(outputs, case):
     import bitsandbytes.functional as F
     from bitsandbytes.functional import QuantState

@@ -132,6 +132,22 @@ def test_each_base_format_moves_to_its_more_bits_format(llama, base):
     assert plan.layout.name == ("llmctl" if base.startswith("nf4") else "compressed-tensors")
 
 
+def test_each_format_gets_its_method(llama):
+    """The scale search is the default for int4/int8, round to nearest for nf4/fp8 (bitsandbytes' and
+    compressed-tensors' own bytes); --method applies to every format; the plan and config.json say which."""
+    plan = make_plan(str(llama), "nf4", recipe="k-m")
+    methods = {t.format: t.opts.get("method") for t in plan.tensors}
+    assert methods == {"nf4": "rtn", "int8": "search", "bf16": None}
+    assert plan.method == "search (int8), rtn (nf4)" == plan.config["llmctl"]["method"]
+    for fmt in ("nf4", "fp8", "int4"):
+        searched = make_plan(str(llama), fmt, method="search")
+        assert {t.opts.get("method") for t in searched.tensors if t.quantized} == {"search"}
+        assert searched.method == "search"
+        assert make_plan(str(llama), fmt, method="rtn").method == "rtn"
+    assert make_plan(str(llama), "fp8").method == "rtn" and make_plan(str(llama), "int4").method == "search"
+    assert make_plan(str(llama), "bf16").method is None and "method" not in make_plan(str(llama), "bf16").config.get("llmctl", {})
+
+
 def test_compressed_tensors_and_transformers_read_the_mixed_file(llama, tmp_path):
     """The k-m int4 file has one config group per scheme (int4 g128, int4 per channel where a row is 128
     long, int8 per channel), each targeting

@@ -31,8 +31,8 @@ def quantize(
     method: str = typer.Option(
         None,
         "--method",
-        help="int4/int8 scales: rtn (round to nearest) or search (per-group clipping search) "
-        "[default: search; weighted by --calibration statistics when given].",
+        help="Scales: rtn (round to nearest) or search (per-group scale search) [default: search for "
+        "int4/int8, rtn for nf4/fp8; search, weighted by the statistics, with --calibration].",
     ),
     calibration: str = typer.Option(
         None,
@@ -99,7 +99,7 @@ def quantize(
         overrides=override or (),
         skip_indivisible=skip_indivisible,
         fp8=fp8,
-        method=method or "search",
+        method=method,
         recipe=recipe,
         calibration=calibration,
         calibration_tokens=calibration_tokens,

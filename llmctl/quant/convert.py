@@ -27,7 +27,8 @@ from llmctl.quant.formats import PER_TENSOR, REGISTRY, QTensor
 from llmctl.quant.layouts import FLOATS, Layout, TensorPlan, choose_layout
 
 QUANT_FORMATS = ("fp8", "int8", "int4", "int4-asym", "nf4", "nf4-dq")
-INT_FORMATS = ("int8", "int4", "int4-asym")  # the formats --method search applies to
+INT_FORMATS = ("int8", "int4", "int4-asym")  # the scale search is their default
+SEARCH_FORMATS = (*INT_FORMATS, "nf4", "nf4-dq", "fp8")  # --method search / --calibration apply to them
 WRITABLE = (*FLOATS, *QUANT_FORMATS)
 CHUNK_VALUES = 1 << 22  # values quantized at a time
 SHARD_BYTES = 4 * 1024**3  # output shard size (Hugging Face's default is 5 GB)
@@ -55,7 +56,7 @@ class Plan:
     tensors: list[TensorPlan]
     files: list[OutFile]
     config: dict[str, Any]  # the output's config.json
-    method: str = "search"  # scales of int4/int8 groups: the scale search, or round to nearest
+    method: str | None = "search"  # the scales' method: "search", "rtn", "search (int8), rtn (nf4)"; None: no scales
     recipe: str = "uniform"  # llmctl.quant.recipes.RECIPES: which tensors get one format up
     notes: list[str] = field(default_factory=list)
     calibrate: dict[str, Any] | None = None  # --calibration: {"data": spec, "tokens": n}
@@ -103,7 +104,28 @@ class Plan:
 
 # ---- planning ---------------------------------------------------------------------------------------
 def _searches(plans: Sequence[TensorPlan]) -> bool:
-    return any(t.format in INT_FORMATS for t in plans)
+    return any(t.opts.get("method") == "search" for t in plans)
+
+
+def tensor_method(fmt: str, method: str | None, calibrated: bool) -> str | None:
+    """How a tensor in ``fmt`` gets its scales: --method when given (--calibration implies search), else
+    the scale search for int4/int8 and round to nearest for nf4/fp8 (whose round-to-nearest bytes are
+    bitsandbytes' and compressed-tensors' own, and whose search runs in eager torch); None: no scales."""
+    if fmt not in SEARCH_FORMATS:
+        return None
+    if calibrated:
+        return "search"
+    return method or ("search" if fmt in INT_FORMATS else "rtn")
+
+
+def _method_text(plans: Sequence[TensorPlan]) -> str | None:
+    by: dict[str, list[str]] = {}
+    for t in plans:
+        if "method" in t.opts and t.format not in by.get(t.opts["method"], []):
+            by.setdefault(t.opts["method"], []).append(t.format)
+    if len(by) <= 1:
+        return next(iter(by), None)  # None: no tensor has scales
+    return ", ".join(f"{m} ({'/'.join(f)})" for m, f in sorted(by.items(), key=lambda kv: kv[0] != "search"))
 
 
 def parse_group_size(value: str | int | None) -> int | str | None:
@@ -272,14 +294,14 @@ def make_plan(
     overrides: Sequence[str] = (),
     skip_indivisible: bool = False,
     fp8: str = "e4m3",
-    method: str = "search",
+    method: str | None = None,
     recipe: str = "uniform",
     calibration: str | None = None,
     calibration_tokens: int | None = None,
     shard_bytes: int = SHARD_BYTES,
 ) -> Plan:
-    """Decide every tensor's format and the exact output files; reads headers only. ``method``: "rtn" or
-    "search" (the scale search of int4/int8 groups, llmctl.quant.formats.SEARCH_STEPS). ``recipe``: which
+    """Decide every tensor's format and the exact output files; reads headers only. ``method``: "rtn",
+    "search" (llmctl.quant.formats' scale search) or None (``tensor_method``'s default). ``recipe``: which
     tensors get one format up (llmctl.quant.recipes.RECIPES), before ``overrides`` and ``keep``."""
     from llmctl.memory.params import tensor_role
     from llmctl.quant import recipes
@@ -290,7 +312,7 @@ def make_plan(
     name = resolve_format(fmt, symmetric)
     rec = recipes.check_recipe(recipe, name)
     fp8 = _fp8_variant({"fp8": fp8})
-    _search_on({"method": method})  # refuses an unknown method
+    _search_on({"method": method})  # refuses an unknown method (None: each format's default)
     calibrate = calibration_request(calibration, calibration_tokens, method)
     request = parse_group_size(group_size)
     keeps = [regex(k, "--keep") for k in keep]
@@ -326,7 +348,9 @@ def make_plan(
                 target, reason = ofmt, f"--override {pattern.pattern}={ofmt}"
         if any(k.search(tname) for k in keeps):
             target, reason = kept_fmt, f"--keep {next(k.pattern for k in keeps if k.search(tname))}"
-        opts = {"fp8": fp8} if target == "fp8" else {"method": method} if target in INT_FORMATS else {}
+        opts = {"fp8": fp8} if target == "fp8" else {}
+        if tm := tensor_method(target, method, calibrate is not None):
+            opts["method"] = tm
         try:
             g = _effective_group(target, request, cols)
         except QuantError as e:
@@ -339,6 +363,8 @@ def make_plan(
                 raise QuantError(f"{tname} {list(shape)}: {e}{hint}") from None
             target, reason, g, opts = kept_fmt, "kept: group does not divide the row", None, {}
             skipped.append(tname)
+        if target == "fp8" and g == PER_TENSOR and "method" in opts:  # one scale over row chunks: no search
+            opts["method"] = "rtn"
         src = _ST_TO_NAME.get(dtype, dtype.lower())
         plans.append(TensorPlan(tname, tuple(shape), src, target, g, opts, reason, nbytes, compute))
     lay, passed_over = choose_layout(layout, plans)
@@ -346,13 +372,13 @@ def make_plan(
     config = _out_config(source, lay, plans, compute)
     if name not in FLOATS:  # what made the file, for readers to report
         config["llmctl"] = {"format": name, "recipe": rec.name}
-        if _searches(plans):  # the formats the method applies to
-            config["llmctl"]["method"] = method
+        if any("method" in t.opts for t in plans):  # the formats a method applies to
+            config["llmctl"]["method"] = _method_text(plans)
         if calibrate is not None:
             config["llmctl"]["calibration"] = calibrate
-    plan = Plan(source, name, lay, plans, files, config, method, rec.name, calibrate=calibrate)
+    plan = Plan(source, name, lay, plans, files, config, _method_text(plans), rec.name, calibrate=calibrate)
     if calibrate is not None and not plan.searches:
-        plan.notes.append("--calibration weighs the scale search of int4/int8 tensors; none is in this plan")
+        plan.notes.append("--calibration weighs the scale search of int4/int8/nf4/fp8 tensors; none is in this plan")
     if passed_over:
         plan.notes.append(passed_over)
     if skipped:
@@ -381,15 +407,15 @@ def calibrate(plan: Plan, progress: Callable[[Progress], None] | None = None) ->
     plan.config.setdefault("llmctl", {})["calibration"] = plan.calibrate
 
 
-def calibration_request(data: str | None, tokens: int | None, method: str) -> dict[str, Any] | None:
+def calibration_request(data: str | None, tokens: int | None, method: str | None) -> dict[str, Any] | None:
     from llmctl.quant.calibrate import DEFAULT_TOKENS, check_tokens
 
     if data is None:
         if tokens is not None:
             raise UsageError("--calibration-tokens needs --calibration TEXT")
         return None
-    if method != "search":
-        raise UsageError("--calibration weighs the scale search; use it with --method search (the default)")
+    if method == "rtn":
+        raise UsageError("--calibration weighs the scale search; leave --method out or pass --method search")
     check_tokens(DEFAULT_TOKENS if tokens is None else tokens)
     return {"data": data, "tokens": DEFAULT_TOKENS if tokens is None else tokens}
 
@@ -664,7 +690,7 @@ def _write_tensor(
     fmt = REGISTRY[tp.format]
     rows_per = _chunk_rows(tp, chunk_values)
     opts = dict(tp.opts)
-    if calibration is not None and tp.format in INT_FORMATS and tp.name in calibration.importance:
+    if calibration is not None and tp.opts.get("method") == "search" and tp.name in calibration.importance:
         opts["importance"] = calibration.importance[tp.name]
     if tp.format == "fp8" and tp.group_size == PER_TENSOR:  # one scale: the absmax of the whole tensor first
         amax = torch.zeros(())

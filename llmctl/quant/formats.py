@@ -12,7 +12,7 @@ uses); GGUF *mixes* such as q4_k_m are recipes over those types (see ``llmctl.qu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -241,6 +241,18 @@ class FP8(WeightFormat):
         if "amax" not in opts:
             check_finite(amax)
         scale = amax / fmax
+        importance = opts.get("importance")
+        if (_search_on(opts) or importance is not None) and "amax" not in opts and group_size != PER_TENSOR:
+            g = x.shape[1] // c
+            xg = x.reshape(x.shape[0], c, g)
+            imp = None if importance is None else importance.float().reshape(1, c, g)
+            fp8 = getattr(torch, dtype)
+
+            def roundtrip(v: Any, sc: Any) -> Any:
+                sc = sc.clamp_min(_tiny())
+                return (v / sc).clamp_(-fmax, fmax).to(fp8).float() * sc
+
+            scale = _best_scale(xg, scale, _search_weights(xg, imp), roundtrip)
         s = scale.clamp_min(_tiny())
         if c == 1:
             y = x / s
@@ -296,6 +308,33 @@ def _search_on(opts: dict[str, Any]) -> bool:
     if method not in METHODS:
         raise QuantError(f"unknown --method {method!r}; choose rtn (round to nearest) or search (scale search)")
     return method == "search"
+
+
+def _search_weights(x: torch.Tensor, importance: Any) -> torch.Tensor:
+    """Error weights for groups ``x`` (..., group): the calibration statistics of each value's input channel
+    (``importance``, already shaped to broadcast), or llama.cpp's rms(group) + |x|."""
+    if importance is not None:
+        return importance
+    return x.double().square().mean(-1, keepdim=True).sqrt_().float().add(x.abs())
+
+
+def _best_scale(x: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, roundtrip: Callable[[Any, Any], Any]) -> Any:
+    """The scale search of the formats without a native one (nf4, fp8): per group of ``x`` (..., group), the
+    scale among ``scale`` · (1 - j * SEARCH_DELTA), j < SEARCH_STEPS, whose ``roundtrip(x, s)`` (the values
+    as stored and read back) has the smallest weighted squared error; ``scale`` itself wins ties."""
+    import torch
+
+    best_s, best = scale, None
+    for j in range(SEARCH_STEPS):
+        s = scale if j == 0 else scale * float(torch.tensor(1.0 - j * SEARCH_DELTA, dtype=torch.float32))
+        err = (roundtrip(x, s.unsqueeze(-1)) - x).square_().mul_(weight).sum(-1)
+        if best is None:
+            best = err
+            continue
+        better = err < best
+        best = torch.where(better, err, best)
+        best_s = torch.where(better, s, best_s)
+    return best_s
 
 
 class _IntGroup(WeightFormat):
@@ -596,7 +635,9 @@ class NF4(WeightFormat):
         assert g is not None
         code = nf4_code()
         kernels = native.get()
-        if kernels is not None:  # the same arithmetic in one pass (llmctl.quant.native)
+        importance = opts.get("importance")
+        search = _search_on(opts) or importance is not None
+        if kernels is not None and not search:  # the same arithmetic in one pass (llmctl.quant.native)
             packed, absmax = kernels.nf4(w, g, midpoints(code))
             check_finite(absmax)
             parts = {"weight": packed.reshape(-1, 1), "absmax": absmax}
@@ -609,6 +650,18 @@ class NF4(WeightFormat):
         full = n - n % g
         blocks = flat[:full].reshape(-1, g)  # (n_blocks, block)
         absmax = blocks.abs().amax(-1)
+        if search and full:  # the scale search (eager torch): the absmax shrunk, values beyond it clamped to ±1
+            check_finite(absmax)
+            mids = midpoints(code)
+            imp = None
+            if importance is not None:  # blocks run over the flattened tensor: each value's input channel
+                imp = importance.float().repeat(n // importance.numel())[:full].reshape(-1, g)
+
+            def roundtrip(v: Any, am: Any) -> Any:
+                scaled = torch.clamp(v * (1.0 / am.clamp(min=1e-38)), -1, 1)
+                return code[torch.bucketize(scaled, mids)] * am
+
+            absmax = _best_scale(blocks, absmax, _search_weights(blocks, imp), roundtrip)
         scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).unsqueeze(-1)), -1, 1).reshape(-1)
         if n % g:
             tail = flat[full:]
