@@ -185,7 +185,8 @@ class FP8(WeightFormat):
     'float-quantized', channel strategy) — or per tensor (``group_size=PER_TENSOR``) / per group.
 
     scale = absmax / max_finite (448 for e4m3, 57344 for e5m2); values are divided by the scale and
-    clamped to ±max_finite before rounding, so no value saturates to NaN or infinity."""
+    clamped to ±max_finite before rounding, so no value saturates to NaN or infinity. ``method="search"``
+    (per channel or group) may shrink the scale, clamping the largest values."""
 
     name = "fp8"
     bits = 8
@@ -344,7 +345,8 @@ class _IntGroup(WeightFormat):
     x ≈ q · scale (compressed-tensors' min-max rule). Asymmetric: scale = (max - min) / (2^b - 1) over a
     range that includes 0, zero_point = clamp(qmin - round(min / scale)), q = clamp(round(x / scale) + zp),
     x ≈ (q - zp) · scale. Scales are rounded to fp16 first and the codes computed with the rounded scale,
-    so what is stored is what is used."""
+    so what is stored is what is used. The scale search (``method="search"``) may store a negative
+    symmetric scale, sending a positive extreme to -2^(b-1) as llama.cpp's q4_0 does."""
 
     grouped = True
     can_quantize = True
