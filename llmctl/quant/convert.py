@@ -370,13 +370,14 @@ def make_plan(
     lay, passed_over = choose_layout(layout, plans)
     files = _shard(plans, lay, shard_bytes)
     config = _out_config(source, lay, plans, compute)
+    method_text = _method_text(plans)
     if name not in FLOATS:  # what made the file, for readers to report
         config["llmctl"] = {"format": name, "recipe": rec.name}
-        if any("method" in t.opts for t in plans):  # the formats a method applies to
-            config["llmctl"]["method"] = _method_text(plans)
+        if method_text:  # the formats a method applies to
+            config["llmctl"]["method"] = method_text
         if calibrate is not None:
             config["llmctl"]["calibration"] = calibrate
-    plan = Plan(source, name, lay, plans, files, config, _method_text(plans), rec.name, calibrate=calibrate)
+    plan = Plan(source, name, lay, plans, files, config, method_text, rec.name, calibrate=calibrate)
     if calibrate is not None and not plan.searches:
         plan.notes.append("--calibration weighs the scale search of int4/int8/nf4/fp8 tensors; none is in this plan")
     if passed_over:

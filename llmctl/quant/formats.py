@@ -243,7 +243,7 @@ class FP8(WeightFormat):
             check_finite(amax)
         scale = amax / fmax
         importance = opts.get("importance")
-        if (_search_on(opts) or importance is not None) and "amax" not in opts and group_size != PER_TENSOR:
+        if _search_on(opts) and "amax" not in opts and group_size != PER_TENSOR:
             g = x.shape[1] // c
             xg = x.reshape(x.shape[0], c, g)
             imp = None if importance is None else importance.float().reshape(1, c, g)
@@ -305,10 +305,11 @@ SEARCH_REFITS = 1  # symmetric groups: rounds of the winner's least-squares scal
 
 
 def _search_on(opts: dict[str, Any]) -> bool:
+    """Whether ``quantize`` runs the scale search: ``method="search"``, or calibration statistics given."""
     method = opts.get("method") or "rtn"
     if method not in METHODS:
         raise QuantError(f"unknown --method {method!r}; choose rtn (round to nearest) or search (scale search)")
-    return method == "search"
+    return method == "search" or opts.get("importance") is not None
 
 
 def _search_weights(x: torch.Tensor, importance: Any) -> torch.Tensor:
@@ -398,8 +399,7 @@ class _IntGroup(WeightFormat):
         g = cls.check_group(cols, group_size)
         assert g is not None
         importance = opts.get("importance")  # per input channel, from --calibration (llmctl.quant.calibrate)
-        search = _search_on(opts) or importance is not None
-        steps = 1 if not search else SEARCH_STEPS if cls.zero_bits else SEARCH_SIGNED_STEPS
+        steps = 1 if not _search_on(opts) else SEARCH_STEPS if cls.zero_bits else SEARCH_SIGNED_STEPS
         kernels = native.get() if importance is None else None
         if kernels is not None:  # the same arithmetic in one pass (llmctl.quant.native)
             q, scale, zp = kernels.int_group(
@@ -425,8 +425,6 @@ class _IntGroup(WeightFormat):
             amax = x.abs().amax(-1)
             check_finite(amax)
             zero = torch.zeros_like(amax)
-            # the search's candidates send the largest-magnitude value (the first, on ties), sign kept, to qmin
-            flip = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1) > 0
 
             def candidate(alpha: float) -> tuple[Any, Any, Any]:  # round to nearest: amax/scale <= qmax + 1/2
                 scale = _round_up_fp16(amax * alpha / ((qmax - qmin) / 2))
@@ -437,17 +435,15 @@ class _IntGroup(WeightFormat):
                 s = magnitude.float().clamp_min_(_tiny())
                 return scale, torch.where(negative, -s, s), zero
 
-            def extreme(alpha: float) -> tuple[Any, Any, Any]:
+            def extreme(alpha: float, flip: Any) -> tuple[Any, Any, Any]:  # flip: the extreme is positive
                 return signed(_round_up_fp16(amax * alpha / float(-qmin)), flip)
 
         def codes(s: Any, zp: Any) -> Any:
             return torch.round(x / s.unsqueeze(-1)).add_(zp.unsqueeze(-1)).clamp_(qmin, qmax)
 
         weight = None
-        if importance is not None:  # an error in column j reaches the output scaled by x_j: weigh it E[x_j²]
-            weight = importance.float().reshape(1, cols // g, g)
-        elif steps > 1:  # llama.cpp's K-quant error weights: rms of the group + |x|, so large values count more
-            weight = x.double().square().mean(-1, keepdim=True).sqrt_().float().add(x.abs())
+        if steps > 1:  # an error in column j reaches the output scaled by x_j: weigh it E[x_j²] when known
+            weight = _search_weights(x, None if importance is None else importance.float().reshape(1, cols // g, g))
 
         def error(s: Any, zp: Any) -> Any:  # ranks candidates: x · (1/s) as the native kernel does
             q = torch.round(x * s.reciprocal().unsqueeze(-1)).add_(zp.unsqueeze(-1)).clamp_(qmin, qmax)
@@ -475,9 +471,11 @@ class _IntGroup(WeightFormat):
             if cls.zero_bits:
                 for j in range(1, steps):
                     keep(*candidate(float(torch.tensor(1.0 - j * SEARCH_DELTA, dtype=torch.float32))))
-            else:
+            else:  # the candidates send the largest-magnitude value (the first, on ties), sign kept, to qmin
+                flip = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1) > 0
                 for j in range(steps):
-                    keep(*extreme(float(torch.tensor(1.0 + (SEARCH_WIDEN - j) * SEARCH_DELTA, dtype=torch.float32))))
+                    alpha = float(torch.tensor(1.0 + (SEARCH_WIDEN - j) * SEARCH_DELTA, dtype=torch.float32))
+                    keep(*extreme(alpha, flip))
                 for _ in range(SEARCH_REFITS):  # then the winner's least-squares scale
                     if not bool(keep(*refit(s)).any()):
                         break
@@ -638,7 +636,7 @@ class NF4(WeightFormat):
         code = nf4_code()
         kernels = native.get()
         importance = opts.get("importance")
-        search = _search_on(opts) or importance is not None
+        search = _search_on(opts)
         if kernels is not None and not search:  # the same arithmetic in one pass (llmctl.quant.native)
             packed, absmax = kernels.nf4(w, g, midpoints(code))
             check_finite(absmax)
