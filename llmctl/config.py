@@ -142,7 +142,7 @@ class ModelConfig:
             for name in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
                 _positive_int(self, name)
         if self.model_type == "gemma3_text" and self.query_pre_attn_scalar is None:
-            self.query_pre_attn_scalar = float(self.head_dim)
+            self.query_pre_attn_scalar = self.head_dim
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, Mapping):
             raise ConfigError(f"{self._where()}rope_scaling must be an object or null; fix config.json")
 
@@ -336,7 +336,7 @@ class ModelConfig:
                 d["layer_types"] = [SLIDING if swa else FULL for swa in pattern]
             else:
                 d["sliding_window_pattern"] = pattern
-            d["query_pre_attn_scalar"] = float(d["head_dim"] or (d["hidden_size"] // n_head))
+            d["query_pre_attn_scalar"] = int(d["head_dim"] or (d["hidden_size"] // n_head))
         if model_type in ("qwen2",):
             d["attention_bias"] = True
         if model_type in ("mistral",) and d["sliding_window"] is None:
@@ -374,6 +374,59 @@ class ModelConfig:
         d["architectures"] = [self.architecture]
         return {k: v for k, v in d.items() if v is not None}
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json as transformers' config class of the family writes it: only the keys that class
+        declares (``HF_KEYS``), RoPE under ``rope_parameters``, integral values as integers. Families the
+        runtime does not run fall back to every non-default field."""
+        keys = HF_KEYS.get(self.model_type)
+        if keys is None:
+            return self.to_dict()
+        d: dict[str, Any] = {"architectures": [self.architecture], "model_type": self.model_type}
+        for key in (*_HF_COMMON_KEYS, *keys):
+            value = getattr(self, _HF_RENAMED.get(key, key))
+            if key == "layer_types" and self.model_type == "gemma3_text":
+                value = self.layer_kinds()  # the class keeps no sliding_window_pattern
+            if value is not None:
+                d[key] = int(value) if key in _HF_INT_KEYS and float(value).is_integer() else value
+        d["rope_parameters"] = self._rope_parameters()
+        if self.torch_dtype:
+            d["dtype"] = str(self.torch_dtype).removeprefix("torch.")
+        return d
+
+    def _rope_parameters(self) -> dict[str, Any]:
+        """transformers >= 5's ``rope_parameters``: rope_type, rope_theta and the scaling fields (per layer
+        kind for Gemma 3, whose local layers have their own base and no scaling)."""
+        main = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": float(self.rope_theta)}
+        if "type" in main:  # older configs name the rule "type"
+            main["rope_type"] = main.pop("type")
+        if self.partial_rotary_factor != 1.0:
+            main["partial_rotary_factor"] = self.partial_rotary_factor
+        if self.model_type != "gemma3_text":
+            return main
+        local = float(self.rope_local_base_freq if self.rope_local_base_freq is not None else 10000.0)
+        return {"full_attention": main, "sliding_attention": {"rope_type": "default", "rope_theta": local}}
+
+
+# config.json keys per family, as transformers' config class for it declares them (transformers 5.x;
+# tests/test_hf_config.py checks each against the installed transformers): every family writes the common
+# keys, then its own. RoPE goes under ``rope_parameters`` (ModelConfig._rope_parameters).
+_HF_COMMON_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "bos_token_id",
+    "eos_token_id",
+)  # fmt: skip
+HF_KEYS: dict[str, tuple[str, ...]] = {
+    "llama": ("head_dim", "hidden_act", "attention_bias", "mlp_bias"),
+    "mistral": ("head_dim", "hidden_act", "sliding_window"),
+    # Qwen2's q/k/v bias is not a config key: the architecture always has it
+    "qwen2": ("hidden_act", "use_sliding_window", "sliding_window", "max_window_layers", "layer_types"),
+    "qwen3": ("head_dim", "hidden_act", "attention_bias", "use_sliding_window", "sliding_window",
+              "max_window_layers", "layer_types"),
+    "gemma3_text": ("head_dim", "hidden_activation", "attention_bias", "query_pre_attn_scalar", "sliding_window",
+                    "layer_types", "final_logit_softcapping", "attn_logit_softcapping"),
+}  # fmt: skip
+_HF_RENAMED = {"hidden_activation": "hidden_act"}  # config.json key -> ModelConfig field
+_HF_INT_KEYS = ("query_pre_attn_scalar",)  # int in transformers' class, read as a number here
 
 # Sizes beyond these are corrupt or hostile configs, not models: they would only make llmctl loop or
 # allocate without end (2**31 tokens of context, 100k layers are far past any published model).

@@ -430,23 +430,14 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 def _out_config(source: Any, lay: Layout, plans: list[TensorPlan], compute: str) -> dict[str, Any]:
     if source.is_gguf:
-        cfg = source.config.to_dict()
-        if (
-            cfg.get("model_type") == "gemma3_text"
-            and "layer_types" not in cfg
-            and cfg.get("sliding_window_pattern")
-        ):
-            p = cfg["sliding_window_pattern"]
-            cfg["layer_types"] = [
-                "full_attention" if (i + 1) % p == 0 else "sliding_attention"
-                for i in range(cfg["num_hidden_layers"])
-            ]
+        cfg = source.config.to_hf_dict()
     else:
         cfg = _read_config(source.path)
     cfg.pop("quantization_config", None)
     cfg.pop("quantization", None)
     cfg.pop("llmctl", None)
-    cfg["torch_dtype"] = compute
+    cfg.pop("torch_dtype", None)  # transformers >= 5 names it dtype (and reads torch_dtype as that)
+    cfg["dtype"] = compute
     cfg.update(lay.config(plans))
     return cfg
 

@@ -202,7 +202,7 @@ class CompressedTensors(Layout):
             if tp.quantized:
                 key = json.dumps(_ct_scheme(tp), sort_keys=True)
                 schemes.setdefault(key, (_ct_scheme(tp), []))[1].append(_module(tp.name))
-        linear_kept = [_module(tp.name) for tp in plans if not tp.quantized and _is_linear_weight(tp)]
+        linear_kept = _linear_kept(plans)
         groups, formats = {}, set()
         for i, (scheme, modules) in enumerate(schemes.values()):
             fmt = scheme.pop("format")
@@ -216,13 +216,23 @@ class CompressedTensors(Layout):
                 "format": formats.pop() if len(formats) == 1 else "mixed-precision",
                 "quantization_status": "compressed",
                 "config_groups": groups,
-                "ignore": linear_kept if len(schemes) == 1 else [],
+                "ignore": linear_kept,
                 "kv_cache_scheme": None,
             }
         }
 
 
 _FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM's qkv_proj and gate_up_proj
+
+
+def _linear_kept(plans: list[TensorPlan]) -> list[str]:
+    """The modules of every linear layer the file leaves unquantized: the kept linear weights, and
+    ``lm_head`` when the file has none of its own (tied embeddings). Engines build the model first and
+    quantize each ``Linear`` a scheme targets unless it is ignored; a tied lm_head must not be."""
+    kept = [_module(tp.name) for tp in plans if not tp.quantized and _is_linear_weight(tp)]
+    if not any(_module(tp.name) == "lm_head" for tp in plans):
+        kept.append("lm_head")
+    return kept
 
 
 def _what(tp: TensorPlan) -> str:
@@ -301,13 +311,7 @@ class BnB(Layout):
     def config(self, plans: list[TensorPlan]) -> dict[str, Any]:
         q = [tp for tp in plans if tp.quantized]
         dq = any(tp.format == "nf4-dq" for tp in q)
-        skip = sorted(
-            {
-                _module(tp.name).rsplit(".", 1)[-1]
-                for tp in plans
-                if not tp.quantized and _is_linear_weight(tp)
-            }
-        )
+        skip = sorted({m.rsplit(".", 1)[-1] for m in _linear_kept(plans)})
         dtype = q[0].dtype if q else "bfloat16"
         return {
             "quantization_config": {
