@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAMILIES, gemma3_path, smollm2_path
 
 from llmctl.config import HF_KEYS, RUNTIME_FAMILIES, ModelConfig
 from llmctl.quant.convert import make_plan, run_plan
-from tests.conftest import FAMILIES, gemma3_path, smollm2_path
 
 # format -> make_plan keywords; the layout is the one ``auto`` picks (hf, compressed-tensors, bnb)
 # (the tiny models' rows are 64 and 96 long: int groups of 32)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmctl import atomic
 from llmctl.errors import QuantError, SourceError, UsageError
 from llmctl.quant.formats import PER_TENSOR, REGISTRY, QTensor
 from llmctl.quant.layouts import FLOATS, Layout, TensorPlan, choose_layout
@@ -327,6 +328,9 @@ def make_plan(
             f"{source.path}: the model is already quantized (config.json has quantization_config); "
             "quantize from the bf16/fp16/fp32 original"
         )
+    if not source.is_gguf:  # a tokenizer file linking out of the folder is refused before any work
+        for name_ in TOKENIZER_FILES:
+            side_file(source.path, name_)
     inp = _open_input(source)
     n_layers = recipes.layer_count((i[0] for i in inp.infos), source.config) if rec.layers else 0
     kept_fmt = name if name in FLOATS else inp.dtype
@@ -577,11 +581,9 @@ def run_plan(
     out = Path(out)
     check_out(out, force)
     calibrate(plan, progress)  # before anything is written: a bad text leaves no trace
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     remove_dead_runs(out)
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir()
+        tmp = atomic.private_dir(out, "partial")
     except OSError as e:
         raise QuantError(
             f"cannot write the output next to {out} ({e.strerror or e}); choose a writable folder with --out"
@@ -590,13 +592,7 @@ def run_plan(
     try:
         results = _write_all(plan, tmp, progress, measure_error, chunk_values)
         _write_side_files(plan, tmp)
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        atomic.replace(tmp, out)  # with --force, the old output is swapped out in one step where it can be
     except OSError as e:  # a full disk, a vanished folder: nothing is left behind, the old output stays
         shutil.rmtree(tmp, ignore_errors=True)
         raise QuantError(
@@ -612,7 +608,9 @@ def run_plan(
 def remove_dead_runs(out: Path) -> None:
     """Remove what runs that were killed (SIGKILL, power loss) left next to ``out``: ``.NAME.partial-PID``,
     ``.NAME.old-PID`` and ``.NAME.f16-PID`` (a GGUF mix's intermediate) folders or files whose process no
-    longer exists."""
+    longer exists — except an ``.old`` one when ``out`` is missing: a run killed between the two renames of
+    a ``--force`` replacement (where no one-step exchange exists) left the old output there, and it is
+    put back."""
     for leftover in out.parent.glob(f".{out.name}.*-*"):
         kind, _, pid = leftover.name[len(out.name) + 2 :].rpartition("-")
         if kind not in ("partial", "old", "f16") or not pid.isdigit():
@@ -620,7 +618,9 @@ def remove_dead_runs(out: Path) -> None:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
-            if leftover.is_dir() and not leftover.is_symlink():
+            if kind == "old" and not leftover.is_symlink() and not out.exists() and not out.is_symlink():
+                os.replace(leftover, out)
+            elif leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink(missing_ok=True)
@@ -740,9 +740,28 @@ def _write_side_files(plan: Plan, tmp: Path) -> None:
         _gguf_tokenizer(src.path, tmp, plan)
         return
     for name in TOKENIZER_FILES:
-        f = src.path / name
-        if f.is_file():
-            shutil.copy2(f, tmp / name)
+        if (f := side_file(src.path, name)) is not None:
+            shutil.copyfile(f, tmp / name)
+
+
+def side_file(folder: Path, name: str) -> Path | None:
+    """The regular file ``folder/name`` resolves to, if it lies inside the model folder or, for a Hugging
+    Face hub snapshot (``…/snapshots/REV/``), in that repo's ``blobs/``; None otherwise. A link out of the
+    folder (``special_tokens_map.json -> /proc/self/environ``) is never followed: its target would be
+    copied into the output."""
+    f = folder / name
+    if not f.exists():
+        return None
+    target, root = f.resolve(), folder.resolve()
+    inside = [root]
+    if folder.parent.name == "snapshots":
+        inside.append(folder.parent.parent.resolve() / "blobs")
+    if not target.is_file() or not any(target.is_relative_to(d) for d in inside):
+        raise SourceError(
+            f"{f}: resolves to {target}, not a regular file inside the model folder; replace the link with "
+            "the file itself"
+        )
+    return target
 
 
 def _gguf_tokenizer(gguf: Path, tmp: Path, plan: Plan) -> None:
@@ -756,10 +775,16 @@ def _gguf_tokenizer(gguf: Path, tmp: Path, plan: Plan) -> None:
     key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     cache = llmctl_cache_dir() / "tokenizers" / key
     if not (cache / "tokenizer.json").is_file():
+        import tempfile
+
         try:
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            # transformers reads the GGUF's folder too (tokenizer_config.json, whose auto_map would offer to
+            # run the folder's code): give it a private folder holding a link to the GGUF and nothing else
+            with tempfile.TemporaryDirectory(prefix="llmctl-gguf-tok-") as alone:
+                (Path(alone) / "model.gguf").symlink_to(gguf.resolve())
+                tok = AutoTokenizer.from_pretrained(alone, gguf_file="model.gguf", trust_remote_code=False)
             part = cache.with_name(f"{key}.partial-{os.getpid()}")
             shutil.rmtree(part, ignore_errors=True)
             tok.save_pretrained(str(part))

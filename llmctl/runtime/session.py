@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import abc
 import json
-import os
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmctl import atomic
 from llmctl.errors import UsageError
 from llmctl.runtime.sampler import MAX_SEED, Sampler, SamplingOptions
 
@@ -557,12 +557,9 @@ class Session:
         path = Path(path).expanduser()
         if not str(path).strip() or path.is_dir():
             raise UsageError(f"/save needs a file name, got {str(path)!r}")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(self.transcript(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            os.replace(tmp, path)
+        try:  # a temporary file made with O_EXCL: a link planted beside the target is never written through
+            atomic.write_text(path, json.dumps(self.transcript(), indent=2, ensure_ascii=False) + "\n")
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise UsageError(f"cannot write {path}: {e.strerror or e}; pick a writable path") from None
         return path
 
