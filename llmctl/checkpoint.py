@@ -69,6 +69,8 @@ def read_safetensors_header(path: str | Path) -> tuple[list[TensorInfo], dict[st
         raise FormatError(
             f"{path}: safetensors header is not valid JSON; the file is corrupt — re-download it"
         ) from None
+    except RecursionError:  # brackets nested thousands deep
+        raise FormatError(f"{path}: safetensors header nests JSON too deeply; the file is corrupt") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: safetensors header is not a JSON object; the file is corrupt")
     meta = header.pop("__metadata__", None) or {}
@@ -82,11 +84,14 @@ def read_safetensors_header(path: str | Path) -> tuple[list[TensorInfo], dict[st
     for name, info in header.items():
         try:
             dtype = info["dtype"]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
+            if not isinstance(dtype, str):
+                raise TypeError(dtype)
+            shape = tuple(_json_int(s) for s in info["shape"])
+            begin, end = (_json_int(x) for x in info["data_offsets"])
         except (TypeError, KeyError, ValueError):
             raise FormatError(
-                f"{path}: tensor {name!r} has a malformed header entry; the file is corrupt"
+                f"{path}: tensor {name!r} has a malformed header entry (dtype, shape and data_offsets must be "
+                "a string and lists of integers); the file is corrupt"
             ) from None
         if dtype not in SAFETENSORS_DTYPE_BYTES:
             raise FormatError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
@@ -128,6 +133,13 @@ def read_safetensors_header(path: str | Path) -> tuple[list[TensorInfo], dict[st
     return tensors, {str(k): str(v) for k, v in meta.items()}
 
 
+def _json_int(v: object) -> int:
+    """A JSON integer as the safetensors library requires one: not ``"64"``, ``64.5`` or ``true``."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(v)
+    return v
+
+
 def safetensors_files(folder: Path) -> list[Path]:
     """The weight files of a HF folder: those named by model.safetensors.index.json, else *.safetensors."""
     import json
@@ -137,7 +149,7 @@ def safetensors_files(folder: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError):  # ValueError: JSON
             raise FormatError(f"{index}: malformed index (no weight_map object); re-download it") from None
         files = [folder / n for n in names]
         missing = [str(p.name) for p in files if not p.is_file()]

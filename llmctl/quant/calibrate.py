@@ -90,7 +90,7 @@ def collect(
     from torch import nn
     from torch.overrides import TorchFunctionMode
 
-    from llmctl.runtime.corpus import joined_text, load_corpus
+    from llmctl.runtime.corpus import encode_prefix, load_corpus
     from llmctl.runtime.loader import load_model
     from llmctl.runtime.tokenizer import load_tokenizer
     from llmctl.sources import ModelSource, resolve
@@ -101,7 +101,7 @@ def collect(
     t0 = time.perf_counter()
     docs = load_corpus(data)
     tok = load_tokenizer(model_path)
-    windows = calibration_windows(tok.encode(joined_text(docs)), tok.bos_id, tokens, context)
+    windows = calibration_windows(encode_prefix(tok.encode, docs, tokens + 1), tok.bos_id, tokens, context)
     if not windows:
         raise UsageError(f"--calibration {data}: the text has no tokens; pass a longer text")
     model = load_model(model_path, dtype=_dtype(source), device="cpu")

@@ -13,16 +13,23 @@ Building takes 30 s to a few minutes and needs a C++ compiler, so it never happe
 ``build()`` (``python -m llmctl.quant.native``, run by scripts/install.sh, or ``bench/quantize.py``)
 compiles; afterwards ``get()`` loads the cached build and the formats and ``QuantWeight`` use it.
 ``LLMCTL_NATIVE=0`` turns it off.
+
+Loading a library runs its code as the caller, and its path is predictable, so a library is loaded only
+from folders nobody else can write (``_check_private``): otherwise ``get()`` and ``build()`` refuse with a
+``UsageError`` saying which folder and how to fix it, rather than run without the kernels unannounced.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from llmctl.errors import UsageError
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -395,6 +402,7 @@ std::vector<torch::Tensor> int_group(torch::Tensor x, int64_t g, int64_t bits, b
 }
 """
 
+
 def _flags() -> list[str]:
     """-O3, plus AVX2/FMA/F16C when this CPU has them (the flags are part of the build's name, so a
     cached build only ever runs where it was built for)."""
@@ -421,7 +429,43 @@ def _enabled() -> bool:
 def _build_dir() -> Path:
     from torch.utils.cpp_extension import _get_build_directory
 
-    return Path(_get_build_directory(_NAME, False))
+    old = os.umask(0o077)  # the folders torch creates here are the caller's alone (_check_private)
+    try:
+        return Path(_get_build_directory(_NAME, False))
+    finally:
+        os.umask(old)
+
+
+def _check_private(directory: Path) -> None:
+    """Refuse a build folder another user could have written: the library in it, and every folder from it
+    up to the extensions root (``TORCH_EXTENSIONS_DIR`` or torch's default), must be owned by the caller
+    and not writable by group or others."""
+    if not hasattr(os, "geteuid"):  # no POSIX owners and modes (Windows)
+        return
+    from torch.utils.cpp_extension import get_default_build_root
+
+    env = os.environ.get("TORCH_EXTENSIONS_DIR")  # as torch reads it (_get_build_directory)
+    root = Path(env if env is not None else get_default_build_root())
+    library = directory / f"{_NAME}.so"
+    paths = [library] if library.exists() else []
+    for folder in (directory, *directory.parents):
+        paths.append(folder)
+        if folder == root:
+            break
+    for path in paths:
+        st = path.stat()
+        problem = (
+            f"is owned by user id {st.st_uid}, not by you" if st.st_uid != os.geteuid()
+            else f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            else None
+        )  # fmt: skip
+        if problem:
+            raise UsageError(
+                f"refusing to load llmctl's C++ kernels: {path} {problem}, so another user could have planted "
+                f"the library; remove {directory} and rebuild (python -m llmctl.quant.native), point "
+                "TORCH_EXTENSIONS_DIR at a folder only you can write, or set LLMCTL_NATIVE=0"
+            )
 
 
 @contextmanager
@@ -454,6 +498,7 @@ def build() -> Any:
         from torch.utils.cpp_extension import load_inline
 
         directory = _build_dir()
+        _check_private(directory)
         with _locked(directory):
             _module = load_inline(_NAME, cpp_sources=_SOURCE, functions=["nf4", "int_group", "fp8_linear", "nf4_linear"],
                                   extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory),
@@ -467,6 +512,7 @@ def _load_built() -> Any:
     library = directory / f"{_NAME}.so"
     if not library.is_file():
         return None
+    _check_private(directory)
     import importlib.util
 
     import torch  # noqa: F401  (the extension links against libtorch)
@@ -488,6 +534,8 @@ def get() -> Any:
         return _module
     try:
         _module = _load_built()
+    except UsageError:  # a library someone else could have planted: never loaded
+        raise
     except Exception:  # a broken cache: eager torch computes the same bytes
         _failed = True
     return _module

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,46 @@ def load_corpus(source: str, *, errors: str = "strict") -> list[Document]:
 def joined_text(docs: list[Document]) -> str:
     """All documents as one text (blank line between documents), for the window protocols."""
     return "\n\n".join(d.text for d in docs)
+
+
+# Tokens past the needed ones that a prefix's tokenization must reach before its first ``need`` tokens are
+# taken as the whole text's: cutting a text changes only the tokens at the cut (the last word or piece),
+# so the ids well before it are those of the whole text. tests/test_eval.py checks equality on both
+# bundled tokenizers.
+PREFIX_MARGIN = 64
+
+
+def encode_prefix(encode: Callable[[str], list[int]], text: str | list[Document], need: int | None) -> list[int]:
+    """``encode(text)`` (the documents joined as ``joined_text``) — or, when ``need`` is given, its first
+    ``need`` ids computed from a prefix of the text only: a prefix of 8 characters a token, doubled until
+    its ids reach ``need + PREFIX_MARGIN`` or it is the whole text. Scoring two windows of a 12 MB corpus
+    so tokenizes a few kilobytes, not all of it (time and memory bounded by what is used)."""
+    if need is None:
+        return encode(text if isinstance(text, str) else joined_text(text))
+    chars = max(8 * (need + PREFIX_MARGIN), 4096)
+    while True:
+        prefix, whole = _text_prefix(text, chars)
+        ids = encode(prefix)
+        if whole:
+            return ids[:need]
+        if len(ids) >= need + PREFIX_MARGIN:
+            return ids[:need]
+        chars *= 2
+
+
+def _text_prefix(text: str | list[Document], chars: int) -> tuple[str, bool]:
+    """The first ``chars`` characters (at least) of the text or of the joined documents, and whether that
+    is all of it; documents past the prefix are not joined."""
+    if isinstance(text, str):
+        return text[:chars], chars >= len(text)
+    parts, size = [], 0
+    for i, d in enumerate(text):
+        if size >= chars:
+            return "\n\n".join(parts)[:chars], False
+        parts.append(d.text)
+        size += len(d.text) + 2 * (i > 0)
+    joined = "\n\n".join(parts)
+    return joined[:chars], chars >= len(joined)
 
 
 def read_text(path: Path, errors: str = "strict") -> str:

@@ -23,6 +23,7 @@ forward is a plain causal (and windowed) pass over the batch, for evaluation.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -62,6 +63,22 @@ def check_supported(config: ModelConfig) -> None:
             f"{where}attn_logit_softcapping (Gemma 2) is not supported by the torch runtime"
         )
     inv_frequencies(config, FULL)  # validates rope_scaling
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    """Bytes a new allocation on ``device`` can take: free CUDA memory, else the system's available memory
+    (MPS shares it; the total where the available is unknown); None when nothing is known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 class RMSNorm(nn.Module):
@@ -256,12 +273,19 @@ class Transformer(nn.Module):
         return self.model.embed_tokens.weight.device
 
     def make_cache(self, max_len: int, batch_size: int = 1, rollback: int = 0) -> KVCache:
-        """A KV cache for this model in its dtype and on its device."""
+        """A KV cache for this model in its dtype and on its device; refused when it would not fit in the
+        memory the device has free (a context of 2**31 tokens asks for terabytes)."""
         from llmctl.runtime.kv_cache import KVCache
 
-        return KVCache(
-            self.config, max_len, batch_size, dtype=self.dtype, device=self.device, rollback=rollback
-        )
+        args = (self.config, max_len, batch_size)
+        need = KVCache(*args, dtype=self.dtype, device="meta", rollback=rollback).nbytes  # sizes, no memory
+        free = _free_bytes(self.device)
+        if free is not None and need > free:
+            raise UsageError(
+                f"a KV cache of {max_len} positions needs {need / 2**30:.1f} GiB but {self.device} has "
+                f"{free / 2**30:.1f} GiB free; pass a smaller --context (about {max_len * free // need} fits)"
+            )
+        return KVCache(*args, dtype=self.dtype, device=self.device, rollback=rollback)
 
     def fuse_projections(self) -> Transformer:
         """Serve q/k/v and gate/up with one matmul each (loaders call this once the weights are in)."""

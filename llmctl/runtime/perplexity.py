@@ -518,8 +518,20 @@ def load_logits(path: str | Path) -> SavedLogits:
         raise FormatError(
             f"{path}: not a log-probabilities file written by `llmctl eval --save-logits`, or damaged ({e})"
         ) from None
-    if not (ids.shape == logp.shape and ids.shape[0] == tgt.shape[0]):
+    if not (ids.ndim == 2 and ids.shape == logp.shape and tgt.shape == ids.shape[:1]):
         raise FormatError(f"{path}: inconsistent tensor shapes; the file is damaged, save the baseline again")
+    vocab = meta.get("vocab_size", "")
+    n = int(vocab) if vocab.isdecimal() else 0
+    if (
+        not n
+        or ids.is_floating_point()
+        or ids.is_complex()
+        or (ids.numel() and not 0 <= ids.min() <= ids.max() < n)
+    ):
+        raise FormatError(
+            f"{path}: token ids outside the vocabulary (vocab_size {vocab!r} in its metadata); the file is "
+            "damaged, save the baseline again"
+        )
     return SavedLogits(path, meta, ids, logp, tgt)
 
 
@@ -644,8 +656,10 @@ def build_windows(
     max_tokens: int | None,
     chunks: int | None,
 ) -> list[Window]:
-    """Tokenize ``docs`` (corpus.Document) and cut them into the protocol's windows."""
-    from llmctl.runtime.corpus import joined_text
+    """Tokenize ``docs`` (corpus.Document) and cut them into the protocol's windows. With ``chunks`` or
+    ``max_tokens`` only the text those windows use is tokenized (``corpus.encode_prefix``): the windows are
+    those of the whole text's tokens, cut short."""
+    from llmctl.runtime.corpus import encode_prefix
 
     if protocol not in PROTOCOLS:
         raise UsageError(f"unknown --protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
@@ -659,17 +673,28 @@ def build_windows(
         prefix = tokenizer.bos_id if tokenizer.bos_id is not None else min(tokenizer.eos_ids, default=None)
         if prefix is None:
             raise UsageError("the documents protocol needs a BOS or EOS token to start each document")
-        toks, left = [], max_tokens
+        _check_positive("--context", context, 2)
+        toks, left, n_windows = [], max_tokens, 0
         for d in docs:
-            ids = tokenizer.encode(d.text, add_bos=False)
+            if left == 0 or (chunks is not None and n_windows >= chunks):
+                break  # the documents past what is scored are never tokenized
+            cap = left if chunks is None else min(left or 2**62, (chunks - n_windows) * context)
+            ids = encode_prefix(lambda t: tokenizer.encode(t, add_bos=False), d.text, cap)
             if left is not None:
-                ids, left = ids[:left], left - min(left, len(ids))
+                left -= len(ids)
             toks.append(ids)
+            n_windows += math.ceil(len(ids) / context)  # document_windows' count for the document
         windows = document_windows(toks, context, prefix)
     else:
-        tokens = tokenizer.encode(joined_text(list(docs)))  # BOS once when the model adds one
-        if max_tokens is not None:
-            tokens = tokens[:max_tokens]
+        need = max_tokens
+        if chunks is not None:  # the tokens the first ``chunks`` windows cover
+            _check_positive("--context", context, 2)
+            if protocol == "llama.cpp":  # (which needs two windows of text, however many are scored)
+                span = max(chunks, 2) * context
+            else:
+                span = context + (chunks - 1) * (stride or context // 2)
+            need = span if need is None else min(need, span)
+        tokens = encode_prefix(tokenizer.encode, list(docs), need)  # BOS once when the model adds one
         if protocol == "llama.cpp":
             if stride is not None:
                 raise UsageError("--stride is for --protocol sliding; llama.cpp windows do not overlap")

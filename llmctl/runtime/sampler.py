@@ -19,7 +19,8 @@ The chain is llama.cpp's default order (``common/sampling.cpp``, samplers in ``s
 
 Filters take a 1-D float tensor of logits and return it with removed tokens set to ``-inf``; none of them
 ever removes the most probable token. Every option is validated once, in ``SamplingOptions``: a bad value
-raises ``UsageError`` naming the valid range.
+raises ``UsageError`` naming the valid range. Logits with a NaN (NaN weights, or overflow in the compute
+dtype) raise ``FormatError``, found from one value per token: argmax and softmax both carry a NaN through.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from llmctl.errors import UsageError
+from llmctl.errors import FormatError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -49,6 +50,10 @@ _RULES: dict[str, tuple[type, str, Any]] = {
     "seed": (int, f"an integer between 0 and {MAX_SEED}", lambda v: 0 <= v <= MAX_SEED),
     "max_tokens": (int, "an integer >= 1", lambda v: v >= 1),
 }
+NAN_LOGITS = (
+    "the model produced NaN logits: its weights hold NaN or infinite values, or its activations overflow "
+    "the compute dtype; check or re-download the model files, or try --dtype fp32"
+)
 
 
 @dataclass(frozen=True)
@@ -262,7 +267,16 @@ class Sampler:
         import torch
 
         if self.options.greedy:
-            return int(self._penalised(logits, recent).argmax())
+            x = self._penalised(logits, recent)
+            i = int(x.argmax())
+            _refuse_nan(x[i])  # argmax lands on a NaN when there is one
+            return i
         probs, ids = self._survivors(logits, recent)
+        _refuse_nan(probs[0])  # one NaN survivor makes every probability NaN
         i = torch.multinomial(probs, 1, generator=self.generator)
         return int(i if ids is None else ids[i])
+
+
+def _refuse_nan(value: torch.Tensor) -> None:
+    if bool(value.isnan()):
+        raise FormatError(NAN_LOGITS)
