@@ -374,3 +374,26 @@ def test_baseline_logits_with_foreign_token_ids(tamper, message: str, tmp_path: 
     options = ["--data", str(text), "--context", "64", "--chunks", "2", "--baseline-logits", str(saved)]
     p = run(["eval", str(model), *options], tmp_path)
     one_error_line(p, message)
+
+
+def test_baseline_logits_with_rows_cut_off(tmp_path: Path) -> None:
+    """The same file with its last rows removed (the windows digest still matches): one line, exit 2."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from llmctl.runtime.perplexity import evaluate
+
+    model = chat_model(tmp_path / "m")
+    text = tmp_path / "text.txt"
+    text.write_text("hello world, the quick brown fox. " * 40)
+    saved = tmp_path / "base.safetensors"
+    evaluate(str(model), str(text), context=64, chunks=2, save_logits_path=str(saved), batch_size=1)
+    with safe_open(str(saved), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    rows = tensors["topk_ids"].shape[0]
+    tensors = {k: (v[: rows - 5].contiguous() if v.shape[:1] == (rows,) else v) for k, v in tensors.items()}
+    save_file(tensors, str(saved), metadata=meta)
+    options = ["--data", str(text), "--context", "64", "--chunks", "2", "--baseline-logits", str(saved)]
+    p = run(["eval", str(model), *options], tmp_path)
+    one_error_line(p, f"holds {rows - 5} rows of log-probabilities for {rows} scored tokens")

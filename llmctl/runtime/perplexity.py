@@ -819,6 +819,12 @@ def evaluate(
                 f"{saved.meta.get('data')}); pass the same --data and protocol options and a model with the "
                 "same tokenizer, or save the baseline again"
             )
+        scored = sum(len(w.targets) for w in windows)
+        if saved.ids.shape[0] != scored:  # the digest names the windows; the rows must be there too
+            raise UsageError(
+                f"{saved.path} holds {saved.ids.shape[0]} rows of log-probabilities for {scored} scored tokens; "
+                "the file is truncated or edited — save the baseline again with --save-logits"
+            )
         notes.append(
             f"KL from the baseline's saved top-{saved.ids.shape[1]} log-probabilities (the rest as one "
             "bucket: a slight underestimate)"
