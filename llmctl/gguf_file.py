@@ -390,8 +390,11 @@ class _Parser:
                     "gguf package (pip install -U gguf)"
                 ) from None
             numel = math.prod(ne)
-            if numel >= 1 << 62:
-                raise self.fail(f"tensor {name!r} claims {numel} elements; the file is corrupt")
+            claimed = math.prod(max(d, 1) for d in ne)  # bounds every dimension, also one beside a 0
+            if claimed >= 1 << 62:
+                raise self.fail(
+                    f"tensor {name!r} has dimensions {list(ne)}: it claims {claimed} elements; the file is corrupt"
+                )
             if ne and ne[0] % block:
                 raise self.fail(
                     f"tensor {name!r} ({qtype.name}) has rows of {ne[0]} values, not a multiple of the "
@@ -435,3 +438,76 @@ def _short_f32(v: float) -> float:
         if struct.unpack("<f", struct.pack("<f", s))[0] == v:
             return s
     return v
+
+
+# ---- the vocabulary, as llama.cpp's loader needs it -----------------------------------------------
+TOKENIZER_MODELS = ("llama", "gpt2")  # SentencePiece and byte-level BPE: what every family llmctl runs uses
+
+
+def check_vocabulary(info: GGUFInfo) -> None:
+    """Refuse tokenizer metadata that llama.cpp would abort on (``llama-vocab.cpp``): llama.cpp reports some
+    problems as errors, but asserts on others and kills the process with no message.
+
+    * ``tokenizer.ggml.model`` must be one of ``TOKENIZER_MODELS`` (WordPiece, Unigram and RWKV vocabularies
+      have their own aborts, e.g. a BYTE-type token in a WordPiece vocabulary);
+    * ``tokenizer.ggml.tokens`` must be unique as llama.cpp reads them: cut at the first NUL byte, an empty
+      token renamed ``[EMPTY_<id>]`` (``GGML_ASSERT(id_to_token.size() == token_to_id.size())``);
+    * ``scores`` and ``token_type`` have an entry per token, ``merges`` are strings;
+    * the BOS and EOS ids lie inside the vocabulary;
+    * a SentencePiece vocabulary spells every byte (``<0x00>`` … ``<0xFF>``): llama.cpp throws an uncaught
+      exception, and aborts, when it tokenizes a character it cannot spell otherwise.
+    """
+    meta = info.metadata
+
+    def fail(
+        what: str, fix: str = "the file is corrupt — re-download it or convert the model again"
+    ) -> FormatError:
+        return FormatError(f"{info.path}: {what}; {fix}")
+
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        return
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise fail("tokenizer.ggml.tokens is not an array of strings")
+    n = len(tokens)
+    if n == 0:
+        raise fail("tokenizer.ggml.tokens is empty")
+    model = meta.get("tokenizer.ggml.model")
+    if model not in TOKENIZER_MODELS:
+        raise fail(
+            f"tokenizer.ggml.model is {model!r}, not a tokenizer of the model families llmctl runs "
+            f"({', '.join(TOKENIZER_MODELS)})",
+            "use a GGUF of a Llama, Mistral, Qwen or Gemma model",
+        )
+    words = set(tokens)
+    if len(words) < n or "" in words or "\0" in "".join(tokens):  # the slow path, as llama.cpp reads them
+        seen: dict[str, int] = {}
+        for i, t in enumerate(tokens):
+            word = t.partition("\0")[0] or f"[EMPTY_{i}]"
+            if word in seen:
+                raise fail(f"tokenizer.ggml.tokens holds {word!r:.60} twice (ids {seen[word]} and {i})")
+            seen[word] = i
+    for key, kind in (("scores", (int, float)), ("token_type", int)):
+        values = meta.get(f"tokenizer.ggml.{key}")
+        if values is None:
+            continue
+        if not isinstance(values, list) or not all(isinstance(v, kind) for v in values):
+            raise fail(f"tokenizer.ggml.{key} is not an array of numbers")
+        if len(values) < n:
+            raise fail(f"tokenizer.ggml.{key} has {len(values)} entries for {n} tokens")
+    merges = meta.get("tokenizer.ggml.merges")
+    if merges is not None and (not isinstance(merges, list) or not all(isinstance(m, str) for m in merges)):
+        raise fail("tokenizer.ggml.merges is not an array of strings")
+    for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        v = meta.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < n):
+            raise fail(f"{key} is {v!r}, outside the vocabulary of {n} tokens")
+    if model == "llama":
+        missing = [
+            b for b in range(256) if f"<0x{b:02X}>" not in words and not (0 < b < 128 and chr(b) in words)
+        ]
+        if missing:
+            raise fail(
+                f"the SentencePiece vocabulary lacks the byte token <0x{missing[0]:02X}> "
+                f"({len(missing)} of 256 missing)"
+            )

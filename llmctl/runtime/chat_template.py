@@ -11,8 +11,13 @@ Chat templates ship inside model files, so they are untrusted code. We render wi
   budget (``max_operations``) and a wall-clock deadline (``timeout_s``);
 * **bounded memory**: the output is streamed and stopped past ``max_output_chars``; operators, ``~``
   concatenation, macro/block buffers, calls and filters are refused when their result (or, for ``*``,
-  ``**``, ``%``, ``format``, ``replace``, ``join`` and width arguments, their *announced* result) would
-  exceed the same bound, so no single step allocates without limit.
+  ``**``, ``%``, ``format``, ``replace``, ``join``, ``expandtabs``, ``indent``, ``wordwrap`` and width
+  arguments, their *announced* result) would exceed the same bound, so no single step allocates without
+  limit. A format announces the sum of all its widths and precisions, ``*`` and nested ``{:{w}}`` fields
+  included;
+* **bounded compilation**: templates up to ``MAX_TEMPLATE_CHARS`` characters and ``MAX_TEMPLATE_TOKENS``
+  tokens (counted by the lexer before anything is parsed); nesting too deep to compile is a
+  ``TemplateError``.
 
 Messages and extra variables are copied to plain JSON types before the template sees them.
 
@@ -40,6 +45,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 MAX_TEMPLATE_CHARS = 1 << 20
+MAX_TEMPLATE_TOKENS = 20_000  # tags, names, operators, literals; Gemma 4's 15 KB template has 2,352
 DEFAULT_MAX_OUTPUT_CHARS = 1 << 20  # plus 4x the size of the inputs, see ChatTemplate.render
 DEFAULT_MAX_OPERATIONS = 1_000_000
 DEFAULT_TIMEOUT_S = 10.0
@@ -68,7 +74,7 @@ class _Budget:
             )
 
     def check_size(self, value: Any, what: str) -> Any:
-        if isinstance(value, (str, list, tuple, dict)) and len(value) > self.max_chars:
+        if isinstance(value, (str, bytes, list, tuple, dict)) and len(value) > self.max_chars:
             raise self.too_big(what, len(value))
         if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
             raise TemplateError(f"chat template computed an integer of {value.bit_length()} bits with {what}")
@@ -98,27 +104,76 @@ def _budget() -> _Budget:
 
 
 # ---- checks for operations that can allocate a lot in one step ----------------------------------
-_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\d*)(?:\.(\d*))?")
+# Widths and precisions are summed over all the fields of a format: each may pass the bound alone and
+# thousands of them together still make gigabytes ('%1000000s' * 2000).
+_TOO_MANY_DIGITS = 1 << 62  # a width of 19 digits or more: CPython refuses it, we count it as too big
+_DIGITS = re.compile(r"[0-9]+")
 
 
-def _check_percent_format(fmt: str, b: _Budget) -> None:
-    for m in _PERCENT_SPEC.finditer(fmt):
-        for num in m.groups():
-            if num and int(num) > b.max_chars:
-                raise b.too_big(f"the format width {num}", int(num))
+def _number(digits: str) -> int:
+    return int(digits) if len(digits) < 19 else _TOO_MANY_DIGITS
 
 
-def _check_brace_format(fmt: str, b: _Budget) -> None:
-    import string
+def _percent_widths(fmt: str | bytes, args: Any, limit: int) -> int:
+    """The sum of the widths and precisions in printf-style ``fmt``, ``*`` read from ``args`` as ``%`` reads
+    them (a tuple is the arguments, anything else the one argument), counted until it passes ``limit``: a
+    bound on the padding ``fmt % args`` can add."""
+    if isinstance(fmt, bytes):
+        fmt = fmt.decode("latin-1")
+    positional = args if isinstance(args, tuple) else (args,)
+    total = arg = 0
+    i, n = 0, len(fmt)
+    while total <= limit:
+        i = fmt.find("%", i) + 1
+        if i == 0 or i >= n:
+            break
+        if fmt[i] == "(":  # a mapping key: parentheses nest, as CPython parses them
+            depth = 0
+            while i < n:
+                depth += {"(": 1, ")": -1}.get(fmt[i], 0)
+                i += 1
+                if depth == 0:
+                    break
+        while i < n and fmt[i] in "-+ #0":
+            i += 1
+        for part in ("width", "precision"):
+            if part == "precision":
+                if i >= n or fmt[i] != ".":
+                    break
+                i += 1
+            if i < n and fmt[i] == "*":
+                v = positional[arg] if arg < len(positional) else 0
+                arg, i = arg + 1, i + 1
+                total += abs(v) if isinstance(v, int) else 0
+            else:
+                start = i
+                while i < n and fmt[i] in "0123456789":
+                    i += 1
+                total += _number(fmt[start:i]) if i > start else 0
+        while i < n and fmt[i] in "hlL":
+            i += 1
+        if i < n and fmt[i] != "%":  # a conversion takes an argument; '%%' takes none
+            arg += 1
+        i += 1
+    return total
 
-    try:
-        parsed = list(string.Formatter().parse(fmt))
-    except ValueError:
-        return  # str.format raises the same error itself
-    for _, _, spec, _ in parsed:
-        for num in re.findall(r"\d+", spec or ""):
-            if int(num) > b.max_chars:
-                raise b.too_big(f"the format spec {spec!r}", int(num))
+
+def _check_percent_format(fmt: Any, args: Any, b: _Budget) -> None:
+    if isinstance(fmt, (str, bytes)):
+        total = _percent_widths(fmt, args, b.max_chars)
+        if total > b.max_chars:
+            raise b.too_big(f"the format width {total}", total)
+
+
+def _spec_size(spec: str) -> int:
+    """A bound on the width and precision in a ``str.format`` field spec: all its numbers added up."""
+    return sum(_number(d) for d in _DIGITS.findall(spec))
+
+
+def _check_expandtabs(s: Any, tabsize: Any, b: _Budget) -> None:
+    if isinstance(s, (str, bytes)) and isinstance(tabsize, int):
+        tabs = s.count("\t" if isinstance(s, str) else b"\t")
+        b.check_announced(len(s) + tabs * max(tabsize, 0), f"expandtabs({tabsize})")
 
 
 def _check_int_args(args: Sequence[Any], kwargs: Mapping[str, Any], b: _Budget, what: str) -> None:
@@ -128,22 +183,51 @@ def _check_int_args(args: Sequence[Any], kwargs: Mapping[str, Any], b: _Budget, 
 
 
 def _check_replace(s: Any, old: Any, new: Any, count: Any, b: _Budget) -> None:
-    if isinstance(s, str) and isinstance(old, str) and isinstance(new, str) and len(new) > len(old):
+    kind = str if isinstance(s, str) else bytes
+    if isinstance(s, kind) and isinstance(old, kind) and isinstance(new, kind) and len(new) > len(old):
         hits = s.count(old) if old else len(s) + 1
         if isinstance(count, int) and count >= 0:
             hits = min(hits, count)
         b.check_announced(len(s) + hits * (len(new) - len(old)), "replace")
 
 
-def _check_join(sep: Any, seq: Any, b: _Budget) -> None:
-    if isinstance(sep, str) and hasattr(seq, "__len__"):
-        b.check_announced(len(sep) * max(len(seq) - 1, 0), "join")
+def _materialized(seq: Any, b: _Budget) -> Any:
+    """``seq`` itself if it has a length, else its items in a list, each counted as an operation (a
+    generator, e.g. from ``map``, says nothing of its size before it is joined)."""
+    if hasattr(seq, "__len__"):
+        return seq
+    out = []
+    for x in seq:
+        b.tick()
+        out.append(x)
+    return out
+
+
+def _check_join(sep: Any, seq: Any, b: _Budget, items: bool = True) -> None:
+    """The separators and (``items``) the text of the items ``sep.join(seq)`` would make."""
+    if isinstance(sep, (str, bytes)) and hasattr(seq, "__len__"):
+        size = len(sep) * max(len(seq) - 1, 0)
+        if items and not isinstance(seq, (str, bytes)):
+            size += sum(len(x) for x in seq if isinstance(x, (str, bytes)))
+        b.check_announced(size, "join")
+
+
+def _check_indent(s: Any, width: Any, b: _Budget) -> None:
+    if isinstance(s, str) and isinstance(width, (int, str)):
+        step = len(width) if isinstance(width, str) else max(width, 0)
+        b.check_announced(len(s) + (s.count("\n") + 1) * step, "the indent filter")
+
+
+def _check_wordwrap(s: Any, width: Any, wrapstring: Any, b: _Budget) -> None:
+    if isinstance(s, str) and isinstance(width, int) and width > 0:
+        lines = len(s) // width + s.count("\n") + 1
+        b.check_announced(len(s) + lines * len(wrapstring or "\n"), "the wordwrap filter")
 
 
 def _check_binop(op: str, left: Any, right: Any, b: _Budget) -> None:
     if op == "*":
         for seq, n in ((left, right), (right, left)):
-            if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+            if isinstance(seq, (str, bytes, list, tuple)) and isinstance(n, int):
                 b.check_announced(len(seq) * max(n, 0), "'*'")
         if isinstance(left, int) and isinstance(right, int):
             if left.bit_length() + right.bit_length() > MAX_INT_BITS:
@@ -153,8 +237,8 @@ def _check_binop(op: str, left: Any, right: Any, b: _Budget) -> None:
             raise TemplateError(f"chat template raises an integer to the power {right}; too large")
     elif op == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
         b.check_announced(len(left) + len(right), "'+'")
-    elif op == "%" and isinstance(left, str):
-        _check_percent_format(left, b)
+    elif op == "%":
+        _check_percent_format(left, right, b)
 
 
 # ---- the environment ----------------------------------------------------------------------------
@@ -168,7 +252,8 @@ def _environment():
     from jinja2 import nodes
     from jinja2.compiler import CodeGenerator
     from jinja2.exceptions import SecurityError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
+    from markupsafe import EscapeFormatter, Markup
 
     class BoundedCodeGenerator(CodeGenerator):
         # `a ~ b` compiles to a plain str join; route it through the environment so its size is checked.
@@ -191,6 +276,22 @@ def _environment():
 
         def _body(self, caller):
             return caller()
+
+    class BoundedFormatter(SandboxedFormatter):
+        """The sandbox's ``str.format``, adding up the widths and precisions of the fields it formats (nested
+        fields such as ``{:{w}}`` already resolved) and refusing before the field that would pass the bound."""
+
+        def __init__(self, env, **kwargs):
+            super().__init__(env, **kwargs)
+            self.announced = 0
+
+        def format_field(self, value, format_spec):
+            self.announced += _spec_size(format_spec)
+            _budget().check_announced(self.announced, f"the format spec {format_spec!r:.40}")
+            return super().format_field(value, format_spec)
+
+    class BoundedEscapeFormatter(BoundedFormatter, EscapeFormatter):  # str.format of a Markup string
+        pass
 
     class BoundedSandbox(ImmutableSandboxedEnvironment):
         code_generator_class = BoundedCodeGenerator
@@ -220,20 +321,40 @@ def _environment():
             return super().getitem(obj, argument)
 
         def wrap_str_format(self, value):
-            fmt = super().wrap_str_format(value)
-            if fmt is not None:
-                _check_brace_format(value.__self__, _budget())
-            return fmt
+            # jinja's own wrapper for str.format / format_map, formatting through a BoundedFormatter
+            if super().wrap_str_format(value) is None:
+                return None
+            template, is_map = value.__self__, value.__name__ == "format_map"
+
+            def bounded_format(*args, **kwargs):
+                if is_map:
+                    if kwargs or len(args) != 1:
+                        raise TypeError("format_map() takes exactly one argument")
+                    args, kwargs = (), args[0]
+                if isinstance(template, Markup):
+                    formatter = BoundedEscapeFormatter(self, escape=template.escape)
+                else:
+                    formatter = BoundedFormatter(self)
+                return type(template)(formatter.vformat(template, args, kwargs))
+
+            bounded_format.llmctl_bounded = True  # its arguments are values, its widths bounded above
+            return functools.update_wrapper(bounded_format, value)
 
         def call(self, context, obj, /, *args, **kwargs):
             b = _budget()
             b.tick()
-            _check_int_args(args, kwargs, b, f"calling {getattr(obj, '__name__', 'a function')}")
+            name = getattr(obj, "__name__", "")
+            if not getattr(obj, "llmctl_bounded", False):
+                _check_int_args(args, kwargs, b, f"calling {name or 'a function'}")
             owner = getattr(obj, "__self__", None)
-            if isinstance(owner, str) and getattr(obj, "__name__", "") == "replace" and len(args) >= 2:
-                _check_replace(owner, args[0], args[1], args[2] if len(args) > 2 else -1, b)
-            if isinstance(owner, str) and getattr(obj, "__name__", "") == "join" and args:
-                _check_join(owner, args[0], b)
+            if isinstance(owner, (str, bytes)):
+                if name == "replace" and len(args) >= 2:
+                    _check_replace(owner, args[0], args[1], args[2] if len(args) > 2 else -1, b)
+                elif name == "join" and args:
+                    args = (_materialized(args[0], b), *args[1:])
+                    _check_join(owner, args[0], b)
+                elif name == "expandtabs":
+                    _check_expandtabs(owner, args[0] if args else kwargs.get("tabsize", 8), b)
             return b.check_size(super().call(context, obj, *args, **kwargs), "a call")
 
         def call_binop(self, context, operator, left, right):
@@ -319,14 +440,23 @@ def _bounded_filter(name: str, f: Any) -> Any:
     def bounded(*args: Any, **kwargs: Any) -> Any:
         b = _budget()
         b.tick()
-        _check_int_args(args[skip:], kwargs, b, f"the {name} filter")
+        if name != "format":  # its arguments are values; its widths are checked below
+            _check_int_args(args[skip:], kwargs, b, f"the {name} filter")
         value, rest = (args[skip - 1], args[skip:]) if len(args) >= skip else (None, ())
         if name == "replace" and len(rest) >= 2:
             _check_replace(value, rest[0], rest[1], rest[2] if len(rest) > 2 else kwargs.get("count", -1), b)
-        elif name == "join":
-            _check_join(rest[0] if rest else kwargs.get("d", ""), value, b)
-        elif name == "format" and isinstance(value, str):
-            _check_percent_format(value, b)
+        elif name == "join":  # (with an attribute to join, only the separators are known)
+            value = _materialized(value, b)
+            args = (*args[: skip - 1], value, *rest)
+            by_attribute = len(rest) > 1 or "attribute" in kwargs
+            _check_join(rest[0] if rest else kwargs.get("d", ""), value, b, items=not by_attribute)
+        elif name == "indent":
+            _check_indent(value, rest[0] if rest else kwargs.get("width", 4), b)
+        elif name == "wordwrap":
+            width = rest[0] if rest else kwargs.get("width", 79)
+            _check_wordwrap(value, width, rest[2] if len(rest) > 2 else kwargs.get("wrapstring"), b)
+        elif name == "format":  # `fmt|format(*args)` is `fmt % args` (or `% kwargs`)
+            _check_percent_format(value, kwargs or tuple(rest), b)
         return b.check_size(f(*args, **kwargs), f"the {name} filter")
 
     return bounded
@@ -341,11 +471,36 @@ def _compile(source: str):
             f"chat template is {len(source):,} characters, more than the {MAX_TEMPLATE_CHARS:,} allowed"
         )
     try:
+        _check_tokens(source)
         return _environment().from_string(source)
     except jinja2.TemplateSyntaxError as e:
         raise TemplateError(f"chat template has a syntax error at line {e.lineno}: {e.message}") from None
     except jinja2.exceptions.SecurityError as e:  # constant folding can hit the sandbox at compile time
         raise TemplateError(f"chat template tried an unsafe operation: {e}") from None
+    except RecursionError:  # jinja2's parser recurses once per nested parenthesis, block or operator
+        raise TemplateError("chat template nests too deeply to compile; fix the template") from None
+    except SyntaxError as e:  # Python's limits on the code jinja2 generates (e.g. 20 nested loops)
+        raise TemplateError(
+            f"chat template nests too deeply to compile ({e.msg}); fix the template"
+        ) from None
+
+
+def _check_tokens(source: str) -> None:
+    """Refuse a template of more than ``MAX_TEMPLATE_TOKENS`` tokens before it is parsed: compiling costs
+    about 3 KB a token, mostly in Python's ``compile()`` (a 1 MiB template of ``{{ a }}`` took 1.3 GB and 30 s).
+    Text between tags is one token however long; comments and whitespace do not count."""
+    from jinja2.lexer import TOKEN_DATA, ignored_tokens
+
+    n = 0
+    for _, kind, _ in _environment().lexer.tokeniter(source, None):
+        if kind != TOKEN_DATA and kind not in ignored_tokens:
+            n += 1
+            if n > MAX_TEMPLATE_TOKENS:
+                raise TemplateError(
+                    f"chat template has more than {MAX_TEMPLATE_TOKENS:,} tokens (tags, names, operators, "
+                    "literals), more than any real template; compiling it would take hundreds of megabytes — "
+                    "fix the template"
+                )
 
 
 # ---- public API ----------------------------------------------------------------------------------

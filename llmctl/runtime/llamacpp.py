@@ -14,7 +14,8 @@ output is captured, never printed.
 Models load without llama.cpp's CPU "extra" buffer types (AMX / repacked weights): on AMX-capable Xeons
 under a VM (this project's machines) the AMX matmul kills the process with SIGSEGV at the first
 multi-token decode. llama-cpp-python has no keyword for ``use_extra_bufts``, so the default model
-parameters are wrapped while the model loads (``tokenizer.plain_cpu_kernels``).
+parameters are wrapped while the model loads; and it never sees the file's chat templates, which it would
+compile outside llmctl's sandbox (``tokenizer.llama_load_guard``).
 """
 
 from __future__ import annotations
@@ -32,14 +33,16 @@ from llmctl.runtime.session import Backend, common_prefix
 class LlamaCppBackend(Backend):
     name = "llama.cpp"
 
-    def __init__(self, path: str | Path, n_ctx: int, *, threads: int | None = None, n_batch: int = 512) -> None:
+    def __init__(
+        self, path: str | Path, n_ctx: int, *, threads: int | None = None, n_batch: int = 512
+    ) -> None:
         import llama_cpp
 
         from llmctl.runtime.tokenizer import (
             _captured_native_output,
-            _last_line,
+            _log_detail,
+            llama_load_guard,
             load_tokenizer,
-            plain_cpu_kernels,
         )
 
         path = Path(path)
@@ -52,7 +55,7 @@ class LlamaCppBackend(Backend):
         )
         threads = threads or os.cpu_count() or 1  # llama-cpp-python's own default is half the cores
         kwargs.update(n_threads=threads, n_threads_batch=threads)
-        with _captured_native_output() as log, plain_cpu_kernels():
+        with _captured_native_output() as log, llama_load_guard():
             try:
                 self.llm = llama_cpp.Llama(**kwargs)
             except (ValueError, RuntimeError, OSError) as e:
@@ -61,7 +64,7 @@ class LlamaCppBackend(Backend):
                 err = None
         if err is not None:
             self.tokenizer.close()
-            raise FormatError(f"{path}: llama.cpp cannot load the model ({_last_line(log.text) or err})")
+            raise FormatError(f"{path}: llama.cpp cannot load the model ({_log_detail(log.text) or err})")
         self.n_vocab = self.llm.n_vocab()
 
     @property

@@ -357,7 +357,7 @@ class LlamaCppScorer:
     def __init__(self, path: str | Path, context: int, threads: int | None = None) -> None:
         import llama_cpp
 
-        from llmctl.runtime.tokenizer import _captured_native_output, _last_line, plain_cpu_kernels
+        from llmctl.runtime.tokenizer import _captured_native_output, _log_detail, llama_load_guard
 
         self.path = Path(path)
         if self.path.suffix.lower() != ".gguf":
@@ -365,7 +365,7 @@ class LlamaCppScorer:
                 f"{self.path}: the llama.cpp backend runs .gguf files; pass one or use --backend torch"
             )
         self.n_batch = min(context, 2048)
-        with _captured_native_output() as log, plain_cpu_kernels():
+        with _captured_native_output() as log, llama_load_guard():
             try:
                 self.llm = llama_cpp.Llama(
                     str(self.path),
@@ -381,7 +381,7 @@ class LlamaCppScorer:
             else:
                 err = None
         if err is not None:
-            raise FormatError(f"{self.path}: llama.cpp cannot load it ({_last_line(log.text) or err})")
+            raise FormatError(f"{self.path}: llama.cpp cannot load it ({_log_detail(log.text) or err})")
         self._lib = llama_cpp
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.vocab_size = int(self.llm.n_vocab())
