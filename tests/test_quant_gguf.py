@@ -1,9 +1,10 @@
 """GGUF output (issue 6 of 7, part 1-2): ``llmctl quantize MODEL.gguf --out X.gguf``.
 
-Types written from Python are checked byte for byte against gguf-py's quantizers and against ggml's own C
-quantizer (``ggml_quantize_chunk`` in llama-cpp-python's libggml-base); llama.cpp loads every output and
-its perplexity agrees with llmctl's torch runtime on the same file; llama.cpp's K-quant mixes come out
-with exactly the per-tensor types estimate-memory's recipe predicts.
+Types written from Python, every 2-D tensor in the type (``--pure``), are checked byte for byte against
+gguf-py's quantizers and against ggml's own C quantizer (``ggml_quantize_chunk`` in llama-cpp-python's
+libggml-base); llama.cpp loads every output and its perplexity agrees with llmctl's torch runtime on the
+same file; llama.cpp's K-quant mixes come out with exactly the per-tensor types estimate-memory's recipe
+predicts. The default mix of q8_0 … q5_1 (llama.cpp's, tensor by tensor) is tests/test_gguf_mix.py's.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ def ggml_quantize(x: np.ndarray, qtype, imatrix: np.ndarray | None = None) -> np
     rows, cols = x.reshape(-1, x.shape[-1]).shape
     out = np.zeros(int(np.prod(gguf.quant_shape_to_byte_shape((rows, cols), qtype))), np.uint8)
     im = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
-    assert f(int(qtype), x.ctypes.data, out.ctypes.data, 0, rows, cols, None if im is None else im.ctypes.data) == out.nbytes
+    assert (
+        f(int(qtype), x.ctypes.data, out.ctypes.data, 0, rows, cols, None if im is None else im.ctypes.data)
+        == out.nbytes
+    )
     return out
 
 
@@ -59,7 +63,8 @@ def test_python_types_are_gguf_py_and_ggml_bytes_and_llama_cpp_loads_them(fmt, t
 
     src = smollm2_path()
     out = tmp_path / f"smol-{fmt}.gguf"
-    result = write_gguf(resolve(str(src)), out, fmt)
+    pure = fmt not in ("f32", "f16", "bf16")  # every 2-D tensor in the type; floats are that already
+    result = write_gguf(resolve(str(src)), out, fmt, pure=pure)
     assert result.output_bytes == out.stat().st_size and not list(tmp_path.glob(".*partial*"))
 
     a, b = gguf.GGUFReader(str(src)), gguf.GGUFReader(str(out))
@@ -83,7 +88,9 @@ def test_python_types_are_gguf_py_and_ggml_bytes_and_llama_cpp_loads_them(fmt, t
         assert tb.tensor_type.name.lower() == kind, ta.name
         x = dequantize(ta.data, ta.tensor_type).astype(np.float32).reshape(shape)
         expected = quantize(x, tb.tensor_type)
-        assert np.array_equal(np.asarray(tb.data).reshape(-1).view(np.uint8), expected.reshape(-1).view(np.uint8)), ta.name
+        assert np.array_equal(
+            np.asarray(tb.data).reshape(-1).view(np.uint8), expected.reshape(-1).view(np.uint8)
+        ), ta.name
         if kind.startswith("q") and checked_c < 3:  # and ggml's C code writes the same bytes
             assert np.array_equal(ggml_quantize(x, tb.tensor_type), expected.reshape(-1)), ta.name
             checked_c += 1
@@ -118,7 +125,11 @@ def test_llama_cpp_mixes_follow_the_recipe(mix, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
     assert seen and seen[-1].tensor == seen[-1].tensors == 272
     done = [p.bytes_done for p in seen]  # one bar over both phases: the f16 file, then llama.cpp's tensors
-    assert done == sorted(done) and done[-1] == seen[-1].bytes_total and {p.bytes_total for p in seen} == {done[-1]}
+    assert (
+        done == sorted(done)
+        and done[-1] == seen[-1].bytes_total
+        and {p.bytes_total for p in seen} == {done[-1]}
+    )
     plan = plan_gguf(source, mix)
     written = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
     for row in plan["tensors"]:
@@ -130,7 +141,9 @@ def test_llama_cpp_mixes_follow_the_recipe(mix, tmp_path):
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmctl", "quantize", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "llmctl", "quantize", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def test_command(tmp_path):
@@ -142,7 +155,11 @@ def test_command(tmp_path):
     done = run("--format", "q8_0", "--out", str(out), "--json")
     assert done.returncode == 0, done.stderr
     d = json.loads(done.stdout)
-    assert d["format"] == "q8_0" and d["written_by"].startswith("llmctl") and d["output_bytes"] == out.stat().st_size
+    assert (
+        d["format"] == "q8_0"
+        and d["written_by"].startswith("llmctl")
+        and d["output_bytes"] == out.stat().st_size
+    )
     assert sum(r["bytes"] for r in plan["tensors"]) == sum(v["output_bytes"] for v in d["by_format"].values())
     again = run("--format", "q8_0", "--out", str(out))
     assert again.returncode == 2 and "already exists; pass --force" in again.stderr
@@ -172,7 +189,10 @@ def test_command(tmp_path):
         ([str(folder), "--format", "q8_0", "--out", str(tmp_path / "a.gguf")], "no tokenizer.json"),
         (["--format", "q3_x", "--out", str(tmp_path / "a.gguf")], "cannot be written as GGUF"),
         (["--format", "q4_0", "--out", str(tmp_path / "a.gguf"), "-g", "64"], "--group-size does not apply"),
-        (["--format", "q4_0", "--out", str(tmp_path / "missing" / "a.gguf")], "no such folder for the output"),
+        (
+            ["--format", "q4_0", "--out", str(tmp_path / "missing" / "a.gguf")],
+            "no such folder for the output",
+        ),
         (["--format", "int4", "--by", "llama.cpp"], "--by and --threads apply to GGUF output only"),
     ]:
         p = run(*args)

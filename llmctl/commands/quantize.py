@@ -67,6 +67,12 @@ def quantize(
         "auto", "--by", help="GGUF q8_0/q4_0/q4_1/q5_0/q5_1: auto (llmctl writes them) or llama.cpp (its mix)."
     ),
     threads: int = typer.Option(None, "--threads", "-t", help="Threads for llama.cpp's quantizer (GGUF mixes)."),
+    pure: bool = typer.Option(
+        False,
+        "--pure",
+        help="GGUF q8_0/q4_0/q4_1/q5_0/q5_1: every 2-D tensor in the type instead of llama.cpp's mix "
+        "(which keeps the output tensor at q6_k / q8_0), as llama-quantize --pure.",
+    ),
 ) -> None:
     """Quantize a model's linear weights and write a folder that vLLM, transformers and llmctl load, or a
     GGUF file (--out X.gguf) that llama.cpp loads."""
@@ -83,10 +89,15 @@ def quantize(
             verb = "does" if len(unused) == 1 else "do"
             raise UsageError(f"{', '.join(unused)} {verb} not apply to GGUF output (its types fix their blocks)")
         return _quantize_gguf(
-            model, format_, out, by, threads, dry_run, force, json_, override or (), calibration, calibration_tokens
-        )
+            model, format_, out, by, threads, dry_run, force, json_, override or (), calibration, calibration_tokens,
+            pure,
+        )  # fmt: skip
     if by != "auto" or threads is not None:
         raise UsageError("--by and --threads apply to GGUF output only (--out X.gguf)")
+    if pure:
+        raise UsageError(
+            "--pure applies to GGUF output (--out X.gguf) of q8_0, q4_0, q4_1, q5_0, q5_1; drop it for a folder"
+        )
     from llmctl.quant.convert import check_out, default_out, make_plan, run_plan
 
     plan = make_plan(
@@ -132,30 +143,31 @@ def _quantize_gguf(
     overrides: tuple[str, ...] | list[str],
     calibration: str | None,
     calibration_tokens: int | None,
+    pure: bool = False,
 ) -> None:
     from llmctl.quant.convert import calibration_request
-    from llmctl.quant.gguf_out import gguf_format, plan_gguf, write_gguf
+    from llmctl.quant.gguf_out import gguf_request, plan_gguf, write_gguf
     from llmctl.sources import resolve
 
     if by not in ("auto", "llama.cpp"):
         raise UsageError(f"--by must be auto or llama.cpp, got {by!r}")
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
-    name, _ = gguf_format(fmt, by)
     calibrate = calibration_request(calibration, calibration_tokens, "search")
+    name, _ = gguf_request(fmt, by, pure, calibrate)
     source = resolve(model)
     if out is None:
         stem = source.display if source.kind == "bundled" else source.path.stem
         out = Path(f"{stem}-{name}.gguf")
     if dry_run:
-        plan = plan_gguf(source, fmt, by, overrides, calibrate)
+        plan = plan_gguf(source, fmt, by, overrides, calibrate, pure)
         if json_:
             render.print_json({"dry_run": True, "out": str(out), **plan})
         else:
             render.gguf_plan(plan, out)
         return
     with render.quantize_progress(enabled=not json_) as progress:
-        result = write_gguf(source, out, fmt, by=by, force=force, threads=threads, progress=progress,
+        result = write_gguf(source, out, fmt, by=by, pure=pure, force=force, threads=threads, progress=progress,
                             overrides=overrides, calibration=calibrate)  # fmt: skip
     if json_:
         render.print_json(result.to_dict())

@@ -1,16 +1,22 @@
 """GGUF output: ``llmctl quantize MODEL.gguf --format q8_0 --out x.gguf`` (or ``--layout gguf``).
 
-Two ways a tensor is written:
+Two ways a file is written:
 
-* **From Python** — f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1: the source tensor dequantized to fp32,
-  then gguf-py's own quantizers (``gguf.quants.quantize``, the reference implementations of ggml's block
-  formats), so the bytes are exactly gguf-py's. Which tensors get the type follows llama.cpp's converter
-  (convert_hf_to_gguf.py): 1-D tensors (norms, biases) stay F32; a 2-D tensor whose rows are not a multiple
-  of the type's block is written F16, as the converter falls back.
+* **By llmctl** — f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1: each source tensor dequantized to fp32,
+  then quantized by gguf-py's own quantizers (``gguf.quants.quantize``, the reference implementations of
+  ggml's block formats), or, for a type gguf-py cannot make (q6_k), by ggml's own C quantizer
+  (``ggml_quantize_chunk`` in llama-cpp-python's libggml-base) — so the bytes are exactly ggml's. Which
+  type each tensor gets (``tensor_types``) is what ``llama_model_quantize`` chooses for the same file type:
+  for q8_0 … q5_1 its mix (llmctl.quant.recipes, llama.cpp's ``llama_tensor_get_type``: the output tensor,
+  or token_embd when the embeddings are tied, q6_k — q8_0 when its rows are not a multiple of 256 —, a
+  q8_0 file keeps q8_0), or with ``pure`` every 2-D tensor in the type, as ``llama-quantize --pure`` and
+  llama.cpp's converter. 1-D tensors (norms, biases) stay F32; a 2-D tensor whose rows are not a multiple
+  of its type's block falls back as llama.cpp's ``tensor_type_fallback`` does (F16 for the 32-blocks).
 * **By llama.cpp** — its K-quant and i-quant mixes (q2_k, q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k, iq4_xs,
-  …): an f16 GGUF is written to a temporary file as above, then llama.cpp's own quantizer
-  (``llama_model_quantize`` through llama-cpp-python) makes the output with its per-tensor rules; the
-  intermediate file is removed whatever happens.
+  …), any type with an importance matrix (``--calibration``), and ``--by llama.cpp``: an f16 GGUF is
+  written to a temporary file as above, then llama.cpp's own quantizer (``llama_model_quantize`` through
+  llama-cpp-python) makes the output with its per-tensor rules; the intermediate file is removed whatever
+  happens.
 
 Sources, each a ``GGUFSource`` (architecture, a function writing its metadata, its tensors' GGUF names
 and shapes, and a reader yielding them as fp32 numpy arrays in that order), so both feed the same writer:
@@ -28,6 +34,7 @@ written to a temporary file beside it and renamed when complete.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -39,7 +46,8 @@ from typing import Any
 
 from llmctl.errors import QuantError, UsageError
 
-PY_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+PY_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # gguf-py quantizes these
+FLOAT_TYPES = ("f32", "f16", "bf16")
 ALIASES = {"fp32": "f32", "fp16": "f16"}
 # llama.cpp's file types (enum llama_ftype) for the mixes its quantizer makes
 LLAMA_MIXES = {
@@ -47,14 +55,23 @@ LLAMA_MIXES = {
     "q5_k_m": 17, "q6_k": 18, "iq4_xs": 30, "iq4_nl": 25, "q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9,
     "q8_0": 7,
 }  # fmt: skip
-_FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32, **{k: LLAMA_MIXES[k] for k in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")}}
+_WRITTEN_BY = {
+    "python": "llmctl (gguf-py and ggml quantizers)",
+    "llama.cpp": "llama.cpp (llama_model_quantize)",
+}
+_FILE_TYPES = {
+    "f32": 0,
+    "f16": 1,
+    "bf16": 32,
+    **{k: LLAMA_MIXES[k] for k in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")},
+}
 
 
 def gguf_format(name: str, by: str = "auto") -> tuple[str, str]:
     """(type or mix name, "python" | "llama.cpp") for ``--format`` with a GGUF output.
 
-    q8_0/q4_0/q4_1/q5_0/q5_1 are written from Python by default (every 2-D tensor in the type);
-    ``by="llama.cpp"`` makes llama.cpp's mix of the same name instead (output tensor q6_k, …)."""
+    q8_0/q4_0/q4_1/q5_0/q5_1 are written by llmctl by default, with llama.cpp's mix of that name
+    (``tensor_types``); ``by="llama.cpp"`` has llama.cpp's quantizer make them (from an f16 intermediate)."""
     n = ALIASES.get(name.lower(), name.lower())
     if n in PY_TYPES and (by != "llama.cpp" or n not in LLAMA_MIXES):
         return n, "python"
@@ -64,6 +81,28 @@ def gguf_format(name: str, by: str = "auto") -> tuple[str, str]:
         f"--format {name!r} cannot be written as GGUF; choose one of {', '.join(PY_TYPES)} (written by llmctl) "
         f"or {', '.join(k for k in LLAMA_MIXES if k not in PY_TYPES)} (llama.cpp's quantizer)"
     )
+
+
+def gguf_request(fmt: str, by: str = "auto", pure: bool = False, calibration: Any = None) -> tuple[str, str]:
+    """(type or mix name, who writes it) for a GGUF output, refusing what cannot be honoured: ``pure`` where
+    it means nothing (float types, llama.cpp's K-quant / i-quant mixes) and ``calibration`` for float types.
+    A calibrated file goes to llama.cpp's quantizer (gguf-py's quantizers take no importance matrix): its
+    mix of the type, or every 2-D tensor in the type with ``pure``."""
+    name, how = gguf_format(fmt, by)
+    plain = [k for k in PY_TYPES if k not in FLOAT_TYPES]
+    if pure and name in FLOAT_TYPES:
+        raise UsageError(f"--pure applies to {', '.join(plain)}; with {name} every 2-D tensor is {name} "
+                         "already: drop --pure")  # fmt: skip
+    if pure and name not in plain:
+        raise UsageError(f"--pure applies to {', '.join(plain)} (every 2-D tensor in the type instead of "
+                         f"llama.cpp's mix); {name} is a llama.cpp mix: drop --pure, or set types with --override")  # fmt: skip
+    if calibration is None:
+        return name, how
+    if name in FLOAT_TYPES:
+        raise UsageError(
+            f"--calibration applies to quantized types; drop it for {name}, or choose q8_0, q4_k_m, …"
+        )
+    return name, "llama.cpp"
 
 
 def parse_overrides(overrides: Sequence[str], how: str) -> list[tuple[str, str]]:
@@ -81,36 +120,69 @@ def parse_overrides(overrides: Sequence[str], how: str) -> list[tuple[str, str]]
         pattern, kind = compiled.pattern, ALIASES.get(kind.lower(), kind.lower())
         if kind not in allowed:
             where = "llmctl writes" if how == "python" else "llama.cpp's quantizer makes"
-            hint = " (or a llama.cpp mix such as q4_k_m, whose quantizer makes K-quants)" if how == "python" else ""
-            raise UsageError(f"--override {o!r}: {kind!r} is not a type {where}; choose one of {', '.join(allowed)}{hint}")
+            hint = (
+                " (or a llama.cpp mix such as q4_k_m, whose quantizer makes K-quants)"
+                if how == "python"
+                else ""
+            )
+            raise UsageError(
+                f"--override {o!r}: {kind!r} is not a type {where}; choose one of {', '.join(allowed)}{hint}"
+            )
         out.append((pattern, kind))
     return out
 
 
-def calibrated_plain(name: str, how: str, calibration: Any, overrides: Sequence[str]) -> bool:
-    """Whether a calibrated file of a type llmctl writes itself goes to llama.cpp's quantizer with ``pure``
-    (gguf-py's quantizers take no importance matrix); refuses what that cannot honour."""
-    if calibration is None or how != "python":
-        return False
-    if name in ("f32", "f16", "bf16"):
-        raise UsageError(f"--calibration applies to quantized types; drop it for {name}, or choose q8_0, q4_k_m, …")
-    if overrides:  # llama.cpp applies tensor-type overrides only when it is not ``pure``
-        raise UsageError(
-            "--override with --calibration needs a llama.cpp mix: add --by llama.cpp or choose e.g. q4_k_m"
-        )
-    return True
+def tensor_type(
+    name: str, shape: tuple[int, ...], want: str, overrides: Sequence[tuple[str, str]] = ()
+) -> str:
+    """The type a tensor of numpy ``shape`` (rows last dim) gets when every 2-D tensor is ``want`` (a float
+    type, or ``pure``): the first matching ``--override`` replaces ``want`` for 2-D tensors; a row that is
+    not a multiple of the type's block falls back as llama.cpp's (F16 for the 32-blocks)."""
+    from llmctl.quant.recipes import gguf_fallback
 
-
-def tensor_type(name: str, shape: tuple[int, ...], want: str, overrides: Sequence[tuple[str, str]] = ()) -> str:
-    """The type a tensor of numpy ``shape`` (rows last dim) gets in a ``want`` file (see module doc); the
-    first matching ``--override`` replaces ``want`` for 2-D tensors."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    if len(shape) < 2 or math.prod(shape[:-1]) == 1:
+    if _one_row(shape):
         return "f32"
     want = next((kind for pattern, kind in overrides if re.search(pattern, name)), want)
-    block, _ = GGML_QUANT_SIZES[GGMLQuantizationType[want.upper()]]
-    return want if shape[-1] % block == 0 else "f16"
+    return gguf_fallback(want, shape[-1])
+
+
+def _one_row(shape: tuple[int, ...]) -> bool:
+    return len(shape) < 2 or math.prod(shape[:-1]) == 1
+
+
+def tensor_types(
+    src: GGUFSource,
+    name: str,
+    rules: Sequence[tuple[str, str]] = (),
+    *,
+    pure: bool = False,
+    imatrix: bool = False,
+) -> list[str]:
+    """Each tensor's type in a ``name`` file, in the source's order, as ``llama_model_quantize`` chooses it:
+    every 2-D tensor ``name`` for float types and with ``pure`` (``tensor_type``); else llama.cpp's mix
+    (llmctl.quant.recipes: its ``llama_tensor_get_type`` rules; ``imatrix``: its q4_0/q5_0 guard on the
+    first ffn_down layers). ``rules``: parsed ``--override`` pairs, first match wins; as in llama.cpp a
+    tensor they type is not counted by the mix's per-layer rules."""
+    if pure or name in FLOAT_TYPES:
+        return [tensor_type(n, shape, name, rules) for n, shape, _, _ in src.tensors]
+    from llmctl.checkpoint import TensorInfo
+    from llmctl.quant import recipes
+
+    infos = [TensorInfo(n, shape, dtype, nbytes) for n, shape, nbytes, dtype in src.tensors]
+    plain = recipes.assign_formats(infos, name, None, "f16", config=src.config)
+    manual = {t.name for t, (_, kind) in zip(infos, plain, strict=True)  # tensors llama.cpp quantizes
+              if recipes.is_quantized(kind) and any(re.search(p, t.name) for p, _ in rules)}  # fmt: skip
+    mixed = recipes.assign_formats(
+        infos, name, None, "f16", config=src.config, manual=manual, imatrix=imatrix
+    )
+    out = []
+    for t, (_, kind) in zip(infos, mixed, strict=True):
+        if t.name in manual:  # llama.cpp: the first matching override, then its fallback for the row
+            kind = tensor_type(t.name, tuple(t.shape), name, rules)
+        elif _one_row(tuple(t.shape)):  # ggml_n_dims 1: llama.cpp does not quantize it
+            kind = "f32"
+        out.append(kind)
+    return out
 
 
 @dataclass
@@ -135,6 +207,7 @@ class GGUFResult:
     tensors: list[GGUFTensor] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     calibration: dict[str, Any] | None = None
+    pure: bool = False
 
     @property
     def params(self) -> int:
@@ -149,7 +222,8 @@ class GGUFResult:
             "out": str(self.out),
             "format": self.format,
             "layout": "gguf",
-            "written_by": "llmctl (gguf-py quantizers)" if self.by == "python" else "llama.cpp (llama_model_quantize)",
+            "written_by": _WRITTEN_BY[self.by],
+            "pure": self.pure,
             "source_bytes": self.source_bytes,
             "output_bytes": self.output_bytes,
             "params": self.params,
@@ -159,7 +233,8 @@ class GGUFResult:
             "calibration": self.calibration,
             "by_format": by_format(self.tensors),
             "worst_sqnr": [
-                {"name": t.name, "format": t.format, "sqnr_db": round(t.sqnr_db or 0.0, 2)} for t in measured[:5]
+                {"name": t.name, "format": t.format, "sqnr_db": round(t.sqnr_db or 0.0, 2)}
+                for t in measured[:5]
             ],
             "notes": self.notes,
         }
@@ -177,11 +252,11 @@ class GGUFSource:
     notes: list[str] = field(default_factory=list)
 
 
-def open_source(source: Any) -> GGUFSource:
-    """A resolved MODEL (GGUF file or Hugging Face folder) as a GGUFSource."""
+def open_source(source: Any, metadata: bool = True) -> GGUFSource:
+    """A resolved MODEL (GGUF file or Hugging Face folder) as a GGUFSource; ``metadata=False`` when only
+    the tensor table is needed (the dry run), which spares a GGUF source gguf-py's parse of its metadata."""
     if source.is_gguf:
-        # llmctl's reader validates the file (FormatError) before gguf-py parses it
-        return _gguf_file_source(Path(source.path), source.gguf.config)
+        return _gguf_file_source(source.gguf, metadata)
     if source.kind == "config":
         raise UsageError(f"{source.path}: a bare config.json has no weights to write")
     from llmctl.quant.gguf_hf import folder_source
@@ -189,23 +264,26 @@ def open_source(source: Any) -> GGUFSource:
     return folder_source(Path(source.path))
 
 
-def _gguf_file_source(path: Path, config: Any) -> GGUFSource:
-    import gguf
+def _gguf_file_source(info: Any, metadata: bool) -> GGUFSource:
+    """Tensors from llmctl's reader (llmctl.gguf_file: validated, memory-mapped, fast); the metadata is
+    copied through gguf-py's reader, which keeps each value's GGUF type (seconds for a 262k vocabulary)."""
     import numpy as np
     from gguf.quants import dequantize
 
-    reader = gguf.GGUFReader(str(path))
-    tensors = [
-        (t.name, tuple(int(d) for d in reversed(t.shape.tolist())), int(t.n_bytes), t.tensor_type.name.lower())
-        for t in reader.tensors
-    ]  # numpy order: rows last
+    if metadata:
+        info.reader  # noqa: B018 -- gguf-py's parse (FormatError if it fails) before anything is written
+    tensors = [(t.name, tuple(t.shape), t.nbytes, t.dtype) for t in info.tensors]  # numpy order: rows last
 
     def read() -> Iterator[Any]:
-        for t, (_, shape, _, _) in zip(reader.tensors, tensors, strict=True):
-            yield dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+        for name, shape, _, _ in tensors:
+            yield (
+                dequantize(info.tensor_data(name), info.ggml_type(name))
+                .astype(np.float32, copy=False)
+                .reshape(shape)
+            )
 
-    arch = reader.fields["general.architecture"].contents()
-    return GGUFSource(arch, lambda w: _copy_metadata(reader, w), tensors, read, config)
+    arch = info.metadata["general.architecture"]
+    return GGUFSource(arch, lambda w: _copy_metadata(info.reader, w), tensors, read, info.config)
 
 
 def write_gguf(
@@ -214,6 +292,7 @@ def write_gguf(
     fmt: str,
     *,
     by: str = "auto",
+    pure: bool = False,
     force: bool = False,
     threads: int | None = None,
     progress: Callable[[Any], None] | None = None,
@@ -223,13 +302,11 @@ def write_gguf(
     """Write ``source`` (a resolved GGUF file or Hugging Face folder) as a GGUF of type/mix ``fmt`` to ``out``
     (see module doc).
 
-    ``overrides``: ``PATTERN=TYPE`` strings (``parse_overrides``). ``calibration``: ``{"data": spec,
-    "tokens": n}``; its statistics become llama.cpp's importance matrix, so the file is made by llama.cpp's
-    quantizer (for llmctl's own types with ``pure``: every 2-D tensor in the type, as llmctl writes them)."""
-    name, how = gguf_format(fmt, by)
-    pure = calibrated_plain(name, how, calibration, overrides)
-    if pure:
-        how = "llama.cpp"
+    ``pure``: every 2-D tensor in the type (q8_0 … q5_1) instead of llama.cpp's mix. ``overrides``:
+    ``PATTERN=TYPE`` strings (``parse_overrides``). ``calibration``: ``{"data": spec, "tokens": n}``; its
+    statistics become llama.cpp's importance matrix, so the file is made by llama.cpp's quantizer
+    (``gguf_request``)."""
+    name, how = gguf_request(fmt, by, pure, calibration)
     rules = parse_overrides(overrides, how)
     out = Path(out)
     from llmctl.quant.convert import check_out, remove_dead_runs
@@ -245,7 +322,8 @@ def write_gguf(
     t0 = time.perf_counter()
     try:
         if how == "python":
-            tensors = _write_python(src, tmp, name, progress, rules)
+            types = tensor_types(src, name, rules, pure=pure)
+            tensors = _write_python(src, tmp, _FILE_TYPES[name], types, progress)
         else:
             tensors = _write_llama_cpp(src, f16, tmp, name, threads, progress, rules, stats, pure)
         os.replace(tmp, out)
@@ -255,15 +333,22 @@ def write_gguf(
     finally:
         f16.unlink(missing_ok=True)
     src_bytes = Path(source.path).stat().st_size if source.is_gguf else sum(n for _, _, n, _ in src.tensors)
-    result = GGUFResult(source.display, out, name, how, time.perf_counter() - t0, src_bytes, out.stat().st_size, tensors)
+    result = GGUFResult(
+        source.display, out, name, how, time.perf_counter() - t0, src_bytes, out.stat().st_size, tensors
+    )
+    result.pure = pure
     result.notes.extend(src.notes)
     if stats is not None:
         result.calibration = stats.describe()
-        if pure:
-            result.notes.append(f"calibrated: written by llama.cpp's quantizer with the importance matrix, every "
-                                f"2-D tensor {name} (pure)")  # fmt: skip
-    if how == "python" and any(t.format == "f16" for t in tensors) and name not in ("f16", "f32", "bf16"):
-        result.notes.append(f"tensors whose rows are not a multiple of {name}'s block are written as f16")
+        result.notes.append("calibrated: written by llama.cpp's quantizer with the importance matrix, "
+                            + (f"every 2-D tensor {name} (pure)" if pure else f"its {name} mix"))  # fmt: skip
+    moved = [t for t in tensors  # what the mix, not an --override, moved off the type
+             if t.format not in (name, "f32", "f16") and not any(re.search(p, t.name) for p, _ in rules)]  # fmt: skip
+    if moved and not pure and name not in FLOAT_TYPES:
+        shown = ", ".join(f"{t.name} {t.format}" for t in moved[:3]) + (", …" if len(moved) > 3 else "")
+        result.notes.append(f"llama.cpp's {name} mix: {shown}; --pure puts every 2-D tensor in {name}")
+    if how == "python" and any(t.format == "f16" for t in tensors) and name not in FLOAT_TYPES:
+        result.notes.append("tensors whose rows are not a multiple of their type's block are written as f16")
     return result
 
 
@@ -278,7 +363,11 @@ def _copy_metadata(reader: Any, writer: Any) -> None:
     import gguf
 
     for f in reader.fields.values():
-        if f.name.startswith("GGUF.") or f.name in ("general.architecture", "general.file_type", "general.quantized_by"):
+        if f.name.startswith("GGUF.") or f.name in (
+            "general.architecture",
+            "general.file_type",
+            "general.quantized_by",
+        ):
             continue
         sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(f.name, f.contents(), f.types[0], sub)
@@ -301,13 +390,14 @@ def _imatrix(source: Any, src: GGUFSource, calibration: dict[str, Any], progress
 def _write_python(
     src: GGUFSource,
     dst: Path,
-    want: str,
+    file_type: int,
+    types: Sequence[str],
     progress,
-    rules: Sequence[tuple[str, str]] = (),
     extra: dict[str, Any] | None = None,
 ) -> list[GGUFTensor]:
-    """Every tensor of ``src`` quantized from fp32 with gguf-py, written in the source's order; ``rules``:
-    parsed ``--override`` pairs; ``extra``: metadata keys to add (str or int values)."""
+    """Every tensor of ``src`` quantized from fp32 to its entry in ``types`` (``tensor_types``), written in
+    the source's order: gguf-py's quantizers, ggml's (``ggml_quantize``) for the types gguf-py cannot make;
+    ``file_type``: llama.cpp's ``general.file_type``; ``extra``: metadata keys to add (str or int values)."""
     import gguf
     import numpy as np
     from gguf.quants import dequantize, quantize
@@ -317,19 +407,20 @@ def _write_python(
 
     writer = gguf.GGUFWriter(str(dst), src.arch)
     src.add_metadata(writer)
-    writer.add_file_type(_FILE_TYPES[want])
+    writer.add_file_type(file_type)
     writer.add_string("general.quantized_by", f"llmctl {__version__}")
     for key, value in (extra or {}).items():
         writer.add_string(key, value) if isinstance(value, str) else writer.add_uint32(key, value)
     plan = []
-    for name, shape, nbytes, _ in src.tensors:
-        kind = tensor_type(name, shape, want, rules)
+    for (name, shape, nbytes, _), kind in zip(src.tensors, types, strict=True):
         qtype = gguf.GGMLQuantizationType[kind.upper()]
         if kind in ("f32", "f16"):
             dtype, info_shape = np.dtype(np.float32 if kind == "f32" else np.float16), shape
-        else:  # gguf-py's quantizers give bytes: the info takes their shape
+        else:  # the quantizers give bytes: the info takes their shape
             dtype, info_shape = np.dtype(np.uint8), tuple(gguf.quant_shape_to_byte_shape(shape, qtype))
-        writer.add_tensor_info(name, info_shape, dtype, math.prod(info_shape) * dtype.itemsize, raw_dtype=qtype)
+        writer.add_tensor_info(
+            name, info_shape, dtype, math.prod(info_shape) * dtype.itemsize, raw_dtype=qtype
+        )
         plan.append((name, shape, nbytes, kind, qtype))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -339,7 +430,7 @@ def _write_python(
     results = []
     for i, ((name, shape, nbytes, kind, qtype), x) in enumerate(zip(plan, src.read(), strict=True)):
         _progress(progress, i + 1, len(plan), name, done, total)
-        data = quantize(x, qtype)
+        data = quantize(x, qtype) if kind in PY_TYPES else ggml_quantize(x, qtype)
         writer.write_tensor_data(data)
         sqnr = None
         if kind != "f32":
@@ -351,6 +442,42 @@ def _write_python(
     writer.close()
     _progress(progress, len(plan), len(plan), "", total, total)
     return results
+
+
+@functools.cache
+def _ggml_quantize_chunk() -> Any:
+    """ggml's ``ggml_quantize_chunk`` from llama-cpp-python's libggml-base (the library llama.cpp runs)."""
+    import ctypes
+
+    import llama_cpp
+
+    path = Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"
+    if not path.is_file():
+        raise QuantError(f"ggml's quantizer is not where llama-cpp-python keeps it ({path}); reinstall it "
+                         "with scripts/install.sh, or pass --pure to write every tensor with gguf-py")  # fmt: skip
+    f = ctypes.CDLL(str(path)).ggml_quantize_chunk
+    f.restype = ctypes.c_size_t
+    f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                  ctypes.c_void_p]  # fmt: skip
+    return f
+
+
+def ggml_quantize(x: Any, qtype: Any) -> Any:
+    """fp32 numpy rows (last dim a multiple of the block) quantized by ggml's own C code, without an
+    importance matrix: the bytes ``llama_model_quantize`` writes for that tensor, as uint8 in gguf-py's
+    byte shape."""
+    import gguf
+    import numpy as np
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, cols = math.prod(x.shape[:-1]), x.shape[-1]
+    out = np.empty(gguf.quant_shape_to_byte_shape(x.shape, qtype), np.uint8)
+    written = _ggml_quantize_chunk()(int(qtype), x.ctypes.data, out.ctypes.data, 0, rows, cols, None)
+    if written != out.nbytes:
+        raise QuantError(
+            f"ggml's quantizer wrote {written} bytes for {qtype.name} {list(x.shape)}, expected {out.nbytes}"
+        )
+    return out
 
 
 def _write_llama_cpp(
@@ -376,13 +503,15 @@ def _write_llama_cpp(
     total = sum(nbytes for _, _, nbytes, _ in src.tensors)  # one bar: the f16 file, then llama.cpp's tensors
 
     def first_half(p: Any) -> None:
-        _progress(progress, p.tensor, p.tensors, p.name, total * p.bytes_done // (2 * max(p.bytes_total, 1)), total)
+        _progress(
+            progress, p.tensor, p.tensors, p.name, total * p.bytes_done // (2 * max(p.bytes_total, 1)), total
+        )
 
     extra = {}
     if stats is not None:  # the keys llama.cpp's llama-quantize writes for an importance matrix
         extra = {"quantize.imatrix.dataset": stats.data, "quantize.imatrix.entries_count": len(stats.importance),
                  "quantize.imatrix.chunks_count": stats.windows, "llmctl.calibration.tokens": stats.tokens}  # fmt: skip
-    _write_python(src, f16, "f16", first_half, extra=extra)
+    _write_python(src, f16, _FILE_TYPES["f16"], tensor_types(src, "f16"), first_half, extra=extra)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = LLAMA_MIXES[mix]
     params.nthread = threads or (os.cpu_count() or 1)
@@ -427,47 +556,39 @@ def _describe(path: Path, source_bytes: dict[str, int]) -> list[GGUFTensor]:
     import gguf
 
     return [
-        GGUFTensor(t.name, t.tensor_type.name.lower(), int(t.n_elements), source_bytes.get(t.name, 0), int(t.n_bytes), None)
+        GGUFTensor(
+            t.name,
+            t.tensor_type.name.lower(),
+            int(t.n_elements),
+            source_bytes.get(t.name, 0),
+            int(t.n_bytes),
+            None,
+        )
         for t in gguf.GGUFReader(str(path)).tensors
     ]
 
 
 def plan_gguf(
-    source: Any, fmt: str, by: str = "auto", overrides: Sequence[str] = (), calibration: dict[str, Any] | None = None
+    source: Any,
+    fmt: str,
+    by: str = "auto",
+    overrides: Sequence[str] = (),
+    calibration: dict[str, Any] | None = None,
+    pure: bool = False,
 ) -> dict[str, Any]:
-    """The dry run: each tensor's type in the output and its bytes. For llama.cpp's mixes the types come from
-    the recipe estimate-memory uses (llmctl.quant.recipes, llama.cpp's ``llama_tensor_get_type`` rules), then
-    the overrides and, with an importance matrix, llama.cpp's q4_0/q5_0 guard on the first ffn_down layers."""
-    from llmctl.checkpoint import TensorInfo
+    """The dry run: each tensor's type in the output and its bytes, by the rules the writer follows
+    (``tensor_types``: llama.cpp's ``llama_tensor_get_type`` via llmctl.quant.recipes, the overrides and,
+    with an importance matrix, llama.cpp's q4_0/q5_0 guard on the first ffn_down layers)."""
     from llmctl.quant import recipes
-    from llmctl.quant.formats import REGISTRY
 
-    name, how = gguf_format(fmt, by)
-    pure = calibrated_plain(name, how, calibration, overrides)
+    name, how = gguf_request(fmt, by, pure, calibration)
     rules = parse_overrides(overrides, how)
-    src = open_source(source)
-    infos = [TensorInfo(n, shape, dtype, nbytes) for n, shape, nbytes, dtype in src.tensors]
-    rows = []
-    if how == "python":
-        for t in infos:
-            kind = tensor_type(t.name, tuple(t.shape), name, rules)
-            reg = {"f32": "fp32", "f16": "fp16"}.get(kind, kind)
-            rows.append({"name": t.name, "shape": list(t.shape), "from": t.dtype.lower(), "to": kind,
-                         "bytes": REGISTRY[reg].nbytes(tuple(t.shape))})  # fmt: skip
-    else:
-        plain = recipes.assign_formats(infos, name, None, "f16", config=src.config)
-        manual = {t.name for t, (_, kind) in zip(infos, plain, strict=True)  # tensors llama.cpp quantizes
-                  if recipes.is_quantized(kind) and any(re.search(p, t.name) for p, _ in rules)}  # fmt: skip
-        assigned = recipes.assign_formats(infos, name, None, "f16", config=src.config, manual=manual,
-                                          imatrix=calibration is not None)  # fmt: skip
-        for t, (out, kind) in zip(infos, assigned, strict=True):
-            if t.name in manual:  # llama.cpp: the first matching override, then its fallback for the row
-                kind = recipes.gguf_fallback(next(k for p, k in rules if re.search(p, t.name)), t.shape[-1])
-            nbytes = recipes.ggml_nbytes(kind, t.shape) if t.name in manual or recipes.is_quantized(kind) else out.nbytes
-            rows.append({"name": t.name, "shape": list(t.shape), "from": t.dtype.lower(), "to": kind, "bytes": nbytes})
+    src = open_source(source, metadata=False)
+    types = tensor_types(src, name, rules, pure=pure, imatrix=calibration is not None)
+    rows = [{"name": n, "shape": list(shape), "from": dtype.lower(), "to": kind, "bytes": recipes.ggml_nbytes(kind, shape)}
+            for (n, shape, _, dtype), kind in zip(src.tensors, types, strict=True)]  # fmt: skip
     return {
-        "model": source.display, "format": name, "layout": "gguf",
-        "written_by": "llmctl (gguf-py quantizers)" if how == "python" and not pure else "llama.cpp (llama_model_quantize)",
-        "calibration": calibration,
+        "model": source.display, "format": name, "layout": "gguf", "pure": pure,
+        "written_by": _WRITTEN_BY[how], "calibration": calibration,
         "tensors": rows, "tensor_bytes": sum(r["bytes"] for r in rows),
     }  # fmt: skip
