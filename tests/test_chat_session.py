@@ -122,14 +122,29 @@ def test_llama_cpp_kv_cache_is_reused_across_turns(llama_backend) -> None:
         r1.finish_reason == "stop"
     )
     ids2 = s.encode([*s.conversation(), {"role": "user", "content": "And of Germany?"}])
-    r2, _, text2 = run(s, "And of Germany?")
+    r2, _, _ = run(s, "And of Germany?")
     assert r2.prefilled_tokens == len(ids2) - common_prefix(cached, ids2) < 20 < r2.prompt_tokens
-    messages = s.messages[:-1]
+    # The state a reused cache gives is the state a fresh prefill gives: the next-token logits agree. (Not
+    # the greedy text: llama.cpp's batched and one-token kernels round differently, and this small model's
+    # top two logits are often closer than that — on AVX2 CPUs the texts part at the first token.)
+    import numpy as np
+
+    lib, llm = llama_backend._lib, llama_backend.llm
+
+    def next_logits() -> np.ndarray:
+        return np.ctypeslib.as_array(lib.llama_get_logits_ith(llm.ctx, -1), shape=(llama_backend.n_vocab,)).copy()
+
     llama_backend.reset()
-    fresh = Session(llama_backend, GREEDY.with_(max_tokens=12))
-    fresh.messages = messages[:-1]
-    r3, _, text3 = run(fresh, messages[-1]["content"])
-    assert r3.prefilled_tokens == r3.prompt_tokens and text3 == text2
+    llm.eval(ids2[:-7])
+    kept = llama_backend._keep(ids2)  # the prefix is reused, the rest evaluated
+    assert kept == len(ids2) - 7
+    llm.eval(ids2[kept:])
+    reused = next_logits()
+    llama_backend.reset()
+    llm.eval(ids2)
+    fresh = next_logits()
+    assert np.abs(reused - fresh).max() <= 0.02 * np.abs(fresh).max()
+    assert fresh[reused.argmax()] >= fresh.max() - 0.04 * np.abs(fresh).max()
 
 
 @pytest.mark.slow
@@ -201,7 +216,7 @@ def test_max_tokens_and_interrupt(llama_backend) -> None:
     r, _, _ = run(s, "Count from one to twenty in words.")
     assert r.finish_reason == "length" and r.completion_tokens == 5
     s.options = s.options.with_(max_tokens=100)
-    events = s.reply("Count from twenty to forty in words.")
+    events = s.reply("Write a long story about a dragon who learns to fly.")  # a reply of 100 tokens
     first = next(e for e in events if isinstance(e, Piece))
     events.close()  # what Ctrl-C in the REPL does
     assert s.last.finish_reason == "interrupted"
