@@ -132,3 +132,17 @@ def smollm2_path() -> Path:
 
 def gemma3_path() -> Path:
     return _bundled("gemma3-270m")
+
+
+# ---- the command line's promise for bad input -------------------------------------------------------
+def one_error_line(p, message: str, *, notices: bool = False) -> str:
+    """Exit 2, no traceback, one ``error:`` line naming ``message``; ``notices``: chat's own status lines
+    (backend, template) may come before it, nothing after it."""
+    assert p.returncode == 2, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = p.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], p.stderr
+    assert notices or len(lines) == 1, p.stderr
+    assert message in errors[0], errors[0]
+    return errors[0]

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import one_error_line
 from test_bad_inputs import TINY_CONFIG, folder, listing, safetensors_blob
 from test_gguf_file import V, _kv, _str, _tensor_info, gguf_bytes
 from test_sources import _folder_files, make_hub_cache
@@ -36,17 +37,6 @@ def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subpro
     )  # fmt: skip
 
 
-def one_error_line(p: subprocess.CompletedProcess, message: str, *, notices: bool = False) -> str:
-    """Exit 2, no traceback, one ``error:`` line naming ``message``; ``notices``: chat's own status lines
-    (backend, template) may come before it, nothing after it."""
-    assert p.returncode == 2, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
-    assert "Traceback" not in p.stderr, p.stderr
-    lines = p.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], p.stderr
-    assert notices or len(lines) == 1, p.stderr
-    assert message in errors[0], errors[0]
-    return errors[0]
 
 
 # ---- a tiny model the torch runtime can chat with: llmctl's own Transformer, a trained BPE tokenizer ------
@@ -356,8 +346,18 @@ def test_a_kv_cache_that_does_not_fit_is_refused_before_allocating(monkeypatch: 
 def test_baseline_logits_with_foreign_token_ids(tamper, message: str, tmp_path: Path) -> None:
     """A --save-logits file of this very model and text, valid in every other way (same windows, same
     vocabulary size), with token ids no vocabulary has: refused before the model loads."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
+
+    model, options, saved, meta, tensors = _saved_baseline(tmp_path)
+    tamper(tensors["topk_ids"], meta)
+    save_file(tensors, str(saved), metadata=meta)
+    one_error_line(run(["eval", str(model), *options], tmp_path), message)
+
+
+def _saved_baseline(tmp_path: Path):
+    """A --save-logits file of a tiny model on a short text: (model, eval options using it, the file, its
+    metadata, its tensors)."""
+    from safetensors import safe_open
 
     from llmctl.runtime.perplexity import evaluate
 
@@ -369,31 +369,17 @@ def test_baseline_logits_with_foreign_token_ids(tamper, message: str, tmp_path: 
     with safe_open(str(saved), framework="pt") as f:
         meta = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    tamper(tensors["topk_ids"], meta)
-    save_file(tensors, str(saved), metadata=meta)
     options = ["--data", str(text), "--context", "64", "--chunks", "2", "--baseline-logits", str(saved)]
-    p = run(["eval", str(model), *options], tmp_path)
-    one_error_line(p, message)
+    return model, options, saved, meta, tensors
 
 
 def test_baseline_logits_with_rows_cut_off(tmp_path: Path) -> None:
     """The same file with its last rows removed (the windows digest still matches): one line, exit 2."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from llmctl.runtime.perplexity import evaluate
-
-    model = chat_model(tmp_path / "m")
-    text = tmp_path / "text.txt"
-    text.write_text("hello world, the quick brown fox. " * 40)
-    saved = tmp_path / "base.safetensors"
-    evaluate(str(model), str(text), context=64, chunks=2, save_logits_path=str(saved), batch_size=1)
-    with safe_open(str(saved), framework="pt") as f:
-        meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model, options, saved, meta, tensors = _saved_baseline(tmp_path)
     rows = tensors["topk_ids"].shape[0]
     tensors = {k: (v[: rows - 5].contiguous() if v.shape[:1] == (rows,) else v) for k, v in tensors.items()}
     save_file(tensors, str(saved), metadata=meta)
-    options = ["--data", str(text), "--context", "64", "--chunks", "2", "--baseline-logits", str(saved)]
     p = run(["eval", str(model), *options], tmp_path)
     one_error_line(p, f"holds {rows - 5} rows of log-probabilities for {rows} scored tokens")

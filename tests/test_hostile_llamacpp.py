@@ -28,7 +28,7 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
-from conftest import smollm2_path
+from conftest import one_error_line, smollm2_path
 
 from llmctl.errors import FormatError
 
@@ -144,17 +144,6 @@ def run(
     return subprocess.CompletedProcess(args, p.returncode, p.stdout, p.stderr), peak_mb, wall
 
 
-def one_error_line(p: subprocess.CompletedProcess, message: str, *, notices: bool = False) -> str:
-    """Exit 2, no traceback, one ``error:`` line naming ``message``, last; ``notices``: chat's status lines
-    (backend, template) may come before it."""
-    assert p.returncode == 2, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
-    assert "Traceback" not in p.stderr, p.stderr
-    lines = p.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], p.stderr
-    assert notices or len(lines) == 1, p.stderr
-    assert message in errors[0], errors[0]
-    return errors[0]
 
 
 CHAT = ("--prompt", "hi", "--max-tokens", "4", "--threads", "1", "--seed", "1")
