@@ -78,6 +78,8 @@ class GGUFInfo:
     data_offset: int  # where the tensor data section starts
     metadata: dict[str, Any]
     tensors: list[TensorInfo]
+    # each key's GGUF value type and, for an array, its element type (else None): what a copy keeps
+    metadata_types: dict[str, tuple[int, int | None]] = field(default_factory=dict, repr=False)
     _entries: dict[str, _TensorEntry] = field(default_factory=dict, repr=False)
 
     @cached_property
@@ -340,12 +342,17 @@ class _Parser:
             )
 
         metadata: dict[str, Any] = {}
+        types: dict[str, tuple[int, int | None]] = {}
         for i in range(n_kv):
             key = self.name(f"metadata key {i}")
             if key in metadata:
                 raise self.fail(f"metadata key {key!r} appears twice; the file is corrupt")
             vtype = self.u32(f"value type of {key!r}")
+            sub = None
+            if vtype == _ARRAY and self.size - self.pos >= 4:  # the element type, read again by array()
+                (sub,) = _U32.unpack_from(self.buf, self.pos)
             metadata[key] = self.value(vtype, key)
+            types[key] = (vtype, sub)
 
         alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if (
@@ -427,6 +434,7 @@ class _Parser:
             data_offset=data_offset,
             metadata=metadata,
             tensors=tensors,
+            metadata_types=types,
             _entries=entries,
         )
 

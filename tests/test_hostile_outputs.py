@@ -1,6 +1,7 @@
 """Outputs a hostile neighbour cannot redirect, and model folders that cannot leak or run code (issue 17,
-items 4, 6, 7 and 9): temporary files through planted links, a tokenizer_config.json auto_map beside a
-GGUF, tokenizer files linking out of the model folder, and --force killed between its renames."""
+items 4, 6, 7, 8 and 9): temporary files through planted links (folders and GGUF files), a
+tokenizer_config.json auto_map beside a GGUF, tokenizer files linking out of the model folder, a GGUF
+vocabulary of 2M tokens copied in bounded memory, and --force killed between its renames."""
 
 from __future__ import annotations
 
@@ -67,6 +68,62 @@ def test_quantize_output_never_written_through_a_planted_link(tiny_models, tmp_p
     assert not any(elsewhere.iterdir()) and not out.exists()
 
 
+def test_gguf_output_never_written_through_a_planted_link(tmp_path):
+    """GGUF output (and a llama.cpp mix's f16 intermediate) is written inside a private folder: a link at
+    any name the writer once used (``.NAME.partial-PID``, ``.NAME.f16-PID``) redirects nothing."""
+    from test_hostile_llamacpp import tiny_gguf
+
+    from llmctl.quant.gguf_out import write_gguf
+    from llmctl.sources import resolve
+
+    src = resolve(str(tiny_gguf(tmp_path / "tiny.gguf")))
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    out = tmp_path / "out.gguf"
+    (tmp_path / f".out.gguf.f16-{os.getpid()}").symlink_to(victim)  # the old intermediate's name
+    write_gguf(src, out, "q4_k_m")  # by llama.cpp's quantizer, from an f16 intermediate
+    assert victim.read_bytes() == b"precious" and out.stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f".out.gguf.f16-{os.getpid()}",
+        "out.gguf",
+        "tiny.gguf",
+        "victim",
+    ]
+
+    planted = tmp_path / f".again.gguf.partial-{os.getpid()}"
+    planted.symlink_to(victim)
+    with pytest.raises(Exception, match="cannot write the output"):
+        write_gguf(src, tmp_path / "again.gguf", "q8_0")
+    assert victim.read_bytes() == b"precious" and not (tmp_path / "again.gguf").exists()
+
+
+# ---- item 8: GGUF to GGUF bounded by the model, not by gguf-py's view of the vocabulary ----------------------
+@pytest.mark.slow
+def test_gguf_to_gguf_with_a_two_million_token_vocabulary(tmp_path):
+    """A 43 MB GGUF whose vocabulary has 2M tokens: gguf-py's reader took 4.4 GB and 138 s to copy its
+    metadata (5.6 GB in the issue's file); llmctl's reader takes ~270 MB and 8 s, and the copy keeps every
+    key, value and type (the files compared byte for byte with the old path's when this was written)."""
+    from test_hostile_llamacpp import run, tiny_gguf
+
+    from llmctl.gguf_file import read_gguf
+
+    n = 2_000_000
+    src = tiny_gguf(
+        tmp_path / "big.gguf",
+        tokenizer__ggml__tokens=lambda t: t + [f"tok{i}" for i in range(n - len(t))],
+        tokenizer__ggml__token_type=lambda t: t + [1] * (n - len(t)),
+    )
+    out = tmp_path / "out.gguf"
+    p, peak_mb, _ = run(["quantize", str(src), "-f", "q8_0", "--out", str(out)], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert peak_mb < 800, f"peak RSS {peak_mb:.0f} MB"
+    a, b = read_gguf(src), read_gguf(out)
+    assert b.metadata["general.file_type"] == 7 and b.metadata["general.quantized_by"].startswith("llmctl")
+    for key, value in a.metadata.items():
+        if key not in ("general.file_type",):
+            assert b.metadata[key] == value and b.metadata_types[key] == a.metadata_types[key], key
+
+
 # ---- item 6: no repository code beside a GGUF ----------------------------------------------------------------
 def test_gguf_tokenizer_ignores_the_folders_auto_map(tmp_path, monkeypatch):
     """transformers would offer to run ``evil.py`` (auto_map in tokenizer_config.json beside the GGUF) and
@@ -82,7 +139,9 @@ def test_gguf_tokenizer_ignores_the_folders_auto_map(tmp_path, monkeypatch):
     marker = tmp_path / "ran"
     (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")
     (folder / "tokenizer_config.json").write_text(
-        json.dumps({"auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}, "tokenizer_class": "EvilTokenizer"})
+        json.dumps(
+            {"auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}, "tokenizer_class": "EvilTokenizer"}
+        )
     )
     asked = []
     monkeypatch.setattr(builtins, "input", lambda *a: asked.append(a) or "y")
@@ -108,7 +167,9 @@ def folder_with_link(tiny_models, tmp_path) -> Path:
 
 
 def test_a_tokenizer_file_linking_outside_is_refused(folder_with_link, tmp_path):
-    with pytest.raises(SourceError, match=r"special_tokens_map.json: resolves to .* not a regular file inside"):
+    with pytest.raises(
+        SourceError, match=r"special_tokens_map.json: resolves to .* not a regular file inside"
+    ):
         make_plan(str(folder_with_link), "int8")
     r = _cli("quantize", str(folder_with_link), "-f", "int8", "-g", "32", "--out", str(tmp_path / "o"))
     assert r.returncode == 2, r.stderr

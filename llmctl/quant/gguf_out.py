@@ -28,8 +28,10 @@ and shapes, and a reader yielding them as fp32 numpy arrays in that order), so b
   metadata, tokenizer, llama.cpp's tensor names and layout made as llama.cpp's converter makes them
   (llmctl.quant.gguf_hf).
 
-``general.file_type`` is set for the new type and ``general.quantized_by`` names llmctl. The output is
-written to a temporary file beside it and renamed when complete.
+``general.file_type`` is set for the new type and ``general.quantized_by`` names llmctl. The output (and a
+mix's f16 intermediate) is written inside a private ``.NAME.partial-PID`` folder beside it
+(``llmctl.atomic.private_dir``) and renamed into place when complete; the folder is removed whatever
+happens.
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ import functools
 import math
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmctl import atomic
 from llmctl.errors import QuantError, UsageError
 
 PY_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # gguf-py quantizes these
@@ -252,11 +256,10 @@ class GGUFSource:
     notes: list[str] = field(default_factory=list)
 
 
-def open_source(source: Any, metadata: bool = True) -> GGUFSource:
-    """A resolved MODEL (GGUF file or Hugging Face folder) as a GGUFSource; ``metadata=False`` when only
-    the tensor table is needed (the dry run), which spares a GGUF source gguf-py's parse of its metadata."""
+def open_source(source: Any) -> GGUFSource:
+    """A resolved MODEL (GGUF file or Hugging Face folder) as a GGUFSource."""
     if source.is_gguf:
-        return _gguf_file_source(source.gguf, metadata)
+        return _gguf_file_source(source.gguf)
     if source.kind == "config":
         raise UsageError(f"{source.path}: a bare config.json has no weights to write")
     from llmctl.quant.gguf_hf import folder_source
@@ -264,14 +267,12 @@ def open_source(source: Any, metadata: bool = True) -> GGUFSource:
     return folder_source(Path(source.path))
 
 
-def _gguf_file_source(info: Any, metadata: bool) -> GGUFSource:
-    """Tensors from llmctl's reader (llmctl.gguf_file: validated, memory-mapped, fast); the metadata is
-    copied through gguf-py's reader, which keeps each value's GGUF type (seconds for a 262k vocabulary)."""
+def _gguf_file_source(info: Any) -> GGUFSource:
+    """Tensors and metadata from llmctl's reader (llmctl.gguf_file: validated, memory-mapped; it keeps each
+    value's GGUF type, and a 2M-token vocabulary costs its strings, not gguf-py's per-field arrays)."""
     import numpy as np
     from gguf.quants import dequantize
 
-    if metadata:
-        info.reader  # noqa: B018 -- gguf-py's parse (FormatError if it fails) before anything is written
     tensors = [(t.name, tuple(t.shape), t.nbytes, t.dtype) for t in info.tensors]  # numpy order: rows last
 
     def read() -> Iterator[Any]:
@@ -283,7 +284,7 @@ def _gguf_file_source(info: Any, metadata: bool) -> GGUFSource:
             )
 
     arch = info.metadata["general.architecture"]
-    return GGUFSource(arch, lambda w: _copy_metadata(info.reader, w), tensors, read, info.config)
+    return GGUFSource(arch, lambda w: _copy_metadata(info, w), tensors, read, info.config)
 
 
 def write_gguf(
@@ -317,8 +318,13 @@ def write_gguf(
     if calibration is not None:  # before anything is written: a bad text leaves no trace
         stats = _imatrix(source, src, calibration, progress)
     remove_dead_runs(out)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    f16 = out.with_name(f".{out.name}.f16-{os.getpid()}")  # a mix's intermediate
+    try:  # a 0700 folder of our own: no link planted beside the output can redirect what is written
+        work = atomic.private_dir(out, "partial")
+    except OSError as e:
+        raise QuantError(
+            f"cannot write the output next to {out} ({e.strerror or e}); choose a writable folder with --out"
+        ) from None
+    tmp, f16 = work / out.name, work / "f16.gguf"  # f16: a mix's intermediate for llama.cpp's quantizer
     t0 = time.perf_counter()
     try:
         if how == "python":
@@ -327,11 +333,8 @@ def write_gguf(
         else:
             tensors = _write_llama_cpp(src, f16, tmp, name, threads, progress, rules, stats, pure)
         os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     finally:
-        f16.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
     src_bytes = Path(source.path).stat().st_size if source.is_gguf else sum(n for _, _, n, _ in src.tensors)
     result = GGUFResult(
         source.display, out, name, how, time.perf_counter() - t0, src_bytes, out.stat().st_size, tensors
@@ -359,18 +362,27 @@ def _progress(progress, i: int, n: int, name: str, done: int, total: int) -> Non
         progress(Progress(i, n, name, done, total))
 
 
-def _copy_metadata(reader: Any, writer: Any) -> None:
+def _copy_metadata(info: Any, writer: Any) -> None:
+    """Every metadata key of the GGUF ``info`` (llmctl.gguf_file) but the ones the writer sets, with its GGUF
+    value type (and array element type) as the source has it. Strings that were not valid UTF-8 are written
+    back with U+FFFD in place of the bad bytes."""
     import gguf
 
-    for f in reader.fields.values():
-        if f.name.startswith("GGUF.") or f.name in (
+    for key, value in info.metadata.items():
+        if key.startswith("GGUF.") or key in (
             "general.architecture",
             "general.file_type",
             "general.quantized_by",
         ):
             continue
-        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(f.name, f.contents(), f.types[0], sub)
+        if key == "general.alignment":  # the writer pads its tensors to it
+            writer.add_custom_alignment(value)
+            continue
+        vtype, sub = info.metadata_types[key]
+        vtype = gguf.GGUFValueType(vtype)
+        if vtype == gguf.GGUFValueType.ARRAY:
+            sub = gguf.GGUFValueType(sub)
+        writer.add_key_value(key, value, vtype, sub)
 
 
 def _imatrix(source: Any, src: GGUFSource, calibration: dict[str, Any], progress) -> Any:
@@ -583,7 +595,7 @@ def plan_gguf(
 
     name, how = gguf_request(fmt, by, pure, calibration)
     rules = parse_overrides(overrides, how)
-    src = open_source(source, metadata=False)
+    src = open_source(source)
     types = tensor_types(src, name, rules, pure=pure, imatrix=calibration is not None)
     rows = [{"name": n, "shape": list(shape), "from": dtype.lower(), "to": kind, "bytes": recipes.ggml_nbytes(kind, shape)}
             for (n, shape, _, dtype), kind in zip(src.tensors, types, strict=True)]  # fmt: skip
