@@ -60,9 +60,19 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return getattr(torch, DTYPE_NAMES[key])
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA device computes bf16 in hardware: compute capability 8.0 (Ampere) or later.
+    ``torch.cuda.is_bf16_supported()`` also says yes where bf16 is only emulated (slowly), and asks about
+    the current device rather than ``cuda:N``."""
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return tuple(torch.cuda.get_device_capability(index)) >= (8, 0)
+
+
 def compute_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
     """The dtype to compute in: ``dtype`` if given ("auto" = default), else fp32 on CPU, bf16 on CUDA
-    where supported (fp16 otherwise), fp16 on MPS."""
+    devices with native bf16 (compute capability >= 8.0; fp16 below), fp16 on MPS."""
     import torch
 
     if dtype is not None and dtype != "auto":
@@ -71,7 +81,7 @@ def compute_dtype(device: torch.device, dtype: str | torch.dtype | None = None) 
             raise UsageError(f"{device} does not support bf16; use fp16 or fp32")
         return chosen
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     if device.type == "mps":
         return torch.float16
     return torch.float32

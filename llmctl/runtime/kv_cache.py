@@ -6,7 +6,10 @@ the position held by each ring slot, so attention masks, rollback (``truncate``)
 one small table. Nothing is allocated per decode step besides the new keys and values themselves.
 
 The model drives a step as ``cache.begin(start, T)`` once, then ``cache.update(layer, k, v)`` per layer;
-``update`` returns the keys, values and boolean mask (``True`` = attend, or ``None``) to attend over.
+``update`` returns the keys, values and what to mask: a boolean mask (``True`` = attend), ``None`` (every
+key is visible) or ``CAUSAL`` — the keys are exactly this chunk's positions in order and the plain causal
+mask is the whole story (a chunk starting at position 0 whose window, if any, does not bite), so attention
+can run SDPA's ``is_causal`` kernels (flash attention on CUDA) instead of a mask.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from llmctl.errors import ConfigError, UsageError
 if TYPE_CHECKING:
     import torch
 
+CAUSAL = "causal"  # the mask of a chunk attending to itself only: SDPA's is_causal=True
+
 
 def layer_windows(config: ModelConfig) -> list[int | None]:
     """Per layer: the sliding window (keys a query sees, itself included) or None for full attention."""
@@ -28,6 +33,19 @@ def layer_windows(config: ModelConfig) -> list[int | None]:
             f"{config._where()}layer_types has sliding layers but sliding_window is not set; fix config.json"
         )
     return [config.sliding_window if kind == SLIDING else None for kind in kinds]
+
+
+def self_mask(start: int, T: int, window: int | None, device: Any = None) -> Any:
+    """What a chunk of ``T`` queries at ``start ..`` attending to its own keys (no cache) masks: ``None`` for
+    one query, ``CAUSAL`` when the window (if any) does not bite, else the boolean (T, T) mask."""
+    import torch
+
+    if T == 1:
+        return None
+    if window is None or T <= window:
+        return CAUSAL
+    pos = torch.arange(start, start + T, device=device)
+    return attention_mask(pos, pos, window)
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -139,7 +157,9 @@ class KVCache:
             return  # decoding with full attention only: nothing to mask or place
         device = self.slot_pos.device
         new_pos = torch.arange(start, start + T, device=device)
-        if T > 1:  # full layers attend to positions 0..start+T-1, causally
+        if T > 1 and start == 0:  # full layers attend to the chunk itself, causally
+            step["full_mask"] = CAUSAL
+        elif T > 1:  # full layers attend to positions 0..start+T-1, causally
             step["full_mask"] = attention_mask(new_pos, torch.arange(start + T, device=device), None)
         if self.window is not None:
             S, W = self.ring_slots, self.window
@@ -152,6 +172,8 @@ class KVCache:
                 step["ring_first"], step["ring_slots"], step["ring_len"] = True, slots, n
                 if T == 1 and (start < W or S == W):
                     step["ring_mask"] = None  # every held position is inside the window
+                elif start == 0 and T <= W:
+                    step["ring_mask"] = CAUSAL  # slots 0..T-1 hold positions 0..T-1, all in the window
                 else:
                     step["ring_mask"] = attention_mask(new_pos, self.slot_pos[:n], W)
             else:
@@ -163,10 +185,9 @@ class KVCache:
                 step["ring_slots"] = new_pos[T - keep :] % S
                 self.slot_pos.index_copy_(0, step["ring_slots"], new_pos[T - keep :])
 
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Store this step's keys/values (B, n_kv_heads, T, head_dim) of ``layer``; return what to attend."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Store this step's keys/values (B, n_kv_heads, T, head_dim) of ``layer``; return what to attend
+        (keys, values, and a mask, ``None`` or ``CAUSAL``)."""
         import torch
 
         step = self._step

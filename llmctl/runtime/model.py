@@ -32,7 +32,7 @@ from torch import nn
 
 from llmctl.config import FULL, RUNTIME_FAMILIES, SLIDING, ModelConfig
 from llmctl.errors import UnsupportedArchitectureError, UsageError
-from llmctl.runtime.kv_cache import attention_mask, layer_windows
+from llmctl.runtime.kv_cache import CAUSAL, layer_windows, self_mask
 from llmctl.runtime.rope import apply_rope, inv_frequencies, rope_tables
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,
+        mask: Any,
         cache: KVCache | None,
         layer: int,
     ) -> torch.Tensor:
@@ -184,12 +184,34 @@ class Attention(nn.Module):
             q = q.reshape(B, KV, H // KV, D)  # (B, n_kv_heads, n_rep, head_dim)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=H != KV
-            )  # (B, n_heads, T, head_dim)
+            out = attend(q, k, v, mask, self.scale)  # (B, n_heads, T, head_dim)
             out = out.transpose(1, 2)  # (B, T, n_heads, head_dim)
         out = out.reshape(B, T, H * D)  # (B, T, n_heads * head_dim)
         return linear(out, self.o_proj.weight, self.o_proj.bias)
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, scale: float, repeat_kv: bool | None = None
+) -> torch.Tensor:
+    """SDPA of queries (B, n_heads, T, head_dim) over keys/values (B, n_kv_heads, L, head_dim).
+
+    ``CAUSAL`` (L == T) runs ``is_causal=True`` without a mask: CUDA's flash kernel takes it in fp16/bf16,
+    grouped heads included. Any other case with grouped heads on CUDA repeats the keys and values per query
+    head (``repeat_kv``; None: decide so), since the memory-efficient kernel (masks, fp32) does not take
+    ``enable_gqa``, which would drop SDPA to the math kernel. On the CPU ``enable_gqa`` keeps k/v unrepeated."""
+    n_rep = q.shape[1] // k.shape[1]
+    causal = mask is CAUSAL
+    mask = None if causal else mask
+    if repeat_kv is None:
+        flash = causal and q.dtype in (torch.float16, torch.bfloat16)
+        repeat_kv = q.device.type == "cuda" and not flash
+    if n_rep > 1 and repeat_kv:
+        k = k.repeat_interleave(n_rep, dim=1)  # (B, n_heads, L, head_dim)
+        v = v.repeat_interleave(n_rep, dim=1)
+        n_rep = 1
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=n_rep > 1
+    )
 
 
 class FeedForward(nn.Module):
@@ -342,8 +364,7 @@ class Transformer(nn.Module):
                 )
             cache.begin(start, T)
         else:
-            pos = torch.arange(start, start + T, device=tokens.device)
-            masks = {w: attention_mask(pos, pos, w) for w in set(self.windows)}
+            masks = {w: self_mask(start, T, w, tokens.device) for w in set(self.windows)}
         x = self.model.embed_tokens(tokens)  # (B, T, hidden)
         if self.config.model_type == "gemma3_text":
             x = x * self._embed_scale

@@ -156,12 +156,42 @@ def apply_penalties(
     presence_penalty: float = 0.0,
 ) -> torch.Tensor:
     """Penalise the token ids in ``recent`` (the caller passes the last ``repeat_last_n`` tokens)."""
+    if not recent or not _penalties_on(repeat_penalty, frequency_penalty, presence_penalty):
+        return logits
+    counts = token_counts(recent, logits.shape[-1], logits.device)
+    return penalise(logits, counts, repeat_penalty, frequency_penalty, presence_penalty)
+
+
+def _penalties_on(repeat_penalty: float, frequency_penalty: float, presence_penalty: float) -> bool:
+    return repeat_penalty != 1.0 or frequency_penalty != 0.0 or presence_penalty != 0.0
+
+
+def token_counts(ids: Sequence[int], vocab: int, device: Any = None) -> torch.Tensor:
+    """(vocab,) float32: how often each id occurs in ``ids`` (ids outside the vocabulary are not counted).
+    One copy to the device and ``index_add_``: ``bincount`` on CUDA reads its input's min and max back to
+    the host, two waits for the GPU per call."""
     import torch
 
-    if not recent or (repeat_penalty == 1.0 and frequency_penalty == 0.0 and presence_penalty == 0.0):
-        return logits
-    ids = torch.as_tensor(list(recent), dtype=torch.long, device=logits.device)
-    counts = torch.bincount(ids, minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
+    kept = [int(t) for t in ids if 0 <= t < vocab]
+    counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+    if kept:
+        index = torch.tensor(kept, dtype=torch.long).to(device)
+        counts.index_add_(0, index, torch.ones(len(kept), dtype=torch.float32, device=device))
+    return counts
+
+
+def penalise(
+    logits: torch.Tensor,
+    counts: torch.Tensor,
+    repeat_penalty: float = 1.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+) -> torch.Tensor:
+    """The penalties of the module docstring given each token's count ``counts`` (vocab,): tensor
+    operations only, nothing read back to the host."""
+    import torch
+
+    counts = counts.to(logits.dtype)
     seen = counts > 0
     out = logits
     if repeat_penalty != 1.0:
@@ -227,6 +257,8 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         if seed is not None:
             self.generator.manual_seed(seed)
+        self._counts: torch.Tensor | None = None  # token counts of ``_counted``, on the logits' device
+        self._counted: list[int] = []
 
     def window(self, recent: Sequence[int]) -> Sequence[int]:
         n = self.options.repeat_last_n
@@ -234,11 +266,36 @@ class Sampler:
             return ()
         return recent if n < 0 else recent[-n:]
 
+    def _window_counts(self, window: list[int], vocab: int, device: torch.device) -> torch.Tensor:
+        """Token counts of ``window``, kept between calls: when the window is the previous one plus a new
+        token (and minus the one leaving it), two in-place one-element updates, no copy to the device and
+        nothing read back; otherwise counted afresh."""
+        counts, prev = self._counts, self._counted
+        if counts is None or counts.shape[0] != vocab or counts.device != device:
+            counts = None
+        elif window != prev:
+            drop = len(prev) + 1 - len(window)  # tokens leaving the window when one token is added
+            if 0 <= drop <= len(prev) and window[:-1] == prev[drop:]:
+                for t in prev[:drop]:
+                    if 0 <= t < vocab:
+                        counts.narrow(0, t, 1).sub_(1)
+                if 0 <= window[-1] < vocab:
+                    counts.narrow(0, window[-1], 1).add_(1)
+            else:
+                counts = None
+        if counts is None:
+            counts = token_counts(window, vocab, device)
+        self._counts, self._counted = counts, window
+        return counts
+
     def _penalised(self, logits: torch.Tensor, recent: Sequence[int]) -> torch.Tensor:
         o = self.options
-        return apply_penalties(
-            logits.float(), self.window(recent), o.repeat_penalty, o.frequency_penalty, o.presence_penalty
-        )
+        logits = logits.float()
+        window = [int(t) for t in self.window(recent)]
+        if not window or not _penalties_on(o.repeat_penalty, o.frequency_penalty, o.presence_penalty):
+            return logits
+        counts = self._window_counts(window, logits.shape[-1], logits.device)
+        return penalise(logits, counts, o.repeat_penalty, o.frequency_penalty, o.presence_penalty)
 
     def _survivors(self, logits: torch.Tensor, recent: Sequence[int]) -> tuple[torch.Tensor, Any]:
         """(probabilities, their token ids or None for the whole vocabulary) after the chain."""
