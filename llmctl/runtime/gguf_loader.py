@@ -139,12 +139,7 @@ def iter_gguf_tensors(info: GGUFInfo, dtype: torch.dtype | None = None) -> Itera
     import torch
 
     dtype = dtype or torch.float32
-    arch = info.metadata.get("general.architecture")
-    if arch not in ARCH_BLOCK_NAMES:
-        raise NotAvailableError(
-            f"{info.path}: loading weights of GGUF architecture {arch!r} is not supported; "
-            f"llmctl loads {', '.join(ARCH_BLOCK_NAMES)}"
-        )
+    arch = _architecture(info)
     cfg = info.config
     names = _check_names(info, arch, cfg)
     for t in info.tensors:
@@ -159,13 +154,32 @@ def iter_gguf_tensors(info: GGUFInfo, dtype: torch.dtype | None = None) -> Itera
         if arch in NORM_OFFSET_ARCHS and t.name.endswith("norm.weight"):
             w = w - 1.0
         yield hf, w.to(dtype)
+        del w  # the consumer holds the only reference: a loader keeps at most one tensor alive
+
+
+def hf_shapes(info: GGUFInfo) -> dict[str, tuple[int, ...]]:
+    """Hugging Face name -> shape of each tensor ``iter_gguf_tensors`` yields, from the tensor table alone
+    (no tensor data read)."""
+    names = _check_names(info, _architecture(info), info.config)
+    return {hf: tuple(info.tensor_info(name).shape) for name, hf in names.items()}
+
+
+def _architecture(info: GGUFInfo) -> str:
+    arch = info.metadata.get("general.architecture")
+    if arch not in ARCH_BLOCK_NAMES:
+        raise NotAvailableError(
+            f"{info.path}: loading weights of GGUF architecture {arch!r} is not supported; "
+            f"llmctl loads {', '.join(ARCH_BLOCK_NAMES)}"
+        )
+    return arch
 
 
 def load_gguf_state_dict(
     path: str | Path | GGUFInfo, dtype: torch.dtype | None = None
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read a GGUF model into (config, state dict with Hugging Face names), dequantizing to ``dtype``
-    (float32 by default). ``lm_head.weight`` is present only when the file has its own output matrix."""
+    (float32 by default). ``lm_head.weight`` is present only when the file has its own output matrix.
+    The whole model is in host memory at once: ``runtime.loader.load_model`` streams instead."""
     from llmctl.gguf_file import GGUFInfo, read_gguf
 
     info = path if isinstance(path, GGUFInfo) else read_gguf(path)

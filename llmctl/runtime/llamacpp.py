@@ -29,12 +29,43 @@ from llmctl.errors import FormatError, UsageError
 from llmctl.runtime.sampler import SamplingOptions
 from llmctl.runtime.session import Backend, common_prefix
 
+GPU_DEVICES = ("cuda", "gpu", "mps")  # --device values that ask llama.cpp to offload to its GPU backend
+
+
+def gpu_layers(device: str | None) -> int:
+    """llama.cpp's ``n_gpu_layers`` for ``--device``: -1 (every layer on the GPU) when this
+    llama-cpp-python was built with GPU offload (``llama_supports_gpu_offload``: CUDA, Metal, Vulkan …)
+    and the device is auto or a GPU, else 0 (CPU). A GPU asked for by name without such a build, or a
+    device llama.cpp cannot be pointed at, is a UsageError."""
+    import llama_cpp
+
+    if device in (None, "auto", "cpu"):
+        return -1 if device != "cpu" and llama_cpp.llama_supports_gpu_offload() else 0
+    if device not in GPU_DEVICES:
+        raise UsageError(
+            f"--device {device}: the llama.cpp backend takes auto, cpu or {', '.join(GPU_DEVICES)} "
+            "(choose the GPU with CUDA_VISIBLE_DEVICES); or use --backend torch"
+        )
+    if not llama_cpp.llama_supports_gpu_offload():
+        raise UsageError(
+            f"--device {device}: the llama.cpp backend runs on the CPU here (this llama-cpp-python was built "
+            "without GPU offload); drop --device, reinstall llama-cpp-python with CUDA "
+            "(CMAKE_ARGS=-DGGML_CUDA=on), or use --backend torch"
+        )
+    return -1
+
 
 class LlamaCppBackend(Backend):
     name = "llama.cpp"
 
     def __init__(
-        self, path: str | Path, n_ctx: int, *, threads: int | None = None, n_batch: int = 512
+        self,
+        path: str | Path,
+        n_ctx: int,
+        *,
+        threads: int | None = None,
+        n_batch: int = 512,
+        device: str | None = None,
     ) -> None:
         import llama_cpp
 
@@ -45,13 +76,15 @@ class LlamaCppBackend(Backend):
             load_tokenizer,
         )
 
+        n_gpu_layers = gpu_layers(device)
         path = Path(path)
         self.tokenizer = load_tokenizer(path)  # validates the GGUF before llama.cpp parses it
         self.n_ctx = n_ctx
         self.threads = threads
+        self.n_gpu_layers = n_gpu_layers
         self._lib = llama_cpp
         kwargs: dict[str, Any] = dict(
-            model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=0, verbose=False
+            model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=n_gpu_layers, verbose=False
         )
         threads = threads or os.cpu_count() or 1  # llama-cpp-python's own default is half the cores
         kwargs.update(n_threads=threads, n_threads_batch=threads)
@@ -72,7 +105,8 @@ class LlamaCppBackend(Backend):
         return [int(t) for t in self.llm.input_ids[: self.llm.n_tokens]]
 
     def describe(self) -> str:
-        return f"llama.cpp, cpu (threads: {self.llm.n_threads})"
+        where = "gpu (all layers offloaded)" if self.n_gpu_layers else "cpu"
+        return f"llama.cpp, {where} (threads: {self.llm.n_threads})"
 
     def reset(self) -> None:
         L = self._lib

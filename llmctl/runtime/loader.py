@@ -1,13 +1,14 @@
-"""Hugging Face safetensors folders (or any HF-named state dict) → ``Transformer``.
+"""Hugging Face safetensors folders, GGUF files (or any HF-named state dict) → ``Transformer``.
 
 The model is built on the meta device (no memory, no random init); each tensor is then read from the
-memory-mapped safetensors files, converted to the compute dtype and placed on the device one at a time,
-so peak memory is the converted model plus one tensor. Pickle checkpoints (``.bin``) are never opened.
+memory-mapped safetensors files (or dequantized from the GGUF file), converted to the compute dtype and
+placed on the device one at a time, so peak memory is the converted model plus one tensor. Pickle
+checkpoints (``.bin``) are never opened.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,21 +93,34 @@ def load_state_dict(
     device: Any = None,
 ) -> Transformer:
     """A model from a Hugging Face-named state dict (e.g. the GGUF loader's), converted to ``dtype``."""
+    shapes = {n: tuple(t.shape) for n, t in state_dict.items()}
+    return load_tensors(config, shapes, state_dict.items(), dtype, device)
+
+
+def load_tensors(
+    config: ModelConfig,
+    shapes: Mapping[str, tuple[int, ...]],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    dtype: Any = None,
+    device: Any = None,
+) -> Transformer:
+    """A model from (name, tensor) pairs produced one at a time (their names and ``shapes`` known up
+    front): each is converted to ``dtype``, placed on ``device`` and dropped before the next, so a source
+    that makes its tensors lazily (the GGUF dequantizer) never holds more than one."""
     from llmctl.runtime.device import compute_dtype, pick_device
 
     device = pick_device(device)
     dtype = compute_dtype(device, dtype)
     model = empty_model(config)
-    use = check_names(
-        model, {n: tuple(t.shape) for n, t in state_dict.items()}, config.source or "state dict"
-    )
-    for name in use:
-        tensor = state_dict[name]
+    where = config.source or "state dict"
+    use = set(check_names(model, shapes, where))
+    for name, tensor in tensors:
+        if name not in use:
+            continue
         if not tensor.is_floating_point():
-            raise FormatError(
-                f"{config.source or 'state dict'}: tensor {name} is {tensor.dtype}, not floating point"
-            )
+            raise FormatError(f"{where}: tensor {name} is {tensor.dtype}, not floating point")
         assign(model, name, tensor.to(device=device, dtype=dtype))
+        del tensor
     return model.fuse_projections().eval()
 
 
@@ -122,10 +136,12 @@ def load_model(path: str | Path, dtype: Any = None, device: Any = None) -> Trans
     if not path.exists():
         raise SourceError(f"{path}: no such file or folder; pass a Hugging Face model folder or a .gguf file")
     source = resolve(str(path))  # checks config.json and weights are there; refuses pickle checkpoints
-    if source.is_gguf:
-        from llmctl.runtime.gguf_loader import load_gguf_state_dict
+    if source.is_gguf:  # dequantized tensor by tensor, straight into the model
+        from llmctl.gguf_file import read_gguf
+        from llmctl.runtime.gguf_loader import hf_shapes, iter_gguf_tensors
 
-        return load_state_dict(*load_gguf_state_dict(source.path), dtype=dtype, device=device)
+        info = read_gguf(source.path)
+        return load_tensors(info.config, hf_shapes(info), iter_gguf_tensors(info), dtype, device)
     folder, config = source.path, source.config
     from llmctl.quant.qlinear import load_quantized, quantized_layout  # llmctl quantize's layouts
 

@@ -354,11 +354,15 @@ class LlamaCppScorer:
 
     name = "llama.cpp"
 
-    def __init__(self, path: str | Path, context: int, threads: int | None = None) -> None:
+    def __init__(
+        self, path: str | Path, context: int, threads: int | None = None, *, device: str | None = None
+    ) -> None:
         import llama_cpp
 
+        from llmctl.runtime.llamacpp import gpu_layers
         from llmctl.runtime.tokenizer import _captured_native_output, _log_detail, llama_load_guard
 
+        self.n_gpu_layers = gpu_layers(device)
         self.path = Path(path)
         if self.path.suffix.lower() != ".gguf":
             raise UsageError(
@@ -374,6 +378,7 @@ class LlamaCppScorer:
                     n_ubatch=self.n_batch,
                     n_threads=threads,
                     n_threads_batch=threads,
+                    n_gpu_layers=self.n_gpu_layers,
                     verbose=False,
                 )
             except (ValueError, RuntimeError, OSError) as e:
@@ -739,9 +744,11 @@ def open_scorer(
     if backend == "llama.cpp":
         if not source.is_gguf:
             raise UsageError(f"{source.spec}: the llama.cpp backend runs GGUF files; use --backend torch")
-        if device not in (None, "auto", "cpu") or dtype not in (None, "auto"):
-            raise UsageError("--device and --dtype apply to the torch backend; llama.cpp runs the GGUF as stored")
-        return LlamaCppScorer(source.path, context, threads), f"cpu ({threads or 'default'} threads)"
+        if dtype not in (None, "auto"):
+            raise UsageError("--dtype applies to the torch backend; llama.cpp runs the GGUF as stored")
+        scorer = LlamaCppScorer(source.path, context, threads, device=device)
+        where = "gpu (all layers offloaded)" if scorer.n_gpu_layers else "cpu"
+        return scorer, f"{where} ({threads or 'default'} threads)"
     from llmctl.runtime.device import describe
     from llmctl.runtime.loader import load_model
 

@@ -258,14 +258,9 @@ def load_backend(
                 "--dtype is a torch-backend option: llama.cpp computes with the GGUF's own types; "
                 "drop --dtype or use --backend torch"
             )
-        if device not in (None, "auto", "cpu"):
-            raise UsageError(
-                f"--device {device}: the llama.cpp backend runs on the CPU here; drop --device or use "
-                "--backend torch"
-            )
         from llmctl.runtime.llamacpp import LlamaCppBackend
 
-        b: Backend = LlamaCppBackend(source.path, context, threads=threads)
+        b: Backend = LlamaCppBackend(source.path, context, threads=threads, device=device)
     else:
         from llmctl.runtime.loader import load_model
         from llmctl.runtime.tokenizer import load_tokenizer
