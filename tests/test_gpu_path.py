@@ -254,3 +254,214 @@ def test_llama_cpp_backends_pass_gpu_layers(device, monkeypatch) -> None:
         with pytest.raises(FormatError, match="stand-in"):
             make(smollm2_path(), 128, device=device)
     assert seen == [-1, -1]
+
+
+# ---- a. quantized weights: CUDA kernels, moves with the model ----------------------------------------
+def _weight(fmt: str, group: int | None = None, rows: int = 96, cols: int = 256):
+    from llmctl.quant.formats import REGISTRY
+
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(2)) * 0.05
+    w[3] = 0  # an all-zero row
+    return REGISTRY[fmt].quantize(w, group)
+
+
+@pytest.mark.parametrize(
+    "fmt,group,kernel",
+    [("int8", None, "int8-rows"), ("fp8", None, "fp8-rows"), ("fp8", 0, "fp8-rows"), ("int8", 32, "dequantize"),
+     ("fp8", 64, "dequantize"), ("nf4", None, "dequantize"), ("nf4-dq", None, "dequantize"), ("int4", 32, "dequantize")],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_kernels_equal_the_dequantized_product(fmt, group, kernel, dtype) -> None:
+    """cuda_kernels.prepare/linear run on any device; on CPU tensors they must give F.linear of the
+    dequantized weight (int8/fp8 rows scale after the product, fp16 before). tinygemm and bitsandbytes
+    have their own tests below; off CUDA those formats dequantize."""
+    from llmctl.quant import cuda_kernels
+
+    q = _weight(fmt, group)
+    name, args, kept = cuda_kernels.prepare(q, torch.device("cpu"))
+    assert name == kernel and kept is q
+    x = torch.randn(2, 5, 256, generator=torch.Generator().manual_seed(3)).to(dtype)
+    want = F.linear(x.float(), q.dequantize(torch.float32))
+    if kernel == "dequantize":
+        got = F.linear(x, cuda_kernels.dequantize(name, args, kept, dtype))
+    else:
+        got = cuda_kernels.linear(name, args, x)
+    assert got.shape == want.shape and got.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    assert (got.float() - want).abs().max() <= tol * want.abs().max()
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "nf4-dq"])
+def test_bitsandbytes_reads_llmctl_nf4_as_stored(fmt) -> None:
+    """The QuantState built for bitsandbytes' matmul_4bit (CUDA's NF4 kernel; bitsandbytes runs it on the
+    CPU too) gives exactly the product of llmctl's dequantized weight, and dequantize_4bit its weight."""
+    import bitsandbytes as bnb
+
+    from llmctl.quant import cuda_kernels
+
+    q = _weight(fmt)
+    state = cuda_kernels.nf4_quant_state(q, bnb)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(4))
+    dense = q.dequantize(torch.float32)
+    assert torch.equal(cuda_kernels.linear("nf4-bnb", (q.parts["weight"], state), x), F.linear(x, dense))
+    assert torch.equal(bnb.functional.dequantize_4bit(q.parts["weight"], state), dense)
+
+
+def _tinygemm_weight(nibbles: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    """The weight tinygemm reconstructs from the bytes it is given, written from int4mm.cu's comments:
+    column 2j in byte j's high nibble, 2j + 1 in its low one; (u - 8) · scale + zero per group, in bf16."""
+    u = (
+        torch.stack([nibbles >> 4, nibbles & 15], dim=-1).reshape(nibbles.shape[0], -1).float()
+    )  # (rows, cols)
+    scale = sz[..., 0].t().float().repeat_interleave(group, dim=1)  # (rows, cols)
+    zero = sz[..., 1].t().float().repeat_interleave(group, dim=1)
+    return (u - 8) * scale + zero
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int4-asym"])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_tinygemm_packing_reconstructs_the_weight(fmt, group) -> None:
+    """The bytes and scale/zero tensor handed to _convert_weight_to_int4pack / _weight_int4pack_mm describe
+    the stored weight (to bf16 rounding of scales and zeros, which tinygemm computes in)."""
+    from llmctl.quant import cuda_kernels
+    from llmctl.quant.formats import REGISTRY
+
+    q = _weight(fmt, group)
+    codes, zp = REGISTRY[fmt].codes(q)
+    nibbles = cuda_kernels.tinygemm_nibbles(codes)
+    assert nibbles.shape == (96, 128) and nibbles.dtype == torch.uint8
+    assert torch.equal(
+        (nibbles[:, :1] >> 4).to(torch.int16) - 8, codes[:, :1].to(torch.int16)
+    )  # column 0 high
+    sz = cuda_kernels.tinygemm_scales(q, zp)
+    assert sz.shape == (256 // group, 96, 2) and sz.dtype == torch.bfloat16
+    dense = q.dequantize(torch.float32)
+    assert (_tinygemm_weight(nibbles, sz, group) - dense).abs().max() <= 2**-7 * dense.abs().max()
+
+
+@pytest.mark.parametrize("rows,cols,inner", [(96, 256, 8), (64, 96, 2), (32, 192, 4)])
+def test_tinygemm_calls_pass_torchs_own_shape_checks(rows, cols, inner, monkeypatch) -> None:
+    """Under FakeTensorMode the aten int4 ops run their meta functions (torch's shape and dtype checks for
+    the CUDA kernels): the packed weight, scales and activations fit, and the output is (tokens, rows)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from llmctl.quant import cuda_kernels
+
+    monkeypatch.setattr(cuda_kernels, "tinygemm_device", lambda device: True)
+    q = _weight("int4-asym", 32, rows, cols)
+    assert cuda_kernels.inner_k_tiles(cols) == inner
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        name, args, kept = cuda_kernels.prepare(q, torch.device("cpu"))
+        assert name == "int4-tinygemm" and not kept.parts  # the packed copy replaces the codes
+        assert args[0].shape == (rows // 8, cols // (16 * inner), 32, inner // 2)
+        y = cuda_kernels.linear(name, args, torch.empty(2, 3, cols, dtype=torch.float16))
+        assert y.shape == (2, 3, rows) and y.dtype == torch.float16
+        assert cuda_kernels.dequantize(name, args, kept, torch.float32).shape == (rows, cols)
+    assert not cuda_kernels.tinygemm_takes(_weight("int4", 32, rows=12))  # rows not a multiple of 8
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_models, tmp_path_factory):
+    """fmt -> (folder, config.json) of the tiny Llama quantized by llmctl."""
+    import json
+
+    from llmctl.quant.convert import make_plan, run_plan
+
+    out = {}
+    for fmt in ("int8", "fp8", "nf4", "int4"):
+        folder = tmp_path_factory.mktemp(fmt) / "out"
+        run_plan(
+            make_plan(str(tiny_models["llama"][0]), fmt, group_size=32 if fmt == "int4" else None), folder
+        )
+        out[fmt] = (folder, json.loads((folder / "config.json").read_text()))
+    return out
+
+
+def _quant_weights(model):
+    from llmctl.quant.qlinear import QuantWeight
+
+    return [v for m in model.modules() for v in vars(m).values() if isinstance(v, QuantWeight)]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "nf4"])
+def test_quantized_model_moves_with_its_weights(fmt, quantized, tokens) -> None:
+    """model.to(float64) and model.to("meta") reach the QuantWeights (plain attributes nn.Module skips):
+    their dtype/device follow, kernels are prepared again off the CPU, nothing is dequantized."""
+    from llmctl.quant import cuda_kernels
+    from llmctl.quant.qlinear import load_quantized
+
+    folder, cfg = quantized[fmt]
+    model = load_quantized(folder, cfg, _layout(folder), dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        ref = model(tokens)
+        wide = model.to(torch.float64)
+        assert all(w.cdtype == torch.float64 and w.dtype == torch.float64 for w in _quant_weights(wide))
+        got = wide(tokens)
+    tol = 1e-2 if fmt == "int8" else 1e-4  # torch's CPU int8 kernel computes in bf16 whatever the dtype
+    assert got.dtype == torch.float64 and (got - ref.double()).abs().max() <= tol * ref.abs().max()
+    meta = model.to("meta")
+    weights = _quant_weights(meta)
+    assert len(weights) == 14 and all(w.device.type == "meta" for w in weights)
+    assert all(w.kernel in (*cuda_kernels.KERNELS, "dequantize") for w in weights)
+    assert {w.kernel for w in weights} == {{"int8": "int8-rows", "fp8": "fp8-rows"}.get(fmt, "dequantize")}
+    with torch.no_grad():
+        assert meta(tokens.to("meta")).shape == (2, SEQ, 96)
+
+
+def _layout(folder):
+    from llmctl.quant.qlinear import quantized_layout
+
+    return quantized_layout(folder)[0]
+
+
+def test_weights_packed_for_one_device_refuse_to_move(quantized) -> None:
+    """int4 on the CPU keeps only a packed copy for its kernel: moving the model is refused in one line,
+    before any parameter moved."""
+    from llmctl.errors import UsageError
+    from llmctl.quant.qlinear import load_quantized
+
+    folder, cfg = quantized["int4"]
+    model = load_quantized(folder, cfg, _layout(folder), dtype=torch.float32, device="cpu")
+    with pytest.raises(
+        UsageError, match=r"cannot move to meta; load the model with device='meta' \(--device\)"
+    ):
+        model.to("meta")
+    assert model.device.type == "cpu" and all(w.device.type == "cpu" for w in _quant_weights(model))
+    assert all(
+        w.cdtype == torch.bfloat16 for w in _quant_weights(model.to(torch.bfloat16))
+    )  # dtype only: fine
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "nf4", "int4"])
+def test_quantized_folders_load_off_the_cpu(fmt, quantized, tokens, monkeypatch) -> None:
+    """--device auto picking an accelerator no longer refuses quantized folders: with pick_device giving
+    the meta device (what CUDA would be, without memory), every part is moved before its kernel is
+    chosen, so no CPU kernel is prepared, and a forward pass runs."""
+    from llmctl.quant import native
+    from llmctl.quant.qlinear import load_quantized
+    from llmctl.runtime import device as device_mod
+
+    monkeypatch.setattr(device_mod, "pick_device", lambda name=None: torch.device("meta"))
+    monkeypatch.setattr(native, "get", lambda: pytest.fail("a CPU kernel was asked for"))
+    folder, cfg = quantized[fmt]
+    model = load_quantized(folder, cfg, _layout(folder), device="auto")
+    assert model.device.type == "meta" and getattr(model, "head", None) is None
+    assert all(w.device.type == "meta" for w in _quant_weights(model))
+    with torch.no_grad():
+        assert model(tokens.to("meta")).shape == (2, SEQ, 96)
+
+
+# ---- b. the C++ decode kernels refuse tensors that are not on the CPU --------------------------------
+@pytest.mark.slow
+def test_native_decode_kernels_refuse_non_cpu_tensors() -> None:
+    """fp8_linear / nf4_linear read raw pointers on the host: a tensor elsewhere (meta here, CUDA on a GPU
+    machine) is refused by a TORCH_CHECK before any pointer is read."""
+    from llmctl.quant import native
+
+    kernels = native.build()
+    x = torch.empty(1, 64, device="meta")
+    cpu = torch.zeros(4, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="fp8_linear runs on CPU tensors"):
+        kernels.fp8_linear(x, torch.zeros(4, 64, dtype=torch.uint8), torch.zeros(256), cpu.reshape(4, 1))
+    with pytest.raises(RuntimeError, match="nf4_linear runs on CPU tensors"):
+        kernels.nf4_linear(x, torch.zeros(128, dtype=torch.uint8), torch.zeros(16), cpu, 4, 64)

@@ -701,7 +701,7 @@ class NF4(WeightFormat):
         values = q.parts["quant_map"][codes.long()]  # (n,)
         absmax = cls.absmax(q)
         full = n - n % g
-        out = torch.empty(n, dtype=torch.float32)
+        out = torch.empty(n, dtype=torch.float32, device=values.device)
         out[:full] = (values[:full].reshape(-1, g) * absmax[: full // g].unsqueeze(-1)).reshape(-1)
         if n % g:
             out[full:] = values[full:] * absmax[-1]

@@ -299,6 +299,7 @@ static inline float dot_lut8(const uint8_t* w, const float* lut, const float* x,
 
 // w (rows, cols) fp8 bytes, lut[256] their values, scale (1 or rows, groups) fp32
 torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor lut, torch::Tensor scale) {
+  TORCH_CHECK(x.is_cpu() && w.is_cpu() && lut.is_cpu() && scale.is_cpu(), "fp8_linear runs on CPU tensors");
   x = x.to(torch::kFloat32).contiguous(); w = w.contiguous(); scale = scale.to(torch::kFloat32).contiguous();
   int64_t n = x.size(0), cols = x.size(1), rows = w.size(0), groups = scale.size(1), g = cols / groups;
   bool per_row = scale.size(0) == rows;
@@ -322,6 +323,7 @@ torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor lut, to
 // packed: NF4 codes two a byte, the first in the high nibble, over the flattened (rows, cols) weight;
 // code[16] the values; absmax one fp32 per block of bs (cols a multiple of bs: blocks stay in a row)
 torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor code, torch::Tensor absmax, int64_t rows, int64_t bs) {
+  TORCH_CHECK(x.is_cpu() && packed.is_cpu() && code.is_cpu() && absmax.is_cpu(), "nf4_linear runs on CPU tensors");
   x = x.to(torch::kFloat32).contiguous(); packed = packed.contiguous();
   int64_t n = x.size(0), cols = x.size(1), per_row = cols / bs;
   auto y = torch::empty({n, rows}, torch::kFloat32);

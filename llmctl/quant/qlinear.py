@@ -8,7 +8,9 @@ linear layer's ``weight``: it has the weight's shape and compute dtype but holds
 int4 (symmetric or with zero-points) in groups of 32/64/128/256, both in bf16. fp8 and NF4 weights, which
 torch has no CPU kernel for, multiply a few rows (decoding) through llmctl's optional C++ kernels on the
 stored codes (``llmctl.quant.native.fp8_linear`` / ``nf4_linear``) when they are built, and otherwise — and
-for longer inputs (prefill), and int8 in groups — dequantize the weight for that call only. Any other
+for longer inputs (prefill), and int8 in groups — dequantize the weight for that call only. On CUDA a
+weight runs the kernels of ``llmctl.quant.cuda_kernels`` instead (CPU kernels never see CUDA tensors), and
+``.to()`` / ``model.to()`` move it, its kernels prepared again for the new device. Any other
 operation sees the dequantized weight. So
 ``runtime/model.py`` runs unchanged; ``load_quantized`` puts these in place of the parameters.
 """
@@ -21,7 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llmctl.errors import FormatError
+from llmctl.errors import FormatError, UsageError
+from llmctl.quant import cuda_kernels
 from llmctl.quant.formats import REGISTRY, QTensor
 
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
@@ -41,7 +44,8 @@ class QuantWeight(torch.Tensor):
 
     @staticmethod
     def __new__(cls, q: QTensor, dtype: torch.dtype) -> QuantWeight:
-        return torch.Tensor._make_wrapper_subclass(cls, q.shape, dtype=dtype, device="cpu", requires_grad=False)
+        device = _parts_device(q)  # where its parts are: the CPU, CUDA, or meta (a model moved there)
+        return torch.Tensor._make_wrapper_subclass(cls, q.shape, dtype=dtype, device=device, requires_grad=False)
 
     def __init__(self, q: QTensor, dtype: torch.dtype) -> None:
         self.q = q
@@ -52,6 +56,9 @@ class QuantWeight(torch.Tensor):
 
     def _prepare(self) -> None:
         q, fmt = self.q, self.q.format
+        if self.device.type != "cpu":  # CUDA (or meta): no CPU kernel may see these tensors
+            self.kernel, self._kernel_args, self.q = cuda_kernels.prepare(q, self.device)
+            return
         if fmt == "int8" and q.group_size == q.shape[-1]:
             self.kernel = "int8pack"
             self._kernel_args = (q.parts["weight"], q.parts["scale"].reshape(-1).to(KERNEL_DTYPE))
@@ -90,7 +97,36 @@ class QuantWeight(torch.Tensor):
         extra = [t for t in self._kernel_args if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in held]
         return self.q.nbytes + sum(t.numel() * t.element_size() for t in extra)
 
+    def to(self, *args: Any, **kwargs: Any) -> QuantWeight:  # type: ignore[override]
+        """This weight on another device and/or with another compute dtype (``Tensor.to``'s arguments): the
+        quantized parts move and the kernels are prepared again for the device; never dequantized."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        return self.moved(device, dtype)
+
+    def moved(self, device: Any = None, dtype: torch.dtype | None = None) -> QuantWeight:
+        """See ``to``. A weight whose kernel replaced its codes by a packed copy for one device (int4 on
+        the CPU or tinygemm) cannot move to another: load the folder on that device instead."""
+        device = self.device if device is None else torch.device(device)
+        dtype = dtype or self.cdtype
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device == self.device:
+            if dtype == self.cdtype:
+                return self
+            out = QuantWeight.__new__(QuantWeight, self.q, dtype)  # the kernels stay as they are
+            out.q, out.cdtype, out.kernel, out._kernel_args = self.q, dtype, self.kernel, self._kernel_args
+            return out
+        if not self.q.parts:
+            raise UsageError(
+                f"a {self.q.format} weight packed for {self.device}'s {self.kernel} kernel cannot move to "
+                f"{device}; load the model with device={str(device)!r} (--device) instead"
+            )
+        parts = {k: v.to(device) for k, v in self.q.parts.items()}
+        return QuantWeight(QTensor(self.q.format, self.q.shape, self.q.group_size, parts, self.q.meta), dtype)
+
     def dequantize(self) -> torch.Tensor:
+        if self.kernel in cuda_kernels.KERNELS:
+            return cuda_kernels.dequantize(self.kernel, self._kernel_args, self.q, self.cdtype)
         if self.kernel == "int4pack":  # multiply the identity: the kernel's own dequantization
             eye = torch.eye(self.shape[-1], dtype=KERNEL_DTYPE)
             return self._int4(eye).t().to(self.cdtype).contiguous()
@@ -113,6 +149,9 @@ class QuantWeight(torch.Tensor):
         return kernels.nf4_linear(x2, self.q.parts["weight"].reshape(-1), code, absmax, rows, self.q.group_size)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kernel in cuda_kernels.KERNELS:
+            y = cuda_kernels.linear(self.kernel, self._kernel_args, x)
+            return y if bias is None else y + bias
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if self.kernel in ("fp8-codes", "nf4-codes") and rows <= CODE_KERNEL_ROWS:
             y = self._codes(x.reshape(-1, x.shape[-1])).to(x.dtype).reshape(*x.shape[:-1], -1)
@@ -148,6 +187,11 @@ class QuantWeight(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
         return func(*_dense(args), **_dense(kwargs or {}))
+
+
+def _parts_device(q: QTensor) -> torch.device:
+    parts = [t for t in q.parts.values() if isinstance(t, torch.Tensor)]
+    return parts[0].device if parts else torch.device("cpu")
 
 
 def _dense(obj: Any) -> Any:
@@ -199,8 +243,11 @@ def load_quantized(folder: Path, config_json: dict[str, Any], layout: str, dtype
     from llmctl.runtime.loader import assign, check_names, empty_model
 
     device = pick_device(device)
-    if torch.device(device).type != "cpu":
-        raise FormatError(f"{folder}: quantized weights run on the CPU in llmctl's runtime; pass --device cpu")
+    if device.type not in ("cpu", "cuda", "meta"):  # meta: sizes only (tests, planning)
+        raise UsageError(
+            f"{folder}: quantized weights run on the CPU or CUDA in llmctl's runtime, not {device.type}; "
+            "pass --device cpu or cuda"
+        )
     dtype = compute_dtype(device, dtype)
     config = ModelConfig.from_dict(config_json, source=str(folder / "config.json"))
     model = empty_model(config)
@@ -227,10 +274,13 @@ def load_quantized(folder: Path, config_json: dict[str, Any], layout: str, dtype
             module_name, _, leaf = name.rpartition(".")
             module = model.get_submodule(module_name)
             delattr(module, leaf)
-            setattr(module, leaf, QuantWeight(quantized[name], dtype))
+            q = quantized[name]
+            if device.type != "cpu":  # the parts go to the device first: its kernels are chosen there
+                q = QTensor(q.format, q.shape, q.group_size, {k: v.to(device) for k, v in q.parts.items()}, q.meta)
+            setattr(module, leaf, QuantWeight(q, dtype))
         else:
             t = fetch(name)
             if not t.is_floating_point():
                 raise FormatError(f"{folder}: tensor {name} is {t.dtype}, not floating point")
-            assign(model, name, t.to(dtype=dtype))
+            assign(model, name, t.to(device=device, dtype=dtype))
     return model.eval()  # projections stay unfused: each quantized weight runs its own kernel

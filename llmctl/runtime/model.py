@@ -317,11 +317,27 @@ class Transformer(nn.Module):
         return self
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), .cuda() … replace every parameter
+        moved = self._moved_quant_weights(fn)  # first: a weight that cannot move fails before anything moved
         fused = any(layer.self_attn.qkv is not None for layer in self.model.layers)
         for layer in self.model.layers:
             layer.self_attn.qkv = layer.mlp.gate_up = None
         super()._apply(fn, recurse)
+        for module, name, weight in moved:
+            setattr(module, name, weight)
         return self.fuse_projections() if fused else self
+
+    def _moved_quant_weights(self, fn) -> list[tuple[nn.Module, str, torch.Tensor]]:
+        """Quantized weights (llmctl.quant.qlinear) are plain attributes, which ``nn.Module._apply`` skips:
+        each is moved to the device and dtype ``fn`` gives an empty tensor like it."""
+        from llmctl.quant.qlinear import QuantWeight
+
+        moved = []
+        for module in self.modules():
+            for name, value in list(vars(module).items()):
+                if isinstance(value, QuantWeight):
+                    probe = fn(torch.empty(0, dtype=value.cdtype, device=value.device))
+                    moved.append((module, name, value.moved(probe.device, probe.dtype)))
+        return moved
 
     def _precompute(self, end: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """RoPE cos/sin tables (length, 1, 2, head_dim // 2) per layer kind covering positions below
