@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -103,7 +104,9 @@ def bundled_path(model: BundledModel, *, assemble: bool = True) -> Path | None:
 
     mod = importlib.import_module(model.module)  # stdlib-only module: joins and checks the chunks
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)  # never a planted link
+    os.close(fd)
+    tmp = Path(name)
     try:
         mod.assemble(tmp, overwrite=True)
         os.replace(tmp, target)

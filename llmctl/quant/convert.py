@@ -785,12 +785,14 @@ def _gguf_tokenizer(gguf: Path, tmp: Path, plan: Plan) -> None:
             with tempfile.TemporaryDirectory(prefix="llmctl-gguf-tok-") as alone:
                 (Path(alone) / "model.gguf").symlink_to(gguf.resolve())
                 tok = AutoTokenizer.from_pretrained(alone, gguf_file="model.gguf", trust_remote_code=False)
-            part = cache.with_name(f"{key}.partial-{os.getpid()}")
-            shutil.rmtree(part, ignore_errors=True)
-            tok.save_pretrained(str(part))
             cache.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(cache, ignore_errors=True)
-            os.replace(part, cache)
+            part = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache.parent))  # 0700, never a planted link
+            try:
+                tok.save_pretrained(str(part))
+                shutil.rmtree(cache, ignore_errors=True)
+                os.replace(part, cache)
+            finally:
+                shutil.rmtree(part, ignore_errors=True)
         except Exception as e:  # transformers raises many kinds for tokenizers it cannot convert
             plan.notes.append(
                 f"no tokenizer written: transformers could not convert the GGUF tokenizer ({type(e).__name__}); "
