@@ -125,6 +125,69 @@ def run_llama_cpp(engine: LlamaCpp, prompt, new_tokens: int) -> tuple[float, flo
     return t_first - t0, time.perf_counter() - t_first, tokens
 
 
+def quantized_models(spec: str, formats: str, cache: Path) -> dict[str, object]:
+    """llmctl's runtime on ``spec`` quantized to each of ``formats`` (``FORMAT[:GROUP]``, comma-separated),
+    written once under ``cache`` (reused when present)."""
+    from llmctl.quant.convert import make_plan, run_plan
+    from llmctl.runtime.loader import load_model
+
+    out = {}
+    for item in filter(None, formats.split(",")):
+        fmt, _, group = item.partition(":")
+        folder = cache / f"{Path(spec).name}-{fmt}-g{group or 'default'}"
+        cache.mkdir(parents=True, exist_ok=True)
+        if not (folder / "config.json").exists():
+            run_plan(make_plan(spec, fmt, group_size=int(group) if group else None), folder, measure_error=False)
+        out[f"llmctl {item}"] = load_model(folder, device="cpu")
+    return out
+
+
+def streamed_bytes(model) -> int:
+    """Bytes of weights one decode step reads: every linear layer's (quantized) weight and the logits' matrix
+    (the embedding lookup reads one row)."""
+    import torch
+
+    from llmctl.quant.qlinear import QuantWeight
+
+    def size(w) -> int:
+        return w.quantized_nbytes if isinstance(w, QuantWeight) else w.numel() * w.element_size()
+
+    total = sum(size(m.weight) for name, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and name != "lm_head")  # fmt: skip
+    head = model.head if getattr(model, "head", None) is not None else (
+        model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight)  # fmt: skip
+    return total + size(head)
+
+
+def bandwidth_ceiling(nbytes: int, dtype, repeats: int = 5) -> float:
+    """GB/s of ``torch.mv`` streaming a ``dtype`` matrix of about ``nbytes`` (4096 columns): the rate a
+    decode step in that dtype cannot beat on this machine, measured now."""
+    import torch
+
+    cols = 4096
+    w = torch.randn(max(1, nbytes // (cols * torch.finfo(dtype).bits // 8)), cols).to(dtype)
+    x = torch.randn(cols).to(dtype)
+    torch.mv(w, x)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mv(w, x)
+        best = min(best, time.perf_counter() - t0)
+    return w.numel() * w.element_size() / best / 1e9
+
+
+def _cpu() -> str:
+    """The CPU's model name and the vector extensions that matter here."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
+    return f"{name} ({' '.join(f for f in wanted if f in flags)})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -137,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="fp32,bf16", help="llmctl compute dtypes, comma-separated")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp (GGUF models only)")
+    parser.add_argument("--formats", default="", help="also llmctl on MODEL quantized to these, e.g. "
+                        "int4-asym:32,int8,nf4,fp8 (FORMAT[:GROUP]; written once under --cache)")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/llmctl/bench",
+                        help="where --formats folders are kept")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -149,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     engines = {
         f"llmctl {d}": (run_llmctl, llmctl_model(config, state, folder, d)) for d in args.dtypes.split(",")
     }
+    for name, model in quantized_models(args.model, args.formats, args.cache).items():
+        engines[name] = (run_llmctl, model)
+    streamed = {name: streamed_bytes(model) for name, (run, model) in engines.items()}
     if not args.no_transformers:
         engines["transformers fp32"] = (run_transformers, transformers_model(config, state, folder))
     del state
@@ -183,26 +253,44 @@ def main(argv: list[str] | None = None) -> int:
                 "decode_tok_s_median": statistics.median(decode),
             }
         )
+    ceilings = {d: bandwidth_ceiling(max(streamed.values()), getattr(torch, {"fp32": "float32"}.get(d, "bfloat16")))
+                for d in ("fp32", "bf16")}  # fmt: skip
+    for r in rows:
+        if r["engine"] in streamed:
+            r["streamed_mb"] = streamed[r["engine"]] / 1e6
+            r["gb_s"] = streamed[r["engine"]] * r["decode_tok_s"] / 1e9
+            dtype = r["engine"].removeprefix("llmctl ")
+            if dtype in ceilings:
+                r["vs_ceiling"] = r["gb_s"] / ceilings[dtype]
     base = next((r["decode_tok_s"] for r in rows if r["engine"] == "transformers fp32"), None)
+    anchor = next((r["decode_tok_s"] for r in rows if r["engine"] == "llama.cpp (GGUF)"), None)
+    cpu = _cpu()
     print(
         f"{args.model}: prompt {args.prompt_len} tokens, {args.new_tokens} new, {args.threads} threads, "
-        f"best of {args.repeats} runs (median decode alongside)"
+        f"best of {args.repeats} runs (median decode alongside)\nCPU: {cpu}\nbandwidth ceilings (torch.mv, "
+        f"this run): fp32 {ceilings['fp32']:.1f} GB/s, bf16 {ceilings['bf16']:.1f} GB/s"
     )
     print(
-        f"{'engine':<20} {'TTFT ms':>9} {'prefill tok/s':>14} {'decode tok/s':>13} {'median':>7} {'vs HF':>6}"
+        f"{'engine':<22} {'TTFT ms':>9} {'prefill tok/s':>14} {'decode tok/s':>13} {'median':>7} {'vs HF':>6} "
+        f"{'vs llama.cpp':>12} {'MB/token':>9} {'GB/s':>6} {'vs ceiling':>10}"
     )
     for r in rows:
         ratio = f"{r['decode_tok_s'] / base:.2f}x" if base else ""
+        vs = f"{r['decode_tok_s'] / anchor:.2f}x" if anchor else ""
+        mb = f"{r['streamed_mb']:.0f}" if "streamed_mb" in r else ""
+        gbs = f"{r['gb_s']:.1f}" if "gb_s" in r else ""
+        ceil = f"{r['vs_ceiling']:.2f}x" if "vs_ceiling" in r else ""
         print(
-            f"{r['engine']:<20} {r['ttft_s'] * 1e3:>9.1f} {r['prefill_tok_s']:>14.1f} "
-            f"{r['decode_tok_s']:>13.2f} {r['decode_tok_s_median']:>7.2f} {ratio:>6}"
+            f"{r['engine']:<22} {r['ttft_s'] * 1e3:>9.1f} {r['prefill_tok_s']:>14.1f} "
+            f"{r['decode_tok_s']:>13.2f} {r['decode_tok_s_median']:>7.2f} {ratio:>6} {vs:>12} {mb:>9} {gbs:>6} {ceil:>10}"
         )
     if "llmctl fp32" in tokens and "transformers fp32" in tokens:
         same = tokens["llmctl fp32"] == tokens["transformers fp32"]
         print(f"greedy tokens identical (llmctl fp32 vs transformers): {'yes' if same else 'NO'}")
     if args.json:
         args.json.write_text(
-            json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": rows}, indent=2)
+            json.dumps({"args": vars(args) | {"json": str(args.json), "cache": str(args.cache)}, "cpu": cpu,
+                        "ceilings_gb_s": ceilings, "results": rows}, indent=2)
         )
     return 0
 

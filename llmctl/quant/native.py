@@ -38,6 +38,9 @@ _SOURCE = r"""
 #include <c10/util/Half.h>
 #include <cmath>
 #include <cstring>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 // Loads as fp32. bf16 is the top half of an fp32: a shift the compiler vectorizes.
 static inline float ld(const float* p, int64_t i) { return p[i]; }
@@ -360,6 +363,234 @@ torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor co
   return y;
 }
 
+// ---- int4 weights times int8 activations: decode steps (llama.cpp's q4_1 x q8_1 scheme) -----------------
+// Weights: per row, blocks of 32 columns of 16 bytes, byte j holding u[j] in its low nibble and u[j + 16] in
+// its high one, u = code + 8 in [0, 15] (``int4_repack``); one fp16 scale and one zero-point z in [0, 15]
+// (8 when symmetric) per group of g columns, g a multiple of 32: w = (u - z) * s. Activations: each block of
+// 32 scaled to int8 (d = max|x| / 127, round to nearest), so a block's dot product is an integer:
+// y = sum_groups s * (sum_blocks d_b * (u . q)_b - z * sum_blocks d_b * sum(q)_b).
+static inline int32_t i4_block_dot_scalar(const uint8_t* w, const int8_t* q) {
+  int32_t t = 0;
+  for (int j = 0; j < 16; ++j) t += (w[j] & 15) * q[j] + (w[j] >> 4) * q[j + 16];
+  return t;
+}
+
+static void quantize_rows_q8(const float* x, int64_t n, int64_t cols, int8_t* q, float* d, float* qsum) {
+  int64_t nb = cols / 32;
+  for (int64_t i = 0; i < n * nb; ++i) {
+    const float* xb = x + i * 32;
+    float amax = 0.f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    float dd = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t s = 0;
+    for (int j = 0; j < 32; ++j) { int32_t v = static_cast<int32_t>(std::nearbyint(xb[j] * id)); q[i * 32 + j] = static_cast<int8_t>(v); s += v; }
+    d[i] = dd; qsum[i] = dd * static_cast<float>(s);
+  }
+}
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+static inline float hsum8(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+static float i4_row_avx2(const uint8_t* w, const uint16_t* s, const uint8_t* z, const int8_t* q, const float* d,
+                         const float* gsum, int64_t groups, int64_t bpg, float* sf, float* ds) {
+  // the groups' scales as fp32 and the zero-point correction sum_g s_g z_g gsum_g, 8 groups at a time
+  __m256 cv = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) {
+    __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + g)));
+    __m256 zv = z ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + g))))
+                  : _mm256_set1_ps(8.f);
+    cv = _mm256_fmadd_ps(_mm256_mul_ps(sv, zv), _mm256_loadu_ps(gsum + g), cv);
+    _mm256_storeu_ps(sf + g, sv);
+  }
+  float corr = hsum8(cv);
+  for (; g < groups; ++g) { float sg = _cvtsh_ss(s[g]); sf[g] = sg; corr += sg * static_cast<float>(z ? z[g] : 8) * gsum[g]; }
+  int64_t nb = groups * bpg;
+  if (bpg == 1) for (int64_t b = 0; b < nb; ++b) ds[b] = d[b] * sf[b];
+  else for (int64_t b = 0; b < nb; ++b) ds[b] = d[b] * sf[b / bpg];
+  // blocks two at a time into two accumulators (independent FMA chains)
+  const __m128i m4 = _mm_set1_epi8(15);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16));
+    __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16 + 16));
+    __m256i u0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(r0, 4), m4), _mm_and_si128(r0, m4));
+    __m256i u1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(r1, 4), m4), _mm_and_si128(r1, m4));
+    __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 32))), ones);
+    __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 32 + 32))), ones);
+    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(ds[b]), a0);
+    a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(ds[b + 1]), a1);
+  }
+  for (; b < nb; ++b) {
+    __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16));
+    __m256i u0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(r0, 4), m4), _mm_and_si128(r0, m4));
+    __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 32))), ones);
+    a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(ds[b]), a0);
+  }
+  return hsum8(_mm256_add_ps(a0, a1)) - corr;
+}
+#endif
+
+static float i4_row_scalar(const uint8_t* w, const c10::Half* s, const uint8_t* z, const int8_t* q, const float* d,
+                           const float* gsum, int64_t groups, int64_t bpg) {
+  float acc = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    float accg = 0.f;
+    for (int64_t k = 0; k < bpg; ++k) {
+      int64_t b = g * bpg + k;
+      accg += d[b] * static_cast<float>(i4_block_dot_scalar(w + b * 16, q + b * 32));
+    }
+    float sg = static_cast<float>(s[g]);
+    acc += sg * (accg - static_cast<float>(z ? z[g] : 8) * gsum[g]);
+  }
+  return acc;
+}
+
+// x (n, cols) float; packed (rows, cols / 2) uint8 (int4_repack's order); scale (rows, groups) fp16;
+// zero (rows, groups) uint8 or empty (symmetric); path: 0 the best this build has, 1 scalar. fp32 out.
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor zero, int64_t path) {
+  TORCH_CHECK(x.is_cpu() && packed.is_cpu() && scale.is_cpu() && zero.is_cpu(), "int4_linear runs on CPU tensors");
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && scale.scalar_type() == torch::kHalf, "int4_linear: uint8 codes, fp16 scales");
+  TORCH_CHECK(x.dim() == 2, "the input is (rows, columns)");
+  if (x.scalar_type() != torch::kFloat32 || !x.is_contiguous()) x = x.to(torch::kFloat32).contiguous();
+  int64_t n = x.size(0), cols = x.size(1), rows = packed.size(0), groups = scale.size(1);
+  TORCH_CHECK(packed.is_contiguous() && scale.is_contiguous() && zero.is_contiguous(), "int4_linear: contiguous weights");
+  TORCH_CHECK(cols % 32 == 0 && packed.size(1) * 2 == cols && scale.size(0) == rows && groups > 0 && cols % groups == 0
+              && (cols / groups) % 32 == 0, "int4_linear: shapes do not match");
+  bool asym = zero.numel() > 0;
+  TORCH_CHECK(!asym || (zero.scalar_type() == torch::kUInt8 && zero.size(0) == rows && zero.size(1) == groups), "int4_linear: zero-points");
+  int64_t nb = cols / 32, bpg = nb / groups;
+  std::vector<int8_t> q(n * cols);
+  std::vector<float> d(n * nb), qs(n * nb), gsum(n * groups, 0.f);  // gsum: sum of d_b * sum(q)_b per group
+  quantize_rows_q8(x.data_ptr<float>(), n, cols, q.data(), d.data(), qs.data());
+  for (int64_t i = 0; i < n * nb; ++i) gsum[i / bpg] += qs[i];
+  auto y = torch::empty({n, rows}, torch::kFloat32);
+  const uint8_t* wp = packed.data_ptr<uint8_t>(); const c10::Half* sp = reinterpret_cast<const c10::Half*>(scale.data_ptr());
+  const uint8_t* zp = asym ? zero.data_ptr<uint8_t>() : nullptr;
+  const int8_t* qp = q.data(); const float* dp = d.data(); const float* gp = gsum.data();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, rows, 32, [&](int64_t r0, int64_t r1) {
+    std::vector<float> scratch(groups + nb);  // the row's scales as fp32, and d_b * s_g per block
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* w = wp + r * cols / 2; const c10::Half* s = sp + r * groups; const uint8_t* z = zp ? zp + r * groups : nullptr;
+      for (int64_t i = 0; i < n; ++i) {
+        const int8_t* qi = qp + i * cols; const float* di = dp + i * nb; const float* gi = gp + i * groups;
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+        if (path == 0) {
+          yp[i * rows + r] = i4_row_avx2(w, reinterpret_cast<const uint16_t*>(s), z, qi, di, gi, groups, bpg, scratch.data(), scratch.data() + groups);
+          continue;
+        }
+#endif
+        yp[i * rows + r] = i4_row_scalar(w, s, z, qi, di, gi, groups, bpg);
+      }
+    }
+  });
+  return y;
+}
+
+// ---- int8 weights times int8 activations (llama.cpp's q8_0 x q8_0) -----------------------------------------
+// codes (rows, cols) int8, one fp16 scale per group of g columns (g a multiple of 32): w = code * s.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+static float i8_row_avx2(const int8_t* w, const uint16_t* s, const int8_t* q, const float* d, int64_t groups, int64_t bpg) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 accg = _mm256_setzero_ps();
+    for (int64_t k = 0; k < bpg; ++k) {
+      int64_t b = g * bpg + k;
+      __m256i ww = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 32));
+      __m256i qq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 32));
+      // maddubs takes unsigned x signed: |w| times q carrying w's sign (w = -128 never occurs: codes are symmetric)
+      __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(ww, ww), _mm256_sign_epi8(qq, ww)), ones);
+      accg = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d[b]), accg);
+    }
+    acc = _mm256_fmadd_ps(accg, _mm256_set1_ps(_cvtsh_ss(s[g])), acc);
+  }
+  return hsum8(acc);
+}
+#endif
+
+static float i8_row_scalar(const int8_t* w, const c10::Half* s, const int8_t* q, const float* d, int64_t groups, int64_t bpg) {
+  float acc = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    float accg = 0.f;
+    for (int64_t k = 0; k < bpg; ++k) {
+      int64_t b = g * bpg + k;
+      int32_t t = 0;
+      for (int j = 0; j < 32; ++j) t += static_cast<int32_t>(w[b * 32 + j]) * q[b * 32 + j];
+      accg += d[b] * static_cast<float>(t);
+    }
+    acc += static_cast<float>(s[g]) * accg;
+  }
+  return acc;
+}
+
+// x (n, cols) float; codes (rows, cols) int8 in [-127, 127]; scale (rows, groups) fp16; path as int4_linear.
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, int64_t path) {
+  TORCH_CHECK(x.is_cpu() && codes.is_cpu() && scale.is_cpu(), "int8_linear runs on CPU tensors");
+  TORCH_CHECK(codes.scalar_type() == torch::kInt8 && scale.scalar_type() == torch::kHalf, "int8_linear: int8 codes, fp16 scales");
+  TORCH_CHECK(x.dim() == 2, "the input is (rows, columns)");
+  if (x.scalar_type() != torch::kFloat32 || !x.is_contiguous()) x = x.to(torch::kFloat32).contiguous();
+  int64_t n = x.size(0), cols = x.size(1), rows = codes.size(0), groups = scale.size(1);
+  TORCH_CHECK(codes.is_contiguous() && scale.is_contiguous(), "int8_linear: contiguous weights");
+  TORCH_CHECK(cols % 32 == 0 && codes.size(1) == cols && scale.size(0) == rows && groups > 0 && cols % groups == 0
+              && (cols / groups) % 32 == 0, "int8_linear: shapes do not match");
+  int64_t nb = cols / 32, bpg = nb / groups;
+  std::vector<int8_t> q(n * cols);
+  std::vector<float> d(n * nb), qs(n * nb);
+  quantize_rows_q8(x.data_ptr<float>(), n, cols, q.data(), d.data(), qs.data());
+  auto y = torch::empty({n, rows}, torch::kFloat32);
+  const int8_t* wp = codes.data_ptr<int8_t>(); const c10::Half* sp = reinterpret_cast<const c10::Half*>(scale.data_ptr());
+  const int8_t* qp = q.data(); const float* dp = d.data(); float* yp = y.data_ptr<float>();
+  at::parallel_for(0, rows, 32, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int8_t* w = wp + r * cols; const c10::Half* s = sp + r * groups;
+      for (int64_t i = 0; i < n; ++i) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+        if (path == 0) { yp[i * rows + r] = i8_row_avx2(w, reinterpret_cast<const uint16_t*>(s), qp + i * cols, dp + i * nb, groups, bpg); continue; }
+#endif
+        yp[i * rows + r] = i8_row_scalar(w, s, qp + i * cols, dp + i * nb, groups, bpg);
+      }
+    }
+  });
+  return y;
+}
+
+// The weight int4_linear multiplies, as fp32 (rows, cols): for longer inputs (prefill), one matrix product.
+torch::Tensor int4_dequant(torch::Tensor packed, torch::Tensor scale, torch::Tensor zero) {
+  TORCH_CHECK(packed.is_cpu() && scale.is_cpu() && zero.is_cpu(), "int4_dequant runs on CPU tensors");
+  packed = packed.contiguous(); scale = scale.to(torch::kFloat32).contiguous(); zero = zero.contiguous();
+  int64_t rows = packed.size(0), cols = packed.size(1) * 2, groups = scale.size(1), g = cols / groups;
+  bool asym = zero.numel() > 0;
+  auto out = torch::empty({rows, cols}, torch::kFloat32);
+  const uint8_t* wp = packed.data_ptr<uint8_t>(); const float* sp = scale.data_ptr<float>();
+  const uint8_t* zp = asym ? zero.data_ptr<uint8_t>() : nullptr; float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t b = 0; b < cols / 32; ++b) {
+        const uint8_t* w = wp + r * cols / 2 + b * 16; float* o = op + r * cols + b * 32;
+        int64_t grp = b * 32 / g; float s = sp[r * groups + grp]; float z = zp ? zp[r * groups + grp] : 8.f;
+        for (int j = 0; j < 16; ++j) { o[j] = ((w[j] & 15) - z) * s; o[j + 16] = ((w[j] >> 4) - z) * s; }
+      }
+  });
+  return out;
+}
+
+// The paths this build has, best first (for tests and the benchmark).
+std::vector<std::string> int4_paths() {  // int8_linear's are the same
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  return {"avx2", "scalar"};
+#else
+  return {"scalar"};
+#endif
+}
+
 // Two codes a byte, element 2k in the low nibble, each stored as code + 8 (compressed-tensors' order; an odd
 // row is padded with 0), what ``primitives.pack_nibbles((q + 8).to(uint8))`` gives.
 static torch::Tensor pack4(const torch::Tensor& q, int64_t rows, int64_t cols) {
@@ -502,7 +733,7 @@ def build() -> Any:
         directory = _build_dir()
         _check_private(directory)
         with _locked(directory):
-            _module = load_inline(_NAME, cpp_sources=_SOURCE, functions=["nf4", "int_group", "fp8_linear", "nf4_linear"],
+            _module = load_inline(_NAME, cpp_sources=_SOURCE, functions=["nf4", "int_group", "fp8_linear", "nf4_linear", "int4_linear", "int4_dequant", "int8_linear", "int4_paths"],
                                   extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory),
                                   verbose=False)  # fmt: skip
     return _module

@@ -40,7 +40,8 @@ class QuantWeight(torch.Tensor):
     """A (out_features, in_features) weight held quantized; see the module docstring."""
 
     q: QTensor
-    kernel: str  # "int8pack", "int4pack" or "dequantize"
+    kernel: str  # "int4-codes", "int8pack", "int4pack", "fp8-codes", "nf4-codes" or "dequantize"
+    members: tuple[QuantWeight, ...] = ()  # what a joined weight (``concat``) was made of
 
     @staticmethod
     def __new__(cls, q: QTensor, dtype: torch.dtype) -> QuantWeight:
@@ -59,9 +60,17 @@ class QuantWeight(torch.Tensor):
         if self.device.type != "cpu":  # CUDA (or meta): no CPU kernel may see these tensors
             self.kernel, self._kernel_args, self.q = cuda_kernels.prepare(q, self.device)
             return
-        if fmt == "int8" and q.group_size == q.shape[-1]:
+        if fmt == "int8" and _codes_fit(q, "int8_linear"):
+            self.kernel = "int8-codes"
+            self._kernel_args = (q.parts["weight"], q.parts["scale"].reshape(q.shape[0], -1))
+        elif fmt == "int8" and q.group_size == q.shape[-1]:
             self.kernel = "int8pack"
             self._kernel_args = (q.parts["weight"], q.parts["scale"].reshape(-1).to(KERNEL_DTYPE))
+        elif fmt in ("int4", "int4-asym") and _codes_fit(q, "int4_linear"):
+            codes, zp = REGISTRY[fmt].codes(q)
+            self.kernel = "int4-codes"
+            self._kernel_args = int4_kernel_args(codes, q.parts["scale"], zp)
+            self.q = QTensor(fmt, q.shape, q.group_size, {}, q.meta)  # the repacked copy replaces the codes
         elif fmt in ("int4", "int4-asym") and q.group_size in INT4_KERNEL_GROUPS and len(q.shape) == 2:
             codes, zp = REGISTRY[fmt].codes(q)
             try:
@@ -89,6 +98,36 @@ class QuantWeight(torch.Tensor):
                 absmax = REGISTRY[fmt].absmax(q).float()  # double quantization undone once (0.5 bit/weight)
                 self.kernel = "nf4-codes"
                 self._kernel_args = (q.parts["quant_map"].float(), absmax)
+
+    @classmethod
+    def concat(cls, weights: list[QuantWeight]) -> QuantWeight | None:
+        """One weight whose rows are those of ``weights`` (q/k/v, gate/up: one kernel call serves them all),
+        made of the same bytes: each member's kernel tensors become views of the joined ones. None unless
+        all run llmctl's int4 kernel with the same groups and columns."""
+        first = weights[0]
+        if any(w.kernel != "int4-codes" for w in weights) or len({(w.q.format, w.q.group_size, w.shape[1], w.cdtype)
+                                                                   for w in weights}) != 1:  # fmt: skip
+            return None
+        joined = [
+            torch.cat(parts) if parts[0].numel() else parts[0]
+            for parts in zip(*(w._kernel_args for w in weights), strict=True)
+        ]
+        q = QTensor(
+            first.q.format,
+            (sum(w.shape[0] for w in weights), first.shape[1]),
+            first.q.group_size,
+            {},
+            first.q.meta,
+        )
+        out = cls.__new__(cls, q, first.cdtype)  # no __init__: the kernel tensors are given, not prepared
+        out.q, out.cdtype, out.kernel, out._kernel_args = q, first.cdtype, first.kernel, tuple(joined)
+        row = 0
+        for w in weights:
+            n = w.shape[0]
+            w._kernel_args = tuple(t[row : row + n] if t.numel() else t for t in joined)
+            row += n
+        out.members = tuple(weights)
+        return out
 
     @property
     def quantized_nbytes(self) -> int:
@@ -127,6 +166,10 @@ class QuantWeight(torch.Tensor):
     def dequantize(self) -> torch.Tensor:
         if self.kernel in cuda_kernels.KERNELS:
             return cuda_kernels.dequantize(self.kernel, self._kernel_args, self.q, self.cdtype)
+        if self.kernel == "int4-codes":
+            from llmctl.quant import native
+
+            return native.get().int4_dequant(*self._kernel_args).to(self.cdtype)
         if self.kernel == "int4pack":  # multiply the identity: the kernel's own dequantization
             eye = torch.eye(self.shape[-1], dtype=KERNEL_DTYPE)
             return self._int4(eye).t().to(self.cdtype).contiguous()
@@ -149,13 +192,17 @@ class QuantWeight(torch.Tensor):
         return kernels.nf4_linear(x2, self.q.parts["weight"].reshape(-1), code, absmax, rows, self.q.group_size)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kernel in _INT_KERNELS and x.numel() <= CODE_KERNEL_ROWS * x.shape[-1]:  # decode: the hot path
+            y = _INT_KERNELS[self.kernel]()(x.reshape(-1, x.shape[-1]), *self._kernel_args, 0)
+            y = y.view(*x.shape[:-1], -1) if x.dtype == torch.float32 else y.to(x.dtype).view(*x.shape[:-1], -1)
+            return y if bias is None else y + bias
         if self.kernel in cuda_kernels.KERNELS:
             y = cuda_kernels.linear(self.kernel, self._kernel_args, x)
             return y if bias is None else y + bias
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if self.kernel in ("fp8-codes", "nf4-codes") and rows <= CODE_KERNEL_ROWS:
             y = self._codes(x.reshape(-1, x.shape[-1])).to(x.dtype).reshape(*x.shape[:-1], -1)
-        elif self.kernel in ("dequantize", "fp8-codes", "nf4-codes"):
+        elif self.kernel in ("dequantize", "fp8-codes", "nf4-codes", "int4-codes", "int8-codes"):
             y = F.linear(x, self.dequantize().to(x.dtype))
         else:
             x2 = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)  # (tokens, in_features)
@@ -187,6 +234,80 @@ class QuantWeight(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
         return func(*_dense(args), **_dense(kwargs or {}))
+
+
+def _native_kernel(name: str):
+    def get():
+        from llmctl.quant import native
+
+        return getattr(native.get(), name)
+
+    return get
+
+
+# llmctl's integer decode kernels by QuantWeight.kernel (native.get() is a cached module after the first call)
+_INT_KERNELS = {"int4-codes": _native_kernel("int4_linear"), "int8-codes": _native_kernel("int8_linear")}
+
+
+def _codes_fit(q: QTensor, kernel: str) -> bool:
+    """Whether llmctl's integer kernel ``kernel`` (``native.int4_linear`` / ``int8_linear``) takes this weight:
+    2-D, rows of whole blocks of 32, groups of whole blocks, fp16 scales (what llmctl writes), the kernels
+    built."""
+    if len(q.shape) != 2 or q.shape[-1] % 32 or (q.group_size or q.shape[-1]) % 32:
+        return False
+    if q.parts["scale"].dtype != torch.float16:
+        return False
+    from llmctl.quant import native
+
+    kernels = native.get()
+    return kernels is not None and hasattr(kernels, kernel)
+
+
+def lossless_int8(w: torch.Tensor, dtype: torch.dtype) -> QuantWeight | None:
+    """``w`` (rows, cols) as int8 codes in blocks of 32 with an fp16 scale each (llama.cpp's q8_0) when that
+    loses nothing ``w`` holds — every weight within one unit in the last place of its own precision, as for
+    the embeddings of a model converted from a q8_0 GGUF — so the logits' matrix streams a quarter of the
+    fp32 bytes through ``native.int8_linear``; else None (the weight stays as it is)."""
+    if w.dim() != 2 or w.shape[1] % 32 or not w.is_floating_point() or w.device.type != "cpu":
+        return None
+    from llmctl.quant import native
+
+    kernels = native.get()
+    if kernels is None or not hasattr(kernels, "int8_linear"):
+        return None
+    rows, cols = w.shape
+    blocks = w.float().reshape(rows, cols // 32, 32)
+    scale = (blocks.abs().amax(-1, keepdim=True) / 127).to(torch.float16)
+    s = scale.float()
+    codes = torch.where(s > 0, torch.round(blocks / torch.where(s > 0, s, 1.0)), 0.0).clamp(-127, 127)
+    ulp = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}.get(w.dtype, 2.0**-23)  # relative, at most
+    if not bool(((codes * s - blocks).abs() <= blocks.abs() * ulp).all()):
+        return None
+    q = QTensor(
+        "int8",
+        (rows, cols),
+        32,
+        {"weight": codes.to(torch.int8).reshape(rows, cols), "scale": scale.reshape(rows, -1)},
+    )
+    return QuantWeight(q, dtype)
+
+
+def int4_kernel_args(
+    codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed, scale, zero) as ``native.int4_linear`` takes them, from signed codes (rows, cols) in [-8, 7],
+    scales (rows, groups) and signed zero-points (rows, groups) or None: per block of 32 columns, byte j holds
+    code j + 8 in its low nibble and code j + 16 + 8 in its high one (llama.cpp's q4 order, which the
+    kernel unpacks with one mask and one shift); fp16 scales; zero-points + 8 as uint8 (empty: symmetric)."""
+    rows, cols = codes.shape
+    u = (codes.to(torch.int16) + 8).to(torch.uint8).view(rows, cols // 32, 2, 16)
+    packed = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(rows, cols // 2).contiguous()
+    zero = (
+        torch.empty(0, dtype=torch.uint8)
+        if zp is None
+        else (zp.to(torch.int16) + 8).to(torch.uint8).contiguous()
+    )
+    return packed, scale.to(torch.float16).reshape(rows, -1).contiguous(), zero
 
 
 def _parts_device(q: QTensor) -> torch.device:
@@ -267,6 +388,7 @@ def load_quantized(folder: Path, config_json: dict[str, Any], layout: str, dtype
         return where[name].get_tensor(name)
 
     quantized = read_quantized(layout, config_json, set(where), fetch)
+    head = "model.embed_tokens.weight" if model.lm_head is None else "lm_head.weight"  # the logits' matrix
     shapes = {n: tuple(where[n].get_slice(n).get_shape()) for n in where if n not in used}
     shapes.update({n: tuple(q.shape) for n, q in quantized.items()})
     for name in check_names(model, shapes, str(folder)):
@@ -276,11 +398,16 @@ def load_quantized(folder: Path, config_json: dict[str, Any], layout: str, dtype
             delattr(module, leaf)
             q = quantized[name]
             if device.type != "cpu":  # the parts go to the device first: its kernels are chosen there
-                q = QTensor(q.format, q.shape, q.group_size, {k: v.to(device) for k, v in q.parts.items()}, q.meta)
+                q = QTensor(
+                    q.format, q.shape, q.group_size, {k: v.to(device) for k, v in q.parts.items()}, q.meta
+                )
             setattr(module, leaf, QuantWeight(q, dtype))
         else:
             t = fetch(name)
             if not t.is_floating_point():
                 raise FormatError(f"{folder}: tensor {name} is {t.dtype}, not floating point")
             assign(model, name, t.to(device=device, dtype=dtype))
-    return model.eval()  # projections stay unfused: each quantized weight runs its own kernel
+            if name == head and device.type == "cpu":
+                model.head = lossless_int8(t, dtype)
+    # q/k/v and gate/up on llmctl's int4 kernel join into one call each; other kernels stay one per weight
+    return model.fuse_projections().eval()

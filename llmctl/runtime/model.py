@@ -101,6 +101,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear`` on the rows flattened to one 2-D matrix (torch's CPU bf16 path for a 3-D input against a
     large matrix is up to ~20x slower: 9.4 s vs 0.5 s for Gemma 3's 262k-row vocabulary); a single row goes
     through ``torch.mv``, which on CPU runs bf16 GEMV ~1.5x faster."""
+    if type(weight) is not torch.Tensor and hasattr(weight, "q"):  # quantized (llmctl.quant.qlinear): its kernel
+        return weight.linear(x, bias)
     if x.numel() != x.shape[-1]:
         return F.linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], -1)
     y = torch.mv(weight, x.reshape(-1))
@@ -110,9 +112,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 @torch.no_grad()
-def fuse(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+def fuse(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """Stack the weights (and biases) of ``linears`` into one matrix and make each module's parameters
-    views of it: one matmul serves all of them, and their names and state dict stay as they were."""
+    views of it: one matmul serves all of them, and their names and state dict stay as they were.
+    Quantized weights (llmctl.quant.qlinear) join through their own ``concat`` (None where they cannot)."""
+    kinds = {type(m.weight) for m in linears}
+    if len(kinds) > 1:  # some quantized, some kept: each runs on its own
+        return None
+    concat = getattr(kinds.pop(), "concat", None)
+    if concat is not None:
+        joined = concat([m.weight for m in linears])
+        if joined is None:
+            return None
+        return joined, torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
     weight = torch.cat([m.weight for m in linears])
     bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
     row = 0
@@ -130,9 +142,17 @@ def fused_linear(
 ) -> torch.Tensor:
     """The outputs of ``linears`` concatenated: one matmul while ``fused`` still backs their weights
     (``model.to(...)`` replaces them, and then each runs on its own)."""
-    if fused is not None and fused[0].data_ptr() == linears[0].weight.data_ptr():
+    if fused is not None and _backs(fused[0], linears[0].weight):
         return linear(x, *fused)
     return torch.cat([linear(x, m.weight, m.bias) for m in linears], dim=-1)
+
+
+def _backs(joined: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``joined`` (from ``fuse``) still holds ``weight``: ``model.to(...)`` replaces the parameters."""
+    members = getattr(joined, "members", None)
+    if members:
+        return members[0] is weight
+    return joined.data_ptr() == weight.data_ptr()
 
 
 class Attention(nn.Module):
@@ -285,6 +305,9 @@ class Transformer(nn.Module):
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_len, self._rope_key = 0, None
         self._embed_scale = 1.0
+        # What the logits multiply instead of the embeddings / lm_head weight, when a loader finds a cheaper
+        # exact form of it (llmctl.quant.qlinear.lossless_int8); None: the weight itself.
+        self.head: torch.Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -390,6 +413,8 @@ class Transformer(nn.Module):
             x = x[:, -1:]  # (B, 1, hidden)
         x = self.model.norm(x)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.head is not None and x.shape[1] * x.shape[0] <= 8:  # decode steps; prefill keeps the weight
+            weight = self.head
         logits = linear(x, weight)  # (B, T, vocab)
         cap = self.config.final_logit_softcapping
         if cap is not None:
