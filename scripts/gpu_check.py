@@ -175,7 +175,7 @@ def quantized_formats(src: Path, workdir: Path, jobs: dict) -> None:
     from llmctl.runtime.loader import load_model
 
     g = torch.Generator().manual_seed(1)
-    base = load_model(src, device=DEVICE)  # auto dtype, as the quantized folders get
+    base = load_model(src, dtype="bf16", device=DEVICE)  # the GGUF's weights as the bf16 folder holds them
     tokens = torch.randint(0, base.config.vocab_size, (1, PROMPT), generator=g).to(DEVICE)
     prompt = tokens[0, :32].tolist()
     for fmt in QUANT_FORMATS:
@@ -186,8 +186,10 @@ def quantized_formats(src: Path, workdir: Path, jobs: dict) -> None:
             last = ((e.stderr or "").strip().splitlines() or ["(no message)"])[-1][:60]
             row("quantize", "smollm2-135m", fmt, last, "runs", False)
             continue
-        model = load_model(out, device=DEVICE)  # auto dtype: bf16 on compute capability >= 8.0, else fp16
-        reference = base if fmt == "bf16" else dense_copy(load_model(out, device=DEVICE))
+        if fmt == "bf16":  # a conversion: the same numbers as the GGUF loaded in bf16
+            model, reference = load_model(out, dtype="bf16", device=DEVICE), base
+        else:  # auto dtype: bf16 on compute capability >= 8.0, else fp16
+            model, reference = load_model(out, device=DEVICE), dense_copy(load_model(out, device=DEVICE))
         with torch.no_grad():
             e = rel(model(tokens).float(), reference(tokens).float())
         limit = QUANT_LIMITS.get(fmt, 2e-2)
