@@ -340,6 +340,9 @@ class Transformer(nn.Module):
         return self
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), .cuda() … replace every parameter
+        if self.head is not None:  # the int8 head is a CPU kernel's form of the weight: elsewhere, the weight
+            if fn(torch.empty(0, device=self.head.device)).device.type != "cpu":
+                self.head = None
         moved = self._moved_quant_weights(fn)  # first: a weight that cannot move fails before anything moved
         fused = any(layer.self_attn.qkv is not None for layer in self.model.layers)
         for layer in self.model.layers:
