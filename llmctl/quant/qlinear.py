@@ -3,16 +3,22 @@ them directly.
 
 ``QuantWeight`` is a tensor subclass (the approach of torchao's quantized tensors) that stands in for a
 linear layer's ``weight``: it has the weight's shape and compute dtype but holds only the quantized parts.
-``F.linear`` and ``torch.mv`` on it run a quantized kernel where torch has one on CPU —
-``aten._weight_int8pack_mm`` for int8 with one scale per row, ``aten._weight_int4pack_mm_for_cpu`` for
-int4 (symmetric or with zero-points) in groups of 32/64/128/256, both in bf16. fp8 and NF4 weights, which
-torch has no CPU kernel for, multiply a few rows (decoding) through llmctl's optional C++ kernels on the
-stored codes (``llmctl.quant.native.fp8_linear`` / ``nf4_linear``) when they are built, and otherwise — and
-for longer inputs (prefill), and int8 in groups — dequantize the weight for that call only. On CUDA a
+``F.linear`` and ``torch.mv`` on it (and ``runtime.model.linear``, which calls ``linear`` directly) run a
+quantized kernel. Decode steps (up to ``CODE_KERNEL_ROWS`` rows) on CPU:
+
+* int4 / int4-asym and int8 whose rows and groups are whole blocks of 32 (and whose scales are fp16, as
+  llmctl writes them): llmctl's integer kernels (``native.int4_linear`` / ``int8_linear``: int8 activations
+  in blocks of 32, integer dot products, llama.cpp's scheme), int4 codes repacked once at load;
+* fp8 and NF4: llmctl's C++ kernels on the stored codes (``native.fp8_linear`` / ``nf4_linear``);
+* without the C++ build: torch's ``aten._weight_int8pack_mm`` (int8 per row) and
+  ``aten._weight_int4pack_mm_for_cpu`` (int4 in groups of 32/64/128/256), in bf16.
+
+Longer inputs (prefill), and whatever no kernel takes, dequantize the weight for that call only. On CUDA a
 weight runs the kernels of ``llmctl.quant.cuda_kernels`` instead (CPU kernels never see CUDA tensors), and
-``.to()`` / ``model.to()`` move it, its kernels prepared again for the new device. Any other
-operation sees the dequantized weight. So
-``runtime/model.py`` runs unchanged; ``load_quantized`` puts these in place of the parameters.
+``.to()`` / ``model.to()`` move it, its kernels prepared again for the new device. Any other operation
+sees the dequantized weight. So ``runtime/model.py`` runs unchanged; ``load_quantized`` puts these in place
+of the parameters, joins q/k/v and gate/up where the kernel allows (``concat``) and, where it is exact,
+gives the model an int8 form of its logits' matrix (``lossless_int8``).
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ class QuantWeight(torch.Tensor):
     """A (out_features, in_features) weight held quantized; see the module docstring."""
 
     q: QTensor
-    kernel: str  # "int4-codes", "int8pack", "int4pack", "fp8-codes", "nf4-codes" or "dequantize"
+    kernel: str  # "int4-codes", "int8-codes", "int8pack", "int4pack", "fp8-codes", "nf4-codes", "dequantize"
+    # (or one of llmctl.quant.cuda_kernels.KERNELS on CUDA)
     members: tuple[QuantWeight, ...] = ()  # what a joined weight (``concat``) was made of
 
     @staticmethod
@@ -276,20 +283,19 @@ def lossless_int8(w: torch.Tensor, dtype: torch.dtype) -> QuantWeight | None:
     if kernels is None or not hasattr(kernels, "int8_linear"):
         return None
     rows, cols = w.shape
-    blocks = w.float().reshape(rows, cols // 32, 32)
-    scale = (blocks.abs().amax(-1, keepdim=True) / 127).to(torch.float16)
-    s = scale.float()
-    codes = torch.where(s > 0, torch.round(blocks / torch.where(s > 0, s, 1.0)), 0.0).clamp(-127, 127)
     ulp = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}.get(w.dtype, 2.0**-23)  # relative, at most
-    if not bool(((codes * s - blocks).abs() <= blocks.abs() * ulp).all()):
-        return None
-    q = QTensor(
-        "int8",
-        (rows, cols),
-        32,
-        {"weight": codes.to(torch.int8).reshape(rows, cols), "scale": scale.reshape(rows, -1)},
-    )
-    return QuantWeight(q, dtype)
+    codes = torch.empty(rows, cols, dtype=torch.int8)
+    scale = torch.empty(rows, cols // 32, dtype=torch.float16)
+    for r in range(0, rows, 4096):  # in slices: fp32 temporaries of a 262k-row vocabulary would be gigabytes
+        blocks = w[r : r + 4096].float().reshape(-1, cols // 32, 32)
+        sc = (blocks.abs().amax(-1, keepdim=True) / 127).to(torch.float16)
+        s = sc.float()
+        c = torch.where(s > 0, torch.round(blocks / torch.where(s > 0, s, 1.0)), 0.0).clamp(-127, 127)
+        if not bool(((c * s - blocks).abs() <= blocks.abs() * ulp).all()):
+            return None
+        codes[r : r + 4096] = c.reshape(-1, cols).to(torch.int8)
+        scale[r : r + 4096] = sc.reshape(-1, cols // 32)
+    return QuantWeight(QTensor("int8", (rows, cols), 32, {"weight": codes, "scale": scale}), dtype)
 
 
 def int4_kernel_args(
