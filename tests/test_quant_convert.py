@@ -119,7 +119,9 @@ def test_recipe_keep_override_and_skip(llama, tmp_path):
 @pytest.mark.parametrize(
     "kwargs,error,message",
     [
-        ({"fmt": "q4_k"}, QuantError, "q4_k is a GGUF type — use llama.cpp's llama-quantize"),
+        ({"fmt": "q4_k"}, QuantError, "q4_k is a GGUF type llmctl does not write; GGUF files take f32, "),
+        ({"fmt": "q4_k_m"}, QuantError, r"q4_k_m is a GGUF type: write a GGUF file with --out NAME.gguf"),
+        ({"fmt": "q4_0"}, QuantError, r"q4_0 is a GGUF type: write a GGUF file with --out NAME.gguf"),
         ({"fmt": "int3"}, QuantError, "unknown weight format 'int3'"),
         ({"fmt": "int8", "symmetric": False}, QuantError, "--asymmetric applies to int4 only"),
         ({"fmt": "fp8", "fp8": "e5m2", "layout": "compressed-tensors"}, QuantError, "layout compressed-tensors cannot hold fp8 e5m2"),

@@ -149,15 +149,18 @@ def parse_group_size(value: str | int | None) -> int | str | None:
 
 def resolve_format(fmt: str, symmetric: bool | None) -> str:
     name = fmt.lower()
-    if name not in REGISTRY:
-        from llmctl.quant.formats import get_format
-
-        get_format(name)  # QuantError listing the known formats
     if name not in WRITABLE:
-        raise QuantError(
-            f"llmctl quantize writes {', '.join(WRITABLE)}; {name} is a GGUF type — use llama.cpp's "
-            "llama-quantize for GGUF files"
-        )
+        from llmctl.quant.formats import get_format
+        from llmctl.quant.gguf_out import LLAMA_MIXES, PY_TYPES
+        from llmctl.quant.recipes import GGUF_MIXES
+
+        folders = f"safetensors folders take {', '.join(WRITABLE)}"
+        if name in PY_TYPES or name in LLAMA_MIXES:
+            raise QuantError(f"{name} is a GGUF type: write a GGUF file with --out NAME.gguf (or --layout gguf); {folders}")
+        if name in REGISTRY or name in GGUF_MIXES:
+            gguf = ", ".join(dict.fromkeys([*PY_TYPES, *LLAMA_MIXES]))
+            raise QuantError(f"{name} is a GGUF type llmctl does not write; GGUF files take {gguf}; {folders}")
+        get_format(name)  # QuantError listing the known formats
     if symmetric is False:
         if name == "int4":
             return "int4-asym"

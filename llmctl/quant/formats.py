@@ -104,8 +104,8 @@ class WeightFormat:
 def _writable_hint() -> str:
     names = ", ".join(n for n, f in REGISTRY.items() if f.can_quantize)
     return (
-        f"formats llmctl quantizes to: {names} (GGUF types and mixes are written by llama.cpp's "
-        "llama-quantize)"
+        f"formats llmctl quantizes to: {names} (GGUF types and mixes: as GGUF files, "
+        "`llmctl quantize --out NAME.gguf`)"
     )
 
 
