@@ -40,7 +40,7 @@ def chat(
     ),
     device: str = typer.Option(None, "--device", help="torch: auto, cpu, cuda, cuda:N, mps."),
     dtype: str = typer.Option(None, "--dtype", help="torch compute dtype: fp32, bf16, fp16 (default: fp32 on CPU, bf16/fp16 on GPU)."),
-    threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: torch's choice; llama.cpp: all cores)."),
+    threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: the physical cores other processes leave idle, by the load average; shown on start)."),
     temperature: float = typer.Option(0.8, "--temperature", "--temp", help="0 = greedy."),
     top_k: int = typer.Option(40, "--top-k", help="Keep the k most likely tokens (0 = off)."),
     top_p: float = typer.Option(0.95, "--top-p", help="Keep the most likely tokens up to this mass (1 = off)."),

@@ -47,7 +47,7 @@ def eval_(
     ),
     device: str = typer.Option(None, "--device", help="torch: auto, cpu, cuda[:N], mps."),
     dtype: str = typer.Option(None, "--dtype", help="torch: fp32, bf16, fp16.  [default: fp32 on CPU]"),
-    threads: int = typer.Option(None, "--threads", "-t", help="CPU threads."),
+    threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: the physical cores other processes leave idle, by the load average)."),
     batch_size: int = typer.Option(None, "--batch-size", help="torch: windows per forward.  [default: auto]"),
     json_: bool = typer.Option(False, "--json", help="Print one JSON object instead of the report."),
 ) -> None:

@@ -739,22 +739,25 @@ def open_scorer(
     batch_size: int | None = None,
 ) -> tuple[Any, str]:
     """(scorer, device label) for a resolved model source."""
-    from llmctl.runtime.device import set_threads
+    from llmctl.runtime.device import choose_threads, set_threads
 
     if backend == "llama.cpp":
         if not source.is_gguf:
             raise UsageError(f"{source.spec}: the llama.cpp backend runs GGUF files; use --backend torch")
         if dtype not in (None, "auto"):
             raise UsageError("--dtype applies to the torch backend; llama.cpp runs the GGUF as stored")
+        threads, why = choose_threads(threads)
         scorer = LlamaCppScorer(source.path, context, threads, device=device)
         where = "gpu (all layers offloaded)" if scorer.n_gpu_layers else "cpu"
-        return scorer, f"{where} ({threads or 'default'} threads)"
+        return scorer, f"{where} ({threads} threads: {why})"
     from llmctl.runtime.device import describe
     from llmctl.runtime.loader import load_model
 
+    threads, why = choose_threads(threads)
     set_threads(threads)
     model = load_model(source.path, dtype=dtype, device=device)
-    return TorchScorer(model, batch_size), describe(model.device, model.dtype)
+    label = describe(model.device, model.dtype)
+    return TorchScorer(model, batch_size), label + (f", threads: {why}" if model.device.type == "cpu" else "")
 
 
 def check_same_tokenizer(tok: Any, base_tok: Any, windows: Sequence[Window], build: Callable) -> None:

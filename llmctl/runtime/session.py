@@ -225,7 +225,7 @@ def load_backend(
     threads: int | None = None,
 ) -> tuple[Backend, str]:
     """Resolve MODEL, pick and load the backend; returns it and a line saying which and why."""
-    from llmctl.runtime.device import set_threads
+    from llmctl.runtime.device import choose_threads, set_threads
     from llmctl.sources import resolve
 
     if backend not in BACKENDS:
@@ -260,16 +260,18 @@ def load_backend(
             )
         from llmctl.runtime.llamacpp import LlamaCppBackend
 
+        threads, why_threads = choose_threads(threads)
         b: Backend = LlamaCppBackend(source.path, context, threads=threads, device=device)
     else:
         from llmctl.runtime.loader import load_model
         from llmctl.runtime.tokenizer import load_tokenizer
 
+        threads, why_threads = choose_threads(threads)
         set_threads(threads)
         tokenizer = load_tokenizer(source.path)
         model = load_model(source.path, dtype=dtype, device=device)
         b = TorchBackend(model, tokenizer, context)
-    return b, f"backend: {b.describe()} ({why}); context {context} tokens"
+    return b, f"backend: {b.describe()} ({why}); context {context} tokens; threads: {why_threads}"
 
 
 # ---- stop strings ----------------------------------------------------------------------------------
