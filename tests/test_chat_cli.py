@@ -101,11 +101,34 @@ def test_template_override_and_sandbox(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_model_without_template_uses_the_fallback_with_a_notice() -> None:
-    p = run("gemma3-270m", *FAST, "--prompt", "Hello")
+def test_model_without_template_chats_with_the_fallback_on_request() -> None:
+    p = run("gemma3-270m", *FAST, "--chat", "--prompt", "Hello")
     assert p.returncode == 0, p.stderr
     assert "the model has no chat template; using the ChatML fallback" in p.stderr
     assert "<|im_end|>" not in p.stdout
+
+
+@pytest.mark.slow
+def test_a_base_model_continues_the_prompt_in_completion_mode() -> None:
+    """Gemma-3-270M base has no chat template: the fallback's stop marker came first and the reply was
+    empty (issue 19, item 2). Without a template, chat continues the prompt as text and says so."""
+    p = run("gemma3-270m", *FAST, "--temperature", "0", "--json", "--prompt", "The capital of France is")
+    assert p.returncode == 0, p.stderr
+    assert "note: completion mode (the model has no chat template)" in p.stderr
+    data = json.loads(p.stdout)
+    assert data["mode"] == "completion" and data["completion_tokens"] > 3 and data["reply"].strip()
+    assert data["prompt_tokens"] <= 8  # the text and BOS, no template around it
+    raw = run(*FAST, "--raw", "--temperature", "0", "--json", "--prompt", "Once upon a time")  # SmolLM2 has one
+    assert raw.returncode == 0, raw.stderr
+    assert "note: completion mode (--raw)" in raw.stderr and json.loads(raw.stdout)["mode"] == "completion"
+    chat = run(*FAST, "--json", "--prompt", "Once upon a time")
+    assert json.loads(chat.stdout)["mode"] == "chat" and "completion mode" not in chat.stderr
+
+
+def test_raw_excludes_a_template(tmp_path: Path) -> None:
+    (tmp_path / "t.jinja").write_text("{{ messages[0]['content'] }}")
+    one_line_error(run("--raw", "--template", str(tmp_path / "t.jinja"), "--prompt", "hi"), "--raw (completion mode) excludes")
+    one_line_error(run("--raw", "--chat", "--prompt", "hi"), "--raw (completion mode) excludes")
 
 
 @pytest.mark.slow

@@ -279,6 +279,17 @@ def test_template_override_fallback_and_sandbox(llama_backend) -> None:
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     )
     assert set(FALLBACK_STOPS) == {"<|im_end|>", "<|im_start|>"}
+    # Completion mode: the system text, then each turn as written, no template; no fallback stops.
+    s = Session(llama_backend, GREEDY, system="A story.", completion=True)
+    assert not s.uses_fallback_template and s.template_name == "none (completion)"
+    turns = [{"role": "system", "content": "A story."}, {"role": "user", "content": "Once upon"},
+             {"role": "assistant", "content": " a time"}, {"role": "user", "content": " there was"}]  # fmt: skip
+    tok = s.tokenizer
+    assert s.encode(turns) == tok.encode("A story.\n\nOnce upon a time there was", add_bos=tok.add_bos_default)
+    reply = s.complete("Once upon a time")
+    assert reply.completion_tokens > 0 and s.stats()["template"] == "none (completion)"
+    with pytest.raises(UsageError, match="a chat template and completion mode exclude each other"):
+        Session(llama_backend, GREEDY, template=custom, completion=True)
 
 
 @pytest.mark.slow

@@ -54,6 +54,8 @@ def chat(
     stop: list[str] = typer.Option(None, "--stop", help="Stop the reply at this text (repeatable)."),
     system: str = typer.Option(None, "--system", "-s", help="System prompt."),
     template: Path = typer.Option(None, "--template", help="Jinja chat template file to use instead of the model's."),
+    raw: bool = typer.Option(False, "--raw", help="Completion mode: continue the prompt as plain text, no chat template (the default for models without one)."),
+    chat_mode: bool = typer.Option(False, "--chat", help="Chat even when the model has no chat template (with the ChatML fallback)."),
     prompt: str = typer.Option(None, "--prompt", "-p", help="One-shot: reply to this and exit."),
     json_: bool = typer.Option(False, "--json", help="One-shot: print one JSON object (reply, counts, timings)."),
 ) -> None:
@@ -85,11 +87,21 @@ def chat(
     if prompt is not None and not prompt.strip():
         raise UsageError("--prompt is empty; pass the text to reply to")
 
+    if raw and (chat_mode or template is not None):
+        raise UsageError("--raw (completion mode) excludes --chat and --template; pass one of them")
     engine, line = load_backend(model, backend, context=context, device=device, dtype=dtype, threads=threads)
     try:
-        session = Session(engine, options, system=system, template=template_text)
+        has_template = template_text is not None or bool((engine.tokenizer.chat_template or "").strip())
+        completion = raw or (not has_template and not chat_mode)
+        session = Session(engine, options, system=system, template=template_text, completion=completion)
         render.chat_notice(line)
-        if session.uses_fallback_template:
+        if completion:
+            why = "--raw" if raw else "the model has no chat template"
+            render.chat_notice(
+                f"note: completion mode ({why}): the prompt is continued as plain text; "
+                + ("drop --raw to chat" if raw else "pass --chat for the ChatML fallback, or --template FILE")
+            )
+        elif session.uses_fallback_template:
             render.chat_notice(
                 "note: the model has no chat template; using the ChatML fallback "
                 "(<|im_start|>role … <|im_end|>); pass --template FILE for another"
@@ -134,7 +146,12 @@ def _one_shot(session: Any, prompt: str, as_json: bool, model: str | None) -> No
         from llmctl.sources import resolve
 
         render.print_json(
-            {"model": resolve(model).display, "backend": session.backend.name, **reply.to_dict()}
+            {
+                "model": resolve(model).display,
+                "backend": session.backend.name,
+                "mode": "completion" if session.completion else "chat",
+                **reply.to_dict(),
+            }
         )
     else:
         render.reply_end(reply, stats=False)

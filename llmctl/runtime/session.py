@@ -332,8 +332,15 @@ class Session:
         *,
         system: str | None = None,
         template: str | None = None,
+        completion: bool = False,
     ) -> None:
+        """``completion``: no chat template — the prompt (the system text, then each message and reply in
+        turn, as written) is continued as plain text, as a base model is meant to be used."""
         from llmctl.runtime.chat_template import ChatTemplate
+
+        if completion and template is not None:
+            raise UsageError("a chat template and completion mode exclude each other; drop --template or --raw")
+        self.completion = completion
 
         self.backend = backend
         self.tokenizer = backend.tokenizer
@@ -350,7 +357,13 @@ class Session:
     # ---- settings ------------------------------------------------------------------------------
     @property
     def uses_fallback_template(self) -> bool:
-        return self.template.is_fallback
+        return self.template.is_fallback and not self.completion
+
+    @property
+    def template_name(self) -> str:
+        if self.completion:
+            return "none (completion)"
+        return "ChatML fallback" if self.uses_fallback_template else "the model's"
 
     def set_option(self, name: str, value: Any) -> None:
         self.options = self.options.with_(**{name: value})
@@ -375,6 +388,9 @@ class Session:
     def encode(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """The conversation's token ids with the generation prompt (BOS as ``Tokenizer.encode_chat``)."""
         tok = self.tokenizer
+        if self.completion:  # the text itself: the system text as its first paragraph, then each turn as written
+            head = [m["content"] + "\n\n" if m["role"] == "system" else m["content"] for m in messages]
+            return tok.encode("".join(head), add_bos=tok.add_bos_default)
         text = self.template.render(
             messages, add_generation_prompt=True, bos_token=tok.bos_token or "", eos_token=tok.eos_token or ""
         )
@@ -534,7 +550,7 @@ class Session:
             "kv_cache_bytes": self.backend.kv_bytes(),
             **self.totals,
             "seed": self.seed,
-            "template": "ChatML fallback" if self.uses_fallback_template else "the model's",
+            "template": self.template_name,
             "options": self.options.to_dict(),
             "last": self.last.to_dict() if self.last else None,
         }
