@@ -188,9 +188,13 @@ def resolve(spec: str | None, *, need_weights: bool = True, allow_config: bool =
         and path.suffix.lower() not in (".gguf", ".json", *PICKLE_SUFFIXES)
     ):
         return _hub(spec, m["repo"], m["rev"], need_weights=need_weights)
+    import difflib
+
+    near = difflib.get_close_matches(spec.lower(), BUNDLED, n=1, cutoff=0.75)
+    hint = f"; did you mean {near[0]}?" if near else ""
     raise SourceError(
         f"MODEL {spec!r} not found: it is not an existing file or folder, a bundled model "
-        f"({', '.join(BUNDLED)}) or a hub id like org/name[@revision]"
+        f"({', '.join(BUNDLED)}) or a hub id like org/name[@revision]{hint}"
     )
 
 

@@ -32,6 +32,18 @@ def test_help_lists_commands() -> None:
         assert cmd in p.stdout
 
 
+@pytest.mark.parametrize("cmd", ["estimate-memory", "quantize", "chat", "eval"])
+def test_help_keeps_bracketed_text(cmd: str) -> None:
+    """Help is plain text: rich markup used to eat ``org/name[@rev]`` and every ``[default: …]``."""
+    p = run(cmd, "--help")
+    assert p.returncode == 0 and "[default:" in p.stdout and "org/name[@rev]" in p.stdout
+
+
+def test_a_misspelt_bundled_name_gets_a_suggestion() -> None:
+    assert_one_line_error(run("chat", "smolm2-135m", "--prompt", "hi"), "did you mean smollm2-135m?")
+    assert_one_line_error(run("eval", "gema3-270m", "--data", "sotu"), "did you mean gemma3-270m?")
+
+
 def test_version() -> None:
     p = run("--version")
     assert p.returncode == 0 and p.stdout.strip() == f"llmctl {llmctl.__version__}"
