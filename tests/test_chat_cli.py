@@ -125,6 +125,15 @@ def test_a_base_model_continues_the_prompt_in_completion_mode() -> None:
     assert json.loads(chat.stdout)["mode"] == "chat" and "completion mode" not in chat.stderr
 
 
+@pytest.mark.slow
+def test_an_empty_reply_still_ends_its_line() -> None:
+    """The reply stops at once (the stop string is its first character): stdout is one newline, so the
+    shell's prompt starts on a line of its own."""
+    p = run(*FAST, "--raw", "--temperature", "0", "--stop", " ", "--prompt", "The capital of France is")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "\n"
+
+
 def test_raw_excludes_a_template(tmp_path: Path) -> None:
     (tmp_path / "t.jinja").write_text("{{ messages[0]['content'] }}")
     one_line_error(run("--raw", "--template", str(tmp_path / "t.jinja"), "--prompt", "hi"), "--raw (completion mode) excludes")

@@ -44,6 +44,12 @@ def test_a_misspelt_bundled_name_gets_a_suggestion() -> None:
     assert_one_line_error(run("eval", "gema3-270m", "--data", "sotu"), "did you mean gemma3-270m?")
 
 
+def test_quantize_without_a_model_says_which_it_takes() -> None:
+    p = run("quantize", "-f", "int8", "--dry-run", "--json")
+    assert p.returncode == 0, p.stderr
+    assert "no MODEL given: quantizing the bundled smollm2-135m" in p.stderr
+
+
 def test_version() -> None:
     p = run("--version")
     assert p.returncode == 0 and p.stdout.strip() == f"llmctl {llmctl.__version__}"

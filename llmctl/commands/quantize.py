@@ -76,6 +76,10 @@ def quantize(
 ) -> None:
     """Quantize a model's linear weights and write a folder that vLLM, transformers and llmctl load, or a
     GGUF file (--out X.gguf) that llama.cpp loads."""
+    if model is None:
+        from llmctl.sources import DEFAULT_MODEL
+
+        render.notice(f"no MODEL given: quantizing the bundled {DEFAULT_MODEL}")
     if layout == "gguf" or (out is not None and out.suffix == ".gguf"):
         given = {"--group-size": group_size, "--symmetric/--asymmetric": symmetric, "--keep": keep,
                  "--skip-indivisible": skip_indivisible or None, "--method": method}  # fmt: skip

@@ -334,7 +334,7 @@ def reply_piece(text: str) -> None:
 
 def reply_end(reply: Any, *, stats: bool) -> None:
     """End the streamed reply's line; in the REPL add a dim line with tokens, TTFT and tokens/s."""
-    if reply.text and not reply.text.endswith("\n"):
+    if not reply.text.endswith("\n"):  # an empty reply too: the shell prompt starts on a line of its own
         sys.stdout.write("\n")
     sys.stdout.flush()
     if reply.finish_reason == "interrupted":
