@@ -134,6 +134,25 @@ def test_an_empty_reply_still_ends_its_line() -> None:
     assert p.stdout == "\n"
 
 
+def test_set_errors_name_the_repl_command() -> None:
+    from types import SimpleNamespace
+
+    from llmctl.commands.chat import _command
+    from llmctl.errors import UsageError
+    from llmctl.runtime.sampler import SamplingOptions
+
+    class Fake(SimpleNamespace):
+        def set_option(self, name, value):
+            self.options = self.options.with_(**{name: value})
+
+    session = Fake(options=SamplingOptions(), seed=1)
+    with pytest.raises(UsageError, match=r"^/set temperature must be >= 0 \(0 = greedy\), got -1.0$"):
+        _command(session, "/set temperature -1")
+    with pytest.raises(UsageError, match=r"^/set top-p must be between 0 and 1"):
+        _command(session, "/set top-p 3")
+    assert session.options == SamplingOptions()
+
+
 def test_raw_excludes_a_template(tmp_path: Path) -> None:
     (tmp_path / "t.jinja").write_text("{{ messages[0]['content'] }}")
     one_line_error(run("--raw", "--template", str(tmp_path / "t.jinja"), "--prompt", "hi"), "--raw (completion mode) excludes")

@@ -261,7 +261,10 @@ def _command(session: Any, text: str) -> str | None:
             return None
         key, _, value = arg.partition(" ")
         field, parsed = parse_option(key, value)
-        session.set_option(field, parsed)
+        try:
+            session.set_option(field, parsed)
+        except UsageError as e:  # the options' checks name the command-line flag; here it is /set NAME
+            raise UsageError(str(e).replace("--" + field.replace("_", "-"), f"/set {key}", 1)) from None
         shown = session.seed if field == "seed" else getattr(session.options, field)
         render.chat_notice(f"{field} = {shown!r}")
     elif name == "/save":
