@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -48,6 +49,22 @@ def test_quantize_without_a_model_says_which_it_takes() -> None:
     p = run("quantize", "-f", "int8", "--dry-run", "--json")
     assert p.returncode == 0, p.stderr
     assert "no MODEL given: quantizing the bundled smollm2-135m" in p.stderr
+
+
+@pytest.mark.parametrize("out", ["folder", "x.gguf"])
+def test_dry_run_summarises_kinds_and_lists_every_tensor_on_request(out: str, tmp_path) -> None:
+    """The dry run printed one row per tensor (903 lines for Gemma); now one per kind, --verbose for all."""
+    args = ("quantize", "smollm2-135m", "-f", "q4_0" if out.endswith(".gguf") else "int4", "-g", "32",
+            "-o", str(tmp_path / out), "--dry-run")  # fmt: skip
+    if out.endswith(".gguf"):
+        args = tuple(a for a in args if a not in ("-g", "32"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "300"}  # rows unfolded
+    short, full = run(*args, env=env), run(*args, "--verbose", env=env)
+    assert short.returncode == 0 and full.returncode == 0, short.stderr + full.stderr
+    assert "tensors in" in short.stderr and "kinds; --verbose lists every tensor" in short.stderr
+    layer = "blk.29.ffn_down.weight" if out.endswith(".gguf") else "model.layers.29.mlp.down_proj.weight"
+    assert layer not in short.stdout and layer in full.stdout
+    assert len(short.stdout.splitlines()) < len(full.stdout.splitlines()) / 3
 
 
 def test_version() -> None:

@@ -61,6 +61,7 @@ def quantize(
         False, "--skip-indivisible", help="Keep tensors whose rows the group size does not divide."
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exact output size; write nothing."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="--dry-run: one row per tensor (default: one per kind)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     json_: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     by: str = typer.Option(
@@ -94,7 +95,7 @@ def quantize(
             raise UsageError(f"{', '.join(unused)} {verb} not apply to GGUF output (its types fix their blocks)")
         return _quantize_gguf(
             model, format_, out, by, threads, dry_run, force, json_, override or (), calibration, calibration_tokens,
-            pure,
+            pure, verbose,
         )  # fmt: skip
     if by != "auto" or threads is not None:
         raise UsageError("--by and --threads apply to GGUF output only (--out X.gguf)")
@@ -124,7 +125,7 @@ def quantize(
         if json_:
             render.print_json({"dry_run": True, "out": str(target), **plan.to_dict()})
         else:
-            render.quantize_plan(plan, target)
+            render.quantize_plan(plan, target, verbose=verbose)
         return
     check_out(target, force)
     with render.quantize_progress(enabled=not json_) as progress:
@@ -148,6 +149,7 @@ def _quantize_gguf(
     calibration: str | None,
     calibration_tokens: int | None,
     pure: bool = False,
+    verbose: bool = False,
 ) -> None:
     from llmctl.quant.convert import calibration_request
     from llmctl.quant.gguf_out import gguf_request, plan_gguf, write_gguf
@@ -168,7 +170,7 @@ def _quantize_gguf(
         if json_:
             render.print_json({"dry_run": True, "out": str(out), **plan})
         else:
-            render.gguf_plan(plan, out)
+            render.gguf_plan(plan, out, verbose=verbose)
         return
     with render.quantize_progress(enabled=not json_) as progress:
         result = write_gguf(source, out, fmt, by=by, pure=pure, force=force, threads=threads, progress=progress,

@@ -6,6 +6,7 @@ Tables, charts and JSON go to stdout; notices go to stderr so that ``--json`` ou
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -197,17 +198,41 @@ def _memory_chart(report: Any, width: int = 50) -> None:
 
 
 # ---- llmctl quantize (issue 4) -----------------------------------------------------------------------
-def quantize_plan(plan: Any, out_path: Any) -> None:
-    """The dry-run: each tensor's format and the exact output size."""
+def _kinds(rows: Sequence[tuple[str, tuple[Any, ...], int]]) -> list[tuple[str, int, int, tuple[Any, ...]]]:
+    """(example tensor name, count, bytes, key) per distinct key, in first-seen order: the dry run's summary.
+    A name's layer number is shown as N (``model.layers.N.mlp.down_proj.weight``) when several share a key."""
+    groups: dict[tuple[Any, ...], list[Any]] = {}
+    for name, key, nbytes in rows:
+        g = groups.setdefault(key, [re.sub(r"(?<=[.])\d+(?=[.])", "N", name), 0, 0])
+        g[1] += 1
+        g[2] += nbytes
+    return [(name, n, b, key) for key, (name, n, b) in groups.items()]
+
+
+def quantize_plan(plan: Any, out_path: Any, *, verbose: bool = False) -> None:
+    """The dry-run: the exact output size and each tensor's format — one row per kind of tensor (same
+    role, formats, group and reason), every tensor with ``verbose``."""
     con = out()
     recipe = f"recipe {plan.recipe}, " if plan.recipe != "uniform" else ""
     table = Table(title=f"Plan: {plan.source.display} → {plan.format} ({recipe}{plan.layout.name} layout)", title_justify="left")
-    for col in ("tensor", "shape", "from", "to", "group", "bytes", "why"):
-        table.add_column(col, justify="right" if col in ("bytes", "group") else "left", overflow="fold")
-    for t in plan.tensors:
-        group = "-" if t.group_size is None else "tensor" if t.group_size == 0 else str(t.group_size)
-        table.add_row(t.name, "×".join(map(str, t.shape)), t.src_dtype, t.format, group, f"{t.nbytes:,}", t.reason)
+    cols = ("tensor", "shape", "from", "to", "group", "bytes", "why") if verbose else ("tensors", "count", "from", "to", "group", "bytes", "why")
+    for col in cols:
+        table.add_column(col, justify="right" if col in ("bytes", "group", "count") else "left", overflow="fold")
+
+    def group_of(t: Any) -> str:
+        return "-" if t.group_size is None else "tensor" if t.group_size == 0 else str(t.group_size)
+
+    if verbose:
+        for t in plan.tensors:
+            table.add_row(t.name, "×".join(map(str, t.shape)), t.src_dtype, t.format, group_of(t), f"{t.nbytes:,}", t.reason)
+    else:
+        rows = [(t.name, (re.sub(r"\.\d+\.", ".N.", t.name), t.src_dtype, t.format, group_of(t), t.reason), t.nbytes)
+                for t in plan.tensors]  # fmt: skip
+        for name, n, nbytes, key in _kinds(rows):
+            table.add_row(name, str(n), key[1], key[2], key[3], f"{nbytes:,}", key[4])
     con.print(table)
+    if not verbose:
+        notice(f"{len(plan.tensors)} tensors in {table.row_count} kinds; --verbose lists every tensor")
     files = ", ".join(f"{f.name} ({f.nbytes:,} B)" for f in plan.files)
     con.print(
         f"output {out_path}: [bold]{plan.out_bytes:,} bytes[/bold] ({human_bytes(plan.out_bytes)}) of safetensors "
@@ -217,15 +242,23 @@ def quantize_plan(plan: Any, out_path: Any) -> None:
         notice(f"note: {note}")
 
 
-def gguf_plan(plan: dict, out_path: Any) -> None:
-    """The dry-run of a GGUF output: each tensor's type and bytes."""
+def gguf_plan(plan: dict, out_path: Any, *, verbose: bool = False) -> None:
+    """The dry-run of a GGUF output: each kind of tensor's type and bytes (every tensor with ``verbose``)."""
     con = out()
     table = Table(title=f"Plan: {plan['model']} → {plan['format']} GGUF, written by {plan['written_by']}", title_justify="left")
-    for col in ("tensor", "shape", "from", "to", "bytes"):
-        table.add_column(col, justify="right" if col == "bytes" else "left", overflow="fold")
-    for t in plan["tensors"]:
-        table.add_row(t["name"], "×".join(map(str, t["shape"])), t["from"], t["to"], f"{t['bytes']:,}")
+    cols = ("tensor", "shape", "from", "to", "bytes") if verbose else ("tensors", "count", "from", "to", "bytes")
+    for col in cols:
+        table.add_column(col, justify="right" if col in ("bytes", "count") else "left", overflow="fold")
+    if verbose:
+        for t in plan["tensors"]:
+            table.add_row(t["name"], "×".join(map(str, t["shape"])), t["from"], t["to"], f"{t['bytes']:,}")
+    else:
+        rows = [(t["name"], (re.sub(r"\.\d+\.", ".N.", t["name"]), t["from"], t["to"]), t["bytes"]) for t in plan["tensors"]]
+        for name, n, nbytes, key in _kinds(rows):
+            table.add_row(name, str(n), key[1], key[2], f"{nbytes:,}")
     con.print(table)
+    if not verbose:
+        notice(f"{len(plan['tensors'])} tensors in {table.row_count} kinds; --verbose lists every tensor")
     con.print(
         f"output {out_path}: [bold]{plan['tensor_bytes']:,} bytes[/bold] ({human_bytes(plan['tensor_bytes'])}) of "
         "tensor data, plus the metadata copied from the source (tokenizer included)"
