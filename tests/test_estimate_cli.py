@@ -52,6 +52,16 @@ def test_json_contract(cfg70: Path) -> None:
     )
 
 
+def test_context_takes_k_suffixes(cfg70: Path) -> None:
+    """Model cards say 128k; so may --context (k = 1024 tokens)."""
+    counts = {}
+    for text in ("131072", "128k", "128K"):
+        p = run("estimate-memory", str(cfg70), "-w", "int4", "--context", text, "--json")
+        assert p.returncode == 0, p.stderr
+        counts[text] = json.loads(p.stdout)["estimates"][0]["context"]
+    assert set(counts.values()) == {131072}
+
+
 def test_table_fit_and_chart(cfg70: Path) -> None:
     p = run("estimate-memory", str(cfg70), "-w", "int4", "--gpu", "H100")
     assert p.returncode == 0, p.stderr
@@ -91,7 +101,8 @@ def test_bundled_gguf_uses_stored_types() -> None:
         (["CFG", "--kv-layout", "paged"], "unknown --kv-layout 'paged'"),
         (["CFG", "--vram", "-1"], "--vram must be a positive number of GiB"),
         (["CFG", "--vram", "8", "--gpu", "T4"], "give either --gpu or --vram, not both"),
-        (["CFG", "--context", "lots"], "Invalid value for '--context'"),
+        (["CFG", "--context", "lots"], "--context 'lots': expected a token count such as 8192, 32k or 128k"),
+        (["CFG", "--gpu", "RTX 4090", "--gpu", "H100"], "--gpu given 2 times ('RTX 4090', 'H100'); check one GPU"),
     ],
 )
 def test_bad_options(cfg70: Path, args: list[str], message: str) -> None:

@@ -11,7 +11,7 @@ def estimate_memory(
     model: str = typer.Argument(
         ..., help="Folder, config.json, .gguf, hub id org/name[@rev], or bundled name."
     ),
-    context: int = typer.Option(4096, "--context", "-c", help="Context length in tokens."),
+    context: str = typer.Option("4096", "--context", "-c", help="Context length in tokens: 8192, 32k, 128k (k = 1024)."),
     batch: int = typer.Option(1, "--batch", "-b", help="Sequences decoded at once."),
     weights: list[str] = typer.Option(
         None,
@@ -32,12 +32,18 @@ def estimate_memory(
         "vLLM); llama.cpp: full-size cache on every layer.",
     ),
     tensor_parallel: int = typer.Option(1, "--tensor-parallel", "--tp", help="GPUs the model is split over."),
-    gpu: str = typer.Option(None, "--gpu", help="Check the fit on this GPU (e.g. 'RTX 4090', H100)."),
+    gpu: list[str] = typer.Option(None, "--gpu", help="Check the fit on this GPU (e.g. 'RTX 4090', H100)."),
     vram: float = typer.Option(None, "--vram", help="Check the fit on this much memory, in GiB."),
     json_: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Estimate the memory a model needs to run, and whether it fits a GPU."""
+    from llmctl.errors import UsageError
     from llmctl.memory.report import memory_report_for
+
+    if gpu and len(gpu) > 1:
+        raise UsageError(f"--gpu given {len(gpu)} times ({', '.join(map(repr, gpu))}); check one GPU per run")
+    gpu = gpu[0] if gpu else None
+    context = token_count(context, "--context")
 
     report = memory_report_for(
         model,
@@ -56,3 +62,15 @@ def estimate_memory(
         render.print_json(report.to_json())
     else:
         render.memory_report(report)
+
+
+def token_count(text: str, flag: str) -> int:
+    """``8192``, ``32k`` or ``128K`` (k = 1024 tokens, as model cards count contexts), ``1m`` (1024²)."""
+    t = text.strip().lower().replace("_", "")
+    scale = {"k": 1024, "m": 1024**2}.get(t[-1:], 1)
+    digits = t[:-1] if scale > 1 else t
+    if not digits.removeprefix("-").isdigit():  # a negative count is refused by the estimate, with the rule
+        from llmctl.errors import UsageError
+
+        raise UsageError(f"{flag} {text!r}: expected a token count such as 8192, 32k or 128k")
+    return int(digits) * scale
