@@ -62,6 +62,33 @@ def test_context_takes_k_suffixes(cfg70: Path) -> None:
     assert set(counts.values()) == {131072}
 
 
+def test_tensor_parallel_table_rows_add_up_per_gpu(cfg70: Path) -> None:
+    """With --tp 2 the table mixed per-GPU and whole-model columns (a row summed to 30.72 against a total
+    of 27.44); now weights + KV cache + activations + overhead = total, all per GPU."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "llmctl", "estimate-memory", str(cfg70), "-w", "int4", "-w", "bf16",
+                        "--tp", "2"], capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("┡"))
+    rows = [line.split("│")[1:-1] for line in lines[start + 1 :] if line.startswith("│")][:2]
+    assert "kept (all GPUs)" in p.stdout and len(rows) == 2
+    for cells in rows:
+        weights, _, kv, act, overhead, total = (float(c) for c in cells[2:])
+        assert abs(weights + kv + act + overhead - total) <= 0.02, cells
+
+
+def test_group_size_hints_are_whole_blocks_of_32() -> None:
+    from llmctl.quant.formats import _divisor_hint
+
+    assert _divisor_hint(576, 128) % 32 == 0 and 576 % _divisor_hint(576, 128) == 0
+    assert _divisor_hint(100, 128) == 100  # no multiple of 32 divides 100: the nearest divisor
+
+
 def test_table_fit_and_chart(cfg70: Path) -> None:
     p = run("estimate-memory", str(cfg70), "-w", "int4", "--gpu", "H100")
     assert p.returncode == 0, p.stderr

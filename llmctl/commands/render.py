@@ -99,7 +99,10 @@ def memory_report(report: Any) -> None:
         "bpw: bits per weight; kept: of the weights, tensors left at 16/32 bits (norms, embeddings…)"
     )
     table.caption_justify = "left"
-    for col in ("format", "bpw", "weights", "kept", "KV cache", "activ.", "overhead", "total"):
+    # every size column is per GPU (weights + KV cache + activ. + overhead = total), but "kept", a part of
+    # the weights, is the whole model's
+    kept = "kept (all GPUs)" if tp else "kept"
+    for col in ("format", "bpw", "weights", kept, "KV cache", "activ.", "overhead", "total"):
         table.add_column(col, justify="left" if col == "format" else "right", no_wrap=True)
     for e in report.estimates:
         table.add_row(
@@ -108,8 +111,8 @@ def memory_report(report: Any) -> None:
             gib(e.per_gpu_weights_bytes),
             gib(e.weights_breakdown.kept_bytes),
             gib(e.per_gpu_kv_cache_bytes),
-            gib(e.activation_bytes),
-            gib(e.overhead_bytes),
+            gib(e.per_gpu_activation_bytes),
+            gib(e.per_gpu_overhead_bytes),
             f"[bold]{gib(e.per_gpu_total_bytes)}[/bold]",
         )
     con.print(table)

@@ -114,8 +114,11 @@ def _as_2d(w: torch.Tensor) -> torch.Tensor:
 
 
 def _divisor_hint(row: int, g: int) -> int:
+    """The divisor of ``row`` nearest ``g``, preferring multiples of 32 (what the decode kernels take:
+    groups of whole blocks of 32 — 576 suggests 64, not 144) where the row has any."""
     divs = [d for d in range(1, row + 1) if row % d == 0]
-    return min(divs, key=lambda d: (abs(d - g), -d))
+    fast = [d for d in divs if d % 32 == 0]
+    return min(fast or divs, key=lambda d: (abs(d - g), -d))
 
 
 def _rows_cols(shape: Sequence[int]) -> tuple[int, int]:
