@@ -29,8 +29,11 @@ from llmctl.runtime import device
 def test_idle_physical_cores_are_chosen(monkeypatch, cores, load, want, why):
     monkeypatch.setattr(device, "physical_cores", lambda: cores)
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(device, "_chosen", None)
     n, reason = device.choose_threads()
     assert n == want and reason.startswith(why)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # the load changes: the choice stays
+    assert device.choose_threads() == (n, reason)
 
 
 def test_an_explicit_count_is_kept_and_checked():

@@ -112,20 +112,31 @@ def choose_threads(requested: int | None = None) -> tuple[int, str]:
     rounded): a thread on a core another process holds stalls every parallel step until the scheduler
     gives it back. Measured on a 2-core machine with one core busy: the torch runtime decoded at 35 tok/s on
     1 thread and ~1 tok/s on 2, llama.cpp at 88–91 tok/s on 1 and 10.6–19.8 on 2; quiet, 2 threads win."""
-    import os
-
+    global _chosen
     if requested is not None:
         if isinstance(requested, bool) or not isinstance(requested, int) or requested <= 0:
             raise UsageError(f"thread count must be a positive integer, got {requested!r}")
         return requested, "--threads"
+    if _chosen is None:  # once per process: a baseline and its model run with the same count
+        _chosen = _idle_cores()
+    return _chosen
+
+
+_chosen: tuple[int, str] | None = None
+
+
+def _idle_cores() -> tuple[int, str]:
+    import os
+
     cores = physical_cores()
     try:
-        busy = round(os.getloadavg()[0])
+        load = os.getloadavg()[0]
     except (AttributeError, OSError):
-        busy = 0
+        load = 0.0
+    busy = round(load)
     n = max(1, min(cores, cores - busy))
     if busy and n < cores:
-        return n, f"{cores} cores, {min(busy, cores)} busy with other work (load {os.getloadavg()[0]:.1f}); --threads to override"
+        return n, f"{cores} cores, {min(busy, cores)} busy with other work (load {load:.1f}); --threads to override"
     return n, f"{cores} physical core{'s' if cores > 1 else ''}"
 
 
