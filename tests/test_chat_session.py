@@ -307,6 +307,11 @@ def test_save_and_load_transcripts(tmp_path: Path, llama_backend) -> None:
     assert other.messages == s.messages and other.system == "Be kind."
     r, _, _ = run(other, "And goodbye.")  # continues on the cached prefix of the same conversation
     assert r.prefilled_tokens < r.prompt_tokens
+    llama_backend.reset()  # /stats after /load on an empty cache: the loaded turns count as to prefill
+    fresh = Session(llama_backend, GREEDY.with_(max_tokens=8))
+    fresh.load(path)
+    st = fresh.stats()
+    assert st["context_used"] == 0 and st["context_pending"] == len(fresh.encode(fresh.conversation())) > 10
     (tmp_path / "openai.json").write_text(json.dumps({"messages": [{"role": "system", "content": "S"},
                                                                     {"role": "user", "content": "U"}]}))  # fmt: skip
     assert other.load(tmp_path / "openai.json") == 1 and other.system == "S"

@@ -414,7 +414,8 @@ def chat_stats(stats: dict[str, Any]) -> None:
         ("backend", stats["backend"]),
         ("template", stats["template"]),
         ("turns in context", str(stats["turns"])),
-        ("context", f"{stats['context_used']} / {stats['context_size']} tokens"),
+        ("context", f"{stats['context_used']} / {stats['context_size']} tokens"
+                    + (f" ({stats['context_pending']} to prefill with the next message)" if stats.get("context_pending") else "")),
         ("KV cache", human_bytes(kv) if kv is not None else "held by llama.cpp"),
         ("replies", str(stats["replies"])),
         ("tokens generated", str(stats["generated_tokens"])),

@@ -546,6 +546,9 @@ class Session:
             "backend": self.backend.describe(),
             "turns": sum(m["role"] == "user" for m in self.messages),
             "context_used": len(self.backend.tokens),
+            # a loaded (or reset-and-refilled) conversation not yet in the KV cache: its tokens, prefilled
+            # with the next message
+            "context_pending": len(self.encode(self.conversation())) if self.messages and not self.backend.tokens else 0,
             "context_size": self.backend.n_ctx,
             "kv_cache_bytes": self.backend.kv_bytes(),
             **self.totals,
