@@ -192,3 +192,15 @@ def test_cli_dry_run_json_and_errors(llama, tmp_path):
     assert p.returncode == 2 and "does not divide the row length 64" in p.stderr and "Traceback" not in p.stderr
     p = _cli(str(llama), "-f", "int4", "-g", "32", "-o", "t", cwd=tmp_path)  # the table summary
     assert p.returncode == 0 and "bits/weight" in p.stdout and "Worst tensors by SQNR" in p.stdout
+
+
+def test_the_plan_says_when_the_output_outgrows_a_quantized_source() -> None:
+    """quantize of a quantized GGUF wrote a larger file (its embedding kept in bf16) without a word, and
+    rounded already-rounded weights silently (issue 19, item 5): both are notes now; a float source and a
+    smaller output get none."""
+    plan = make_plan("smollm2-135m", "int4", group_size=32)
+    assert plan.out_bytes > plan.src_bytes
+    grown = next(n for n in plan.notes if n.startswith("the output ("))
+    assert "model.embed_tokens.weight" in grown and "--override PATTERN=FORMAT" in grown
+    assert any(n.startswith("the source is quantized already (q4_1, q8_0)") for n in plan.notes)
+    assert make_plan("smollm2-135m", "bf16").notes == []  # a conversion: nothing rounded again

@@ -395,7 +395,35 @@ def make_plan(
         )
     if not any(t.quantized for t in plans) and name not in FLOATS:
         plan.notes.append("no tensor matched the recipe: nothing is quantized")
+    plan.notes.extend(_honest_size(plan))
     return plan
+
+
+_FLOAT_SOURCES = ("f32", "f16", "bf16", "fp32", "fp16", "float32", "float16", "bfloat16", "f64")
+
+
+def _honest_size(plan: Plan) -> list[str]:
+    """Notes a user should not have to discover: an output larger than its source (tensors kept in 16 bits
+    outweigh what quantizing saved), and a source that is quantized already (its error and the new one add)."""
+    def human_bytes(n: int) -> str:
+        return f"{n / 2**20:.2f} MiB"
+
+    notes = []
+    if plan.format not in FLOATS and plan.out_bytes > plan.src_bytes:
+        kept = sorted((t for t in plan.tensors if not t.quantized and len(t.shape) == 2), key=lambda t: -t.nbytes)
+        what = f"; the largest kept in 16 bits: {kept[0].name} ({human_bytes(kept[0].nbytes)})" if kept else ""
+        notes.append(
+            f"the output ({human_bytes(plan.out_bytes)}) is larger than the source's weights "
+            f"({human_bytes(plan.src_bytes)}): the source stores some tensors in fewer bits than the recipe "
+            f"keeps them{what}; --override PATTERN=FORMAT quantizes it too"
+        )
+    quantized = sorted({t.src_dtype for t in plan.tensors if t.src_dtype.lower() not in _FLOAT_SOURCES})
+    if quantized and plan.format not in FLOATS:
+        notes.append(
+            f"the source is quantized already ({', '.join(quantized)}): quantizing it again adds a second "
+            "rounding to the first; start from the original 16-bit weights where you have them"
+        )
+    return notes
 
 
 def calibrate(plan: Plan, progress: Callable[[Progress], None] | None = None) -> None:
