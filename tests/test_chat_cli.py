@@ -187,7 +187,7 @@ def test_repl_in_a_terminal(tmp_path: Path) -> None:
         child.expect("temperature = 0.3")
         child.expect(prompt)
         child.sendline("/set top-k -3")
-        child.expect("error: --top-k must be an integer >= 0")
+        child.expect("error: /set top-k must be an integer >= 0")
         child.expect(prompt)
         child.sendline("And of Italy?")
         child.expect(stats_line)
