@@ -506,7 +506,7 @@ static float i8_row_avx2(const int8_t* w, const uint16_t* s, const int8_t* q, co
       int64_t b = g * bpg + k;
       __m256i ww = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 32));
       __m256i qq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 32));
-      // maddubs takes unsigned x signed: |w| times q carrying w's sign (w = -128 never occurs: codes are symmetric)
+      // maddubs takes unsigned x signed: |w| times q carrying w's sign (w = -128 gives 0x80, read unsigned as 128: still exact)
       __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(ww, ww), _mm256_sign_epi8(qq, ww)), ones);
       accg = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d[b]), accg);
     }
