@@ -179,3 +179,18 @@ def test_smollm2_int4_asym_decodes_the_same_tokens_with_the_kernels(kernels, tmp
     for a, b in zip(fast_logits, ref_logits, strict=True):
         kl = F.kl_div(a.log_softmax(-1), b.log_softmax(-1), log_target=True, reduction="sum")
         assert kl <= MODEL_KL and (a - b).abs().max() <= MODEL_TOLERANCE * b.abs().max()
+
+
+def test_int8_code_minus_128_is_exact(kernels):
+    """The scale search may store -128 (a negative scale sends the positive extreme there): the AVX2 path
+    takes |w| as unsigned, where -128 reads as 128."""
+    g = torch.Generator().manual_seed(11)
+    codes = torch.randint(-128, 128, (64, 256), generator=g, dtype=torch.int8)
+    codes[:, ::7] = -128
+    scale = (torch.rand(64, 8, generator=g) * 0.01 + 1e-3).half()
+    x = torch.randn(2, 256, generator=g)
+    dense = (codes.double().reshape(64, 8, 32) * scale.double().unsqueeze(-1)).reshape(64, 256)
+    exact = rounded_activations(x) @ dense.t()
+    for name in kernels.int4_paths():
+        got = kernels.int8_linear(x, codes, scale, 1 if name == "scalar" else 0).double()
+        assert (got - exact).abs().max() <= 1e-5 * exact.abs().max(), name
