@@ -202,14 +202,14 @@ def _memory_chart(report: Any, width: int = 50) -> None:
 
 # ---- llmctl quantize (issue 4) -----------------------------------------------------------------------
 def _kinds(rows: Sequence[tuple[str, tuple[Any, ...], int]]) -> list[tuple[str, int, int, tuple[Any, ...]]]:
-    """(example tensor name, count, bytes, key) per distinct key, in first-seen order: the dry run's summary.
-    A name's layer number is shown as N (``model.layers.N.mlp.down_proj.weight``) when several share a key."""
-    groups: dict[tuple[Any, ...], list[Any]] = {}
-    for name, key, nbytes in rows:
-        g = groups.setdefault(key, [re.sub(r"(?<=[.])\d+(?=[.])", "N", name), 0, 0])
-        g[1] += 1
-        g[2] += nbytes
-    return [(name, n, b, key) for key, (name, n, b) in groups.items()]
+    """(name with layer numbers as N, count, bytes, columns) per distinct pair, in first-seen order: the dry
+    run's summary (``model.layers.N.mlp.down_proj.weight`` stands for every layer's)."""
+    groups: dict[tuple[str, tuple[Any, ...]], list[int]] = {}
+    for name, columns, nbytes in rows:
+        g = groups.setdefault((re.sub(r"(?<=[.])\d+(?=[.])", "N", name), columns), [0, 0])
+        g[0] += 1
+        g[1] += nbytes
+    return [(name, n, b, columns) for (name, columns), (n, b) in groups.items()]
 
 
 def quantize_plan(plan: Any, out_path: Any, *, verbose: bool = False) -> None:
@@ -229,10 +229,9 @@ def quantize_plan(plan: Any, out_path: Any, *, verbose: bool = False) -> None:
         for t in plan.tensors:
             table.add_row(t.name, "×".join(map(str, t.shape)), t.src_dtype, t.format, group_of(t), f"{t.nbytes:,}", t.reason)
     else:
-        rows = [(t.name, (re.sub(r"\.\d+\.", ".N.", t.name), t.src_dtype, t.format, group_of(t), t.reason), t.nbytes)
-                for t in plan.tensors]  # fmt: skip
-        for name, n, nbytes, key in _kinds(rows):
-            table.add_row(name, str(n), key[1], key[2], key[3], f"{nbytes:,}", key[4])
+        rows = [(t.name, (t.src_dtype, t.format, group_of(t), t.reason), t.nbytes) for t in plan.tensors]
+        for name, n, nbytes, (src, to, group, why) in _kinds(rows):
+            table.add_row(name, str(n), src, to, group, f"{nbytes:,}", why)
     con.print(table)
     if not verbose:
         notice(f"{len(plan.tensors)} tensors in {table.row_count} kinds; --verbose lists every tensor")
@@ -256,9 +255,9 @@ def gguf_plan(plan: dict, out_path: Any, *, verbose: bool = False) -> None:
         for t in plan["tensors"]:
             table.add_row(t["name"], "×".join(map(str, t["shape"])), t["from"], t["to"], f"{t['bytes']:,}")
     else:
-        rows = [(t["name"], (re.sub(r"\.\d+\.", ".N.", t["name"]), t["from"], t["to"]), t["bytes"]) for t in plan["tensors"]]
-        for name, n, nbytes, key in _kinds(rows):
-            table.add_row(name, str(n), key[1], key[2], f"{nbytes:,}")
+        rows = [(t["name"], (t["from"], t["to"]), t["bytes"]) for t in plan["tensors"]]
+        for name, n, nbytes, (src, to) in _kinds(rows):
+            table.add_row(name, str(n), src, to, f"{nbytes:,}")
     con.print(table)
     if not verbose:
         notice(f"{len(plan['tensors'])} tensors in {table.row_count} kinds; --verbose lists every tensor")
