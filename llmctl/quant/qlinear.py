@@ -262,12 +262,14 @@ def _codes_fit(q: QTensor, kernel: str) -> bool:
     built."""
     if len(q.shape) != 2 or q.shape[-1] % 32 or (q.group_size or q.shape[-1]) % 32:
         return False
-    if q.parts["scale"].dtype != torch.float16:
-        return False
+    return q.parts["scale"].dtype == torch.float16 and _has_kernel(kernel)
+
+
+def _has_kernel(name: str) -> bool:
+    """Whether llmctl's C++ kernels are built and have ``name``."""
     from llmctl.quant import native
 
-    kernels = native.get()
-    return kernels is not None and hasattr(kernels, kernel)
+    return hasattr(native.get(), name)
 
 
 def lossless_int8(w: torch.Tensor, dtype: torch.dtype) -> QuantWeight | None:
@@ -277,10 +279,7 @@ def lossless_int8(w: torch.Tensor, dtype: torch.dtype) -> QuantWeight | None:
     fp32 bytes through ``native.int8_linear``; else None (the weight stays as it is)."""
     if w.dim() != 2 or w.shape[1] % 32 or not w.is_floating_point() or w.device.type != "cpu":
         return None
-    from llmctl.quant import native
-
-    kernels = native.get()
-    if kernels is None or not hasattr(kernels, "int8_linear"):
+    if not _has_kernel("int8_linear"):
         return None
     rows, cols = w.shape
     ulp = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}.get(w.dtype, 2.0**-23)  # relative, at most
