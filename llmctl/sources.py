@@ -376,7 +376,8 @@ class ModelEntry:
 
 
 def list_models() -> list[ModelEntry]:
-    """Bundled models (installed or not) and the model repositories in the Hugging Face cache."""
+    """Bundled models (installed or not), the model repositories in the Hugging Face cache, and the outputs
+    `llmctl quantize` wrote (``llmctl.outputs``) that still exist."""
     out: list[ModelEntry] = []
     for m in BUNDLED.values():
         pkg = package_dir(m.module)
@@ -401,4 +402,10 @@ def list_models() -> list[ModelEntry]:
             has_weights = bool(list(snap.glob("*.safetensors")) or list(snap.glob("*.gguf")))
             status = "cached" if has_weights else "config only"
             out.append(ModelEntry(repo, "hub cache", status, str(snap), size, ""))
+    from llmctl.outputs import recorded
+
+    for o in recorded():
+        p = Path(o.path)
+        size = sum(f.stat().st_size for f in p.iterdir() if f.is_file()) if p.is_dir() else p.stat().st_size
+        out.append(ModelEntry(p.name, "quantized", f"{o.format} of {o.source}", o.path, size, f"written {o.written}"))
     return out

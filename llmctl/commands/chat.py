@@ -39,6 +39,7 @@ def chat(
         None, "--context", "-c", help="Context tokens to allocate (default: the model's limit, at most 4096)."
     ),
     device: str = typer.Option(None, "--device", help="torch: auto, cpu, cuda, cuda:N, mps."),
+    gpu_layers: int = typer.Option(None, "--gpu-layers", "-ngl", help="llama.cpp: layers to offload to the GPU (-1 all, 0 none; default: all when llama-cpp-python has GPU offload)."),
     dtype: str = typer.Option(None, "--dtype", help="torch compute dtype: fp32, bf16, fp16 (default: fp32 on CPU, bf16/fp16 on GPU)."),
     threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: the physical cores other processes leave idle, by the load average; shown on start)."),
     temperature: float = typer.Option(0.8, "--temperature", "--temp", help="0 = greedy."),
@@ -89,7 +90,9 @@ def chat(
 
     if raw and (chat_mode or template is not None):
         raise UsageError("--raw (completion mode) excludes --chat and --template; pass one of them")
-    engine, line = load_backend(model, backend, context=context, device=device, dtype=dtype, threads=threads)
+    engine, line = load_backend(
+        model, backend, context=context, device=device, dtype=dtype, threads=threads, gpu_layers=gpu_layers
+    )
     try:
         has_template = template_text is not None or bool((engine.tokenizer.chat_template or "").strip())
         completion = raw or (not has_template and not chat_mode)

@@ -11,7 +11,7 @@ from llmctl.sources import list_models
 def models(
     json_: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
-    """List bundled models and the models in the Hugging Face cache."""
+    """List bundled models, the models in the Hugging Face cache and the outputs `llmctl quantize` wrote."""
     entries = list_models()
     if json_:
         render.print_json({"models": [e.__dict__ for e in entries]})

@@ -130,6 +130,7 @@ def quantize(
     check_out(target, force)
     with render.quantize_progress(enabled=not json_) as progress:
         result = run_plan(plan, target, force=force, progress=progress)
+    _remember(target, format_, model)
     if json_:
         render.print_json(result.to_dict())
     else:
@@ -175,7 +176,16 @@ def _quantize_gguf(
     with render.quantize_progress(enabled=not json_) as progress:
         result = write_gguf(source, out, fmt, by=by, pure=pure, force=force, threads=threads, progress=progress,
                             overrides=overrides, calibration=calibrate)  # fmt: skip
+    _remember(out, fmt, source.display)
     if json_:
         render.print_json(result.to_dict())
     else:
         render.quantize_summary(result)
+
+
+def _remember(out: Path, fmt: str, source: str | None) -> None:
+    """Note the output for `llmctl models` (best-effort: an unwritable cache never fails the quantize)."""
+    from llmctl.outputs import remember
+    from llmctl.sources import DEFAULT_MODEL
+
+    remember(out, fmt, source or DEFAULT_MODEL)

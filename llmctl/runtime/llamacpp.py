@@ -32,27 +32,50 @@ from llmctl.runtime.session import Backend, common_prefix
 GPU_DEVICES = ("cuda", "gpu", "mps")  # --device values that ask llama.cpp to offload to its GPU backend
 
 
-def gpu_layers(device: str | None) -> int:
-    """llama.cpp's ``n_gpu_layers`` for ``--device``: -1 (every layer on the GPU) when this
-    llama-cpp-python was built with GPU offload (``llama_supports_gpu_offload``: CUDA, Metal, Vulkan …)
-    and the device is auto or a GPU, else 0 (CPU). A GPU asked for by name without such a build, or a
-    device llama.cpp cannot be pointed at, is a UsageError."""
-    import llama_cpp
+def gpu_layers(device: str | None, layers: int | None = None, *, offload: bool | None = None) -> int:
+    """llama.cpp's ``n_gpu_layers`` for ``--device`` and ``--gpu-layers``.
 
-    if device in (None, "auto", "cpu"):
-        return -1 if device != "cpu" and llama_cpp.llama_supports_gpu_offload() else 0
-    if device not in GPU_DEVICES:
+    Without ``--gpu-layers``: -1 (every layer on the GPU) when this llama-cpp-python was built with GPU
+    offload (``llama_supports_gpu_offload``: CUDA, Metal, Vulkan …) and the device is auto or a GPU, else 0
+    (CPU). ``--gpu-layers N`` offloads the first N layers (-1: all, 0: none, as llama.cpp's ``-ngl``);
+    N > 0 or -1 on a build without offload, with ``--device cpu``, or a GPU asked for by name on such a
+    build, or a device llama.cpp cannot be pointed at, is a UsageError. ``offload`` overrides the build
+    check (for tests of the rule itself)."""
+    if offload is None:
+        import llama_cpp
+
+        offload = bool(llama_cpp.llama_supports_gpu_offload())
+    if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < -1):
+        raise UsageError(f"--gpu-layers must be -1 (all), 0 (none) or a number of layers, got {layers!r}")
+    if device not in (None, "auto", "cpu", *GPU_DEVICES):
         raise UsageError(
             f"--device {device}: the llama.cpp backend takes auto, cpu or {', '.join(GPU_DEVICES)} "
             "(choose the GPU with CUDA_VISIBLE_DEVICES); or use --backend torch"
         )
-    if not llama_cpp.llama_supports_gpu_offload():
-        raise UsageError(
-            f"--device {device}: the llama.cpp backend runs on the CPU here (this llama-cpp-python was built "
-            "without GPU offload); drop --device, reinstall llama-cpp-python with CUDA "
-            "(CMAKE_ARGS=-DGGML_CUDA=on), or use --backend torch"
-        )
-    return -1
+    if device == "cpu":
+        if layers:
+            raise UsageError(f"--gpu-layers {layers} offloads to a GPU and --device cpu keeps every layer on the CPU; drop one")
+        return 0
+    if not offload:
+        if device in GPU_DEVICES:
+            raise UsageError(
+                f"--device {device}: the llama.cpp backend runs on the CPU here (this llama-cpp-python was built "
+                "without GPU offload); drop --device, reinstall llama-cpp-python with CUDA "
+                "(CMAKE_ARGS=-DGGML_CUDA=on), or use --backend torch"
+            )
+        if layers:
+            raise UsageError(
+                f"--gpu-layers {layers}: this llama-cpp-python was built without GPU offload, so every layer runs "
+                "on the CPU; drop --gpu-layers or reinstall llama-cpp-python with CUDA (CMAKE_ARGS=-DGGML_CUDA=on)"
+            )
+        return 0
+    return -1 if layers is None else layers
+
+
+def offload_text(n_gpu_layers: int) -> str:
+    if n_gpu_layers == 0:
+        return "cpu"
+    return "gpu (all layers offloaded)" if n_gpu_layers < 0 else f"gpu ({n_gpu_layers} layers offloaded, the rest on the cpu)"
 
 
 class LlamaCppBackend(Backend):
@@ -66,6 +89,7 @@ class LlamaCppBackend(Backend):
         threads: int | None = None,
         n_batch: int = 512,
         device: str | None = None,
+        gpu_layers_: int | None = None,
     ) -> None:
         import llama_cpp
 
@@ -76,7 +100,7 @@ class LlamaCppBackend(Backend):
             load_tokenizer,
         )
 
-        n_gpu_layers = gpu_layers(device)
+        n_gpu_layers = gpu_layers(device, gpu_layers_)
         path = Path(path)
         self.tokenizer = load_tokenizer(path)  # validates the GGUF before llama.cpp parses it
         self.n_ctx = n_ctx
@@ -105,8 +129,7 @@ class LlamaCppBackend(Backend):
         return [int(t) for t in self.llm.input_ids[: self.llm.n_tokens]]
 
     def describe(self) -> str:
-        where = "gpu (all layers offloaded)" if self.n_gpu_layers else "cpu"
-        return f"llama.cpp, {where} (threads: {self.llm.n_threads})"
+        return f"llama.cpp, {offload_text(self.n_gpu_layers)} (threads: {self.llm.n_threads})"
 
     def reset(self) -> None:
         L = self._lib

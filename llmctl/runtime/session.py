@@ -223,8 +223,10 @@ def load_backend(
     device: str | None = None,
     dtype: str | None = None,
     threads: int | None = None,
+    gpu_layers: int | None = None,
 ) -> tuple[Backend, str]:
-    """Resolve MODEL, pick and load the backend; returns it and a line saying which and why."""
+    """Resolve MODEL, pick and load the backend; returns it and a line saying which and why.
+    ``gpu_layers`` (llama.cpp's ``-ngl``) applies to the llama.cpp backend only."""
     from llmctl.runtime.device import choose_threads, set_threads
     from llmctl.sources import resolve
 
@@ -261,8 +263,13 @@ def load_backend(
         from llmctl.runtime.llamacpp import LlamaCppBackend
 
         threads, why_threads = choose_threads(threads)
-        b: Backend = LlamaCppBackend(source.path, context, threads=threads, device=device)
+        b: Backend = LlamaCppBackend(source.path, context, threads=threads, device=device, gpu_layers_=gpu_layers)
     else:
+        if gpu_layers is not None:
+            raise UsageError(
+                "--gpu-layers is a llama.cpp-backend option (a GGUF file); the torch runtime puts the whole "
+                "model on --device"
+            )
         from llmctl.runtime.loader import load_model
         from llmctl.runtime.tokenizer import load_tokenizer
 

@@ -283,6 +283,20 @@ def _token_text(v: Any) -> str | None:
     return None
 
 
+def chat_template_of(path: str | Path) -> str | None:
+    """The chat template a model file or folder carries (GGUF metadata, or the folder's
+    tokenizer_config.json / chat_template.jinja / chat_template.json), without loading its tokenizer."""
+    path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        from llmctl.gguf_file import read_gguf
+
+        t = read_gguf(path).metadata.get("tokenizer.chat_template")
+    else:
+        folder = path if path.is_dir() else path.parent  # a bare config.json: its folder's files
+        t = _hf_chat_template(folder, _read_json(folder / "tokenizer_config.json"))
+    return t if isinstance(t, str) and t.strip() else None
+
+
 def _hf_chat_template(folder: Path, cfg: Mapping[str, Any]) -> str | None:
     t = cfg.get("chat_template")
     if isinstance(t, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
