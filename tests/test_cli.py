@@ -29,7 +29,7 @@ def assert_one_line_error(p: subprocess.CompletedProcess, message: str) -> None:
 def test_help_lists_commands() -> None:
     p = run("--help")
     assert p.returncode == 0
-    for cmd in ("estimate-memory", "quantize", "chat", "eval", "models"):
+    for cmd in ("estimate-memory", "quantize", "chat", "eval", "models", "show"):
         assert cmd in p.stdout
 
 
@@ -72,7 +72,7 @@ def test_version() -> None:
     assert p.returncode == 0 and p.stdout.strip() == f"llmctl {llmctl.__version__}"
 
 
-@pytest.mark.parametrize("cmd", ["estimate-memory", "quantize", "chat", "eval", "models"])
+@pytest.mark.parametrize("cmd", ["estimate-memory", "quantize", "chat", "eval", "models", "show"])
 def test_every_command_refuses_unknown_options_in_one_line(cmd: str) -> None:
     assert_one_line_error(run(cmd, "--some-option", "1"), "No such option: --some-option")
 
