@@ -105,9 +105,15 @@ def test_models_lists_what_quantize_wrote_while_it_exists(tiny_models, tmp_path)
     env = {"LLMCTL_CACHE": str(tmp_path / "cache")}
     folder, _ = tiny_models["llama"]
     outs = {fmt: tmp_path / f"out-{fmt}" for fmt in ("int8", "int4")}
-    for fmt, out in outs.items():
-        q = run("quantize", str(folder), "-f", fmt, "-g", "32", "--out", str(out), "--json", env=env)
-        assert q.returncode == 0, q.stderr
+    q = run("quantize", "smollm2-135m", "-f", "int8", "-g", "64", "--out", str(outs["int8"]), "--json", env=env)
+    assert q.returncode == 0, q.stderr
+    q = run("quantize", str(folder), "-f", "int4", "-g", "32", "--out", str(outs["int4"]), "--json", env=env)
+    assert q.returncode == 0, q.stderr
+    # a GGUF's chat template lands in chat_template.jinja (docs/formats.md, Tokenizers), as stored
+    template = _field(_reader(smollm2_path()), "tokenizer.chat_template")
+    assert (outs["int8"] / "chat_template.jinja").read_text() == template
+    assert "chat_template" not in json.loads((outs["int8"] / "tokenizer_config.json").read_text())
+    assert run("show", str(outs["int8"]), "--template").stdout.rstrip("\n") == template.rstrip("\n")
     g = run("quantize", "smollm2-135m", "-f", "q8_0", "--out", str(tmp_path / "s.gguf"), "--json", env=env)
     assert g.returncode == 0, g.stderr
     listed = {m["path"]: m for m in json.loads(run("models", "--json", env=env).stdout)["models"] if m["kind"] == "quantized"}
