@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -291,3 +292,42 @@ def test_plot_bad_file_writes_nothing(
     out_dir.mkdir()
     assert_one_line_error(run("estimate-memory", str(cfg70), *extra, "--plot", str(out_dir / name)), message)
     assert list(out_dir.iterdir()) == []
+
+
+# ---- docs/memory.md shows what the program prints ---------------------------------------------------
+def _doc_examples() -> list[tuple[str, str]]:
+    """(command, expected output) for every `$ llmctl ...` line in docs/memory.md's code blocks."""
+    text = (Path(__file__).parent.parent / "docs" / "memory.md").read_text()
+    examples: list[tuple[str, str]] = []
+    for block in re.findall(r"^```\n(\$ .*?)^```", text, flags=re.S | re.M):
+        for chunk in re.split(r"^\$ ", block, flags=re.M)[1:]:
+            command, _, output = chunk.partition("\n")
+            examples.append((command, output))
+    return examples
+
+
+def test_docs_memory_examples_are_real_output(tmp_path: Path) -> None:
+    """Each example in docs/memory.md is run as written (llmctl = this checkout; a 120-column terminal) and
+    must print exactly what the page shows, trailing spaces aside."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    examples = _doc_examples()
+    assert len(examples) >= 5 and all("llama-3-70b" in c or c.startswith("cat ") for c, _ in examples)
+    (tmp_path / "llama-3-70b").mkdir()
+    (tmp_path / "llama-3-70b" / "config.json").write_text(json.dumps(LLAMA_70B))
+    env = {**os.environ, "COLUMNS": "120", "HF_HUB_OFFLINE": "1"}
+    prelude = f'llmctl() {{ "{sys.executable}" -m llmctl "$@"; }}\n'
+    for command, expected in examples:
+        if "| jq" in command and shutil.which("jq") is None:
+            continue
+        p = subprocess.run(["bash", "-c", prelude + "{ " + command + "; } 2>&1"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert p.returncode == 0, (command, p.stdout, p.stderr)
+
+        def lines(s: str) -> list[str]:
+            return [line.rstrip() for line in s.rstrip("\n").splitlines()]
+
+        assert lines(p.stdout) == lines(expected), command
