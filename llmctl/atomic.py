@@ -1,8 +1,8 @@
 """Writing outputs so that no reader sees half of one and no link planted beside one redirects it.
 
-* ``write_text`` — a file written to a temporary file that ``mkstemp`` creates (``O_CREAT | O_EXCL``: a
-  symlink or file planted at the name makes it pick another) in the target's folder, then renamed over
-  the target.
+* ``write_text`` / ``write_bytes`` — a file written to a temporary file that ``mkstemp`` creates
+  (``O_CREAT | O_EXCL``: a symlink or file planted at the name makes it pick another) in the target's
+  folder, then renamed over the target.
 * ``private_dir`` — a ``.NAME.KIND-PID`` folder beside an output, made with ``mkdir`` mode 0700 (which
   never follows a link at that name), for what is written before the rename: only its owner can create
   or swap anything inside it.
@@ -28,10 +28,21 @@ _AT_FDCWD = -100
 
 def write_text(path: Path, text: str) -> None:
     """``text`` (UTF-8) at ``path``, never half-written, never through a link planted at the temporary name."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: Path, data: bytes, *, public: bool = False) -> None:
+    """``data`` at ``path``, never half-written, never through a link planted at the temporary name.
+    The file is private (0600, as ``mkstemp`` makes it) unless ``public``: then the mode ``open()`` would
+    give a new file (0666 less the umask)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        if public:
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -369,7 +369,9 @@ def test_importing_has_no_cycle_and_no_torch() -> None:
     import subprocess
     import sys
 
-    for module in ("llmctl.quant.recipes", "llmctl.memory.params", "llmctl.memory", "llmctl.quant.formats"):
+    modules = ("llmctl.quant.recipes", "llmctl.memory.params", "llmctl.memory", "llmctl.quant.formats",
+               "llmctl.memory.chart")  # fmt: skip
+    for module in modules:
         code = f"import sys, {module}, llmctl.memory as m; assert callable(m.estimate); assert 'torch' not in sys.modules"
         subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -388,6 +390,53 @@ def test_activation_formula_by_hand() -> None:
         activation_bytes(c, 100, batch=2)
         == 2 * (2 * 100 * 32 * 2) + 2 * 100 * 8 * 8 * 2 + 2 * 4 * 100 * 100 * 4 + 2 * 100 * 128 * 4
     )
+
+
+def test_flash_attention_reaches_every_figure_of_the_report() -> None:
+    """memory_report passes flash_attention to the estimates, the fit search and the curve alike."""
+    from llmctl.memory.report import memory_report
+
+    c = cfg("Llama-3.1-8B")
+    reports = {
+        fa: memory_report("x", c, None, stored_format="bf16", weights_formats=["q4_k_m"], context=32768,
+                          gpu="RTX 4090", flash_attention=fa)
+        for fa in (False, True)
+    }  # fmt: skip
+    eager, fused = reports[False], reports[True]
+    assert (eager.estimates[0].flash_attention, fused.estimates[0].flash_attention) == (False, True)
+    scores = 32 * 512 * 32768 * 4  # heads × chunk × keys × fp32 at the 32k context: 2 GiB
+    qkv = 512 * 48 * 128 * 2
+    mlp = 3 * 512 * 14336 * 2
+    assert eager.estimates[0].activation_bytes - fused.estimates[0].activation_bytes == qkv + scores - mlp
+    assert fused.fits[0].max_context > eager.fits[0].max_context  # type: ignore[operator]
+    assert fused.curve["q4_k_m"][-1] < eager.curve["q4_k_m"][-1]
+    assert eager.to_json()["estimates"][0]["flash_attention"] is False
+
+
+def test_no_gpu_means_no_max_context() -> None:
+    from llmctl.memory.report import memory_report
+
+    r = memory_report("x", cfg("Llama-3.1-8B"), None, stored_format="bf16")
+    assert r.gpu is None and r.budget_bytes is None
+    assert len(r.fits) == len(GPUS) and all(f.max_context is None and f.max_batch is None for f in r.fits)
+
+
+def test_chart_files_from_the_report_figures() -> None:
+    import csv
+    import xml.etree.ElementTree as ET
+
+    from llmctl.memory import chart
+    from llmctl.memory.report import memory_report
+
+    r = memory_report("a <model> & co", cfg("Phi-3-mini-4k"), None, stored_format="bf16", vram_gib=8)
+    rows = list(csv.reader(chart.to_csv(r).splitlines()))
+    assert rows[0] == ["context", "stored", "gpu_bytes"]
+    assert [int(row[0]) for row in rows[1:]] == r.curve_contexts == [512, 1024, 2048, 4096]
+    assert [int(row[1]) for row in rows[1:]] == r.curve["stored"]
+    assert {int(row[2]) for row in rows[1:]} == {8 * GIB}
+    root = ET.fromstring(chart.to_svg(r))  # the model's name is escaped
+    assert "a <model> & co" in "".join(root.itertext())
+    assert "bf16 (stored)" in "".join(root.itertext())
 
 
 def test_totals_add_up_and_overhead_rule() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from llmctl.commands import render
@@ -34,16 +36,28 @@ def estimate_memory(
     tensor_parallel: int = typer.Option(1, "--tensor-parallel", "--tp", help="GPUs the model is split over."),
     gpu: list[str] = typer.Option(None, "--gpu", help="Check the fit on this GPU (e.g. 'RTX 4090', H100)."),
     vram: float = typer.Option(None, "--vram", help="Check the fit on this much memory, in GiB."),
+    flash_attention: bool = typer.Option(
+        False,
+        "--flash-attention",
+        help="Attention runs fused (FlashAttention, SDPA's flash/memory-efficient kernels, vLLM, llama.cpp "
+        "-fa on): no batch × heads × tokens × context fp32 score matrix is counted.  [default: counted]",
+    ),
+    plot: Path = typer.Option(
+        None, "--plot", metavar="FILE", help="Also write the memory-vs-context chart to FILE.csv, .svg or .png."
+    ),
     json_: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Estimate the memory a model needs to run, and whether it fits a GPU."""
     from llmctl.errors import UsageError
+    from llmctl.memory import chart
     from llmctl.memory.report import memory_report_for
 
     if gpu and len(gpu) > 1:
         raise UsageError(f"--gpu given {len(gpu)} times ({', '.join(map(repr, gpu))}); check one GPU per run")
     gpu = gpu[0] if gpu else None
     context = token_count(context, "--context")
+    if plot is not None:
+        chart.check_path(plot)
 
     report = memory_report_for(
         model,
@@ -57,11 +71,16 @@ def estimate_memory(
         gpu=gpu,
         vram_gib=vram,
         recipe=recipe,
+        flash_attention=flash_attention,
     )
+    if plot is not None:
+        chart.write(report, plot)
     if json_:
         render.print_json(report.to_json())
     else:
         render.memory_report(report)
+    if plot is not None:
+        render.notice(f"wrote the memory-vs-context chart to {plot}")
 
 
 def token_count(text: str, flag: str) -> int:

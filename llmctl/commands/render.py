@@ -144,6 +144,11 @@ def memory_report(report: Any) -> None:
         + (f", recipe {first.recipe}" if first.recipe != "uniform" else "")
         + "; sizes in GiB (2^30 bytes)"
     )
+    con.print(
+        "attention fused (--flash-attention): no score matrix counted"
+        if first.flash_attention
+        else "attention unfused: fp32 score matrix counted (see --flash-attention)"
+    )
     tp = first.tensor_parallel > 1
     table = Table(title="Memory per weights format" + (" (per GPU)" if tp else ""), title_justify="left")
     table.caption = (
@@ -157,7 +162,7 @@ def memory_report(report: Any) -> None:
         table.add_column(col, justify="left" if col == "format" else "right", no_wrap=True)
     for e in report.estimates:
         table.add_row(
-            _format_label(e.weights_format, report.stored_format),
+            report.format_label(e.weights_format),
             f"{8 * e.weights_bytes / e.parameters:.2f}" if e.parameters else "-",
             gib(e.per_gpu_weights_bytes),
             gib(e.weights_breakdown.kept_bytes),
@@ -173,10 +178,6 @@ def memory_report(report: Any) -> None:
         notice(f"note: {note}")
 
 
-def _format_label(weights_format: str, stored: str) -> str:
-    return f"{stored} (stored)" if weights_format == "stored" else weights_format
-
-
 def _fit_table(report: Any) -> None:
     con = out()
     if report.gpu is not None:
@@ -188,7 +189,7 @@ def _fit_table(report: Any) -> None:
         for f in report.fits:
             verdict = "[green]fits[/green]" if f.fits else "[red]does not fit[/red]"
             table.add_row(
-                _format_label(f.weights_format, report.stored_format),
+                report.format_label(f.weights_format),
                 verdict,
                 f"{gib(f.headroom_bytes)} GiB",
                 f"{f.max_context:,}" if f.max_context else "weights do not fit",
@@ -201,7 +202,7 @@ def _fit_table(report: Any) -> None:
     table.add_column("GPU")
     table.add_column("memory", justify="right")
     for f in formats:
-        table.add_column(_format_label(f, report.stored_format), justify="center")
+        table.add_column(report.format_label(f), justify="center")
     by_gpu: dict[str, dict[str, bool]] = {}
     vram: dict[str, int] = {}
     for f in report.fits:
@@ -221,13 +222,13 @@ def _memory_chart(report: Any, width: int = 50) -> None:
     con = out()
     contexts = report.curve_contexts
     series = report.curve
-    limit = report.gpu.vram_bytes if report.gpu is not None else None
+    limit = report.budget_bytes  # what the GPU lets a process use (Apple: 75% of unified memory)
     top = max(max(v) for v in series.values())
     if limit:
         top = max(top, limit)
     scale = width / top if top else 0
     con.print(Text("Total memory against context length (GiB)", style="bold"))
-    labels = {f: _format_label(f, report.stored_format) for f in series}
+    labels = {f: report.format_label(f) for f in series}
     label_w = max(len(v) for v in labels.values())
     for i, ctx in enumerate(contexts):
         for j, (fmt, values) in enumerate(series.items()):

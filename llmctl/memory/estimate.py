@@ -93,6 +93,7 @@ class Estimate:
     per_gpu_total_bytes: int
     notes: tuple[str, ...] = field(default=())
     recipe: str = "uniform"  # llmctl.quant.recipes.RECIPES: which tensors got one format up
+    flash_attention: bool = False  # fused attention: no batch × heads × u × kv_len score matrix counted
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -427,6 +428,7 @@ def _assemble(
         per_gpu_overhead_bytes=gpu_overhead,
         per_gpu_total_bytes=gpu_w + gpu_kv + gpu_act + gpu_overhead,
         notes=tuple(notes),
+        flash_attention=flash_attention,
     )
 
 

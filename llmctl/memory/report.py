@@ -33,8 +33,9 @@ class Fit:
     weights_format: str
     fits: bool
     headroom_bytes: int
-    max_context: int  # at the requested batch; 0 when the weights alone do not fit
-    max_batch: int  # at the requested context
+    # Computed only against a GPU given with --gpu/--vram (None in the verdicts on the built-in table):
+    max_context: int | None  # at the requested batch; 0 when the weights alone do not fit
+    max_batch: int | None  # at the requested context; 0 when not even one sequence fits
 
 
 @dataclass
@@ -47,8 +48,17 @@ class Report:
     fits: list[Fit]
     gpu: GPU | None
     curve_contexts: list[int]
-    curve: dict[str, list[int]]  # weights format -> total bytes per curve context
+    curve: dict[str, list[int]]  # weights format -> per-GPU total bytes per curve context
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def budget_bytes(self) -> int | None:
+        """The memory the given GPU lets a process use (the line on the chart); None without --gpu/--vram."""
+        return self.gpu.usable_bytes if self.gpu is not None else None
+
+    def format_label(self, weights_format: str) -> str:
+        """How tables and charts name a weights format: the stored one as e.g. ``q4_k_m (stored)``."""
+        return f"{self.stored_format} (stored)" if weights_format == "stored" else weights_format
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -58,7 +68,12 @@ class Report:
             "stored_format": self.stored_format,
             "estimates": [e.to_json() for e in self.estimates],
             "fits": [f.__dict__ for f in self.fits],
-            "curve": {"contexts": self.curve_contexts, "total_bytes": self.curve},
+            "curve": {
+                "contexts": self.curve_contexts,
+                "total_bytes": self.curve,
+                "gpu": self.gpu.name if self.gpu is not None else None,
+                "gpu_bytes": self.budget_bytes,
+            },
             "notes": self.notes,
         }
 
@@ -111,6 +126,7 @@ def memory_report(
     gpu: str | None = None,
     vram_gib: float | None = None,
     recipe: str = "uniform",
+    flash_attention: bool = False,
 ) -> Report:
     validate_options(
         context=context, batch=batch, group_size=group_size, kv_dtype=kv_dtype, kv_layout=kv_layout,
@@ -123,7 +139,7 @@ def memory_report(
         raise UsageError(f"--recipe {recipe} needs --weights: the format the recipe starts from (e.g. -w int4)")
     common = dict(
         tensors=tensors, group_size=group_size, batch=batch, kv_dtype=kv_dtype, kv_layout=kv_layout,
-        tensor_parallel=tensor_parallel, recipe=recipe,
+        tensor_parallel=tensor_parallel, recipe=recipe, flash_attention=flash_attention,
     )  # fmt: skip
     estimates = [estimate(config, weights_format=f, context=context, **common) for f in formats]
 
@@ -145,7 +161,7 @@ def memory_report(
                     headroom_bytes=budget - est.per_gpu_total_bytes,
                     max_context=max_context_that_fits(config, vram_bytes=budget, weights_format=f, **common)
                     if target
-                    else 0,
+                    else None,
                     max_batch=max_batch_that_fits(
                         config,
                         vram_bytes=budget,
@@ -154,7 +170,7 @@ def memory_report(
                         **{k: v for k, v in common.items() if k != "batch"},
                     )
                     if target
-                    else 0,
+                    else None,
                 )
             )
     contexts = curve_contexts(max(context, config.max_position_embeddings))
