@@ -201,6 +201,28 @@ def test_the_plan_says_when_the_output_outgrows_a_quantized_source() -> None:
     plan = make_plan("smollm2-135m", "int4", group_size=32)
     assert plan.out_bytes > plan.src_bytes
     grown = next(n for n in plan.notes if n.startswith("the output ("))
-    assert "model.embed_tokens.weight" in grown and "--override PATTERN=FORMAT" in grown
+    assert "model.embed_tokens.weight" in grown and "--out NAME.gguf" in grown and "embed_tokens=int8" in grown
     assert any(n.startswith("the source is quantized already (q4_1, q8_0)") for n in plan.notes)
     assert make_plan("smollm2-135m", "bf16").notes == []  # a conversion: nothing rounded again
+
+
+def test_a_quantized_embedding_loads_where_the_note_says(llama, tmp_path) -> None:
+    """The note offers --override embed_tokens=int8 for llmctl's runtime and says transformers (and vLLM)
+    refuse it: both halves checked on the real engines (vLLM's refusal: docs/formats.md)."""
+    from transformers import AutoModelForCausalLM
+
+    from llmctl.runtime.loader import load_model
+
+    plan = make_plan(str(llama), "int4", group_size=32, overrides=["embed_tokens=int8"])
+    note = next(n for n in plan.notes if n.startswith("model.embed_tokens.weight is quantized"))
+    assert "transformers and vLLM" in note
+    emb = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
+    assert emb.quantized and emb.format == "int8"
+    out = tmp_path / "q"
+    run_plan(plan, out)
+    model = load_model(out)
+    logits = model(torch.tensor([[1, 2, 3, 4]]))
+    assert torch.isfinite(logits).all()
+    with pytest.raises(AttributeError, match="weight"):
+        AutoModelForCausalLM.from_pretrained(out)
+    assert not any("is quantized" in n for n in make_plan(str(llama), "int4", group_size=32).notes)

@@ -415,7 +415,18 @@ def _honest_size(plan: Plan) -> list[str]:
         notes.append(
             f"the output ({human_bytes(plan.out_bytes)}) is larger than the source's weights "
             f"({human_bytes(plan.src_bytes)}): the source stores some tensors in fewer bits than the recipe "
-            f"keeps them{what}; --override PATTERN=FORMAT quantizes it too"
+            f"keeps them{what}; a GGUF output (--out NAME.gguf) quantizes the embeddings as llama.cpp does, or "
+            "--override 'embed_tokens=int8' quantizes them here (llmctl's runtime loads that; transformers and "
+            "vLLM do not)"
+        )
+    from llmctl.memory.params import tensor_role
+
+    embeds = [t.name for t in plan.tensors if t.quantized and tensor_role(t.name, t.shape) == "embedding"]
+    if embeds:
+        notes.append(
+            f"{embeds[0]} is quantized: llmctl's runtime loads the folder, but transformers and vLLM quantize "
+            "Linear layers only and refuse a quantized embedding; keep it 16-bit for them, or write a GGUF "
+            "(--out NAME.gguf) for llama.cpp"
         )
     quantized = sorted({t.src_dtype for t in plan.tensors if t.src_dtype.lower() not in _FLOAT_SOURCES})
     if quantized and plan.format not in FLOATS:
