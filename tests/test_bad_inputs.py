@@ -117,6 +117,10 @@ SPEECH = (
 CASES = [
     # sources: paths, folders, configs
     Case("missing-path", lambda t: ["estimate-memory", str(t / "nope")], "not found"),
+    Case("plot-unknown-type", lambda t: ["estimate-memory", str(folder(t)), "--plot", str(t / "chart.pdf")], "name it .csv, .svg or .png"),
+    Case("plot-missing-folder", lambda t: ["estimate-memory", str(folder(t)), "--plot", str(t / "no" / "c.csv")], "does not exist"),
+    Case("show-template-of-base-model", lambda t: ["show", "gemma3-270m", "--template"], "has no chat template"),
+    Case("gpu-layers-with-torch", lambda t: ["chat", "smollm2-135m", "--backend", "torch", "--gpu-layers", "4", "--prompt", "hi"], "--gpu-layers is a llama.cpp-backend option"),
     Case("folder-without-config", lambda t: ["estimate-memory", str(folder(t, None))], "config.json"),
     Case("malformed-config", lambda t: ["estimate-memory", str(folder(t, "{not json"))], "malformed JSON"),
     Case("config-not-object", lambda t: ["estimate-memory", str(folder(t, "[1, 2]"))], "JSON object"),
@@ -279,7 +283,7 @@ def test_the_catalogue_covers_every_command(tmp_path: Path) -> None:
     for i, case in enumerate(CASES):
         (tmp_path / str(i)).mkdir()
         commands.add(case.make(tmp_path / str(i))[0])
-    assert commands == {"estimate-memory", "quantize", "chat", "eval"}
+    assert commands == {"estimate-memory", "quantize", "chat", "eval", "show"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
