@@ -163,8 +163,7 @@ def _quantize_gguf(
     name, _ = gguf_request(fmt, by, pure, calibrate)
     source = resolve(model)
     if out is None:
-        stem = source.display if source.kind == "bundled" else source.path.stem
-        out = Path(f"{stem}-{name}.gguf")
+        out = Path(f"{source.out_stem}-{name}.gguf")
     if dry_run:
         plan = plan_gguf(source, fmt, by, overrides, calibrate, pure)
         if json_:
