@@ -371,11 +371,16 @@ def _hub_info(repo: str, revision: str | None):  # -> huggingface_hub.ModelInfo 
     """
     import httpx2
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
 
     try:
         return HfApi().model_info(repo, revision=revision, timeout=httpx2.Timeout(60.0, connect=HUB_CONNECT_TIMEOUT))
     except _hub_unreachable():
         return None
+    except HfHubHTTPError as e:  # the hub is down (5xx): the cache answers, as when it cannot be reached
+        if e.response is not None and e.response.status_code >= 500:
+            return None
+        raise
 
 
 def _unreachable(where: str, repo: str, cache: Path) -> SourceError:

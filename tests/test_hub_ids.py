@@ -52,11 +52,13 @@ LLAMA_31_8B = {
 
 @pytest.fixture
 def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The cache; the commands run by ``cli`` see no HF_HUB_OFFLINE and an unreachable hub. Calls in this
+    process see HF_HUB_OFFLINE=1: huggingface-hub reads HF_ENDPOINT once, at import, so only a subprocess
+    can be sure where it would connect."""
     cache = tmp_path / "hub"
     cache.mkdir()
-    for key, value in {"HF_HUB_CACHE": str(cache), "HF_ENDPOINT": UNREACHABLE}.items():
+    for key, value in {"HF_HUB_CACHE": str(cache), "HF_ENDPOINT": UNREACHABLE, "HF_HUB_OFFLINE": "1"}.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return cache
 
 
@@ -244,3 +246,109 @@ def test_a_repository_of_neither_weights_nor_ggufs(hub: Path) -> None:
     make_hub_cache(hub, "acme/docs", {"README.md": b"# nothing here"})
     with pytest.raises(SourceError, match="acme/docs has neither config.json nor a .gguf file in the cache"):
         resolve("acme/docs")
+
+
+def test_a_hub_that_answers_503_leaves_the_cache_to_answer(
+    hub: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub that is up but failing (a real local server answering 503 to everything) is no hub either."""
+    import http.server
+    import threading
+
+    class Down(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(503)
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Down)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        make_hub_cache(hub, "meta-llama/Llama-3.1-8B", {"config.json": json.dumps(LLAMA_31_8B).encode()})
+        p, _ = cli("estimate-memory", "meta-llama/Llama-3.1-8B", "-w", "int4", cwd=tmp_path)
+        assert p.returncode == 0 and "hub is unreachable: used the cached snapshot" in p.stdout + p.stderr, p.stderr
+        p, wall = cli("estimate-memory", "acme/absent", cwd=tmp_path)
+        one_error_line(p, "cannot reach the Hugging Face hub (http://127.0.0.1:")
+        assert wall < 10, wall  # huggingface-hub retries a 503 five times with backoff
+    finally:
+        server.shutdown()
+
+
+# ---- with a hub: a real local HTTP server that speaks the part of the hub's protocol huggingface-hub uses --
+class LocalHub:
+    """Serves one repository: ``/api/models/REPO[/revision/REV]`` (its listing) and ``/REPO/resolve/REV/FILE``
+    (HEAD and GET, with the commit and ETag headers huggingface-hub reads); records each request's path."""
+
+    def __init__(self, repo: str, files: dict[str, bytes], commit: str = "f" * 40) -> None:
+        import hashlib
+        import http.server
+        import threading
+
+        hub, self.requests = self, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self, body: bool) -> None:
+                hub.requests.append(self.path)
+                path = self.path.split("?")[0]
+                if path in (f"/api/models/{repo}", f"/api/models/{repo}/revision/main"):
+                    data = json.dumps({"id": repo, "sha": commit,
+                                       "siblings": [{"rfilename": n} for n in files]}).encode()  # fmt: skip
+                    headers = {"Content-Type": "application/json"}
+                elif path.startswith(f"/{repo}/resolve/") and path.rsplit("/", 1)[-1] in files:
+                    data = files[path.rsplit("/", 1)[-1]]
+                    headers = {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
+                else:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                for k, v in {**headers, "Content-Length": str(len(data))}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._answer(True)
+
+            def do_HEAD(self) -> None:
+                self._answer(False)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def local_hub(hub: Path, gguf_blob: bytes, monkeypatch: pytest.MonkeyPatch):
+    names = ("tiny-Q8_0.gguf", "tiny-Q4_K_M.gguf", "tiny-Q4_K_S.gguf")
+    server = LocalHub("acme/tiny-GGUF", {n: gguf_blob for n in names} | {"README.md": b"# tiny"})
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    yield server
+    server.server.shutdown()
+
+
+def test_online_a_quant_tag_downloads_that_gguf_only(local_hub: LocalHub, hub: Path, tmp_path: Path) -> None:
+    p, _ = cli("estimate-memory", "acme/tiny-GGUF", cwd=tmp_path)
+    one_error_line(p, "acme/tiny-GGUF holds 3 .gguf files on the hub (tiny-Q4_K_M.gguf, tiny-Q4_K_S.gguf")
+    p, _ = cli("estimate-memory", "acme/tiny-GGUF:Q4_K_M", cwd=tmp_path)  # never gigabytes for a header
+    one_error_line(p, "acme/tiny-GGUF:tiny-Q4_K_M.gguf is not in the Hugging Face cache")
+    assert "estimate-memory does not download weights" in p.stderr
+    p, _ = cli("chat", "acme/tiny-GGUF:q4_k_m", "-p", "hi", "-n", "2", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    snap = hub / "models--acme--tiny-GGUF" / "snapshots" / ("f" * 40)
+    assert [f.name for f in snap.iterdir()] == ["tiny-Q4_K_M.gguf"]  # the one file, nothing else
+    assert not [r for r in local_hub.requests if "Q8_0" in r or "Q4_K_S" in r]
+    p, _ = cli("estimate-memory", "acme/tiny-GGUF:Q4_K_M", cwd=tmp_path)  # cached now
+    assert p.returncode == 0 and "unreachable" not in p.stdout + p.stderr, p.stderr
