@@ -344,7 +344,8 @@ def _pick_gguf(where: str, file: str | None, names: list[str], place: str) -> st
         found = [n for n in ggufs if n == file] or [n for n in ggufs if n.lower() == file.lower()]
     else:
         tag = re.compile(rf"(?<![A-Za-z0-9]){re.escape(file)}(?![A-Za-z0-9_])", re.IGNORECASE)
-        found = [n for n in ggufs if n[:-5].lower() == file.lower()] or [n for n in ggufs if tag.search(n[:-5])]
+        exact = [n for n in ggufs if n[:-5].lower() == file.lower()]
+        found = exact or [n for n in ggufs if tag.search(n[:-5])]
     if len(found) == 1:
         return found[0]
     what = f"file {file!r}" if file.lower().endswith(".gguf") else f"quant tag {file!r}"
@@ -374,7 +375,8 @@ def _hub_info(repo: str, revision: str | None):  # -> huggingface_hub.ModelInfo 
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
-        return HfApi().model_info(repo, revision=revision, timeout=httpx2.Timeout(60.0, connect=HUB_CONNECT_TIMEOUT))
+        timeout = httpx2.Timeout(60.0, connect=HUB_CONNECT_TIMEOUT)
+        return HfApi().model_info(repo, revision=revision, timeout=timeout)
     except _hub_unreachable():
         return None
     except HfHubHTTPError as e:  # the hub is down (5xx): the cache answers, as when it cannot be reached
@@ -393,9 +395,7 @@ def _unreachable(where: str, repo: str, cache: Path) -> SourceError:
     )
 
 
-def _hub(
-    spec: str, repo: str, revision: str | None, file: str | None, *, need_weights: bool
-) -> ModelSource:
+def _hub(spec: str, repo: str, revision: str | None, file: str | None, *, need_weights: bool) -> ModelSource:
     _check_revision(repo, revision)
     _check_hub_file(repo, file)
     from huggingface_hub import errors as hf_errors
@@ -403,7 +403,6 @@ def _hub(
 
     cache = hub_cache_dir()
     where = f"{repo}@{revision}" if revision else repo
-    info = None
     try:
         info = None if hub_offline() else _hub_info(repo, revision)
         offline = info is None

@@ -102,14 +102,18 @@ def test_a_cached_config_estimates_without_the_network(hub: Path, tmp_path: Path
 )
 def test_an_unreachable_hub_is_one_line_at_once(hub: Path, tmp_path: Path, args: tuple[str, ...]) -> None:
     p, wall = cli(*args, cwd=tmp_path)
-    one_error_line(p, f"cannot reach the Hugging Face hub ({UNREACHABLE}) for acme/absent and it is not in the cache")
+    one_error_line(
+        p, f"cannot reach the Hugging Face hub ({UNREACHABLE}) for acme/absent and it is not in the cache"
+    )
     assert "HF_HUB_OFFLINE=1" in p.stderr and "Retrying" not in p.stderr
     assert wall < 10, wall  # huggingface-hub's five retries with backoff took 24 s
 
 
 # ---- item 9: default output names ------------------------------------------------------------------------
 def test_the_default_output_is_named_after_the_repository(hub: Path, tmp_path: Path) -> None:
-    make_hub_cache(hub, "acme/tiny-llama", _folder_files(tmp_path), commit="0123456789abcdef" * 2 + "01234567")
+    make_hub_cache(
+        hub, "acme/tiny-llama", _folder_files(tmp_path), commit="0123456789abcdef" * 2 + "01234567"
+    )
     p, _ = cli("quantize", "acme/tiny-llama", "-f", "int4", "-g", "32", "--dry-run", "--json", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["out"] == "tiny-llama-int4"
@@ -166,7 +170,9 @@ def test_several_ggufs_name_the_choices_and_the_syntax(hub: Path, tmp_path: Path
 def test_a_file_or_quant_tag_picks_one(hub: Path, gguf_blob: bytes, spec: str, name: str) -> None:
     from llmctl.sources import resolve
 
-    snap = gguf_repo(hub, gguf_blob, "tiny-Q8_0.gguf", "tiny-Q4_K_M.gguf", "tiny-Q4_K_S.gguf", "tiny-IQ4_XS.gguf")
+    snap = gguf_repo(
+        hub, gguf_blob, "tiny-Q8_0.gguf", "tiny-Q4_K_M.gguf", "tiny-Q4_K_S.gguf", "tiny-IQ4_XS.gguf"
+    )
     for need_weights in (True, False):
         src = resolve(spec, need_weights=need_weights)
         assert src.path == snap / name and src.repo == "acme/tiny-GGUF"
@@ -192,7 +198,9 @@ def test_a_revision_and_a_file_compose(hub: Path, gguf_blob: bytes) -> None:
         ("K_S", None),  # a whole part: matches tiny-Q4_K_S.gguf only
     ],
 )
-def test_a_file_that_picks_none_lists_the_files(hub: Path, gguf_blob: bytes, file: str, message: str | None) -> None:
+def test_a_file_that_picks_none_lists_the_files(
+    hub: Path, gguf_blob: bytes, file: str, message: str | None
+) -> None:
     from llmctl.sources import resolve
 
     gguf_repo(hub, gguf_blob, "tiny-Q4_K_M.gguf", "tiny-Q4_K_S.gguf")
@@ -207,7 +215,9 @@ def test_a_tag_matching_several_files_lists_them(hub: Path, gguf_blob: bytes) ->
     from llmctl.sources import resolve
 
     gguf_repo(hub, gguf_blob, "tiny-Q4_K_M-00001-of-00002.gguf", "tiny-Q4_K_M-00002-of-00002.gguf")
-    with pytest.raises(SourceError, match=r"quant tag 'Q4_K_M' matches 2 files in the cache \(tiny-Q4_K_M-00001"):
+    with pytest.raises(
+        SourceError, match=r"quant tag 'Q4_K_M' matches 2 files in the cache \(tiny-Q4_K_M-00001"
+    ):
         resolve("acme/tiny-GGUF:Q4_K_M")
 
 
@@ -225,7 +235,9 @@ def test_a_tag_matching_several_files_lists_them(hub: Path, gguf_blob: bytes) ->
         ("config.json", "is not a .gguf file name or a quant tag"),
     ],
 )
-def test_a_file_part_is_a_plain_gguf_name(hub: Path, gguf_blob: bytes, tmp_path: Path, file: str, problem: str) -> None:
+def test_a_file_part_is_a_plain_gguf_name(
+    hub: Path, gguf_blob: bytes, tmp_path: Path, file: str, problem: str
+) -> None:
     """The file part is checked before huggingface-hub sees it: it never reaches outside the snapshot."""
     from llmctl.sources import resolve
 
@@ -271,7 +283,9 @@ def test_a_hub_that_answers_503_leaves_the_cache_to_answer(
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
         make_hub_cache(hub, "meta-llama/Llama-3.1-8B", {"config.json": json.dumps(LLAMA_31_8B).encode()})
         p, _ = cli("estimate-memory", "meta-llama/Llama-3.1-8B", "-w", "int4", cwd=tmp_path)
-        assert p.returncode == 0 and "hub is unreachable: used the cached snapshot" in p.stdout + p.stderr, p.stderr
+        assert p.returncode == 0 and "hub is unreachable: used the cached snapshot" in p.stdout + p.stderr, (
+            p.stderr
+        )
         p, wall = cli("estimate-memory", "acme/absent", cwd=tmp_path)
         one_error_line(p, "cannot reach the Hugging Face hub (http://127.0.0.1:")
         assert wall < 10, wall  # huggingface-hub retries a 503 five times with backoff
