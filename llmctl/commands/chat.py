@@ -32,7 +32,7 @@ MULTILINE = '"""'
 
 def chat(
     model: str = typer.Argument(
-        None, help="Folder, .gguf, hub id org/name[@rev] or bundled name (default: smollm2-135m)."
+        None, help="Folder, .gguf, hub id org/name[@rev][:FILE.gguf] or bundled name (default: smollm2-135m)."
     ),
     backend: str = typer.Option("auto", "--backend", help="auto (llama.cpp for GGUF, else torch), torch, llama.cpp."),
     context: int = typer.Option(

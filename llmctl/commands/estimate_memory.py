@@ -11,7 +11,7 @@ from llmctl.commands import render
 
 def estimate_memory(
     model: str = typer.Argument(
-        ..., help="Folder, config.json, .gguf, hub id org/name[@rev], or bundled name."
+        ..., help="Folder, config.json, .gguf, hub id org/name[@rev][:FILE.gguf], or bundled name."
     ),
     context: str = typer.Option("4096", "--context", "-c", help="Context length in tokens: 8192, 32k, 128k (k = 1024)."),
     batch: int = typer.Option(1, "--batch", "-b", help="Sequences decoded at once."),

@@ -10,7 +10,7 @@ from llmctl.commands import render
 
 def eval_(
     model: str = typer.Argument(
-        None, help="Folder, .gguf, hub id org/name[@rev], or bundled name.  [default: smollm2-135m]"
+        None, help="Folder, .gguf, hub id org/name[@rev][:FILE.gguf], or bundled name.  [default: smollm2-135m]"
     ),
     data: str = typer.Option(
         None,

@@ -13,7 +13,7 @@ from llmctl.errors import UsageError
 
 
 def quantize(
-    model: str = typer.Argument(None, help="Folder, .gguf, hub id org/name[@rev], or bundled name."),
+    model: str = typer.Argument(None, help="Folder, .gguf, hub id org/name[@rev][:FILE.gguf], or bundled name."),
     format_: str = typer.Option(
         ..., "--format", "-f", help="fp8, int8, int4, int4-asym, nf4, nf4-dq, or bf16/fp16/fp32 (conversion)."
     ),
@@ -164,8 +164,7 @@ def _quantize_gguf(
     name, _ = gguf_request(fmt, by, pure, calibrate)
     source = resolve(model)
     if out is None:
-        stem = source.display if source.kind == "bundled" else source.path.stem
-        out = Path(f"{stem}-{name}.gguf")
+        out = Path(f"{source.out_stem}-{name}.gguf")
     if dry_run:
         plan = plan_gguf(source, fmt, by, overrides, calibrate, pure)
         if json_:

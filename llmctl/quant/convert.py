@@ -603,11 +603,7 @@ def check_out(out: Path, force: bool, *, file: bool = False) -> None:
 
 
 def default_out(plan: Plan) -> Path:
-    src = plan.source
-    stem = src.path.stem if src.is_gguf else src.path.name
-    if src.kind == "bundled":
-        stem = src.display
-    return Path(f"{stem}-{plan.format}")
+    return Path(f"{plan.source.out_stem}-{plan.format}")
 
 
 def run_plan(
