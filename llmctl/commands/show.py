@@ -10,7 +10,7 @@ from llmctl.errors import UsageError
 
 def show(
     model: str = typer.Argument(
-        None, help="Folder, .gguf, hub id org/name[@rev] or bundled name (default: smollm2-135m)."
+        None, help="Folder, .gguf, hub id org/name[@rev][:FILE.gguf] or bundled name (default: smollm2-135m)."
     ),
     template: bool = typer.Option(False, "--template", help="Print the model's chat template as stored, and nothing else."),
     json_: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
