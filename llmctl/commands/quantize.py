@@ -224,6 +224,8 @@ def _interruptible() -> Iterator[_Output]:
             render.interrupted(f"interrupted after the output was complete: {output.path} is written")
         elif now is not None:
             render.interrupted(f"interrupted: nothing written (the partial output was removed); {output.path} is unchanged")
-        else:
+        elif output.path is not None:
             render.interrupted("interrupted: nothing written (the partial output was removed)")
+        else:  # before the run began writing
+            render.interrupted("interrupted: nothing written")
         raise typer.Exit(130) from None

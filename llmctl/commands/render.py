@@ -327,9 +327,8 @@ class _QuantProgress(_Bar):
     def __enter__(self) -> Any:
         update = super().__enter__()
         if update is not None and self.first:
-            from llmctl.quant.convert import Progress
-
-            update(Progress(self.first))
+            self.phase = self.first
+            self.task = self.bar.add_task(self.first, total=None, count="")
         return update
 
     def update(self, p: Any) -> None:
