@@ -183,6 +183,9 @@ def test_cli_dry_run_json_and_errors(llama, tmp_path):
     res = json.loads(p.stdout)
     assert res["output_bytes"] == doc["output_bytes"] == (tmp_path / "q" / "model.safetensors").stat().st_size
     assert res["by_format"]["int4"]["tensors"] == 14 and res["by_format"]["int4"]["bits_per_weight"] == 4.5
+    for key in ("source_bytes", "output_bytes"):  # the rows and the non-tensor bytes (headers) add up
+        assert sum(v[key] for v in res["by_format"].values()) + res["non_tensor"][key] == res[key], key
+    assert res["non_tensor"]["output_bytes"] > 0  # the safetensors header
     assert res["worst_sqnr"][0]["sqnr_db"] > 10 and res["params_per_second"] > 0
     p = _cli(str(llama), "-f", "int4", "-g", "32", "-o", "q", cwd=tmp_path)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [

@@ -123,13 +123,15 @@ def test_llama_cpp_mixes_follow_the_recipe(mix, tmp_path):
     seen = []
     write_gguf(source, out, mix, threads=2, progress=seen.append)
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
-    assert seen and seen[-1].tensor == seen[-1].tensors == 272
-    done = [p.bytes_done for p in seen]  # one bar over both phases: the f16 file, then llama.cpp's tensors
-    assert (
-        done == sorted(done)
-        and done[-1] == seen[-1].bytes_total
-        and {p.bytes_total for p in seen} == {done[-1]}
-    )
+    # two phases, each with its own counter that never goes backwards: the f16 file, then llama.cpp's tensors
+    phases = list(dict.fromkeys(p.phase for p in seen))
+    assert phases == ["writing the f16 intermediate", f"llama.cpp quantizing to {mix}"]
+    for phase in phases:
+        steps = [p for p in seen if p.phase == phase]
+        done = [p.done for p in steps]
+        assert done == sorted(done) and done[-1] == 272 and {p.total for p in steps} == {272}, phase
+        work = [p.work_done for p in steps if p.work_total is not None]
+        assert work == sorted(work)
     plan = plan_gguf(source, mix)
     written = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
     for row in plan["tensors"]:
@@ -161,6 +163,8 @@ def test_command(tmp_path):
         and d["output_bytes"] == out.stat().st_size
     )
     assert sum(r["bytes"] for r in plan["tensors"]) == sum(v["output_bytes"] for v in d["by_format"].values())
+    for key in ("source_bytes", "output_bytes"):  # the rows and the non-tensor bytes (metadata) add up
+        assert sum(v[key] for v in d["by_format"].values()) + d["non_tensor"][key] == d[key], key
     again = run("--format", "q8_0", "--out", str(out))
     assert again.returncode == 2 and "already exists; pass --force" in again.stderr
     # what a killed run leaves (its output and a mix's f16 intermediate) goes with the next run

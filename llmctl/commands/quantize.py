@@ -4,6 +4,9 @@ in a layout other engines load (compressed-tensors, bitsandbytes, Hugging Face) 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -105,31 +108,35 @@ def quantize(
         )
     from llmctl.quant.convert import check_out, default_out, make_plan, run_plan
 
-    plan = make_plan(
-        model,
-        format_,
-        group_size=group_size,
-        symmetric=symmetric,
-        layout=layout,
-        keep=keep or (),
-        overrides=override or (),
-        skip_indivisible=skip_indivisible,
-        fp8=fp8,
-        method=method,
-        recipe=recipe,
-        calibration=calibration,
-        calibration_tokens=calibration_tokens,
-    )
-    target = out or default_out(plan)
+    with _interruptible() as output, render.quantize_progress(
+        enabled=not json_, first=f"reading {model or 'the bundled model'}"
+    ) as progress:
+        plan = make_plan(
+            model,
+            format_,
+            group_size=group_size,
+            symmetric=symmetric,
+            layout=layout,
+            keep=keep or (),
+            overrides=override or (),
+            skip_indivisible=skip_indivisible,
+            fp8=fp8,
+            method=method,
+            recipe=recipe,
+            calibration=calibration,
+            calibration_tokens=calibration_tokens,
+        )
+        target = out or default_out(plan)
+        if not dry_run:
+            output.watch(target)
+            check_out(target, force)
+            result = run_plan(plan, target, force=force, progress=progress)
     if dry_run:
         if json_:
             render.print_json({"dry_run": True, "out": str(target), **plan.to_dict()})
         else:
             render.quantize_plan(plan, target, verbose=verbose)
         return
-    check_out(target, force)
-    with render.quantize_progress(enabled=not json_) as progress:
-        result = run_plan(plan, target, force=force, progress=progress)
     _remember(target, format_, model)
     if json_:
         render.print_json(result.to_dict())
@@ -172,7 +179,10 @@ def _quantize_gguf(
         else:
             render.gguf_plan(plan, out, verbose=verbose)
         return
-    with render.quantize_progress(enabled=not json_) as progress:
+    with _interruptible() as output, render.quantize_progress(
+        enabled=not json_, first=f"reading {source.display}"
+    ) as progress:
+        output.watch(out)
         result = write_gguf(source, out, fmt, by=by, pure=pure, force=force, threads=threads, progress=progress,
                             overrides=overrides, calibration=calibrate)  # fmt: skip
     _remember(out, fmt, source.display)
@@ -180,6 +190,46 @@ def _quantize_gguf(
         render.print_json(result.to_dict())
     else:
         render.quantize_summary(result)
+
+
+class _Output:
+    """The output path, once known, and what was there before the run (inode, mtime), for ``_interruptible``."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.before: tuple[int, int] | None = None
+
+    def watch(self, path: Path) -> None:
+        self.path, self.before = path, _identity(path)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+@contextmanager
+def _interruptible() -> Iterator[_Output]:
+    """Ctrl-C: one line saying what is on disk (the run removes its partial output; an output it replaces is
+    the old one, untouched, or the new one, complete), then exit code 130. Entered before the progress bar,
+    so the bar is gone when the line prints."""
+    output = _Output()
+    try:
+        yield output
+    except KeyboardInterrupt:
+        now = _identity(output.path) if output.path is not None else None
+        if now is not None and now != output.before:
+            render.interrupted(f"interrupted after the output was complete: {output.path} is written")
+        elif now is not None:
+            render.interrupted(f"interrupted: nothing written (the partial output was removed); {output.path} is unchanged")
+        elif output.path is not None:
+            render.interrupted("interrupted: nothing written (the partial output was removed)")
+        else:  # before the run began writing
+            render.interrupted("interrupted: nothing written")
+        raise typer.Exit(130) from None
 
 
 def _remember(out: Path, fmt: str, source: str | None) -> None:

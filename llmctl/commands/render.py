@@ -344,35 +344,89 @@ class _Bar:
 
 
 class _QuantProgress(_Bar):
-    def __init__(self, enabled: bool) -> None:
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+    """One line per phase of the run (llmctl.quant.convert.Progress): what it is doing, its own counter
+    (which never goes backwards), elapsed time, and an ETA only where the phase's length is known. A phase
+    of unknown length (loading, converting a tokenizer) shows a moving bar. A finished phase stays, at
+    100 %, until the run ends."""
+
+    def __init__(self, enabled: bool, first: str | None = None) -> None:
+        from rich.progress import BarColumn, ProgressColumn, TextColumn, TimeElapsedColumn
+
+        class Eta(ProgressColumn):
+            """The phase's remaining work at its average rate so far; none before 5 % of it and 1 s."""
+
+            def render(self, task: Any) -> Text:
+                if task.total is None or task.finished:
+                    return Text("")
+                elapsed = task.elapsed or 0.0
+                if task.completed < task.total / 20 or elapsed < 1:
+                    return Text("ETA -:--:--", style="cyan")
+                left = elapsed * (task.total - task.completed) / task.completed
+                m, sec = divmod(int(left + 0.5), 60)
+                return Text(f"ETA {m // 60}:{m % 60:02d}:{sec:02d}", style="cyan")
 
         super().__init__(
             enabled,
             TextColumn("{task.description}"),
             BarColumn(),
-            DownloadColumn(),
-            TextColumn("tensors {task.fields[tensor]}"),
+            TextColumn("{task.fields[count]}"),
             TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
+            Eta(),
         )
+        self.phase: str | None = None
+        self.first = first
+
+    def __enter__(self) -> Any:
+        update = super().__enter__()
+        if update is not None and self.first:
+            self.phase = self.first
+            self.task = self.bar.add_task(self.first, total=None, count="")
+        return update
 
     def update(self, p: Any) -> None:
-        if self.task is None:
-            self.task = self.bar.add_task("quantizing", total=p.bytes_total, tensor="")
-        self.bar.update(self.task, completed=p.bytes_done, tensor=f"{p.tensor}/{p.tensors}")
+        work = p.work_total if p.work_total is not None else p.total
+        done = p.work_done if p.work_total is not None else p.done
+        count = f"{p.unit} {p.done}/{p.total}" if p.total is not None else ""
+        if p.phase != self.phase:
+            if self.task is not None:  # the previous phase is over
+                t = self.bar.tasks[-1]
+                if t.total is None:
+                    self.bar.update(self.task, total=1, completed=1)
+                else:
+                    self.bar.update(self.task, completed=t.total)
+                self.bar.stop_task(self.task)
+            self.phase = p.phase
+            self.task = self.bar.add_task(p.phase, total=work, completed=done or 0, count=count)
+            return
+        self.bar.update(self.task, total=work, completed=done or 0, count=count)
 
 
-def quantize_progress(enabled: bool = True) -> _QuantProgress:
-    """A context manager yielding the progress callback (None when stderr is not a terminal)."""
-    return _QuantProgress(enabled)
+def quantize_progress(enabled: bool = True, first: str | None = None) -> _QuantProgress:
+    """A context manager yielding the progress callback (None when stderr is not a terminal); ``first``: a
+    phase shown from the start (what runs before the first event, such as reading the model)."""
+    return _QuantProgress(enabled, first)
+
+
+def _summed(values: Sequence[int], total: int) -> tuple[list[str], str]:
+    """Byte counts and their total in the total's unit with two decimals, the rows rounded (largest
+    remainder, each within 0.01 of its value) so that the shown rows add up to the shown total."""
+    unit, size = next(((u, n) for u, n in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)) if total >= n), ("B", 1))
+    scale = 1 if unit == "B" else 100
+    exact = [v * scale / size for v in values]
+    shown = [int(x) for x in exact]
+    target = int(total * scale / size + 0.5)
+    for i in sorted(range(len(exact)), key=lambda i: shown[i] - exact[i])[: max(target - sum(shown), 0)]:
+        shown[i] += 1
+
+    def fmt(n: int) -> str:
+        return f"{n} B" if unit == "B" else f"{n // 100}.{n % 100:02d} {unit}"
+
+    return [fmt(n) for n in shown], fmt(target)
+
+
+def interrupted(message: str) -> None:
+    """What a Ctrl-C left behind: one line on stderr, never wrapped."""
+    err().print(Text(message, style="yellow"), soft_wrap=True)
 
 
 def quantize_summary(result: Any) -> None:
@@ -383,13 +437,21 @@ def quantize_summary(result: Any) -> None:
     table = Table(title=f"{d['model']} → {d['out']} ({d['format']}{recipe}, {d['layout']} layout{by})", title_justify="left")
     for col in ("format", "tensors", "params", "before", "after", "bits/weight"):
         table.add_column(col, justify="left" if col == "format" else "right")
-    for fmt, s in d["by_format"].items():
-        table.add_row(fmt, str(s["tensors"]), f"{s['params']:,}", human_bytes(s["source_bytes"]),
-                      human_bytes(s["output_bytes"]), f"{s['bits_per_weight']:.3f}")  # fmt: skip
+    rows = list(d["by_format"].items())
+    extra = d.get("non_tensor")
+    if extra and (extra["source_bytes"] or extra["output_bytes"]):  # headers, metadata: the totals hold them
+        rows.append((extra["what"], None))
+    by = [s or extra for _, s in rows]
+    before, before_total = _summed([s["source_bytes"] for s in by], d["source_bytes"])
+    after, after_total = _summed([s["output_bytes"] for s in by], d["output_bytes"])
+    for (fmt, s), b, a in zip(rows, before, after, strict=True):
+        if s is None:
+            table.add_row(fmt, "-", "-", b, a, "-")
+        else:
+            table.add_row(fmt, str(s["tensors"]), f"{s['params']:,}", b, a, f"{s['bits_per_weight']:.3f}")
     table.add_row(
         "[bold]total[/bold]", str(sum(s["tensors"] for s in d["by_format"].values())), f"{d['params']:,}",
-        human_bytes(d["source_bytes"]), f"[bold]{human_bytes(d['output_bytes'])}[/bold]",
-        f"{d['bits_per_weight']:.3f}",
+        before_total, f"[bold]{after_total}[/bold]", f"{d['bits_per_weight']:.3f}",
     )  # fmt: skip
     con.print(table)
     rate = d["params_per_second"] or 0

@@ -445,10 +445,14 @@ def calibrate(plan: Plan, progress: Callable[[Progress], None] | None = None) ->
         return
     from llmctl.quant.calibrate import collect
 
+    phase = f"calibrating on {plan.calibrate['data']}"
+
     def step(i: int, n: int) -> None:
         if progress is not None:
-            progress(Progress(i, n, f"calibration on {plan.calibrate['data']}", i, n))
+            progress(Progress(phase, i, n, "windows"))
 
+    if progress is not None:  # loading the text, the tokenizer and the model first
+        progress(Progress(phase))
     plan.calibration = collect(plan.source, plan.calibrate["data"], tokens=plan.calibrate["tokens"], progress=step)
     plan.calibrate = plan.calibration.describe()
     plan.config.setdefault("llmctl", {})["calibration"] = plan.calibrate
@@ -516,11 +520,19 @@ def _shard(plans: list[TensorPlan], lay: Layout, shard_bytes: int) -> list[OutFi
 # ---- running ----------------------------------------------------------------------------------------
 @dataclass
 class Progress:
-    tensor: int  # index of the tensor being worked on
-    tensors: int
-    name: str
-    bytes_done: int  # source bytes processed so far
-    bytes_total: int
+    """Where a long phase of a run stands, for a progress display. Each phase has its own counter, which
+    never goes backwards: ``done`` of ``total`` ``unit`` (tensors, windows); ``total`` None for a phase
+    of unknown length (loading, converting a tokenizer). ``work_done``/``work_total`` measure what the
+    phase's time follows (values, for tensors of different sizes), for the bar and its ETA; None: the
+    counter does."""
+
+    phase: str  # what is being done: "quantizing", "writing f16 intermediate", ...
+    done: int = 0
+    total: int | None = None
+    unit: str = "tensors"
+    name: str = ""  # the item being worked on
+    work_done: int | None = None
+    work_total: int | None = None
 
 
 @dataclass
@@ -546,6 +558,16 @@ def by_format(tensors: Sequence[Any]) -> dict[str, dict[str, Any]]:
     for d in out.values():
         d["bits_per_weight"] = 8 * d["output_bytes"] / d["params"] if d["params"] else 0.0
     return out
+
+
+def non_tensor(what: str, source_bytes: int, output_bytes: int, tensors: Sequence[Any]) -> dict[str, Any]:
+    """The bytes of the source and of the output that are not tensor data (``what``: file headers,
+    metadata, alignment padding): with ``by_format``'s rows they add up to the totals."""
+    return {
+        "what": what,
+        "source_bytes": source_bytes - sum(t.src_bytes for t in tensors),
+        "output_bytes": output_bytes - sum(t.out_bytes for t in tensors),
+    }
 
 
 @dataclass
@@ -585,6 +607,7 @@ class Result:
             "seconds": round(self.seconds, 3),
             "params_per_second": self.params / self.seconds if self.seconds else None,
             "by_format": self.by_format(),
+            "non_tensor": non_tensor("safetensors headers", self.plan.src_bytes, self.plan.out_bytes, self.tensors),
             "worst_sqnr": [
                 {"name": t.name, "format": t.format, "sqnr_db": round(t.sqnr_db, 2)} for t in self.worst()
             ],
@@ -629,7 +652,9 @@ def run_plan(
     t0 = time.perf_counter()
     try:
         results = _write_all(plan, tmp, progress, measure_error, chunk_values)
-        _write_side_files(plan, tmp)
+        _write_side_files(plan, tmp, progress)
+        if progress is not None and (out.exists() or out.is_symlink()):
+            progress(Progress(f"replacing the previous {out}"))
         atomic.replace(tmp, out)  # with --force, the old output is swapped out in one step where it can be
     except OSError as e:  # a full disk, a vanished folder: nothing is left behind, the old output stays
         shutil.rmtree(tmp, ignore_errors=True)
@@ -670,19 +695,24 @@ def _write_all(plan: Plan, tmp: Path, progress, measure_error: bool, chunk_value
     from llmctl.quant.stio import Writer
 
     inp = _open_input(plan.source)
-    total = plan.src_bytes
+    total = sum(math.prod(t.shape) for t in plan.tensors)  # the work: values read and written
     done = 0
     results: list[TensorResult] = []
     index: dict[str, str] = {}
+    n = len(plan.tensors)
+
+    def step(name: str = "") -> None:
+        if progress:
+            progress(Progress("quantizing", len(results), n, "tensors", name, done, total))
+
     for f in plan.files:
         w = Writer(tmp / f.name, f.entries, {"format": "pt"})
         try:
             for i in f.tensors:
                 tp = plan.tensors[i]
-                if progress:
-                    progress(Progress(i, len(plan.tensors), tp.name, done, total))
+                step(tp.name)
                 sqnr = _write_tensor(tp, inp, plan.layout, w, measure_error, chunk_values, plan.calibration)
-                done += tp.src_bytes
+                done += math.prod(tp.shape)
                 results.append(
                     TensorResult(tp.name, tp.format, math.prod(tp.shape), tp.src_bytes, tp.nbytes, sqnr)
                 )
@@ -692,8 +722,7 @@ def _write_all(plan: Plan, tmp: Path, progress, measure_error: bool, chunk_value
         w.close()
         for name, _, _ in f.entries:
             index[name] = f.name
-    if progress:
-        progress(Progress(len(plan.tensors), len(plan.tensors), "", total, total))
+    step()
     if len(plan.files) > 1:
         doc = {"metadata": {"total_size": sum(f.nbytes for f in plan.files)}, "weight_map": index}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -771,11 +800,11 @@ def sqnr_db(signal: float, noise: float) -> float:
     return 10 * math.log10(signal / noise) if signal > 0 else 0.0
 
 
-def _write_side_files(plan: Plan, tmp: Path) -> None:
+def _write_side_files(plan: Plan, tmp: Path, progress: Callable[[Progress], None] | None = None) -> None:
     (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
     src = plan.source
     if src.is_gguf:
-        _gguf_tokenizer(src.path, tmp, plan)
+        _gguf_tokenizer(src.path, tmp, plan, progress)
         return
     for name in TOKENIZER_FILES:
         if (f := side_file(src.path, name)) is not None:
@@ -802,9 +831,10 @@ def side_file(folder: Path, name: str) -> Path | None:
     return target
 
 
-def _gguf_tokenizer(gguf: Path, tmp: Path, plan: Plan) -> None:
+def _gguf_tokenizer(gguf: Path, tmp: Path, plan: Plan, progress: Callable[[Progress], None] | None = None) -> None:
     """tokenizer.json / tokenizer_config.json for a GGUF input, converted once by transformers' GGUF
-    support and cached (keyed by the file's path, size and mtime)."""
+    support (seconds: its own phase of the progress) and cached (keyed by the file's path, size and
+    mtime)."""
     import hashlib
 
     from llmctl.sources import llmctl_cache_dir
@@ -815,6 +845,8 @@ def _gguf_tokenizer(gguf: Path, tmp: Path, plan: Plan) -> None:
     if not (cache / "tokenizer.json").is_file():
         import tempfile
 
+        if progress is not None:
+            progress(Progress("converting the GGUF tokenizer (transformers, once per file)"))
         try:
             from transformers import AutoTokenizer
 

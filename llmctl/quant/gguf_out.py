@@ -218,7 +218,7 @@ class GGUFResult:
         return sum(t.params for t in self.tensors)
 
     def to_dict(self) -> dict[str, Any]:
-        from llmctl.quant.convert import by_format
+        from llmctl.quant.convert import by_format, non_tensor
 
         measured = sorted((t for t in self.tensors if t.sqnr_db is not None), key=lambda t: t.sqnr_db or 0.0)
         return {
@@ -236,6 +236,7 @@ class GGUFResult:
             "params_per_second": self.params / self.seconds if self.seconds else None,
             "calibration": self.calibration,
             "by_format": by_format(self.tensors),
+            "non_tensor": non_tensor("metadata + tokenizer", self.source_bytes, self.output_bytes, self.tensors),
             "worst_sqnr": [
                 {"name": t.name, "format": t.format, "sqnr_db": round(t.sqnr_db or 0.0, 2)}
                 for t in measured[:5]
@@ -332,13 +333,12 @@ def write_gguf(
             tensors = _write_python(src, tmp, _FILE_TYPES[name], types, progress)
         else:
             tensors = _write_llama_cpp(src, f16, tmp, name, threads, progress, rules, stats, pure)
+        out_bytes = tmp.stat().st_size
         os.replace(tmp, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     src_bytes = Path(source.path).stat().st_size if source.is_gguf else sum(n for _, _, n, _ in src.tensors)
-    result = GGUFResult(
-        source.display, out, name, how, time.perf_counter() - t0, src_bytes, out.stat().st_size, tensors
-    )
+    result = GGUFResult(source.display, out, name, how, time.perf_counter() - t0, src_bytes, out_bytes, tensors)
     result.pure = pure
     result.notes.extend(src.notes)
     if stats is not None:
@@ -355,11 +355,12 @@ def write_gguf(
     return result
 
 
-def _progress(progress, i: int, n: int, name: str, done: int, total: int) -> None:
+def _progress(progress, phase: str, done: int = 0, total: int | None = None, unit: str = "tensors", name: str = "",
+              work_done: int | None = None, work_total: int | None = None) -> None:  # fmt: skip
     if progress is not None:
         from llmctl.quant.convert import Progress
 
-        progress(Progress(i, n, name, done, total))
+        progress(Progress(phase, done, total, unit, name, work_done, work_total))
 
 
 def _copy_metadata(info: Any, writer: Any) -> None:
@@ -390,9 +391,12 @@ def _imatrix(source: Any, src: GGUFSource, calibration: dict[str, Any], progress
     from llmctl.quant.calibrate import collect
     from llmctl.runtime.gguf_loader import gguf_to_hf_name
 
-    def step(i: int, n: int) -> None:
-        _progress(progress, i, n, f"calibration on {calibration['data']}", i, n)
+    phase = f"calibrating on {calibration['data']}"
 
+    def step(i: int, n: int) -> None:
+        _progress(progress, phase, i, n, "windows")
+
+    _progress(progress, phase)  # loading the text, the tokenizer and the model first
     cal = collect(source, calibration["data"], tokens=calibration["tokens"], progress=step)
     names = {gguf_to_hf_name(name, src.arch): name for name, *_ in src.tensors}
     cal.importance = {names[hf]: v for hf, v in cal.importance.items() if hf in names}
@@ -406,10 +410,12 @@ def _write_python(
     types: Sequence[str],
     progress,
     extra: dict[str, Any] | None = None,
+    phase: str = "quantizing",
 ) -> list[GGUFTensor]:
     """Every tensor of ``src`` quantized from fp32 to its entry in ``types`` (``tensor_types``), written in
     the source's order: gguf-py's quantizers, ggml's (``ggml_quantize``) for the types gguf-py cannot make;
-    ``file_type``: llama.cpp's ``general.file_type``; ``extra``: metadata keys to add (str or int values)."""
+    ``file_type``: llama.cpp's ``general.file_type``; ``extra``: metadata keys to add (str or int values);
+    ``phase``: what the progress calls it."""
     import gguf
     import numpy as np
     from gguf.quants import dequantize, quantize
@@ -437,11 +443,11 @@ def _write_python(
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    total = sum(nbytes for _, _, nbytes, _, _ in plan)
+    total = sum(math.prod(shape) for _, shape, _, _, _ in plan)  # the progress's work: values
     done = 0
-    results = []
-    for i, ((name, shape, nbytes, kind, qtype), x) in enumerate(zip(plan, src.read(), strict=True)):
-        _progress(progress, i + 1, len(plan), name, done, total)
+    results: list[GGUFTensor] = []
+    for (name, shape, nbytes, kind, qtype), x in zip(plan, src.read(), strict=True):
+        _progress(progress, phase, len(results), len(plan), "tensors", name, done, total)
         data = quantize(x, qtype) if kind in PY_TYPES else ggml_quantize(x, qtype)
         writer.write_tensor_data(data)
         sqnr = None
@@ -450,9 +456,9 @@ def _write_python(
             if noise:  # exact tensors (an f16 file from f16 weights) are left out, as unquantized ones
                 sqnr = sqnr_db(float(np.square(x.astype(np.float64)).sum()), noise)
         results.append(GGUFTensor(name, kind, math.prod(shape), nbytes, int(data.nbytes), sqnr))
-        done += nbytes
+        done += math.prod(shape)
     writer.close()
-    _progress(progress, len(plan), len(plan), "", total, total)
+    _progress(progress, phase, len(plan), len(plan), "tensors", "", total, total)
     return results
 
 
@@ -506,39 +512,84 @@ def _write_llama_cpp(
     """An f16 GGUF written to ``f16`` (the caller removes it) and quantized by llama.cpp's
     ``llama_model_quantize`` into ``dst``: ``rules`` become its tensor-type overrides, ``stats``
     (llmctl.quant.calibrate.Calibration by GGUF name) its importance matrix, and ``pure`` its ``pure`` flag
-    (every tensor the mix's base type)."""
-    import ctypes
+    (every tensor the mix's base type).
+
+    llama.cpp runs in a child process (``_llama_quantize_child``), so that Ctrl-C stops it at once: a call
+    into C in this process would not see the interrupt until the whole file is written. Each step has its
+    own progress phase and counter."""
+    import multiprocessing
 
     import gguf
-    import llama_cpp
-
-    total = sum(nbytes for _, _, nbytes, _ in src.tensors)  # one bar: the f16 file, then llama.cpp's tensors
-
-    def first_half(p: Any) -> None:
-        _progress(
-            progress, p.tensor, p.tensors, p.name, total * p.bytes_done // (2 * max(p.bytes_total, 1)), total
-        )
 
     extra = {}
     if stats is not None:  # the keys llama.cpp's llama-quantize writes for an importance matrix
         extra = {"quantize.imatrix.dataset": stats.data, "quantize.imatrix.entries_count": len(stats.importance),
                  "quantize.imatrix.chunks_count": stats.windows, "llmctl.calibration.tokens": stats.tokens}  # fmt: skip
-    _write_python(src, f16, _FILE_TYPES["f16"], tensor_types(src, "f16"), first_half, extra=extra)
+    _write_python(src, f16, _FILE_TYPES["f16"], tensor_types(src, "f16"), progress, extra=extra,
+                  phase="writing the f16 intermediate")  # fmt: skip
+    phase = f"llama.cpp quantizing to {mix}"
+    n = len(src.tensors)
+    _progress(progress, phase, 0, n)
+    request = {
+        "f16": str(f16), "dst": str(dst), "ftype": LLAMA_MIXES[mix], "nthread": threads or (os.cpu_count() or 1),
+        "pure": pure, "overrides": [(p, gguf.GGMLQuantizationType[k.upper()].value) for p, k in rules],
+        "imatrix": None if stats is None else {k: v.float().contiguous().numpy() for k, v in stats.importance.items()},
+    }  # fmt: skip
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no fork of this one's threads
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_llama_quantize_child, args=(request, send), daemon=True)
+    child.start()
+    send.close()
+    status = None
+    try:
+        while status is None:
+            try:
+                msg = receive.recv()
+            except EOFError:
+                break
+            if msg[0] == "tensor":  # llama.cpp starts tensor i of n: i - 1 are done
+                _progress(progress, phase, msg[1] - 1, msg[2], "tensors", msg[3])
+            else:
+                status = msg[1]
+        child.join()
+    finally:  # Ctrl-C (or any failure here): the child stops too, before the caller removes its files
+        if child.is_alive():
+            child.kill()
+            child.join()
+        receive.close()
+    if status is None and child.exitcode == -2:  # SIGINT reached the child first
+        raise KeyboardInterrupt
+    if status != 0:
+        how = f"status {status}" if status is not None else f"its process ended with code {child.exitcode}"
+        raise QuantError(f"llama.cpp's quantizer failed for {mix} ({how})")
+    _progress(progress, phase, n, n)
+    return _describe(dst, {name: nbytes for name, _, nbytes, _ in src.tensors})
+
+
+def _llama_quantize_child(request: dict[str, Any], conn: Any) -> None:
+    """In a child process: ``llama_model_quantize`` as ``_write_llama_cpp`` asks, its per-tensor log lines
+    sent to ``conn`` as ("tensor", i, n, name), then ("status", code)."""
+    import ctypes
+    import signal
+
+    import llama_cpp
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends it at once; the parent removes its files
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = LLAMA_MIXES[mix]
-    params.nthread = threads or (os.cpu_count() or 1)
-    params.pure = pure
+    params.ftype = request["ftype"]
+    params.nthread = request["nthread"]
+    params.pure = request["pure"]
     keep = []  # ctypes buffers the params point into, alive until the call returns
+    rules = request["overrides"]
     if rules:
         overrides = (llama_cpp.llama_model_tensor_override * (len(rules) + 1))()
         for i, (pattern, kind) in enumerate(rules):
             keep.append(pattern.encode())
-            overrides[i].pattern, overrides[i].type = keep[-1], gguf.GGMLQuantizationType[kind.upper()].value
+            overrides[i].pattern, overrides[i].type = keep[-1], kind
         params.tt_overrides = overrides  # the last entry's NULL pattern ends the list
-    if stats is not None:
-        entries = (llama_cpp.llama_model_imatrix_data * (len(stats.importance) + 1))()
-        for i, (name, values) in enumerate(stats.importance.items()):
-            data = values.float().contiguous().numpy()
+    if request["imatrix"] is not None:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(request["imatrix"]) + 1))()
+        for i, (name, data) in enumerate(request["imatrix"].items()):
             keep += [name.encode(), data]
             entries[i].name, entries[i].size = keep[-2], data.size
             entries[i].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
@@ -548,36 +599,25 @@ def _write_llama_cpp(
     def log(_level: int, text: bytes, _user: Any) -> None:  # "[  12/ 236]  blk.0.attn_q.weight - ..."
         m = re.match(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)", text.decode("utf-8", "replace"))
         if m:
-            i, n = int(m.group(1)), int(m.group(2))
-            _progress(progress, i, n, m.group(3), total // 2 + (total - total // 2) * i // n, total)
+            conn.send(("tensor", int(m.group(1)), int(m.group(2)), m.group(3)))
 
     llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
-    try:
-        status = llama_cpp.llama_model_quantize(str(f16).encode(), str(dst).encode(), ctypes.byref(params))
-    finally:
-        from llama_cpp._logger import llama_log_callback as default_log
-
-        llama_cpp.llama_log_set(default_log, ctypes.c_void_p(0))
-    if status != 0:
-        raise QuantError(f"llama.cpp's quantizer failed for {mix} (status {status})")
-    return _describe(dst, {name: nbytes for name, _, nbytes, _ in src.tensors})
+    status = llama_cpp.llama_model_quantize(request["f16"].encode(), request["dst"].encode(), ctypes.byref(params))
+    conn.send(("status", status))
+    conn.close()
 
 
 def _describe(path: Path, source_bytes: dict[str, int]) -> list[GGUFTensor]:
-    """The tensors of a written GGUF (type, size) against the source's sizes; no error measurement."""
-    import gguf
+    """The tensors of a written GGUF (type, size) against the source's sizes; no error measurement (read by
+    llmctl.gguf_file, which skips gguf-py's slow per-field parse of the vocabulary)."""
+    from llmctl.gguf_file import read_gguf
 
+    info = read_gguf(path)
     return [
-        GGUFTensor(
-            t.name,
-            t.tensor_type.name.lower(),
-            int(t.n_elements),
-            source_bytes.get(t.name, 0),
-            int(t.n_bytes),
-            None,
-        )
-        for t in gguf.GGUFReader(str(path)).tensors
-    ]
+        GGUFTensor(t.name, info.ggml_type(t.name).name.lower(), math.prod(t.shape), source_bytes.get(t.name, 0),
+                   t.nbytes, None)
+        for t in info.tensors
+    ]  # fmt: skip
 
 
 def plan_gguf(
