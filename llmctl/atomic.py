@@ -38,9 +38,7 @@ def write_bytes(path: Path, data: bytes, *, public: bool = False) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         if public:
-            umask = os.umask(0o022)
-            os.umask(umask)
-            os.fchmod(fd, 0o666 & ~umask)
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -89,8 +87,18 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a))
 
 
+def _umask() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def replace(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``, replacing an existing ``out`` (see module doc)."""
+    """Move the finished ``tmp`` to ``out``, replacing an existing ``out`` (see module doc). A folder made
+    by ``private_dir`` (0700 while it is written) gets the mode ``mkdir`` would give it (0777 less the
+    umask) first: an output is for others to read, as any folder the user makes."""
+    if tmp.is_dir() and not tmp.is_symlink():
+        os.chmod(tmp, 0o777 & ~_umask())
     if not out.exists() and not out.is_symlink():
         os.replace(tmp, out)
         return

@@ -229,3 +229,22 @@ def test_a_quantized_embedding_loads_where_the_note_says(llama, tmp_path) -> Non
     with pytest.raises(AttributeError, match="weight"):
         AutoModelForCausalLM.from_pretrained(out)
     assert not any("is quantized" in n for n in make_plan(str(llama), "int4", group_size=32).notes)
+
+
+def test_outputs_get_the_modes_a_new_folder_and_file_would(llama, tmp_path) -> None:
+    """Written in a private 0700 folder, an output is published with the user's umask (it was left
+    drwx------: other users and containers could not read it); its files as ``open()`` makes them."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    out = tmp_path / "q"
+    _quantize(llama, out, "int8")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
+    out2 = tmp_path / "q2"  # --force over an existing output: the same
+    out2.mkdir()
+    run_plan(make_plan(str(llama), "int8", group_size=32), out2, force=True)
+    assert stat.S_IMODE(out2.stat().st_mode) == 0o777 & ~umask
