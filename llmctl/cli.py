@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     cx = sys.modules[typer.BadParameter.__module__]
     try:
         code = app(args=argv, prog_name="llmctl", standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C into a silent Exit(130): say so, unless the command already did
+            from llmctl.commands import render
+
+            if not render.interrupt_said():
+                print("interrupted", file=sys.stderr)
         if isinstance(code, int) and code:
             sys.exit(code)
     except LlmctlError as e:

@@ -424,9 +424,18 @@ def _summed(values: Sequence[int], total: int) -> tuple[list[str], str]:
     return [fmt(n) for n in shown], fmt(target)
 
 
+_interrupt_said = False
+
+
 def interrupted(message: str) -> None:
-    """What a Ctrl-C left behind: one line on stderr, never wrapped."""
+    """What a Ctrl-C left behind: one line on stderr, never wrapped (the CLI adds none of its own after it)."""
+    global _interrupt_said
+    _interrupt_said = True
     err().print(Text(message, style="yellow"), soft_wrap=True)
+
+
+def interrupt_said() -> bool:
+    return _interrupt_said
 
 
 def quantize_summary(result: Any) -> None:
@@ -487,7 +496,7 @@ def reply_end(reply: Any, *, stats: bool) -> None:
         sys.stdout.write("\n")
     sys.stdout.flush()
     if reply.finish_reason == "interrupted":
-        err().print(Text("[interrupted]", style="yellow"))
+        interrupted("[interrupted]")
     elif reply.finish_reason in ("length", "context") and stats:
         why = "--max-tokens reached" if reply.finish_reason == "length" else "context window full"
         err().print(Text(f"[reply cut: {why}]", style="yellow"))
