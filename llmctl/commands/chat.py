@@ -34,7 +34,7 @@ def chat(
     model: str = typer.Argument(
         None, help="Folder, .gguf, hub id org/name[@rev][:FILE.gguf] or bundled name (default: smollm2-135m)."
     ),
-    backend: str = typer.Option("auto", "--backend", help="auto (llama.cpp for GGUF, else torch), torch, llama.cpp."),
+    backend: str = typer.Option("auto", "--backend", "-b", help="auto (llama.cpp for GGUF, else torch), torch, llama.cpp."),
     context: int = typer.Option(
         None, "--context", "-c", help="Context tokens to allocate (default: the model's limit, at most 4096)."
     ),

@@ -22,12 +22,13 @@ def eval_(
     protocol: str = typer.Option(
         "llama.cpp",
         "--protocol",
-        "-p",
         help="llama.cpp: disjoint windows, BOS first, second half scored (as llama-perplexity); sliding: "
         "Hugging Face's strided windows; documents: each document whole (lm-eval rolling), with word/byte "
         "perplexity and bits per byte.",
     ),
-    context: int = typer.Option(512, "--context", "-c", help="Window length in tokens."),
+    context: int = typer.Option(
+        512, "--context", "-c", help="Window length in tokens (at most the model's trained context)."
+    ),
     stride: int = typer.Option(None, "--stride", help="sliding: tokens between windows.  [default: context/2]"),
     max_tokens: int = typer.Option(None, "--max-tokens", help="Use only the first N tokens of the text."),
     chunks: int = typer.Option(None, "--chunks", help="Score at most N windows."),
@@ -41,14 +42,16 @@ def eval_(
     save_logits: str = typer.Option(
         None, "--save-logits", help="Save this model's top-k log-probabilities (a baseline for later runs)."
     ),
-    top_k: int = typer.Option(128, "--top-k", help="Log-probabilities kept per token by --save-logits."),
+    top_k: int = typer.Option(
+        None, "--top-k", help="Log-probabilities kept per token by --save-logits (only with it).  [default: 128]"
+    ),
     errors: str = typer.Option(
         "strict", "--errors", help="Bytes that are not UTF-8: strict (refuse) or replace (U+FFFD)."
     ),
     device: str = typer.Option(None, "--device", help="torch: auto, cpu, cuda[:N], mps."),
     dtype: str = typer.Option(None, "--dtype", help="torch: fp32, bf16, fp16.  [default: fp32 on CPU]"),
     threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: the physical cores other processes leave idle, by the load average)."),
-    batch_size: int = typer.Option(None, "--batch-size", help="torch: windows per forward.  [default: auto]"),
+    batch_size: int = typer.Option(None, "--batch-size", help="torch: windows per forward (refused with llama.cpp).  [default: auto]"),
     json_: bool = typer.Option(False, "--json", help="Print one JSON object instead of the report."),
 ) -> None:
     """Perplexity of a model on a text, and KL divergence against a baseline."""

@@ -567,39 +567,105 @@ def chat_bye() -> None:
 
 
 # ---- llmctl eval (issue 5) ---------------------------------------------------------------------------
+class ScoringEta:
+    """Rate and time left while scoring, measured from the end of the first forward on: the first one
+    carries the warm-up, and the windows of one batched forward arrive at once (rates taken across them
+    are meaningless). Updates closer than ``burst`` seconds to the previous one, within ``settle`` seconds
+    of the first, count as that first forward. ``now`` is passed in (monotonic seconds)."""
+
+    def __init__(self, burst: float = 0.05, settle: float = 1.0) -> None:
+        self.burst, self.settle = burst, settle
+        self.first: float | None = None
+        self.anchor = (0.0, 0)  # (time, tokens done) the rate is measured from
+        self.last = 0.0
+        self.settled = False
+
+    def update(self, done: int, total: int, now: float) -> tuple[float, float] | None:
+        """(tokens per second, seconds left), or None while there is nothing to measure yet."""
+        if self.first is None:
+            self.first, self.anchor, self.last = now, (now, done), now
+            return None
+        if not self.settled and now - self.last < self.burst and now - self.first < self.settle:
+            self.anchor = (now, done)  # still the first forward's windows
+        else:
+            self.settled = True
+        self.last = now
+        t0, d0 = self.anchor
+        if not self.settled or done <= d0 or now <= t0:
+            return None
+        rate = (done - d0) / (now - t0)
+        return rate, (total - done) / rate
+
+
 class _EvalProgress(_Bar):
-    """Progress over tokens fed to the model, with rate and ETA, on stderr (only on a terminal)."""
+    """One line per step of ``evaluate`` (tokenizing, loading each model, scoring, saving) on stderr, only on
+    a terminal: a spinner and the time each step took; scoring has a bar, tokens fed, rate and ETA."""
 
     def __init__(self, enabled: bool) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        class ScoringBar(BarColumn):  # the other steps have no measure of how far they are
+            def render(self, task: Any) -> Any:
+                return super().render(task) if task.fields.get("bar") else Text("")
 
         super().__init__(
             enabled,
-            TextColumn("evaluating"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("tokens {task.fields[rate]}"),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
+            SpinnerColumn(finished_text="[green]✓[/green]"),
+            TextColumn("{task.description}"),
+            ScoringBar(),
+            TextColumn("{task.fields[count]}"),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[eta]}"),
         )
+        self.what: str | None = None
 
-    def update(self, done: int, total: int) -> None:
-        if self.task is None:
-            self.task = self.bar.add_task("eval", total=total, rate="")
-        speed = self.bar.tasks[0].speed if self.bar.tasks else None
-        self.bar.update(self.task, completed=done, rate=f"{speed:,.0f} tok/s" if speed else "")
+    def update(self, e: Any) -> None:
+        import time
+
+        if e.what != self.what:
+            self._finish()
+            scoring = e.phase == "score"
+            self.task = self.bar.add_task(e.what, total=e.total if scoring else None, count="", eta="", bar=scoring)
+            self.what, self.eta = e.what, ScoringEta()
+            if scoring:
+                self.bar.update(self.task, count=f"0/{e.total:,} tokens", eta="ETA after the first forward")
+            return
+        if e.phase == "score":
+            measured = self.eta.update(e.done, e.total, time.monotonic())
+            eta = "ETA after the first forward"
+            if measured is not None:
+                rate, left = measured
+                eta = f"{rate:,.0f} tok/s, ETA {int(left) // 60}:{int(left) % 60:02d}"
+            self.bar.update(self.task, completed=e.done, count=f"{e.done:,}/{e.total:,} tokens", eta=eta)
+
+    def _finish(self) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, total=1, completed=1, eta="")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            self._finish()
+        super().__exit__(*exc)
 
 
 def eval_progress(enabled: bool = True) -> _EvalProgress:
-    """A context manager yielding the progress callback (None when stderr is not a terminal)."""
+    """A context manager yielding the progress callback for ``evaluate`` (None when stderr is not a
+    terminal)."""
     return _EvalProgress(enabled)
+
+
+def _documents(r: Any) -> str:
+    n = f"{r.documents} document{'s' * (r.documents != 1)}"
+    if r.documents_in_data <= r.documents:
+        return n
+    return f"{n} of {r.documents_in_data}" + (" scored" if r.protocol == "documents" else " read")
 
 
 def eval_report(r: Any) -> None:
     con = out()
     settings = f"context {r.context}" + (f", stride {r.stride}" if r.stride is not None else "")
     con.print(
-        f"[bold]{r.model}[/bold] on {r.data} ({r.documents} document{'s' * (r.documents != 1)}); protocol "
+        f"[bold]{r.model}[/bold] on {r.data} ({_documents(r)}); protocol "
         f"{r.protocol} ({settings}), {r.windows} windows; {r.backend} backend, {r.device}"
     )
     table = Table(title="Perplexity", title_justify="left")

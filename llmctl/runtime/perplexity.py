@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 PROTOCOLS = ("llama.cpp", "sliding", "documents")
 BACKENDS = ("torch", "llama.cpp")
 DEFAULT_CONTEXT = 512
+DEFAULT_TOP_K = 128  # log-probabilities per token that --save-logits keeps
 LOGITS_FORMAT = "llmctl-logits"
 LOGITS_VERSION = "1"
 
@@ -556,6 +557,18 @@ class TokenResults:
 Progress = Callable[[int, int], None]  # (tokens fed so far, total tokens to feed)
 
 
+@dataclass(frozen=True)
+class EvalProgress:
+    """What ``evaluate`` is doing, for a progress display: ``phase`` is "tokenize", "load", "score" or
+    "save"; ``what`` says it in words; while scoring, ``done`` of ``total`` tokens have been fed (a new
+    ``what`` starts a new step)."""
+
+    phase: str
+    what: str
+    done: int = 0
+    total: int = 0
+
+
 def score_windows(
     scorer: Any,
     windows: Sequence[Window],
@@ -624,7 +637,8 @@ class EvalResult:
     elapsed_s: float
     load_s: float
     device: str
-    documents: int = 1
+    documents: int = 1  # whose text was read (the documents protocol: scored)
+    documents_in_data: int = 1  # in --data
     words: int | None = None
     bytes: int | None = None
     word_perplexity: float | None = None
@@ -664,7 +678,7 @@ def build_windows(
     """Tokenize ``docs`` (corpus.Document) and cut them into the protocol's windows. With ``chunks`` or
     ``max_tokens`` only the text those windows use is tokenized (``corpus.encode_prefix``): the windows are
     those of the whole text's tokens, cut short."""
-    from llmctl.runtime.corpus import encode_prefix
+    from llmctl.runtime.corpus import encode_prefix, nonblank
 
     if protocol not in PROTOCOLS:
         raise UsageError(f"unknown --protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
@@ -680,11 +694,11 @@ def build_windows(
             raise UsageError("the documents protocol needs a BOS or EOS token to start each document")
         _check_positive("--context", context, 2)
         toks, left, n_windows = [], max_tokens, 0
-        for d in docs:
+        for d in nonblank(docs):
             if left == 0 or (chunks is not None and n_windows >= chunks):
-                break  # the documents past what is scored are never tokenized
+                break  # the documents past what is scored are never read
             cap = left if chunks is None else min(left or 2**62, (chunks - n_windows) * context)
-            ids = encode_prefix(lambda t: tokenizer.encode(t, add_bos=False), d.text, cap)
+            ids = encode_prefix(lambda t: tokenizer.encode(t, add_bos=False), d, cap)
             if left is not None:
                 left -= len(ids)
             toks.append(ids)
@@ -712,20 +726,42 @@ def build_windows(
 
 def check_options(
     protocol: str, backend: str, context: int, stride: int | None, max_tokens: int | None,
-    chunks: int | None, top_k: int,
+    chunks: int | None, top_k: int | None, *, save_logits: bool = False, batch_size: int | None = None,
 ) -> None:  # fmt: skip
-    """Refuse bad option values before anything is loaded."""
+    """Refuse bad option values, and options that would do nothing, before anything is loaded."""
     if protocol not in PROTOCOLS:
         raise UsageError(f"unknown --protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     if backend not in BACKENDS:
         raise UsageError(f"unknown --backend {backend!r}; use one of {', '.join(BACKENDS)}")
     _check_positive("--context", context, 4)
-    for name, value in (("--stride", stride), ("--max-tokens", max_tokens), ("--chunks", chunks)):
+    for name, value in (
+        ("--stride", stride), ("--max-tokens", max_tokens), ("--chunks", chunks), ("--top-k", top_k),
+        ("--batch-size", batch_size),
+    ):  # fmt: skip
         if value is not None:
             _check_positive(name, value)
     if stride is not None and protocol != "sliding":
         raise UsageError(f"--stride is for --protocol sliding; {protocol} windows do not overlap")
-    _check_positive("--top-k", top_k)
+    if top_k is not None and not save_logits:
+        raise UsageError(
+            "--top-k sets how many log-probabilities --save-logits keeps per token; pass --save-logits FILE "
+            "too, or drop --top-k"
+        )
+    if batch_size is not None and backend == "llama.cpp":
+        raise UsageError(
+            "--batch-size applies to the torch backend; the llama.cpp backend decodes one window per call, "
+            "so it would change nothing: drop --batch-size"
+        )
+
+
+def check_context(source: Any, context: int, role: str = "the model") -> None:
+    """Refuse a window longer than the model was trained for (its ``max_position_embeddings``)."""
+    limit = int(source.config.max_position_embeddings)
+    if context > limit:
+        raise UsageError(
+            f"--context {context} is longer than {role} {source.display} was trained for ({limit} tokens); "
+            f"pass --context {limit} or less"
+        )
 
 
 def open_scorer(
@@ -783,30 +819,44 @@ def evaluate(
     baseline: str | None = None,
     baseline_logits: str | None = None,
     save_logits_path: str | None = None,
-    top_k: int = 128,
+    top_k: int | None = None,
     errors: str = "strict",
     device: str | None = None,
     dtype: str | None = None,
     threads: int | None = None,
     batch_size: int | None = None,
-    on_progress: Progress | None = None,
+    on_progress: Callable[[EvalProgress], None] | None = None,
 ) -> EvalResult:
-    """``llmctl eval``: perplexity of MODEL on ``data`` under ``protocol``, and KL against a baseline."""
+    """``llmctl eval``: perplexity of MODEL on ``data`` under ``protocol``, and KL against a baseline.
+    ``top_k`` (default 128) is for ``save_logits_path`` only; ``on_progress`` is told each step."""
     import numpy as np
 
-    from llmctl.runtime.corpus import load_corpus
+    from llmctl.runtime.corpus import load_corpus, nonblank
     from llmctl.runtime.tokenizer import load_tokenizer
     from llmctl.sources import resolve
 
+    def step(phase: str, what: str, done: int = 0, total: int = 0) -> None:
+        if on_progress is not None:
+            on_progress(EvalProgress(phase, what, done, total))
+
     if baseline and baseline_logits:
         raise UsageError("pass --baseline MODEL2 or --baseline-logits FILE, not both")
-    check_options(protocol, backend, context, stride, max_tokens, chunks, top_k)
+    check_options(
+        protocol, backend, context, stride, max_tokens, chunks, top_k,
+        save_logits=bool(save_logits_path), batch_size=batch_size,
+    )  # fmt: skip
+    top_k = DEFAULT_TOP_K if top_k is None else top_k
     if save_logits_path and not Path(save_logits_path).expanduser().parent.is_dir():
         raise UsageError(f"--save-logits {save_logits_path}: its folder does not exist; create it first")
     docs = load_corpus(data, errors=errors)
     saved = load_logits(baseline_logits) if baseline_logits else None  # fail early on a bad file
     t0 = time.perf_counter()
     source = resolve(model)
+    check_context(source, context)
+    base_source = resolve(baseline) if baseline else None
+    if base_source is not None:
+        check_context(base_source, context, "the baseline")
+    step("tokenize", f"reading and tokenizing {data}")
     tok = load_tokenizer(source.path)
 
     def build(t: Any) -> list[Window]:
@@ -817,9 +867,8 @@ def evaluate(
     windows = build(tok)
     digest = windows_digest(windows)
     notes: list[str] = []
-    base_source = None
-    if baseline:
-        base_source = resolve(baseline)
+    if base_source is not None:
+        step("tokenize", f"tokenizing {data} with the baseline's tokenizer")
         check_same_tokenizer(tok, load_tokenizer(base_source.path), windows, build)
     if saved is not None:
         if saved.meta.get("windows_sha256") != digest:
@@ -840,6 +889,7 @@ def evaluate(
             "bucket: a slight underestimate)"
         )
     opts = dict(context=context, device=device, dtype=dtype, threads=threads, batch_size=batch_size)
+    step("load", f"loading {source.display} ({backend} backend)")
     scorer, label = open_scorer(source, backend, **opts)
     base_scorer = None
     try:
@@ -849,6 +899,7 @@ def evaluate(
                 f"tokens, this one has {scorer.vocab_size}; compare models with the same tokenizer"
             )
         if base_source is not None:
+            step("load", f"loading the baseline {base_source.display} ({backend} backend)")
             base_scorer, _ = open_scorer(base_source, backend, **opts)
             if base_scorer.vocab_size != scorer.vocab_size:
                 raise UsageError(
@@ -856,13 +907,17 @@ def evaluate(
                     f"{base_scorer.vocab_size}; KL divergence needs the same vocabulary"
                 )
         load_s = time.perf_counter() - t0
+        what = f"scoring {len(windows):,} window{'s' * (len(windows) != 1)}" + (
+            " (model and baseline)" if base_scorer is not None else ""
+        )
+        step("score", what, 0, sum(len(w.ids) for w in windows))
         t1 = time.perf_counter()
         results, parts = score_windows(
             scorer,
             windows,
             baseline=base_scorer if base_scorer is not None else saved,
             save_top_k=top_k if save_logits_path else 0,
-            on_progress=on_progress,
+            on_progress=(lambda done, total: step("score", what, done, total)) if on_progress else None,
         )
         elapsed = time.perf_counter() - t1
     finally:
@@ -870,6 +925,7 @@ def evaluate(
         if base_scorer is not None:
             base_scorer.close()
     ppl, err = perplexity_stats(results.nll)
+    read = [d for d in docs if d.bytes_read]  # the documents whose text was read: what the windows come from
     result = EvalResult(
         model=str(source.spec),
         data=data,
@@ -886,14 +942,15 @@ def evaluate(
         elapsed_s=elapsed,
         load_s=load_s,
         device=label,
-        documents=len(docs),
+        documents=len([d for d in read if not d.blank]),
+        documents_in_data=len(docs),
         notes=notes,
     )
     if protocol == "documents":
         used = sorted({w.doc for w in windows})
         total_nll = float(np.sum(results.nll))
-        texts = [docs[i].text for i in used]
         if max_tokens is None and chunks is None:
+            texts = [d.text for d in nonblank(docs)]  # every document was scored whole
             result.words = sum(word_count(t) for t in texts)
             result.bytes = sum(len(t.encode("utf-8")) for t in texts)
             result.word_perplexity = math.exp(total_nll / result.words)
@@ -914,6 +971,7 @@ def evaluate(
             approximate=saved is not None,
         )
     if save_logits_path:
+        step("save", f"saving the top-{top_k} log-probabilities to {save_logits_path}")
         meta = {
             "model": str(source.spec),
             "data": str(data),
