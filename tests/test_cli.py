@@ -105,3 +105,21 @@ def test_short_flags_mean_the_same_option_in_chat_eval_and_quantize() -> None:
                 meaning.setdefault(short, set()).add(longs[0])
     assert {k: v for k, v in meaning.items() if len(v) > 1} == {}
     assert meaning["-b"] == {"--backend"} and meaning["-p"] == {"--prompt"}
+
+
+def test_ctrl_c_says_interrupted_once() -> None:
+    """typer turns Ctrl-C into a silent exit 130; the CLI says 'interrupted' (in a real terminal, during
+    eval's scoring), and never a second line after a command's own (quantize's: tests/test_quantize_terminal.py)."""
+    import os
+
+    import pexpect
+
+    child = pexpect.spawn(sys.executable, ["-m", "llmctl", "eval", "--data", "sotu", "--chunks", "64", "--threads", "1"],
+                          encoding="utf-8", timeout=300, dimensions=(40, 200), env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    child.expect(r"scoring 64 windows")
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130, (child.exitstatus, child.signalstatus)
+    tail = child.before.replace("\r\n", "\n")
+    assert tail.count("interrupted") == 1 and "Traceback" not in tail, tail[-1000:]

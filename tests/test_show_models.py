@@ -196,3 +196,7 @@ def test_gpu_layers_on_the_command_line() -> None:
                    "--gpu-layers is a llama.cpp-backend option", notices=True)  # fmt: skip
     if not llama_cpp.llama_supports_gpu_offload():  # this machine's build: asking for offload is refused
         one_error_line(run("chat", "smollm2-135m", "-ngl", "8", "-p", "hi"), "built without GPU offload", notices=True)
+        one_error_line(run("eval", "--data", "sotu", "-b", "llama.cpp", "-ngl", "8"), "built without GPU offload", notices=True)
+    one_error_line(run("eval", "--data", "sotu", "-ngl", "4"), "--gpu-layers is a llama.cpp-backend option", notices=True)
+    ok = run("eval", "--data", "sotu", "--chunks", "1", "--context", "128", "-b", "llama.cpp", "-ngl", "0", "--json")
+    assert ok.returncode == 0 and json.loads(ok.stdout)["windows"] == 1, ok.stderr

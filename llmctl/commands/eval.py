@@ -49,6 +49,7 @@ def eval_(
         "strict", "--errors", help="Bytes that are not UTF-8: strict (refuse) or replace (U+FFFD)."
     ),
     device: str = typer.Option(None, "--device", help="torch: auto, cpu, cuda[:N], mps."),
+    gpu_layers: int = typer.Option(None, "--gpu-layers", "-ngl", help="llama.cpp: layers to offload to the GPU (-1 all, 0 none; default: all when llama-cpp-python has GPU offload)."),
     dtype: str = typer.Option(None, "--dtype", help="torch: fp32, bf16, fp16.  [default: fp32 on CPU]"),
     threads: int = typer.Option(None, "--threads", "-t", help="CPU threads (default: the physical cores other processes leave idle, by the load average)."),
     batch_size: int = typer.Option(None, "--batch-size", help="torch: windows per forward (refused with llama.cpp).  [default: auto]"),
@@ -76,6 +77,7 @@ def eval_(
             dtype=dtype,
             threads=threads,
             batch_size=batch_size,
+            gpu_layers=gpu_layers,
             on_progress=on_progress,
         )
     if json_:

@@ -356,14 +356,20 @@ class LlamaCppScorer:
     name = "llama.cpp"
 
     def __init__(
-        self, path: str | Path, context: int, threads: int | None = None, *, device: str | None = None
+        self,
+        path: str | Path,
+        context: int,
+        threads: int | None = None,
+        *,
+        device: str | None = None,
+        gpu_layers: int | None = None,
     ) -> None:
         import llama_cpp
 
-        from llmctl.runtime.llamacpp import gpu_layers
+        from llmctl.runtime.llamacpp import gpu_layers as _gpu_layers
         from llmctl.runtime.tokenizer import _captured_native_output, _log_detail, llama_load_guard
 
-        self.n_gpu_layers = gpu_layers(device)
+        self.n_gpu_layers = _gpu_layers(device, gpu_layers)
         self.path = Path(path)
         if self.path.suffix.lower() != ".gguf":
             raise UsageError(
@@ -773,9 +779,11 @@ def open_scorer(
     dtype: str | None = None,
     threads: int | None = None,
     batch_size: int | None = None,
+    gpu_layers: int | None = None,
 ) -> tuple[Any, str]:
-    """(scorer, device label) for a resolved model source."""
+    """(scorer, device label) for a resolved model source. ``gpu_layers``: llama.cpp's ``-ngl``."""
     from llmctl.runtime.device import choose_threads, set_threads
+    from llmctl.runtime.llamacpp import offload_text
 
     if backend == "llama.cpp":
         if not source.is_gguf:
@@ -783,9 +791,13 @@ def open_scorer(
         if dtype not in (None, "auto"):
             raise UsageError("--dtype applies to the torch backend; llama.cpp runs the GGUF as stored")
         threads, why = choose_threads(threads)
-        scorer = LlamaCppScorer(source.path, context, threads, device=device)
-        where = "gpu (all layers offloaded)" if scorer.n_gpu_layers else "cpu"
-        return scorer, f"{where} ({threads} threads: {why})"
+        scorer = LlamaCppScorer(source.path, context, threads, device=device, gpu_layers=gpu_layers)
+        return scorer, f"{offload_text(scorer.n_gpu_layers)} ({threads} threads: {why})"
+    if gpu_layers is not None:
+        raise UsageError(
+            "--gpu-layers is a llama.cpp-backend option (a GGUF file); the torch runtime puts the whole model on "
+            "--device"
+        )
     from llmctl.runtime.device import describe
     from llmctl.runtime.loader import load_model
 
@@ -825,6 +837,7 @@ def evaluate(
     dtype: str | None = None,
     threads: int | None = None,
     batch_size: int | None = None,
+    gpu_layers: int | None = None,
     on_progress: Callable[[EvalProgress], None] | None = None,
 ) -> EvalResult:
     """``llmctl eval``: perplexity of MODEL on ``data`` under ``protocol``, and KL against a baseline.
@@ -888,7 +901,8 @@ def evaluate(
             f"KL from the baseline's saved top-{saved.ids.shape[1]} log-probabilities (the rest as one "
             "bucket: a slight underestimate)"
         )
-    opts = dict(context=context, device=device, dtype=dtype, threads=threads, batch_size=batch_size)
+    opts = dict(context=context, device=device, dtype=dtype, threads=threads, batch_size=batch_size,
+                gpu_layers=gpu_layers)  # fmt: skip
     step("load", f"loading {source.display} ({backend} backend)")
     scorer, label = open_scorer(source, backend, **opts)
     base_scorer = None
