@@ -28,10 +28,10 @@ LIMIT = 2048  # the servers' --max-tokens
 
 
 class Server:
-    def __init__(self, tmp: Path, *args: str) -> None:
+    def __init__(self, tmp: Path, *args: str, model: str = MODEL) -> None:
         self.log = tmp / "server.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llmctl", "serve", MODEL, "--port", "0", "--threads", "1",
+            [sys.executable, "-m", "llmctl", "serve", model, "--port", "0", "--threads", "1",
              "--max-tokens", str(LIMIT), *args],
             stdout=subprocess.DEVNULL, stderr=self.log.open("w"),
         )  # fmt: skip
@@ -399,3 +399,39 @@ def test_bad_serve_options() -> None:
         s.listen()
         port = s.getsockname()[1]
         assert_one_line_error(run_cli("serve", "--port", str(port)), f"cannot listen on 127.0.0.1:{port}")
+
+
+# ---- the other backend, and a model without a chat template --------------------------------------------
+def test_the_torch_backend_serves_the_same_api(server, tmp_path) -> None:
+    s = Server(tmp_path, "--backend", "torch")
+    try:
+        messages = [{"role": "user", "content": "Name three colors."}]
+        r = s.client().chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=16)
+        ref = server.client().chat.completions.create(
+            model=MODEL, messages=messages, temperature=0, max_tokens=16
+        )
+        assert r.usage.prompt_tokens == ref.usage.prompt_tokens  # the same template and tokenizer
+        assert r.choices[0].message.content.strip() and r.choices[0].finish_reason in ("stop", "length")
+        assert (
+            stream_text(s.client(), "Name three colors.", temperature=0, max_tokens=16)[0]
+            == r.choices[0].message.content
+        )
+    finally:
+        s.stop()
+
+
+def test_a_base_model_continues_chat_messages_as_plain_text(tmp_path) -> None:
+    """gemma3-270m has no chat template: as `llmctl chat`, chat requests are continued as written."""
+    s_model = "gemma3-270m"
+    s = Server(tmp_path, "--context", "512", model=s_model)
+    try:
+        assert "completion (no chat template)" in s.log.read_text()
+        c = s.client()
+        prompt = "The capital of France is"
+        r = c.chat.completions.create(
+            model=s_model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=8
+        )
+        ref = c.completions.create(model=s_model, prompt=prompt, temperature=0, max_tokens=8)
+        assert r.choices[0].message.content == ref.choices[0].text and ref.choices[0].text.strip()
+    finally:
+        s.stop()

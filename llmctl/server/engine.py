@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmctl.errors import LlmctlError, UsageError
+from llmctl.errors import LlmctlError, TemplateError, UsageError
 from llmctl.runtime.session import Backend, Notice, Piece, Reply, Session
 from llmctl.server.protocol import ApiError, Request
 
@@ -93,6 +93,8 @@ class Engine:
             emit(e)
         except UsageError as e:  # the request does not fit (e.g. its prompt is longer than the context)
             emit(ApiError(str(e), code="context_length_exceeded" if "context" in str(e) else None))
+        except TemplateError as e:  # the chat template refuses these messages (e.g. roles out of turn)
+            emit(ApiError(str(e), param="messages"))
         except LlmctlError as e:  # the model failed (e.g. NaN logits): the server's fault, not the request's
             emit(ApiError(str(e), status=500, type="server_error"))
         except Exception as e:  # never a traceback to the client; the log keeps it
