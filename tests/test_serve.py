@@ -336,22 +336,57 @@ def test_api_key(guarded) -> None:
     assert guarded.health()["status"] == "ok"  # health needs no key
 
 
+def raw_request(base: str, path: str, body: dict, key: str | None = None) -> socket.socket:
+    """Send a request on a bare socket and return it unread: closing it is a client that went away."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    data = json.dumps(body).encode()
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    s = socket.create_connection((host, int(port)), timeout=10)
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{auth}"
+              f"Content-Length: {len(data)}\r\n\r\n".encode() + data)  # fmt: skip
+    return s
+
+
+def test_a_client_that_leaves_a_plain_request_frees_the_slot(server) -> None:
+    s = raw_request(server.base, "/v1/completions", {"prompt": LONG, "temperature": 0, "max_tokens": 2000})
+    _wait_for(lambda: server.health()["running"] == 1)
+    s.close()
+    _wait_for(lambda: server.health()["running"] == 0, timeout=10)
+
+
 def test_a_full_queue_answers_503_and_disconnects_free_it(guarded) -> None:
     c = guarded.client(KEY)
     running = c.completions.create(model=MODEL, prompt=LONG, temperature=0, max_tokens=2000, stream=True)
     next(iter(running))
+    queued = raw_request(guarded.base, "/v1/completions", {"prompt": "hi", "stream": True}, KEY)
+    _wait_for(lambda: guarded.health()["waiting"] == 1)
+    status, body = post(guarded.base, "/v1/completions", {"prompt": "hi", "max_tokens": 2},
+                        {"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    assert assert_openai_error(status, body, 503, None)["code"] == "queue_full"
+    queued.close()  # a queued client that leaves gives its place back while the first still generates
+    _wait_for(lambda: guarded.health()["waiting"] == 0, timeout=10)
+    assert guarded.health()["running"] == 1
     waiting: list = []
     t = threading.Thread(target=lambda: waiting.append(
         c.completions.create(model=MODEL, prompt=LONG, temperature=0, max_tokens=8)))  # fmt: skip
     t.start()
     _wait_for(lambda: guarded.health()["waiting"] == 1)
-    status, body = post(guarded.base, "/v1/completions", {"prompt": "hi", "max_tokens": 2},
-                        {"Authorization": f"Bearer {KEY}"})  # fmt: skip
-    assert assert_openai_error(status, body, 503, None)["code"] == "queue_full"
     running.close()  # the queued request gets the model, promptly
     t.join(timeout=20)
     assert not t.is_alive() and waiting[0].choices[0].text.startswith(" 5, 6")
     _wait_for(lambda: guarded.health() == {**guarded.health(), "running": 0, "waiting": 0}, timeout=10)
+
+
+def test_stopping_the_server_mid_stream_is_clean(tmp_path) -> None:
+    s = Server(tmp_path)
+    stream = s.client().completions.create(
+        model=MODEL, prompt=LONG, temperature=0, max_tokens=2000, stream=True
+    )
+    next(iter(stream))
+    s.proc.terminate()
+    assert s.proc.wait(20) == 0
+    log = s.log.read_text()
+    assert "Traceback" not in log and "server stopped" in log, log
 
 
 def test_concurrent_streams_get_their_own_replies(server) -> None:

@@ -94,7 +94,7 @@ def serve(
                 auth=api_key is not None,
                 max_queue=max_queue,
             )
-            run(app, sock)
+            run(app, sock, on_stop=engine.cancel_all)
         finally:
             engine.close()
     finally:

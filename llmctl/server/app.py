@@ -101,10 +101,11 @@ def build_app(
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
         job = engine.submit(req, emit)
+        watch = _Watch(request, job)
         try:
-            first = await _next(queue, request, job)
+            first = await _next(queue, watch)
         except BaseException:
-            job.cancel.set()
+            job.stop()
             raise
         if first is None:  # the client left while waiting
             return Response(status_code=499)
@@ -118,7 +119,7 @@ def build_app(
                     raise event
                 if event is None:
                     return Response(status_code=499)
-                event = await _next(queue, request, job)
+                event = await _next(queue, watch)
             return JSONResponse(protocol.response(kind, rid, model_id, event))
         return StreamingResponse(
             _sse(kind, rid, model_id, req.include_usage, first, queue, job),
@@ -161,15 +162,31 @@ def build_app(
     return app
 
 
-async def _next(queue: asyncio.Queue[Any], request: HttpRequest, job: Job) -> Any:
+class _Watch:
+    """Whether a client is still there, asked at most every ``POLL_S`` (each check reads the socket)."""
+
+    def __init__(self, request: HttpRequest, job: Job) -> None:
+        self.request, self.job, self.last = request, job, time.monotonic()
+
+    async def gone(self) -> bool:
+        if time.monotonic() - self.last < POLL_S:
+            return False
+        self.last = time.monotonic()
+        if await self.request.is_disconnected():
+            self.job.stop()
+            return True
+        return False
+
+
+async def _next(queue: asyncio.Queue[Any], watch: _Watch) -> Any:
     """The request's next event; None (and the job cancelled) if its client disconnected meanwhile."""
     while True:
+        if await watch.gone():
+            return None
         try:
             return await asyncio.wait_for(queue.get(), POLL_S)
         except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.cancel.set()
-                return None
+            pass
 
 
 async def _sse(
@@ -196,7 +213,7 @@ async def _sse(
             event = await queue.get()
         yield "data: [DONE]\n\n"
     finally:  # the client went away (the response was cancelled) or the stream ended: stop generating
-        job.cancel.set()
+        job.stop()
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -224,11 +241,36 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run(app: Starlette, sock: socket.socket) -> None:
-    """Serve until interrupted (Ctrl-C or SIGTERM)."""
+class _Stopped(Exception):
+    pass
+
+
+def run(app: Starlette, sock: socket.socket, on_stop: Any = None) -> None:
+    """Serve until Ctrl-C or SIGTERM, then return (uvicorn re-raises the signal it caught once it has shut
+    down; here that ends this call instead of the process, so the caller can free the model).
+    ``on_stop()`` is called as the signal arrives, so that streams still generating end at their next
+    token instead of holding up the shutdown."""
+    import signal
+
     import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if on_stop is not None:
+                on_stop()
+            super().handle_exit(sig, frame)
+
+    def stopped(signum: int, frame: Any) -> None:
+        raise _Stopped
 
     config = uvicorn.Config(
         app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=3, http="h11"
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    previous = {sig: signal.signal(sig, stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        Server(config).run(sockets=[sock])
+    except _Stopped:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -28,7 +28,15 @@ DONE = object()  # the last event of every request
 
 @dataclass(eq=False)
 class Job:
+    """A request's handle: ``stop()`` when its client is gone."""
+
+    engine: Engine
     cancel: threading.Event = field(default_factory=threading.Event)
+    started: bool = False
+    abandoned: bool = False  # stopped before it started: its place in the queue is already given back
+
+    def stop(self) -> None:
+        self.engine.stop(self)
 
 
 class Engine:
@@ -47,7 +55,7 @@ class Engine:
         self.template = template
         self.chat_completion_mode = chat_completion_mode
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmctl-generate")
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: cancel_all also runs from a signal handler
         self._jobs: set[Job] = set()
         self.waiting = 0
         self.running = 0
@@ -60,7 +68,7 @@ class Engine:
     def submit(self, request: Request, emit: Callable[[Any], None]) -> Job:
         """Queue ``request``; its events (``Piece``, then ``Reply`` or an ``ApiError``, then ``DONE``) go
         to ``emit``. Raises ``ApiError`` 503 when the queue is full."""
-        job = Job()
+        job = Job(self)
         with self._lock:
             if self.running + self.waiting > self.max_queue:  # one runs, max_queue wait
                 raise ApiError(
@@ -81,14 +89,25 @@ class Engine:
             raise ApiError("the server is shutting down", status=503, type="server_error") from None
         return job
 
+    def stop(self, job: Job) -> None:
+        """Stop ``job`` before its next token; a job still queued leaves the queue now."""
+        with self._lock:
+            job.cancel.set()
+            if not job.started and not job.abandoned:
+                job.abandoned = True
+                self.waiting -= 1
+                self._jobs.discard(job)
+
     def _run(self, request: Request, job: Job, emit: Callable[[Any], None]) -> None:
         with self._lock:
+            if job.abandoned:
+                return
+            job.started = True
             self.waiting -= 1
             self.running += 1
         try:
-            if not job.cancel.is_set():
-                for event in self._events(request, job):
-                    emit(event)
+            for event in self._events(request, job):
+                emit(event)
         except ApiError as e:
             emit(e)
         except UsageError as e:  # the request does not fit (e.g. its prompt is longer than the context)
@@ -141,7 +160,7 @@ class Engine:
 
     def cancel_all(self) -> None:
         with self._lock:
-            for job in self._jobs:
+            for job in list(self._jobs):
                 job.cancel.set()
 
     def close(self) -> None:
