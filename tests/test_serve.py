@@ -204,6 +204,10 @@ def test_a_conversation_with_a_system_prompt(server) -> None:
 BAD = [
     (b"{not json", None),
     (b"[1, 2]", None),
+    (b"[" * 200_000, None),  # nested past the parser's recursion limit
+    (b"\xff\xfe{}", None),  # not UTF-8
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "temperature"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e400}', "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "bogus": 1}, "bogus"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),

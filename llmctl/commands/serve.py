@@ -27,7 +27,7 @@ def serve(
         None, help="Folder, .gguf, hub id org/name[@rev][:FILE.gguf] or bundled name (default: smollm2-135m)."
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback needs --api-key or --insecure."),
-    port: int = typer.Option(8000, "--port", "-p", help="Port to listen on (0: any free port, shown on start)."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on (0: any free port, shown on start)."),
     api_key: str = typer.Option(None, "--api-key", envvar="LLMCTL_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (or set LLMCTL_API_KEY, which keeps it out of the process list)."),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback --host without an API key."),
     max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait behind the one generating; more get HTTP 503."),
