@@ -103,26 +103,21 @@ def build_app(
         job = engine.submit(req, emit)
         watch = _Watch(request, job)
         try:
-            first = await _next(queue, watch)
-        except BaseException:
+            event = await _next(queue, watch)
+            while not req.stream and event is not None and not isinstance(event, (Reply, ApiError)):
+                event = await _next(queue, watch)  # a plain response: wait for the whole reply
+        except BaseException:  # cancelled (the server stopping): so is the generation
             job.stop()
             raise
-        if first is None:  # the client left while waiting
+        if event is None:  # the client left while waiting
             return Response(status_code=499)
-        if isinstance(first, ApiError):
-            raise first
+        if isinstance(event, ApiError):
+            raise event
         rid = protocol.new_id(kind)
         if not req.stream:
-            event = first
-            while not isinstance(event, Reply):
-                if isinstance(event, ApiError):
-                    raise event
-                if event is None:
-                    return Response(status_code=499)
-                event = await _next(queue, watch)
             return JSONResponse(protocol.response(kind, rid, model_id, event))
         return StreamingResponse(
-            _sse(kind, rid, model_id, req.include_usage, first, queue, job),
+            _sse(kind, rid, model_id, req.include_usage, event, queue, job),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
