@@ -8,7 +8,7 @@ import sys
 import typer
 
 from llmctl import __version__
-from llmctl.commands import chat, estimate_memory, models, quantize, show
+from llmctl.commands import chat, estimate_memory, models, quantize, serve, show
 from llmctl.commands import eval as eval_cmd
 from llmctl.errors import LlmctlError
 
@@ -45,6 +45,7 @@ app.command("chat")(chat.chat)
 app.command("eval")(eval_cmd.eval_)
 app.command("models")(models.models)
 app.command("show")(show.show)
+app.command("serve")(serve.serve)
 
 
 def main(argv: list[str] | None = None) -> None:

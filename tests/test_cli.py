@@ -29,11 +29,11 @@ def assert_one_line_error(p: subprocess.CompletedProcess, message: str) -> None:
 def test_help_lists_commands() -> None:
     p = run("--help")
     assert p.returncode == 0
-    for cmd in ("estimate-memory", "quantize", "chat", "eval", "models", "show"):
+    for cmd in ("estimate-memory", "quantize", "chat", "eval", "models", "show", "serve"):
         assert cmd in p.stdout
 
 
-@pytest.mark.parametrize("cmd", ["estimate-memory", "quantize", "chat", "eval"])
+@pytest.mark.parametrize("cmd", ["estimate-memory", "quantize", "chat", "eval", "serve"])
 def test_help_keeps_bracketed_text(cmd: str) -> None:
     """Help is plain text: rich markup used to eat ``org/name[@rev]`` and every ``[default: …]``."""
     p = run(cmd, "--help")

@@ -566,6 +566,19 @@ def chat_bye() -> None:
     chat_notice("bye")
 
 
+# ---- llmctl serve -----------------------------------------------------------------------------------
+def serve_started(
+    backend_line: str, *, url: str, model: str, chat_mode: str, auth: bool, max_queue: int
+) -> None:
+    """What is served where, on stderr (the URL line first-class: scripts read it for --port 0)."""
+    chat_notice(backend_line)
+    chat_notice(
+        f"chat requests: {chat_mode}; one generation at a time, up to {max_queue} waiting; "
+        + ("API key required" if auth else "no API key")
+    )
+    err().print(Text(f"serving {model} at {url} (OpenAI API; Ctrl-C stops)"), soft_wrap=True)
+
+
 # ---- llmctl eval (issue 5) ---------------------------------------------------------------------------
 class ScoringEta:
     """Rate and time left while scoring, measured from the end of the first forward on: the first one

@@ -1,0 +1,1 @@
+"""``llmctl serve``: an OpenAI-compatible HTTP server over llmctl's backends (protocol, engine, app)."""
