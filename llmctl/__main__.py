@@ -1,3 +1,4 @@
 from llmctl.cli import main
 
-main()
+if __name__ == "__main__":  # not when a spawned child (multiprocessing) imports it as __mp_main__
+    main()
