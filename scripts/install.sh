@@ -22,7 +22,7 @@ else
     $VPY -m pip install -q "torch==$TORCH+cpu" 2> /dev/null ||
         $VPY -m pip install -q "torch==$TORCH+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
 fi
-$VPY - "$BUILD" << 'PYEOF'
+$VPY -W ignore - "$BUILD" << 'PYEOF'  # -W: numpy is not installed yet
 import sys, torch
 cuda = torch.version.cuda
 print(f"torch {torch.__version__}: {'CUDA ' + cuda if cuda else 'CPU-only'} build ({sys.argv[1]} chosen; LLMCTL_TORCH=cpu|cuda overrides)")
