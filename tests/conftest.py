@@ -6,9 +6,16 @@ wide enough (norm weights included) that logits are far from uniform. Built once
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
+
+# Tests press Ctrl-C in llmctl (SIGINT). A test run started in the background (`cmd &`, nohup) inherits
+# SIGINT ignored, and so would every llmctl it starts (Python then never raises KeyboardInterrupt): give
+# this process a handler, which its children's exec turns back into the default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SEQ = 24  # test sequence length; sliding windows below are 8, so tests run past the window
 WINDOW = 8
