@@ -7,10 +7,10 @@ JSON outputs so the two always agree.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
-from llmctl.sources import ModelSource
+from llmctl.memory.report import gguf_file_type_name
+from llmctl.sources import ModelSource, size_on_disk
 
 _CT_FIELDS = ("num_bits", "type", "symmetric", "strategy", "group_size")
 
@@ -37,7 +37,7 @@ def model_info(source: ModelSource) -> dict[str, Any]:
             "name": source.display,
             "kind": source.kind,
             "path": str(source.path),
-            "size_bytes": _size_on_disk(source.path),
+            "size_bytes": size_on_disk(source.path),
             "title": _text(meta.get("general.name")),
         },
         "architecture": {
@@ -74,19 +74,14 @@ def _text(v: Any) -> str | None:
     return v if isinstance(v, str) and v.strip() else None
 
 
-def _size_on_disk(path: Path) -> int:
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-    return path.stat().st_size if path.is_file() else 0
-
-
 def _quantization(source: ModelSource) -> dict[str, Any] | None:
     """How a folder's weights were quantized (its config.json), or a GGUF's declared file type."""
     if source.is_gguf:
         meta = source.gguf.metadata
         if not isinstance(meta.get("general.file_type"), int):
             return None
-        return {"method": "gguf", "file_type": _file_type_name(meta["general.file_type"]),
+        ft = meta["general.file_type"]
+        return {"method": "gguf", "file_type": gguf_file_type_name(ft) or f"unknown ({ft})",
                 "quantized_by": _text(meta.get("general.quantized_by"))}  # fmt: skip
     cfg_path = source.path / "config.json" if source.path.is_dir() else source.path
     try:
@@ -113,12 +108,3 @@ def _quantization(source: ModelSource) -> dict[str, Any] | None:
         if k in qc:
             out[k] = qc[k]
     return out
-
-
-def _file_type_name(ft: int) -> str:
-    from gguf import LlamaFileType
-
-    try:
-        return LlamaFileType(ft).name.removeprefix("MOSTLY_").lower()
-    except ValueError:
-        return f"unknown ({ft})"

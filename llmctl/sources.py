@@ -507,6 +507,13 @@ class ModelEntry:
     description: str
 
 
+def size_on_disk(path: Path) -> int:
+    """A file's size, or the sum of a folder's files (its top level, as a model folder or snapshot holds them)."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    return path.stat().st_size if path.is_file() else 0
+
+
 def list_models() -> list[ModelEntry]:
     """Bundled models (installed or not), the model repositories in the Hugging Face cache, and the outputs
     `llmctl quantize` wrote (``llmctl.outputs``) that still exist."""
@@ -530,7 +537,7 @@ def list_models() -> list[ModelEntry]:
                 continue
             repo = repo_dir.name[len("models--") :].replace("--", "/")
             snap = snaps[-1]
-            size = sum(f.stat().st_size for f in snap.iterdir() if f.is_file())
+            size = size_on_disk(snap)
             has_weights = bool(list(snap.glob("*.safetensors")) or list(snap.glob("*.gguf")))
             status = "cached" if has_weights else "config only"
             out.append(ModelEntry(repo, "hub cache", status, str(snap), size, ""))
@@ -538,6 +545,5 @@ def list_models() -> list[ModelEntry]:
 
     for o in recorded():
         p = Path(o.path)
-        size = sum(f.stat().st_size for f in p.iterdir() if f.is_file()) if p.is_dir() else p.stat().st_size
-        out.append(ModelEntry(p.name, "quantized", f"{o.format} of {o.source}", o.path, size, f"written {o.written}"))
+        out.append(ModelEntry(p.name, "quantized", f"{o.format} of {o.source}", o.path, size_on_disk(p), f"written {o.written}"))
     return out

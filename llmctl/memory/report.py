@@ -196,18 +196,23 @@ def memory_report(
     )
 
 
+def gguf_file_type_name(file_type: int) -> str | None:
+    """llama.cpp's name of a ``general.file_type`` (e.g. 15 -> "q4_k_m"); None for a number it does not know."""
+    from gguf import LlamaFileType
+
+    try:
+        return LlamaFileType(file_type).name.removeprefix("MOSTLY_").lower()
+    except ValueError:
+        return None
+
+
 def stored_format(
     tensors: list[TensorInfo] | None, config: ModelConfig, gguf_file_type: int | None = None
 ) -> str:
     """How the checkpoint is stored: a GGUF's declared file type (e.g. q4_k_m), else its dominant tensor
     type by bytes, else the config's torch_dtype."""
-    if gguf_file_type is not None:
-        from gguf import LlamaFileType
-
-        try:
-            return LlamaFileType(gguf_file_type).name.removeprefix("MOSTLY_").lower()
-        except ValueError:
-            pass
+    if gguf_file_type is not None and (name := gguf_file_type_name(gguf_file_type)) is not None:
+        return name
     if not tensors:
         return (
             (config.torch_dtype or "bfloat16")
