@@ -44,7 +44,12 @@ import pytest
 from test_hostile_llamacpp import CHAT, one_error_line, run, tiny_gguf
 
 from llmctl.errors import TemplateError
-from llmctl.runtime.chat_template import MAX_TEMPLATE_TOKENS, ChatTemplate, render_chat
+from llmctl.runtime.chat_template import (
+    MAX_TEMPLATE_TOKENS,
+    MIN_RENDER_GROWTH_BYTES,
+    ChatTemplate,
+    render_chat,
+)
 
 MAX_PY_ALLOC = 50 * 1024**2
 CONVERSATION = [{"role": "user", "content": "hi"}]
@@ -244,6 +249,30 @@ def test_slow_steps_meet_the_deadline() -> None:
     for template in ("{{ ('ā' * 300000).encode('punycode') }}", "{{ 'a'.encode().decode('IDNA') }}"):
         with pytest.raises(TemplateError, match="that codec takes time growing with the square of the text"):
             render_chat(template, CONVERSATION)
+
+
+# ---- many values alive at once -------------------------------------------------------------------------
+def test_many_values_alive_at_once_are_refused() -> None:
+    """Each value is within the size bound, but 300 variables each set to a fresh 1 MB string kept 290 MB
+    alive (the 20,000-token bound allows ~2,500 of them: ~2.5 GB). The process's growth during a render is
+    bounded too: here refused with Python allocations under the growth bound plus a few MB."""
+    template = "".join(f"{{% set v{i} = 'x' * 1000000 ~ '{i}' %}}" for i in range(1000)) + "{{ v0|length }}"
+    tracemalloc.start()
+    try:
+        with pytest.raises(TemplateError, match="holds more than 256 MiB alive at once"):
+            render_chat(template, CONVERSATION)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < MIN_RENDER_GROWTH_BYTES + 16 * 1024**2, peak
+
+
+def test_the_growth_bound_scales_with_the_conversation() -> None:
+    """A long conversation is not refused for the memory its own text takes: the bound is 16x the output
+    bound (1 MiB + 4x the inputs) when that is larger than 256 MiB. 40 messages of 1 MB render in ChatML."""
+    messages = [{"role": "user", "content": "y" * 1_000_000 + str(i)} for i in range(40)]
+    text = render_chat(None, messages, add_generation_prompt=True)
+    assert len(text) > 40_000_000 and text.endswith("<|im_start|>assistant\n")
 
 
 def test_loop_controls_outside_a_loop_do_not_compile() -> None:

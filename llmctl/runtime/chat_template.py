@@ -13,8 +13,10 @@ Chat templates ship inside model files, so they are untrusted code. We render wi
   concatenation, macro/block buffers, calls and filters are refused when their result (or, for ``*``,
   ``**``, ``%``, ``format``, ``replace``, ``join``, ``expandtabs``, ``indent``, ``wordwrap``, ``split``,
   ``translate``, the listing filters and width arguments, their *announced* result) would exceed the same
-  bound, so no single step allocates without limit. A format announces the sum of all its widths and
-  precisions, ``*`` and nested ``{:{w}}`` fields included, and the size of each value it formats;
+  bound, so no single step allocates without limit. The process may grow by at most
+  ``MIN_RENDER_GROWTH_BYTES`` (or 16x that bound) during one render, which bounds how many such values
+  a template keeps alive at once (one variable each, a frame each of a recursive macro). A format
+  announces the sum of all its widths and precisions, ``*`` and nested ``{:{w}}`` fields included, and the size of each value it formats;
   ``tojson`` and ``pprint`` stop as their text passes the bound;
 * **containers measured by what they hold**: a list holds references, so ``['x' * 1000000] * 1000`` is
   8 KB whose text is 1 GB. Lists, tuples and dicts count the text of everything they hold, nested
@@ -38,6 +40,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import itertools
+import os
 import re
 import sys
 import time
@@ -59,6 +62,10 @@ DEFAULT_MAX_OUTPUT_CHARS = 1 << 20  # plus 4x the size of the inputs, see ChatTe
 DEFAULT_MAX_OPERATIONS = 1_000_000
 DEFAULT_TIMEOUT_S = 10.0
 MAX_INT_BITS = 1 << 16  # integers a template computes stay below 2**65536
+# The process may grow by at most this much (or 16x the output bound, when larger) while one render runs:
+# each value is bounded alone, this bounds how many stay alive at once (variables, macro frames).
+MIN_RENDER_GROWTH_BYTES = 256 << 20
+_MEMORY_CHECK_BYTES = 4 << 20  # characters announced between two looks at the process's memory
 
 
 @dataclass
@@ -69,6 +76,13 @@ class _Budget:
     timeout_s: float
     ops: int = 0
     known: dict[int, int] = field(default_factory=dict)  # id -> size of each list and dict of the inputs
+    rss0: int | None = None  # the process's resident bytes when the render began (None: not measurable)
+    max_growth: int = 0
+    pending: int = 0  # characters announced since memory was last looked at
+
+    def __post_init__(self) -> None:
+        self.rss0 = _resident_bytes()
+        self.max_growth = max(MIN_RENDER_GROWTH_BYTES, 16 * self.max_chars)
 
     def tick(self, n: int = 1) -> None:
         self.ops += n
@@ -77,8 +91,29 @@ class _Budget:
                 f"chat template ran more than {self.max_ops:,} loop iterations/operations; it loops "
                 "without bound — fix the template"
             )
-        if self.ops & 255 == 0:
-            self.check_deadline()
+        if self.ops & 63 == 0:
+            self.check_memory()
+            if self.ops & 255 == 0:
+                self.check_deadline()
+
+    def made(self, n: int) -> None:
+        """``n`` characters were (or are about to be) made: look at the process's memory every few MB."""
+        self.pending += n
+        if self.pending > _MEMORY_CHECK_BYTES:
+            self.check_memory()
+
+    def check_memory(self) -> None:
+        """Refuse a render that holds too much alive at once: each value is within the bound, but a
+        template can keep thousands of them (one variable each, or a frame each of a recursive macro)."""
+        self.pending = 0
+        if self.rss0 is None:
+            return
+        grown = (_resident_bytes() or 0) - self.rss0
+        if grown > self.max_growth:
+            raise TemplateError(
+                f"chat template holds more than {self.max_growth >> 20:,} MiB alive at once (many values, "
+                "each within the size bound); the template repeats without bound — fix the template"
+            )
 
     def check_deadline(self) -> None:
         if time.monotonic() > self.deadline:
@@ -116,17 +151,31 @@ class _Budget:
         n = self.size(value)
         if n > self.max_chars:
             raise self.too_big(what, n)
+        self.made(n)
         return value
 
     def check_announced(self, n: int, what: str) -> None:
         if n > self.max_chars:
             raise self.too_big(what, n)
+        self.made(n)
 
     def too_big(self, what: str, n: int) -> TemplateError:
         return TemplateError(
             f"chat template exceeds its size bound: {what} would make {n:,} characters or items, more "
             f"than {self.max_chars:,}; the template repeats without bound — fix the template"
         )
+
+
+def _resident_bytes() -> int | None:
+    """The process's resident memory (Linux's /proc/self/statm), or None where it cannot be read."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_BYTES
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 # ---- the size of what a value holds --------------------------------------------------------------
