@@ -322,11 +322,12 @@ def test_the_sampler_refuses_nan_logits(top_k: int, temperature: float) -> None:
 
 def test_a_kv_cache_that_does_not_fit_is_refused_before_allocating(monkeypatch: pytest.MonkeyPatch) -> None:
     from llmctl.config import ModelConfig
+    from llmctl.runtime import device as devices
     from llmctl.runtime import model as runtime_model
 
     m = runtime_model.Transformer(ModelConfig.from_dict(CHAT_CONFIG))
     assert m.make_cache(256).nbytes == 256 * 512
-    monkeypatch.setattr(runtime_model, "_free_bytes", lambda device: 100 * 512)
+    monkeypatch.setattr(devices, "free_bytes", lambda device: 100 * 512)
     with pytest.raises(UsageError, match=r"KV cache of 256 positions needs 0.0 GiB .* \(about 100 fits\)"):
         m.make_cache(256)
 

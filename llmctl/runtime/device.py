@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from llmctl.errors import UsageError
@@ -158,3 +159,21 @@ def describe(device: torch.device, dtype: Any) -> str:
     short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
     threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
     return f"{device} {short}{threads}"
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Bytes a new allocation on ``device`` can take: free CUDA memory, else the system's available memory
+    (MPS shares it; the total where the available is unknown); None when nothing is known."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None

@@ -23,7 +23,6 @@ forward is a plain causal (and windowed) pass over the batch, for evaluation.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,6 +31,7 @@ from torch import nn
 
 from llmctl.config import FULL, RUNTIME_FAMILIES, SLIDING, ModelConfig
 from llmctl.errors import UnsupportedArchitectureError, UsageError
+from llmctl.runtime import device as devices
 from llmctl.runtime.kv_cache import CAUSAL, layer_windows, self_mask
 from llmctl.runtime.rope import apply_rope, inv_frequencies, rope_tables
 
@@ -63,22 +63,6 @@ def check_supported(config: ModelConfig) -> None:
             f"{where}attn_logit_softcapping (Gemma 2) is not supported by the torch runtime"
         )
     inv_frequencies(config, FULL)  # validates rope_scaling
-
-
-def _free_bytes(device: torch.device) -> int | None:
-    """Bytes a new allocation on ``device`` can take: free CUDA memory, else the system's available memory
-    (MPS shares it; the total where the available is unknown); None when nothing is known."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, ValueError, IndexError, StopIteration):
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 class RMSNorm(nn.Module):
@@ -324,7 +308,7 @@ class Transformer(nn.Module):
 
         args = (self.config, max_len, batch_size)
         need = KVCache(*args, dtype=self.dtype, device="meta", rollback=rollback).nbytes  # sizes, no memory
-        free = _free_bytes(self.device)
+        free = devices.free_bytes(self.device)
         if free is not None and need > free:
             raise UsageError(
                 f"a KV cache of {max_len} positions needs {need / 2**30:.1f} GiB but {self.device} has "

@@ -457,8 +457,6 @@ def llama_load_guard() -> Iterator[None]:
         internals.LlamaModel.metadata = orig_metadata
 
 
-plain_cpu_kernels = llama_load_guard  # its old name, still used by runtime/perplexity.py, bench/ and tests/
-
 PROBE_TIMEOUT_S = 300.0
 _PROBED: set[tuple[Any, ...]] = set()
 

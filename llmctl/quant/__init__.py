@@ -1,0 +1,1 @@
+"""Quantization: the format registry, recipes, converters and writers per output layout, kernels."""
