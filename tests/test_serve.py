@@ -225,7 +225,10 @@ BAD = [
     ({"messages": [{"role": "user", "content": "hi"}], "stop": [""]}, "stop"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
-    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": 3}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
     ({"messages": []}, "messages"),
     ({}, "messages"),
@@ -248,10 +251,53 @@ def test_bad_chat_requests_get_400_with_an_openai_error(server, body, param) -> 
 @pytest.mark.parametrize(
     "body,param",
     [({}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": [1, 2]}, "prompt"), ({"prompt": "a", "echo": True}, "echo"),
-     ({"prompt": "a", "messages": []}, "messages"), ({"prompt": "a", "best_of": 3}, "best_of")],
+     ({"prompt": "a", "messages": []}, "messages"), ({"prompt": "a", "best_of": 3}, "best_of"),
+     ({"prompt": "a", "logprobs": True}, "logprobs"), ({"prompt": "a", "logprobs": 21}, "logprobs"),
+     ({"prompt": "a", "top_logprobs": 2}, "top_logprobs")],
 )  # fmt: skip
 def test_bad_completion_requests_get_400(server, body, param) -> None:
     assert_openai_error(*post(server.base, "/v1/completions", body), 400, param)
+
+
+# ---- log-probabilities ---------------------------------------------------------------------------------
+def check_chat_logprobs(content: list, text: str, top: int) -> None:
+    """Greedy: each token is the likeliest of its alternatives; the tokens spell the reply."""
+    assert "".join(t.token for t in content) == text
+    for t in content:
+        assert t.logprob <= 0 and t.bytes == list(t.token.encode())
+        alts = [a.logprob for a in t.top_logprobs]
+        assert len(alts) == top and alts == sorted(alts, reverse=True)
+        assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == t.logprob
+
+
+def test_chat_logprobs_streamed_and_not(server) -> None:
+    c = server.client()
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Name three colors."}], temperature=0,
+              max_tokens=16, logprobs=True, top_logprobs=3)  # fmt: skip
+    r = c.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens  # ended by max_tokens or a end-of-turn token
+    check_chat_logprobs(content, r.choices[0].message.content, 3)
+    streamed = [t for ch in c.chat.completions.create(stream=True, **kw) if ch.choices and ch.choices[0].logprobs
+                for t in ch.choices[0].logprobs.content]  # fmt: skip
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    plain = c.chat.completions.create(**{**kw, "logprobs": None, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+    only = c.chat.completions.create(**{**kw, "top_logprobs": None})  # logprobs alone: no alternatives
+    assert [t.top_logprobs for t in only.choices[0].logprobs.content] == [[]] * len(content)
+
+
+def test_completion_logprobs_in_the_legacy_layout(server) -> None:
+    r = server.client().completions.create(model=MODEL, prompt=LONG, temperature=0, max_tokens=8, logprobs=2)
+    lp, text = r.choices[0].logprobs, r.choices[0].text
+    assert "".join(lp.tokens) == text and len(lp.tokens) == len(lp.token_logprobs) == 8
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(8)]
+    for tok, v, alts in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(alts) <= 2 and max(alts.values()) == v and alts[tok] == v  # greedy: the likeliest
+    streamed = [ch.choices[0].logprobs for ch in server.client().completions.create(
+        model=MODEL, prompt=LONG, temperature=0, max_tokens=8, logprobs=2, stream=True) if ch.choices[0].logprobs]  # fmt: skip
+    assert [t for x in streamed for t in x.tokens] == lp.tokens
+    assert [o for x in streamed for o in x.text_offset] == lp.text_offset
 
 
 def test_the_openai_client_sees_a_bad_request_error(server) -> None:
@@ -394,20 +440,21 @@ def test_stopping_the_server_mid_stream_is_clean(tmp_path) -> None:
 
 
 def test_concurrent_streams_get_their_own_replies(server) -> None:
-    """8 clients x 3 streamed greedy requests at once: all complete, each as the same request alone."""
+    """The load test: 8 clients x 20 streamed greedy requests at once (160 requests, ~40 s on 2 busy cores):
+    all complete without an error, each equal to the same request alone, and the server's RSS stays flat."""
     prompts = [f"Say something about the number {i}." for i in range(8)]
     client = server.client()
-    alone = {p: stream_text(client, p, temperature=0, max_tokens=12)[0] for p in prompts}
+    alone = {p: stream_text(client, p, temperature=0, max_tokens=6)[0] for p in prompts}
     before = server.rss_kib()
 
     def worker(p: str) -> list[str]:
         c = server.client()
-        return [stream_text(c, p, temperature=0, max_tokens=12)[0] for _ in range(3)]
+        return [stream_text(c, p, temperature=0, max_tokens=6)[0] for _ in range(20)]
 
     with ThreadPoolExecutor(8) as pool:
         results = dict(zip(prompts, pool.map(worker, prompts), strict=True))
     for p in prompts:
-        assert results[p] == [alone[p]] * 3, p
+        assert results[p] == [alone[p]] * 20, p
     after = server.rss_kib()
     assert after < before + 64 * 1024, (before, after)  # KiB: no per-request growth to speak of
     assert server.health()["running"] == 0

@@ -131,6 +131,14 @@ class LlamaCppBackend(Backend):
     def describe(self) -> str:
         return f"llama.cpp, {offload_text(self.n_gpu_layers)} (threads: {self.llm.n_threads})"
 
+    def last_logits(self) -> Any:
+        """The last evaluated position's logits, which the sampler read (llama.cpp keeps them until the next
+        ``eval``)."""
+        import numpy as np
+
+        ptr = self._lib.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
     def reset(self) -> None:
         L = self._lib
         L.llama_memory_clear(L.llama_get_memory(self.llm.ctx), True)

@@ -50,10 +50,24 @@ class Notice:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model: the log-softmax of the logits it was drawn
+    from, before penalties, filters and temperature (what OpenAI's API and vLLM report), with the ``top``
+    likeliest tokens there as ``(id, text, logprob)``, likeliest first. ``text`` is what the token added to
+    the reply (empty for a token that ends inside a character; the next one completes it)."""
+
+    token: int
+    text: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+@dataclass
 class Piece:
-    """New reply text, ready to print."""
+    """New reply text, ready to print; with the tokens it came from when log-probabilities were asked for."""
 
     text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -75,6 +89,7 @@ class Reply:
     context_used: int  # tokens in the KV cache afterwards
     context_size: int
     dropped_turns: int = 0
+    logprobs: list[TokenLogprob] | None = None  # one per token of ``text``, when asked for
 
     @property
     def decode_tok_s(self) -> float | None:
@@ -140,8 +155,29 @@ class Backend(abc.ABC):
     def kv_bytes(self) -> int | None:
         return None
 
+    def last_logits(self) -> Any:
+        """The logits (vocab,) the token ``generate`` yielded last was drawn from, valid until it is
+        resumed. Backends that cannot give them raise UsageError."""
+        raise UsageError(f"the {self.name} backend gives no log-probabilities")
+
     def close(self) -> None:
         self.tokenizer.close()
+
+
+MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
+
+
+def logprobs_of(logits: Any, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log-softmax of ``logits`` (vocab,) at ``token``, and the ``top`` likeliest ``(id, logprob)``, likeliest
+    first (ties by id), computed in float64."""
+    import numpy as np
+
+    x = np.asarray(logits, dtype=np.float64)
+    lp = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+    top = min(top, lp.size)
+    best = np.argpartition(-lp, top - 1)[:top] if top else np.empty(0, dtype=np.int64)
+    best = best[np.lexsort((best, -lp[best]))]
+    return float(lp[token]), [(int(i), float(lp[i])) for i in best]
 
 
 class TorchBackend(Backend):
@@ -156,6 +192,7 @@ class TorchBackend(Backend):
         self.chunk_size = chunk_size
         self.cache = model.make_cache(n_ctx, rollback=ROLLBACK)
         self._tokens: list[int] = []
+        self._logits: Any = None
 
     @property
     def tokens(self) -> list[int]:
@@ -168,6 +205,9 @@ class TorchBackend(Backend):
 
     def kv_bytes(self) -> int | None:
         return self.cache.nbytes
+
+    def last_logits(self) -> Any:
+        return self._logits.float().cpu().numpy()
 
     def reset(self) -> None:
         self.cache.reset()
@@ -205,6 +245,7 @@ class TorchBackend(Backend):
         seen = list(prompt)
         with torch.no_grad():
             while True:
+                self._logits = logits[0]
                 token = sampler(logits[0], seen)
                 seen.append(token)
                 yield token
@@ -325,6 +366,8 @@ class _Turn:
     seed: int = 0
     dropped: int = 0
     recorded: bool = False
+    top_logprobs: int | None = None  # None: no log-probabilities asked for
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class Session:
@@ -431,13 +474,23 @@ class Session:
 
     # ---- one turn ------------------------------------------------------------------------------
     def reply(
-        self, text: str, stop_requested: Callable[[], bool] | None = None
+        self,
+        text: str,
+        stop_requested: Callable[[], bool] | None = None,
+        *,
+        logprobs: int | None = None,
     ) -> Iterator[Notice | Piece | Reply]:
         """Add a user message and generate the reply. ``stop_requested`` is polled once per token (the
         REPL's Ctrl-C sets it); when it returns True, or when the caller closes the generator early, what
-        was generated so far is kept as the reply, marked ``interrupted``."""
+        was generated so far is kept as the reply, marked ``interrupted``. ``logprobs``: give each
+        token's log-probability and that many likeliest alternatives (0 to ``MAX_TOP_LOGPROBS``) with the
+        pieces and the reply."""
         if not isinstance(text, str) or not text.strip():
             raise UsageError("the message is empty; type something to send")
+        if logprobs is not None and (
+            isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_TOP_LOGPROBS
+        ):
+            raise UsageError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS} alternatives, got {logprobs!r}")
         saved = list(self.messages)
         self.messages.append({"role": "user", "content": text})
         turn = _Turn()
@@ -452,6 +505,7 @@ class Session:
                 f"({'system prompt kept, ' if self.system else ''}{len(self.messages) - 1} message(s) left)"
             )
         turn.prompt_tokens = len(ids)
+        turn.top_logprobs = logprobs
         turn.seed = (self.seed + self.replies) % (MAX_SEED + 1)
         self.replies += 1
         try:
@@ -477,6 +531,15 @@ class Session:
         matcher = StopMatcher(stops)
         decoder = self.tokenizer.stream_decoder(skip_special=True)
         tokens = self.backend.generate(ids, o, turn.seed)
+        pending: list[TokenLogprob] = []  # tokens whose text is held back, given with the piece that shows it
+
+        def piece(out: str) -> Piece:
+            turn.text += out
+            turn.logprobs += pending
+            p = Piece(out, list(pending))
+            pending.clear()
+            return p
+
         try:
             reason, hit = "context", False
             for token in tokens:
@@ -490,10 +553,12 @@ class Session:
                     reason = "interrupted"
                     break
                 turn.completion += 1
-                out, hit = matcher.push(decoder.push(token))
+                delta = decoder.push(token)
+                if turn.top_logprobs is not None:
+                    pending.append(self._logprob(token, delta, turn.top_logprobs))
+                out, hit = matcher.push(delta)
                 if out:
-                    turn.text += out
-                    yield Piece(out)
+                    yield piece(out)
                 if hit:
                     reason = "stop"
                     break
@@ -504,12 +569,16 @@ class Session:
                 out, hit = matcher.push(decoder.flush())
                 out += "" if hit else matcher.flush()
                 if out:
-                    turn.text += out
-                    yield Piece(out)
+                    yield piece(out)
             turn.reason = reason
         finally:
             tokens.close()
             turn.prefilled = self.backend.prefilled
+
+    def _logprob(self, token: int, text: str, top: int) -> TokenLogprob:
+        lp, best = logprobs_of(self.backend.last_logits(), token, top)
+        decode = self.tokenizer.decode
+        return TokenLogprob(token, text, lp, [(i, decode([i]), v) for i, v in best])
 
     def _record(self, turn: _Turn) -> Reply:
         if not turn.recorded:
@@ -532,6 +601,7 @@ class Session:
             context_used=len(self.backend.tokens),
             context_size=self.backend.n_ctx,
             dropped_turns=turn.dropped,
+            logprobs=None if turn.top_logprobs is None else turn.logprobs,
         )
         self.totals["replies"] += 1
         self.totals["generated_tokens"] += self.last.completion_tokens

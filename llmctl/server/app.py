@@ -28,7 +28,7 @@ from starlette.routing import Route
 from llmctl.runtime.session import Piece, Reply
 from llmctl.server import protocol
 from llmctl.server.engine import DONE, Engine, Job
-from llmctl.server.protocol import ApiError
+from llmctl.server.protocol import ApiError, Request
 
 POLL_S = 0.25  # how often a waiting request checks whether its client is still there
 
@@ -117,7 +117,7 @@ def build_app(
         if not req.stream:
             return JSONResponse(protocol.response(kind, rid, model_id, event))
         return StreamingResponse(
-            _sse(kind, rid, model_id, req.include_usage, event, queue, job),
+            _sse(kind, rid, model_id, req, event, queue, job),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -185,23 +185,24 @@ async def _next(queue: asyncio.Queue[Any], watch: _Watch) -> Any:
 
 
 async def _sse(
-    kind: str, rid: str, model: str, include_usage: bool, first: Any, queue: asyncio.Queue[Any], job: Job
+    kind: str, rid: str, model: str, req: Request, first: Any, queue: asyncio.Queue[Any], job: Job
 ) -> AsyncIterator[str]:
     def data(obj: Any) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    event, started = first, False
+    event, started, offset = first, False, 0
     try:
         if kind == "chat":
             yield data(protocol.chunk(kind, rid, model, first=True, text=""))
             started = True
         while event is not DONE:
             if isinstance(event, Piece):
-                yield data(protocol.chunk(kind, rid, model, text=event.text, first=not started))
-                started = True
+                entries = None if req.logprobs is None else event.logprobs
+                yield data(protocol.chunk(kind, rid, model, text=event.text, first=not started, entries=entries, offset=offset))
+                started, offset = True, offset + len(event.text)
             elif isinstance(event, Reply):
                 yield data(protocol.chunk(kind, rid, model, finish=event.finish_reason))
-                if include_usage:
+                if req.include_usage:
                     yield data(protocol.usage_chunk(kind, rid, model, event))
             elif isinstance(event, ApiError):  # after the headers: the error as the stream's last event
                 yield data(event.body())

@@ -143,7 +143,7 @@ class Engine:
         else:
             session = Session(self.backend, request.options, completion=True)
             text = request.prompt or ""
-        events = session.reply(text, job.cancel.is_set)
+        events = session.reply(text, job.cancel.is_set, logprobs=request.logprobs)
         try:
             for event in events:
                 if isinstance(event, Notice):  # chat would drop old turns; an API client is told instead

@@ -3,7 +3,7 @@ messages, and the response, chunk and error objects built from a ``Reply``. No H
 
 Every field a request may carry is listed below: supported ones are mapped to llmctl's sampler (as
 llama.cpp's server maps them), a few of OpenAI's are accepted when they ask for the default only (``n``
-of 1, ``logprobs`` false …), and anything else is refused with an ``ApiError`` naming the field.
+of 1, ``logit_bias`` empty …), and anything else is refused with an ``ApiError`` naming the field.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 from llmctl.errors import UsageError
 from llmctl.runtime.sampler import SamplingOptions
+from llmctl.runtime.session import MAX_TOP_LOGPROBS
 
 MAX_STOPS = 4  # OpenAI's limit
 # JSON name -> SamplingOptions field (OpenAI's names, plus llama.cpp server's extensions)
@@ -34,8 +35,6 @@ SAMPLING = {
 # does not have. Values are tuples of what is accepted.
 DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
     "n": (None, 1),
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
     "logit_bias": (None, {}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
@@ -85,6 +84,7 @@ class Request:
     include_usage: bool
     messages: list[dict[str, str]] | None = None
     prompt: str | None = None
+    logprobs: int | None = None  # alternatives per token; None: no log-probabilities
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -125,9 +125,35 @@ def parse(body: dict[str, Any], kind: str, *, max_tokens_limit: int) -> Request:
             raise ApiError('stream_options must be {"include_usage": true|false}', param="stream_options")
         include_usage = _flag(so, "include_usage", "stream_options.include_usage")
     options = _options(body, kind, max_tokens_limit)
+    logprobs = _logprobs(body, kind)
     if kind == "chat":
-        return Request(kind, options, stream, include_usage, messages=_messages(body.get("messages")))
-    return Request(kind, options, stream, include_usage, prompt=_prompt(body.get("prompt")))
+        messages = _messages(body.get("messages"))
+        return Request(kind, options, stream, include_usage, messages=messages, logprobs=logprobs)
+    return Request(kind, options, stream, include_usage, prompt=_prompt(body.get("prompt")), logprobs=logprobs)
+
+
+def _count(body: dict[str, Any], key: str) -> int | None:
+    value = body.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS):
+        raise ApiError(
+            f"{key} must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {json.dumps(value)[:40]}",
+            param=key,
+            code="invalid_value",
+        )
+    return value
+
+
+def _logprobs(body: dict[str, Any], kind: str) -> int | None:
+    """Chat: ``logprobs`` true, with ``top_logprobs`` alternatives (0 unless given); completions: ``logprobs``
+    is the number of alternatives (0: the chosen token's only). None: not asked for."""
+    if kind == "completion":
+        return _count(body, "logprobs")
+    top = _count(body, "top_logprobs")
+    if not _flag(body, "logprobs"):
+        if top:
+            raise ApiError("top_logprobs needs logprobs set to true", param="top_logprobs", code="invalid_value")
+        return None
+    return top or 0
 
 
 def _same(value: Any, accepted: Any) -> bool:
@@ -253,17 +279,45 @@ def usage(reply: Any) -> dict[str, int]:
     }
 
 
+def logprobs(kind: str, entries: list[Any] | None, offset: int = 0) -> dict[str, Any] | None:
+    """OpenAI's ``logprobs`` object of a choice (or chunk) from llmctl's ``TokenLogprob`` entries: chat's
+    ``content`` list, or the completions API's parallel lists (``text_offset`` counted from ``offset``,
+    the characters of the reply before these tokens)."""
+    if entries is None:
+        return None
+    if kind == "chat":
+
+        def one(text: str, lp: float) -> dict[str, Any]:
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+        return {
+            "content": [{**one(e.text, e.logprob), "top_logprobs": [one(t, v) for _, t, v in e.top]} for e in entries],
+            "refusal": None,
+        }
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.text)
+    return {
+        "tokens": [e.text for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{t: v for _, t, v in reversed(e.top)} for e in entries],
+        "text_offset": offsets,
+    }
+
+
 def response(kind: str, rid: str, model: str, reply: Any) -> dict[str, Any]:
     finish = FINISH.get(reply.finish_reason, "stop")
+    lp = logprobs(kind, reply.logprobs)
     if kind == "chat":
         choice: dict[str, Any] = {
             "index": 0,
             "message": {"role": "assistant", "content": reply.text},
-            "logprobs": None,
+            "logprobs": lp,
             "finish_reason": finish,
         }
     else:
-        choice = {"index": 0, "text": reply.text, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": reply.text, "logprobs": lp, "finish_reason": finish}
     return {
         "id": rid,
         "object": "chat.completion" if kind == "chat" else "text_completion",
@@ -283,18 +337,22 @@ def chunk(
     text: str | None = None,
     first: bool = False,
     finish: str | None = None,
+    entries: list[Any] | None = None,
+    offset: int = 0,
 ) -> dict[str, Any]:
-    """One streamed piece (``text``), or the last one (``finish``: llmctl's finish reason)."""
+    """One streamed piece (``text``, with its tokens' log-probabilities ``entries`` when asked for; ``offset``:
+    the reply's characters before it), or the last one (``finish``: llmctl's finish reason)."""
     reason = None if finish is None else FINISH.get(finish, "stop")
+    lp = logprobs(kind, entries, offset)
     if kind == "chat":
         delta: dict[str, Any] = {}
         if first:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+        choice = {"index": 0, "text": text or "", "logprobs": lp, "finish_reason": reason}
     return {
         "id": rid,
         "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
