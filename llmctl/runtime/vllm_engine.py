@@ -81,6 +81,7 @@ def open_engine(
     dtype: str | None = None,
     max_model_len: int,
     max_logprobs: int = 0,
+    prefix_caching: bool = False,
     seed: int = 0,
 ) -> Any:
     """A ``vllm.LLM`` on a resolved model folder (token ids in and out: no tokenizer of vLLM's)."""
@@ -96,6 +97,7 @@ def open_engine(
     vllm = import_vllm()
     from vllm.platforms import current_platform
 
+    cpu = current_platform.is_cpu()
     try:
         return vllm.LLM(
             model=str(Path(source.path)),
@@ -103,8 +105,11 @@ def open_engine(
             tensor_parallel_size=tensor_parallel,
             max_model_len=max_model_len,
             max_logprobs=max(max_logprobs, 1),
-            enable_prefix_caching=False,  # prompt log-probabilities are computed afresh for every prompt
-            enforce_eager=current_platform.is_cpu(),  # graph capture on CPU is a long compile for nothing
+            enable_prefix_caching=prefix_caching,  # eval: off (prompt log-probabilities of every token)
+            enforce_eager=cpu,  # graph capture on CPU is a long compile for nothing
+            # on a CPU, vLLM's start-up demands this share of the machine's memory be free (0.92 by default,
+            # shared machines fail it); its KV cache there is VLLM_CPU_KVCACHE_SPACE GiB when that is set
+            **({"gpu_memory_utilization": 0.5} if cpu else {}),
             skip_tokenizer_init=True,
             seed=seed,
         )
