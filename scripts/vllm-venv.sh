@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Creates the separate venv that tests/test_vllm_oracle.py runs vLLM (CPU build) in, and prints its python.
-# vLLM pins its own torch, so it never shares llmctl's .venv. Idempotent: a venv whose `import vllm` works is
+# vLLM pins its own torch, so it never shares llmctl's .venv. tests/test_vllm_backend.py also runs llmctl from
+# the checkout (PYTHONPATH) in it: vLLM's own dependencies cover what `--backend vllm` imports (typer, rich,
+# tokenizers, safetensors, jinja2, numpy, starlette, uvicorn); gguf and llama-cpp-python are not needed there. Idempotent: a venv whose `import vllm` works is
 # reused as it is (CI may keep ~/.cache between runs). A fresh install downloads ~3.5 GB.
 set -euo pipefail
 VENV=${LLMCTL_VLLM_VENV:-$HOME/.cache/llmctl/vllm-venv}

@@ -227,7 +227,8 @@ CASES = [
     Case("negative-temperature", lambda t: ["chat", "--temperature", "-1", "-p", "hi"], "temperature"),
     Case("negative-top-k", lambda t: ["chat", "--top-k", "-3", "-p", "hi"], "top-k"),
     Case("min-p-out-of-range", lambda t: ["chat", "--min-p", "2", "-p", "hi"], "min-p"),
-    Case("unknown-backend", lambda t: ["chat", "--backend", "vllm", "-p", "hi"], "vllm"),
+    Case("unknown-backend", lambda t: ["chat", "--backend", "tgi", "-p", "hi"], "tgi"),
+    Case("vllm-backend-on-a-gguf", lambda t: ["chat", "--backend", "vllm", "-p", "hi"], "not GGUF"),
     Case(
         "template-reaches-python-internals",
         lambda t: ["chat", "--backend", "torch", "--template", str(text_file(t, b"{{ ''.__class__.__mro__[1].__subclasses__() }}", "t.jinja")), "-p", "hi", "-n", "2"],

@@ -47,7 +47,7 @@ def one_line_error(p: subprocess.CompletedProcess, message: str) -> None:
         (("--seed", "-4"), "--seed must be an integer between 0 and 4294967294"),
         (("--max-tokens", "0"), "--max-tokens must be an integer >= 1"),
         (("--stop", ""), "stop strings must be non-empty"),
-        (("--backend", "vllm"), "--backend must be one of auto, torch, llama.cpp, got 'vllm'"),
+        (("--backend", "tgi"), "--backend must be one of auto, torch, llama.cpp, vllm, got 'tgi'"),
         (("--context", "10"), "--context must be between 64 and the model's limit of 8192 tokens, got 10"),
         (("--backend", "llama.cpp", "--dtype", "bf16"), "--dtype is a torch-backend option"),
         (("--template", "/no/such/template.jinja"), "--template /no/such/template.jinja: no such file"),

@@ -333,8 +333,8 @@ def test_save_and_load_transcripts(tmp_path: Path, llama_backend) -> None:
 
 
 def test_backend_choice_errors(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="--backend must be one of auto, torch, llama.cpp, got 'vllm'"):
-        load_backend(None, "vllm")
+    with pytest.raises(UsageError, match="--backend must be one of auto, torch, llama.cpp, vllm, got 'tgi'"):
+        load_backend(None, "tgi")
     with pytest.raises(UsageError, match="--context must be between 64 and the model's limit of 8192"):
         load_backend(None, "auto", context=100000)
     with pytest.raises(UsageError, match="--device cuda: the llama.cpp backend runs on the CPU"):

@@ -34,7 +34,8 @@ def chat(
     model: str = typer.Argument(
         None, help="Folder, .gguf, hub id org/name[@rev][:FILE.gguf] or bundled name (default: smollm2-135m)."
     ),
-    backend: str = typer.Option("auto", "--backend", "-b", help="auto (llama.cpp for GGUF, else torch), torch, llama.cpp."),
+    backend: str = typer.Option("auto", "--backend", "-b", help="auto (llama.cpp for GGUF, else torch), torch, llama.cpp, vllm (pip install 'llmctl[vllm]')."),
+    tensor_parallel: int = typer.Option(None, "--tensor-parallel", "--tp", help="vllm: GPUs to split the model across (vLLM's tensor_parallel_size)."),
     context: int = typer.Option(
         None, "--context", "-c", help="Context tokens to allocate (default: the model's limit, at most 4096)."
     ),
@@ -91,7 +92,8 @@ def chat(
     if raw and (chat_mode or template is not None):
         raise UsageError("--raw (completion mode) excludes --chat and --template; pass one of them")
     engine, line = load_backend(
-        model, backend, context=context, device=device, dtype=dtype, threads=threads, gpu_layers=gpu_layers
+        model, backend, context=context, device=device, dtype=dtype, threads=threads, gpu_layers=gpu_layers,
+        tensor_parallel=tensor_parallel,
     )
     try:
         has_template = template_text is not None or bool((engine.tokenizer.chat_template or "").strip())

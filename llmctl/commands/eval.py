@@ -32,7 +32,15 @@ def eval_(
     stride: int = typer.Option(None, "--stride", help="sliding: tokens between windows.  [default: context/2]"),
     max_tokens: int = typer.Option(None, "--max-tokens", help="Use only the first N tokens of the text."),
     chunks: int = typer.Option(None, "--chunks", help="Score at most N windows."),
-    backend: str = typer.Option("torch", "--backend", "-b", help="torch (llmctl's runtime) or llama.cpp (GGUF)."),
+    backend: str = typer.Option(
+        "torch",
+        "--backend",
+        "-b",
+        help="torch (llmctl's runtime), llama.cpp (GGUF) or vllm (a folder; pip install 'llmctl[vllm]').",
+    ),
+    tensor_parallel: int = typer.Option(
+        None, "--tensor-parallel", "--tp", help="vllm: GPUs to split the model across (vLLM's tensor_parallel_size)."
+    ),
     baseline: str = typer.Option(
         None, "--baseline", help="Also run MODEL2 on the same tokens and report KL divergence against it."
     ),
@@ -78,6 +86,7 @@ def eval_(
             threads=threads,
             batch_size=batch_size,
             gpu_layers=gpu_layers,
+            tensor_parallel=tensor_parallel,
             on_progress=on_progress,
         )
     if json_:

@@ -33,7 +33,8 @@ def serve(
     max_queue: int = typer.Option(16, "--max-queue", help="Requests that may wait behind the one generating; more get HTTP 503."),
     max_tokens: int = typer.Option(1024, "--max-tokens", "-n", help="Most tokens a request may ask for (and its default)."),
     max_body: int = typer.Option(MAX_BODY, "--max-body", help="Largest request body in bytes; larger gets HTTP 413."),
-    backend: str = typer.Option("auto", "--backend", help="auto (llama.cpp for GGUF, else torch), torch, llama.cpp."),
+    backend: str = typer.Option("auto", "--backend", help="auto (llama.cpp for GGUF, else torch), torch, llama.cpp, vllm (pip install 'llmctl[vllm]')."),
+    tensor_parallel: int = typer.Option(None, "--tensor-parallel", "--tp", help="vllm: GPUs to split the model across (vLLM's tensor_parallel_size)."),
     context: int = typer.Option(None, "--context", "-c", help="Context tokens to allocate (default: the model's limit, at most 4096)."),
     device: str = typer.Option(None, "--device", help="torch: auto, cpu, cuda, cuda:N, mps."),
     gpu_layers: int = typer.Option(None, "--gpu-layers", "-ngl", help="llama.cpp: layers to offload to the GPU (-1 all, 0 none)."),
@@ -74,7 +75,8 @@ def serve(
     try:
         source = resolve(model)
         engine_backend, line = load_backend(
-            model, backend, context=context, device=device, dtype=dtype, threads=threads, gpu_layers=gpu_layers
+            model, backend, context=context, device=device, dtype=dtype, threads=threads, gpu_layers=gpu_layers,
+            tensor_parallel=tensor_parallel,
         )
         has_template = template_text is not None or bool((engine_backend.tokenizer.chat_template or "").strip())
         completion = raw or (not has_template and not chat_mode)

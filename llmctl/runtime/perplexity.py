@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     import torch
 
 PROTOCOLS = ("llama.cpp", "sliding", "documents")
-BACKENDS = ("torch", "llama.cpp")
+BACKENDS = ("torch", "llama.cpp", "vllm")
 DEFAULT_CONTEXT = 512
 DEFAULT_TOP_K = 128  # log-probabilities per token that --save-logits keeps
 LOGITS_FORMAT = "llmctl-logits"
@@ -289,6 +289,33 @@ def kl_rows_topk(logp: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tens
     return kl + tail
 
 
+def kl_rows_topk_both(rows: TopK, base: TopK, targets: torch.Tensor) -> torch.Tensor:
+    """KL(base || model) when only the top-k log-probs of both (and of the correct token) are known, as vLLM
+    gives them: the tokens known in both distributions keep their own terms, every other token goes into
+    one bucket in both. A lower bound of the full KL (merging outcomes never increases it), as
+    ``kl_rows_topk``'s, and the same figure when the model's list holds the baseline's."""
+    import torch
+
+    def with_target(t: TopK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids = t.ids.long()  # (n, k)
+        listed = (ids == targets[:, None]).any(-1, keepdim=True)  # (n, 1): the correct token is in the list
+        valid = torch.cat([torch.ones_like(ids, dtype=torch.bool), ~listed], dim=1)  # (n, k + 1)
+        return torch.cat([ids, targets[:, None]], 1), torch.cat([t.logp, t.target_logp[:, None]], 1).double(), valid
+
+    p_ids, p_lp, p_ok = with_target(base)
+    q_ids, q_lp, q_ok = with_target(rows)
+    match = (p_ids[:, :, None] == q_ids[:, None, :]) & p_ok[:, :, None] & q_ok[:, None, :]  # (n, kp+1, kq+1)
+    known = match.any(-1)  # (n, kp + 1): the baseline's token is in the model's list too
+    q_at = torch.where(match, q_lp[:, None, :], 0.0).sum(-1)  # (n, kp + 1) log q at the baseline's tokens
+    pk = torch.where(known, p_lp.exp(), 0.0)
+    qk = torch.where(known, q_at.exp(), 0.0)
+    kl = torch.where(pk > 0, pk * (p_lp - q_at), 0.0).sum(-1)
+    p_tail = (1 - pk.sum(-1)).clamp_min(0)
+    q_tail = (1 - qk.sum(-1)).clamp_min(1e-30)
+    tail = torch.where(p_tail > 1e-6, p_tail * (p_tail.clamp_min(1e-30).log() - q_tail.log()), 0.0)
+    return kl + tail
+
+
 # ---- backends ----------------------------------------------------------------------------------------
 class TorchScorer:
     """Windows through llmctl's ``Transformer``; windows of equal shape are batched."""
@@ -444,6 +471,76 @@ class LlamaCppScorer:
             self.llm = None
 
 
+class VllmScorer:
+    """Windows through vLLM: its prompt log-probabilities (``SamplingParams(prompt_logprobs=k,
+    max_tokens=1)``) of each window's tokens. vLLM returns the top ``k`` and the prompt token's own, not the
+    whole vocabulary, so this scorer yields ``TopK`` rows (as a saved baseline holds), not full rows."""
+
+    name = "vllm"
+    windows_per_call = 16  # prompts handed to vLLM at once (it batches them); progress is reported per call
+
+    def __init__(
+        self, source: Any, windows: Sequence[Window], *, top_k: int, tensor_parallel: int = 1,
+        dtype: str | None = None,
+    ) -> None:  # fmt: skip
+        from llmctl.runtime.vllm_engine import open_engine
+
+        self.display = source.display
+        self.vocab_size = int(source.config.vocab_size)
+        self.top_k = min(max(top_k, 1), self.vocab_size)
+        longest = max(len(self.prompt(w)) for w in windows)
+        self.llm = open_engine(
+            source, tensor_parallel=tensor_parallel, dtype=dtype, max_model_len=longest + 1,
+            max_logprobs=self.top_k,
+        )  # fmt: skip
+
+    @staticmethod
+    def prompt(w: Window) -> tuple[int, ...]:
+        """The tokens whose prompt log-probabilities hold the window's scored rows: ``ids`` up to the first
+        scored row, then the targets (the documents protocol's last target is past ``ids``)."""
+        fed = w.ids[w.first + 1 :]
+        if tuple(w.targets[: len(fed)]) != tuple(fed):
+            raise ValueError("a window whose targets are not the tokens after its scored rows")
+        return (*w.ids[: w.first + 1], *w.targets)
+
+    def log_probs(self, windows: Sequence[Window]) -> Iterator[TopK]:
+        import torch
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from llmctl.runtime.vllm_engine import vllm_error_line
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=self.top_k, detokenize=False, temperature=0.0)
+        for at in range(0, len(windows), self.windows_per_call):
+            batch = windows[at : at + self.windows_per_call]
+            prompts = [TokensPrompt(prompt_token_ids=list(self.prompt(w))) for w in batch]
+            try:
+                outs = self.llm.generate(prompts, params, use_tqdm=False)
+            except Exception as e:  # a kernel vLLM lacks on this machine shows up at the first forward pass
+                raise FormatError(f"{self.display}: vLLM failed to run it ({vllm_error_line(e)})") from None
+            for w, out in zip(batch, outs, strict=True):
+                # prompt_logprobs[i]: {token id: Logprob(logprob, rank)} for position i given the tokens before
+                rows = out.prompt_logprobs[w.first + 1 : w.first + 1 + len(w.targets)]
+                ids, logp, target = [], [], []
+                for t, pos in zip(w.targets, rows, strict=True):
+                    top = sorted((lp.rank, tok, lp.logprob) for tok, lp in pos.items() if lp.rank <= self.top_k)
+                    ids.append([tok for _, tok, _ in top[: self.top_k]])
+                    logp.append([v for _, _, v in top[: self.top_k]])
+                    target.append(pos[t].logprob)
+                yield TopK(
+                    torch.tensor(ids, dtype=torch.int32),
+                    torch.tensor(logp, dtype=torch.float32),
+                    torch.tensor(target, dtype=torch.float32),
+                )
+
+    def close(self) -> None:
+        from llmctl.runtime.vllm_engine import close_engine
+
+        if getattr(self, "llm", None) is not None:
+            llm, self.llm = self.llm, None
+            close_engine(llm)
+
+
 # ---- baselines ------------------------------------------------------------------------------------
 @dataclass
 class TopK:
@@ -505,6 +602,17 @@ class SavedLogits:
             n = len(w.targets)
             yield TopK(self.ids[at : at + n], self.logp[at : at + n], self.target_logp[at : at + n])
             at += n
+
+
+@dataclass
+class ScoredRows:
+    """A baseline scored before the model (vLLM runs one engine at a time): its rows per window, in order."""
+
+    parts: list[Any]
+    vocab_size: int
+
+    def rows(self, windows: Sequence[Window]) -> Iterator[Any]:
+        return iter(self.parts)
 
 
 def load_logits(path: str | Path) -> SavedLogits:
@@ -583,22 +691,40 @@ def score_windows(
     save_top_k: int = 0,
     on_progress: Progress | None = None,
 ) -> tuple[TokenResults, list[TopK]]:
-    """Score every window; ``baseline`` is another scorer (exact KL) or ``SavedLogits`` (top-k KL).
-    Returns per-token results and, when ``save_top_k``, this model's top-k log-probs per window."""
+    """Score every window; ``baseline`` is another scorer (exact KL), ``SavedLogits`` (top-k KL) or
+    ``ScoredRows``. The scorer yields full rows of log-probabilities, or ``TopK`` rows (vLLM; KL from both
+    top-k lists). Returns per-token results and, when ``save_top_k``, this model's top-k log-probs per window."""
     import numpy as np
     import torch
 
     total = sum(len(w.ids) for w in windows)
     base_iter: Iterator[Any] | None = None
     if baseline is not None:
-        base_iter = baseline.rows(windows) if isinstance(baseline, SavedLogits) else baseline.log_probs(windows)
+        base_iter = baseline.rows(windows) if hasattr(baseline, "rows") else baseline.log_probs(windows)
     nll, top1, docs, kld, nll_b, top1_b, saved = [], [], [], [], [], [], []
     fed = 0
     for w, logp in zip(windows, scorer.log_probs(windows), strict=True):
-        targets = torch.tensor(w.targets, dtype=torch.long, device=logp.device)
+        targets = torch.tensor(w.targets, dtype=torch.long)
+        docs.append(np.full(len(w.targets), w.doc))
+        if isinstance(logp, TopK):  # vLLM: top-k rows and the correct token's log-prob
+            nll.append(-logp.target_logp.double().numpy())
+            top1.append(logp.ids[:, 0].long().numpy())
+            if save_top_k:
+                saved.append(TopK(logp.ids[:, :save_top_k], logp.logp[:, :save_top_k], logp.target_logp))
+            if base_iter is not None:
+                b = next(base_iter)
+                if not isinstance(b, TopK):  # (both are scored by one backend; for completeness)
+                    b = _to_cpu(top_k_of(b, targets.to(b.device), logp.ids.shape[1]))
+                kld.append(kl_rows_topk_both(logp, b, targets).numpy())
+                nll_b.append(-b.target_logp.double().numpy())
+                top1_b.append(b.ids[:, 0].long().numpy())
+            fed += len(w.ids)
+            if on_progress is not None:
+                on_progress(fed, total)
+            continue
+        targets = targets.to(logp.device)
         nll.append(-logp.gather(-1, targets[:, None])[:, 0].double().cpu().numpy())
         top1.append(logp.argmax(-1).cpu().numpy())
-        docs.append(np.full(len(w.targets), w.doc))
         if save_top_k:
             saved.append(_to_cpu(top_k_of(logp, targets, save_top_k)))
         if base_iter is not None:
@@ -758,6 +884,8 @@ def check_options(
             "--batch-size applies to the torch backend; the llama.cpp backend decodes one window per call, "
             "so it would change nothing: drop --batch-size"
         )
+    if batch_size is not None and backend == "vllm":
+        raise UsageError("--batch-size applies to the torch backend; vLLM batches windows itself: drop it")
 
 
 def check_context(source: Any, context: int, role: str = "the model") -> None:
@@ -780,11 +908,24 @@ def open_scorer(
     threads: int | None = None,
     batch_size: int | None = None,
     gpu_layers: int | None = None,
+    tensor_parallel: int = 1,
+    windows: Sequence[Window] = (),
+    top_k: int = 1,
 ) -> tuple[Any, str]:
-    """(scorer, device label) for a resolved model source. ``gpu_layers``: llama.cpp's ``-ngl``."""
+    """(scorer, device label) for a resolved model source. ``gpu_layers``: llama.cpp's ``-ngl``;
+    ``tensor_parallel``, ``windows`` (for the engine's length) and ``top_k`` (log-probs per row): vLLM's."""
     from llmctl.runtime.device import choose_threads, set_threads
     from llmctl.runtime.llamacpp import offload_text
 
+    if backend == "vllm":
+        for name, value in (("--device", device), ("--threads", threads), ("--gpu-layers", gpu_layers)):
+            if value is not None:
+                raise UsageError(
+                    f"{name} is not a vLLM-backend option: vLLM places the model on its own platform's devices "
+                    f"(--tensor-parallel N GPUs); drop {name}"
+                )
+        scorer = VllmScorer(source, windows, top_k=top_k, tensor_parallel=tensor_parallel, dtype=dtype)
+        return scorer, f"vLLM, tensor parallel {tensor_parallel}, top-{scorer.top_k} log-probabilities"
     if backend == "llama.cpp":
         if not source.is_gguf:
             raise UsageError(f"{source.spec}: the llama.cpp backend runs GGUF files; use --backend torch")
@@ -838,6 +979,7 @@ def evaluate(
     threads: int | None = None,
     batch_size: int | None = None,
     gpu_layers: int | None = None,
+    tensor_parallel: int | None = None,
     on_progress: Callable[[EvalProgress], None] | None = None,
 ) -> EvalResult:
     """``llmctl eval``: perplexity of MODEL on ``data`` under ``protocol``, and KL against a baseline.
@@ -846,6 +988,7 @@ def evaluate(
 
     from llmctl.runtime.corpus import load_corpus, nonblank
     from llmctl.runtime.tokenizer import load_tokenizer
+    from llmctl.runtime.vllm_engine import check_source, check_tensor_parallel, import_vllm
     from llmctl.sources import resolve
 
     def step(phase: str, what: str, done: int = 0, total: int = 0) -> None:
@@ -858,6 +1001,7 @@ def evaluate(
         protocol, backend, context, stride, max_tokens, chunks, top_k,
         save_logits=bool(save_logits_path), batch_size=batch_size,
     )  # fmt: skip
+    tensor_parallel = check_tensor_parallel(tensor_parallel, backend)
     top_k = DEFAULT_TOP_K if top_k is None else top_k
     if save_logits_path and not Path(save_logits_path).expanduser().parent.is_dir():
         raise UsageError(f"--save-logits {save_logits_path}: its folder does not exist; create it first")
@@ -869,6 +1013,11 @@ def evaluate(
     base_source = resolve(baseline) if baseline else None
     if base_source is not None:
         check_context(base_source, context, "the baseline")
+    if backend == "vllm":
+        for src in (source, base_source):
+            if src is not None:
+                check_source(src)
+        import_vllm()  # one line saying how to install it, before any work
     step("tokenize", f"reading and tokenizing {data}")
     tok = load_tokenizer(source.path)
 
@@ -901,8 +1050,27 @@ def evaluate(
             f"KL from the baseline's saved top-{saved.ids.shape[1]} log-probabilities (the rest as one "
             "bucket: a slight underestimate)"
         )
-    opts = dict(context=context, device=device, dtype=dtype, threads=threads, batch_size=batch_size,
-                gpu_layers=gpu_layers)  # fmt: skip
+    opts: dict[str, Any] = dict(context=context, device=device, dtype=dtype, threads=threads,
+                                batch_size=batch_size, gpu_layers=gpu_layers)  # fmt: skip
+    base_rows: ScoredRows | None = None
+    if backend == "vllm":
+        # vLLM gives top-k rows: as many as --save-logits keeps, as a saved baseline holds, or 128 for a baseline
+        need = [top_k if save_logits_path else 1, saved.ids.shape[1] if saved is not None else 1]
+        need.append(DEFAULT_TOP_K if base_source is not None else 1)
+        opts.update(tensor_parallel=tensor_parallel, windows=windows, top_k=max(need))
+        if base_source is not None or saved is not None:
+            notes[:] = [
+                "KL from vLLM's top-k log-probabilities and the baseline's (the tokens not in both lists as one "
+                "bucket): a lower bound, slightly under the full KL"
+            ]
+        if base_source is not None:  # one engine at a time: the baseline's rows first, then the model's
+            step("load", f"loading the baseline {base_source.display} ({backend} backend)")
+            first, _ = open_scorer(base_source, backend, **opts)
+            try:
+                step("score", f"scoring {len(windows):,} window{'s' * (len(windows) != 1)} (the baseline)")
+                base_rows = ScoredRows(list(first.log_probs(windows)), first.vocab_size)
+            finally:
+                first.close()
     step("load", f"loading {source.display} ({backend} backend)")
     scorer, label = open_scorer(source, backend, **opts)
     base_scorer = None
@@ -912,14 +1080,15 @@ def evaluate(
                 f"{saved.path} was saved from a model with a vocabulary of {saved.meta.get('vocab_size')} "
                 f"tokens, this one has {scorer.vocab_size}; compare models with the same tokenizer"
             )
-        if base_source is not None:
+        if base_source is not None and base_rows is None:
             step("load", f"loading the baseline {base_source.display} ({backend} backend)")
             base_scorer, _ = open_scorer(base_source, backend, **opts)
-            if base_scorer.vocab_size != scorer.vocab_size:
-                raise UsageError(
-                    f"the model's output has {scorer.vocab_size} logits and the baseline's "
-                    f"{base_scorer.vocab_size}; KL divergence needs the same vocabulary"
-                )
+        base_vocab = base_rows.vocab_size if base_rows is not None else getattr(base_scorer, "vocab_size", None)
+        if base_vocab is not None and base_vocab != scorer.vocab_size:
+            raise UsageError(
+                f"the model's output has {scorer.vocab_size} logits and the baseline's {base_vocab}; KL "
+                "divergence needs the same vocabulary"
+            )
         load_s = time.perf_counter() - t0
         what = f"scoring {len(windows):,} window{'s' * (len(windows) != 1)}" + (
             " (model and baseline)" if base_scorer is not None else ""
@@ -929,7 +1098,7 @@ def evaluate(
         results, parts = score_windows(
             scorer,
             windows,
-            baseline=base_scorer if base_scorer is not None else saved,
+            baseline=base_scorer or base_rows or saved,
             save_top_k=top_k if save_logits_path else 0,
             on_progress=(lambda done, total: step("score", what, done, total)) if on_progress else None,
         )
@@ -982,7 +1151,7 @@ def evaluate(
             results.nll,
             results.nll_base,
             results.top1 == results.top1_base,
-            approximate=saved is not None,
+            approximate=saved is not None or backend == "vllm",
         )
     if save_logits_path:
         step("save", f"saving the top-{top_k} log-probabilities to {save_logits_path}")

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from llmctl.runtime.chat_template import ChatTemplate
     from llmctl.runtime.tokenizer import Tokenizer
 
-BACKENDS = ("auto", "torch", "llama.cpp")
+BACKENDS = ("auto", "torch", "llama.cpp", "vllm")
 DEFAULT_CONTEXT = 4096  # cap of the default --context (the model's limit is often 32k-128k)
 MIN_CONTEXT = 64
 ROLLBACK = 64  # extra ring slots of sliding-window layers, so a new turn can roll back a few tokens
@@ -265,14 +265,17 @@ def load_backend(
     dtype: str | None = None,
     threads: int | None = None,
     gpu_layers: int | None = None,
+    tensor_parallel: int | None = None,
 ) -> tuple[Backend, str]:
     """Resolve MODEL, pick and load the backend; returns it and a line saying which and why.
-    ``gpu_layers`` (llama.cpp's ``-ngl``) applies to the llama.cpp backend only."""
+    ``gpu_layers`` (llama.cpp's ``-ngl``) applies to the llama.cpp backend only, ``tensor_parallel`` to vLLM."""
     from llmctl.runtime.device import choose_threads, set_threads
+    from llmctl.runtime.vllm_engine import check_source, check_tensor_parallel, import_vllm
     from llmctl.sources import resolve
 
     if backend not in BACKENDS:
         raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    tensor_parallel = check_tensor_parallel(tensor_parallel, backend)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0):
         raise UsageError(f"--threads must be a positive integer, got {threads!r}")
     source = resolve(spec)
@@ -290,6 +293,25 @@ def load_backend(
             chosen, why = "torch", "auto: GGUF file, but --dtype/--device ask for the torch runtime"
     else:
         chosen, why = backend, "--backend"
+    if chosen == "vllm":
+        check_source(source)
+        for name, value in (("--device", device), ("--threads", threads), ("--gpu-layers", gpu_layers)):
+            if value is not None:
+                raise UsageError(
+                    f"{name} is not a vLLM-backend option: vLLM places the model on its own platform's devices "
+                    f"(--tensor-parallel N GPUs); drop {name}"
+                )
+        import_vllm()
+        from llmctl.runtime.tokenizer import load_tokenizer
+        from llmctl.runtime.vllm_backend import VllmBackend
+
+        tokenizer = load_tokenizer(source.path)
+        try:
+            b: Backend = VllmBackend(source, tokenizer, context, tensor_parallel=tensor_parallel, dtype=dtype)
+        except BaseException:
+            tokenizer.close()
+            raise
+        return b, f"backend: {b.describe()} ({why}); context {context} tokens"
     if chosen == "llama.cpp":
         if not source.is_gguf:
             raise UsageError(
@@ -304,7 +326,7 @@ def load_backend(
         from llmctl.runtime.llamacpp import LlamaCppBackend
 
         threads, why_threads = choose_threads(threads)
-        b: Backend = LlamaCppBackend(source.path, context, threads=threads, device=device, gpu_layers_=gpu_layers)
+        b = LlamaCppBackend(source.path, context, threads=threads, device=device, gpu_layers_=gpu_layers)
     else:
         if gpu_layers is not None:
             raise UsageError(
