@@ -286,6 +286,8 @@ def test_vllm_serve_with_the_openai_client(smol_folder, tmp_path):
             for _ in range(2)
         ]
         assert sampled[0] == sampled[1]
+        with pytest.raises(openai.BadRequestError, match="gives no log-probabilities"):  # vLLM samples itself
+            client.chat.completions.create(model="m", messages=messages, max_tokens=4, logprobs=True)
     finally:
         server.stop()
 

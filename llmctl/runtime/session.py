@@ -135,6 +135,7 @@ class Backend(abc.ABC):
     tokenizer: Tokenizer
     n_ctx: int = 0
     prefilled: int = 0  # tokens the last ``generate`` computed before sampling
+    gives_logprobs = True  # whether ``last_logits`` works
 
     @property
     @abc.abstractmethod

@@ -23,6 +23,7 @@ _ids = itertools.count()
 
 class VllmBackend(Backend):
     name = "vllm"
+    gives_logprobs = False  # vLLM samples: no logits to read back (serve refuses logprobs with a 400)
 
     def __init__(
         self, source: Any, tokenizer: Any, n_ctx: int, *, tensor_parallel: int = 1, dtype: str | None = None

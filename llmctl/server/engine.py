@@ -127,6 +127,13 @@ class Engine:
             emit(DONE)
 
     def _events(self, request: Request, job: Job) -> Any:
+        if request.logprobs is not None and not self.backend.gives_logprobs:
+            raise ApiError(
+                f"the {self.backend.name} backend gives no log-probabilities; leave logprobs out, or serve with "
+                "--backend torch or llama.cpp",
+                param="logprobs",
+                code="unsupported_parameter",
+            )
         if request.kind == "chat":
             messages = list(request.messages or [])
             system = messages.pop(0)["content"] if messages[0]["role"] == "system" else None
