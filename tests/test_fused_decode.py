@@ -102,14 +102,20 @@ def quantized(tiny_models, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    ("item", "threads"), [(item, 1) for item in QUANT] + [("int4-asym:32", 2), ("int8", 2)]
+    ("item", "threads", "path"),
+    [(item, 1, 0) for item in QUANT]
+    + [("int4-asym:32", 2, 0), ("int8", 2, 0), ("int4:32", 1, 1), ("int8:32", 1, 1)],
 )
 @pytest.mark.parametrize("family", ["smollm2", "qwen2", "gemma3_untied"])
-def test_fused_step_on_quantized_weights(family, item, threads, quantized, monkeypatch):
+def test_fused_step_on_quantized_weights(family, item, threads, path, quantized, monkeypatch):
+    """path 1: the fused step calls the kernels' scalar fallback (the Python layers keep the best path)."""
     from test_int_kernels import MODEL_KL, MODEL_TOLERANCE
 
     import llmctl.quant.qlinear as ql
 
+    if path:
+        step = fused.Plan.step
+        monkeypatch.setattr(fused.Plan, "step", lambda self, *a: step(self, *a, path=path))
     model = load_model(quantized[family, item], device="cpu")
     kinds = {model.model.layers[0].mlp.down_proj.weight.kernel}
     assert kinds <= {"int4-codes", "int8-codes"}
