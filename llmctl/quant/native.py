@@ -744,7 +744,8 @@ torch::Tensor decode_step(int64_t id, torch::Tensor x, std::vector<torch::Tensor
                           std::vector<torch::Tensor> rope, torch::Tensor slot_pos, int64_t pos, int64_t path) {
   auto it = g_plans.find(id);
   TORCH_CHECK(it != g_plans.end(), "decode_step: no such plan");
-  const DPlan& P = *it->second;
+  const DPlan& P = *it->second;  // alive while the caller's Plan object is: free only from its __del__
+  pybind11::gil_scoped_release no_gil;  // other Python threads (the server's event loop) run meanwhile
   const int64_t n = static_cast<int64_t>(P.layers.size()), hid = P.hidden, H = P.H, KV = P.KV, D = P.D, F = P.inter;
   TORCH_CHECK(x.is_cpu() && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.numel() == hid, "decode_step: x");
   TORCH_CHECK(static_cast<int64_t>(keys.size()) == n && static_cast<int64_t>(values.size()) == n, "decode_step: caches");
