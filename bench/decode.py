@@ -83,6 +83,23 @@ def run_llmctl(model, prompt, new_tokens: int) -> tuple[float, float, list[int]]
     return t_first - t0, time.perf_counter() - t_first, tokens
 
 
+def run_llmctl_unfused(model, prompt, new_tokens: int) -> tuple[float, float, list[int]]:
+    """run_llmctl with the Python layers (``LLMCTL_FUSED_DECODE=0``): the runtime before the fused step."""
+    import os
+
+    from llmctl.runtime.fused import ENV
+
+    old = os.environ.get(ENV)
+    os.environ[ENV] = "0"
+    try:
+        return run_llmctl(model, prompt, new_tokens)
+    finally:
+        if old is None:
+            del os.environ[ENV]
+        else:
+            os.environ[ENV] = old
+
+
 def run_transformers(model, prompt, new_tokens: int) -> tuple[float, float, list[int]]:
     import torch
 
@@ -204,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                         "int4-asym:32,int8,nf4,fp8 (FORMAT[:GROUP]; written once under --cache)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/llmctl/bench",
                         help="where --formats folders are kept")
+    parser.add_argument("--unfused", action="store_true", help="also each llmctl engine with the Python "
+                        "layers (LLMCTL_FUSED_DECODE=0: the runtime before the fused decode step), same models")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -218,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name, model in quantized_models(args.model, args.formats, args.cache).items():
         engines[name] = (run_llmctl, model)
+    if args.unfused:
+        for name, (_, model) in list(engines.items()):
+            engines[f"{name} unfused"] = (run_llmctl_unfused, model)
     streamed = {name: streamed_bytes(model) for name, (run, model) in engines.items()}
     if not args.no_transformers:
         engines["transformers fp32"] = (run_transformers, transformers_model(config, state, folder))
@@ -259,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         if r["engine"] in streamed:
             r["streamed_mb"] = streamed[r["engine"]] / 1e6
             r["gb_s"] = streamed[r["engine"]] * r["decode_tok_s"] / 1e9
-            dtype = r["engine"].removeprefix("llmctl ")
+            dtype = r["engine"].removeprefix("llmctl ").removesuffix(" unfused")
             if dtype in ceilings:
                 r["vs_ceiling"] = r["gb_s"] / ceilings[dtype]
     base = next((r["decode_tok_s"] for r in rows if r["engine"] == "transformers fp32"), None)
@@ -271,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         f"this run): fp32 {ceilings['fp32']:.1f} GB/s, bf16 {ceilings['bf16']:.1f} GB/s"
     )
     print(
-        f"{'engine':<22} {'TTFT ms':>9} {'prefill tok/s':>14} {'decode tok/s':>13} {'median':>7} {'vs HF':>6} "
+        f"{'engine':<30} {'TTFT ms':>9} {'prefill tok/s':>14} {'decode tok/s':>13} {'median':>7} {'vs HF':>6} "
         f"{'vs llama.cpp':>12} {'MB/token':>9} {'GB/s':>6} {'vs ceiling':>10}"
     )
     for r in rows:
@@ -281,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         gbs = f"{r['gb_s']:.1f}" if "gb_s" in r else ""
         ceil = f"{r['vs_ceiling']:.2f}x" if "vs_ceiling" in r else ""
         print(
-            f"{r['engine']:<22} {r['ttft_s'] * 1e3:>9.1f} {r['prefill_tok_s']:>14.1f} "
+            f"{r['engine']:<30} {r['ttft_s'] * 1e3:>9.1f} {r['prefill_tok_s']:>14.1f} "
             f"{r['decode_tok_s']:>13.2f} {r['decode_tok_s_median']:>7.2f} {ratio:>6} {vs:>12} {mb:>9} {gbs:>6} {ceil:>10}"
         )
     if "llmctl fp32" in tokens and "transformers fp32" in tokens:

@@ -143,12 +143,13 @@ def test_a_q8_0_exact_head_is_held_as_int8_and_a_dense_one_is_not(kernels):
 
 
 @pytest.mark.slow
-def test_smollm2_int4_asym_decodes_the_same_tokens_with_the_kernels(kernels, tmp_path):
+def test_smollm2_int4_asym_decodes_the_same_tokens_with_the_kernels(kernels, tmp_path, monkeypatch):
     """SmolLM2 re-quantized to int4-asym g32 (the GGUF's own grid): 24 greedy tokens with the integer
-    kernels (and the int8 head) equal those of the dequantized weights; every step's logits within the
-    stated tolerance."""
+    kernels (and the int8 head, steps fused: llmctl.runtime.fused) equal those of the dequantized weights
+    (Python layers); every step's logits within the stated tolerance."""
     import llmctl.quant.qlinear as ql
     from llmctl.quant.convert import make_plan, run_plan
+    from llmctl.runtime import fused
     from llmctl.runtime.loader import load_model
 
     out = tmp_path / "smol"
@@ -159,6 +160,7 @@ def test_smollm2_int4_asym_decodes_the_same_tokens_with_the_kernels(kernels, tmp
 
     def greedy(use_kernels: bool) -> tuple[list[int], list[torch.Tensor]]:
         head, rows = model.head, ql.CODE_KERNEL_ROWS
+        monkeypatch.setenv(fused.ENV, "1" if use_kernels else "0")
         if not use_kernels:
             model.head, ql.CODE_KERNEL_ROWS = None, 0
         try:
@@ -175,6 +177,7 @@ def test_smollm2_int4_asym_decodes_the_same_tokens_with_the_kernels(kernels, tmp
             model.head, ql.CODE_KERNEL_ROWS = head, rows
 
     (fast, fast_logits), (ref, ref_logits) = greedy(True), greedy(False)
+    assert isinstance(model._fused, fused.Plan)
     assert fast == ref
     for a, b in zip(fast_logits, ref_logits, strict=True):
         kl = F.kl_div(a.log_softmax(-1), b.log_softmax(-1), log_target=True, reduction="sum")

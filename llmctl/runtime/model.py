@@ -292,6 +292,8 @@ class Transformer(nn.Module):
         # What the logits multiply instead of the embeddings / lm_head weight, when a loader finds a cheaper
         # exact form of it (llmctl.quant.qlinear.lossless_int8); None: the weight itself.
         self.head: torch.Tensor | None = None
+        # llmctl.runtime.fused's plan of one-token decode steps: None not tried yet, False not covered
+        self._fused: Any = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -321,9 +323,11 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+        self._fused = None
         return self
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), .cuda() … replace every parameter
+        self._fused = None  # the fused decode plan holds the old tensors
         if self.head is not None:  # the int8 head is a CPU kernel's form of the weight: elsewhere, the weight
             if fn(torch.empty(0, device=self.head.device)).device.type != "cpu":
                 self.head = None
@@ -348,6 +352,22 @@ class Transformer(nn.Module):
                     probe = fn(torch.empty(0, dtype=value.cdtype, device=value.device))
                     moved.append((module, name, value.moved(probe.device, probe.dtype)))
         return moved
+
+    def _fused_plan(self, B: int, T: int, cache: KVCache | None) -> Any:
+        """llmctl.runtime.fused's plan when this step can run it (one token, batch 1, an fp32 CPU cache,
+        no autograd, not turned off), else None: the Python layers run."""
+        if T != 1 or B != 1 or cache is None or torch.is_grad_enabled() or self._fused is False:
+            return None
+        from llmctl.runtime import fused
+
+        if not fused.enabled():
+            return None
+        k = cache.keys[0]
+        if k.dtype != torch.float32 or k.device.type != "cpu":
+            return None
+        if self._fused is None:
+            self._fused = fused.build(self) or False
+        return self._fused or None
 
     def _precompute(self, end: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """RoPE cos/sin tables (length, 1, 2, head_dim // 2) per layer kind covering positions below
@@ -394,8 +414,12 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(tokens)  # (B, T, hidden)
         if self.config.model_type == "gemma3_text":
             x = x * self._embed_scale
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, rope[self.kinds[i]], masks.get(self.windows[i]), cache, i)
+        plan = self._fused_plan(B, T, cache)
+        if plan is not None:  # one token: every layer in one C++ call (llmctl.runtime.fused)
+            x = plan.step(x, cache, tables, start)
+        else:
+            for i, layer in enumerate(self.model.layers):
+                x = layer(x, rope[self.kinds[i]], masks.get(self.windows[i]), cache, i)
         if last_only:
             x = x[:, -1:]  # (B, 1, hidden)
         x = self.model.norm(x)

@@ -1,0 +1,146 @@
+"""One decode step through every layer in one call of llmctl's C++ extension (``native.decode_step``).
+
+A decode step in ``model.Transformer`` is ~40 small torch operations per layer (RMSNorm, views, RoPE, the
+KV-cache write, SDPA, residuals) plus Python module dispatch: at 135 M parameters that costs more than the
+matrix-vector products themselves. ``decode_step`` runs the same layer — driven by the same ``ModelConfig``
+flags (norm offset, q/k norms, sandwich norms, activation, attention scale, sliding windows, biases) — in
+C++, calling the same matrix-vector kernels the eager path calls (``torch.mv`` for dense fp32 weights,
+``native.int4_linear`` / ``int8_linear`` for llmctl's int4/int8 weights), so the result equals the eager
+step up to fp32 summation order in RMSNorm, RoPE and attention.
+
+It runs only where all of these hold, and the Python layers run otherwise (the reference, and the path for
+everything else): one token, a batch of 1, a KV cache, no autograd, the model on the CPU in fp32 (cache
+too), the C++ kernels built, every linear dense fp32 or on llmctl's int4/int8 kernels (not fp8, NF4,
+torch's int4pack/int8pack, or dequantize-per-call weights). ``LLMCTL_FUSED_DECODE=0`` (or
+``LLMCTL_NATIVE=0``) forces the Python layers.
+
+The embedding, the final norm and the logits stay in Python (one call each). The plan — the per-layer
+tensors the C++ side holds references to — is built at the first eligible step and dropped when the model
+is moved or its projections are joined again (``Transformer._apply`` / ``fuse_projections``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from llmctl.config import FULL
+from llmctl.errors import UsageError
+
+if TYPE_CHECKING:
+    from llmctl.runtime.kv_cache import KVCache
+    from llmctl.runtime.model import Transformer
+
+ENV = "LLMCTL_FUSED_DECODE"
+ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu": 2}
+KINDS = {"int4-codes": 1, "int8-codes": 2}  # QuantWeight.kernel -> decode_plan's linear kind (0: dense fp32)
+_EMPTY = torch.empty(0)
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class Plan:
+    """A model's layers as registered with ``native.decode_plan``; freed with this object."""
+
+    def __init__(self, kernels: Any, handle: int, rope_kinds: list[str], windows: list[int | None]) -> None:
+        self.kernels, self.handle, self.rope_kinds = kernels, handle, rope_kinds
+        self.sliding = any(w is not None for w in windows)
+
+    def __del__(self) -> None:
+        try:
+            self.kernels.decode_free(self.handle)
+        except Exception:  # interpreter shutdown
+            pass
+
+    def step(
+        self,
+        x: torch.Tensor,
+        cache: KVCache,
+        tables: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        start: int,
+        path: int = 0,
+    ) -> torch.Tensor:
+        """x (1, 1, hidden) after every layer, for the token at ``start`` (``cache.begin`` already run)."""
+        rope = [t for kind in self.rope_kinds for t in tables[kind]]
+        slot_pos = cache.slot_pos if self.sliding else _EMPTY
+        flat = x.reshape(-1).contiguous()
+        self.kernels.decode_step(self.handle, flat, cache.keys, cache.values, rope, slot_pos, start, path)
+        return flat.view(x.shape)
+
+
+def _linear(weight: Any, bias: torch.Tensor | None) -> tuple[int, list[torch.Tensor]] | None:
+    """(kind, [a, b, c, bias]) for decode_plan, or None when the fused step does not take this weight."""
+    from llmctl.quant.qlinear import QuantWeight
+
+    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+        return None
+    b = _EMPTY if bias is None else bias.detach().contiguous()
+    if isinstance(weight, QuantWeight):
+        kind = KINDS.get(weight.kernel)
+        if kind is None:
+            return None
+        args = list(weight._kernel_args)
+        return kind, [*args, *[_EMPTY] * (3 - len(args)), b]
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
+        return None
+    if not weight.is_contiguous():
+        return None
+    return 0, [weight.detach(), _EMPTY, _EMPTY, b]
+
+
+def build(model: Transformer) -> Plan | None:
+    """The fused plan of ``model``, or None when some part of it is not covered (the Python layers run)."""
+    from llmctl.quant import native
+    from llmctl.runtime.model import _backs
+
+    config = model.config
+    if model.device.type != "cpu" or model.dtype != torch.float32 or config.hidden_act not in ACTS:
+        return None
+    try:
+        kernels = native.get()
+    except UsageError:  # a build folder others could write: never loaded (the quantized paths say so)
+        return None
+    if kernels is None or not hasattr(kernels, "decode_step"):
+        return None
+    rope_kinds = sorted(set(model.kinds), key=lambda k: k != FULL)
+    tensors: list[torch.Tensor] = []
+    ints = [
+        config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+        config.intermediate_size, ACTS[config.hidden_act], 0, int(config.qk_norm), len(model.model.layers), 0,
+    ]  # fmt: skip
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        ints[6], ints[9] = int(layer.sandwich), int(layer.input_layernorm.offset)
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        norms += (
+            [layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm]
+            if layer.sandwich
+            else [None] * 2
+        )
+        norms += [attn.q_norm, attn.k_norm] if attn.qk_norm else [None] * 2
+        for norm in norms:
+            w = _EMPTY if norm is None else norm.weight.detach()
+            if w.numel() and (w.dtype != torch.float32 or not w.is_contiguous()):
+                return None
+            tensors.append(w)
+        qkv = [attn.qkv] if attn.qkv is not None and _backs(attn.qkv[0], attn.q_proj.weight) else [
+            (m.weight, m.bias) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]  # fmt: skip
+        gate_up = [mlp.gate_up] if mlp.gate_up is not None and _backs(mlp.gate_up[0], mlp.gate_proj.weight) else [
+            (m.weight, m.bias) for m in (mlp.gate_proj, mlp.up_proj)]  # fmt: skip
+        slots = [*qkv, *[None] * (3 - len(qkv)), (attn.o_proj.weight, attn.o_proj.bias), *gate_up,
+                 *[None] * (2 - len(gate_up)), (mlp.down_proj.weight, mlp.down_proj.bias)]  # fmt: skip
+        window = model.windows[i]
+        ints += [window or 0, rope_kinds.index(model.kinds[i])]
+        for slot in slots:
+            spec = None if slot is None else _linear(*slot)
+            if slot is not None and spec is None:
+                return None
+            ints.append(-1 if spec is None else spec[0])
+            tensors += [_EMPTY] * 4 if spec is None else spec[1]
+    scale = attn.scale
+    handle = kernels.decode_plan(tensors, ints, [float(config.rms_norm_eps), float(scale)])
+    return Plan(kernels, handle, rope_kinds, model.windows)

@@ -1,0 +1,181 @@
+"""The fused decode step (``llmctl.runtime.fused``: every layer of a one-token step in one C++ call) against
+the Python layers it replaces.
+
+* Tiny random models of every family (conftest): each decode step's logits equal the Python layers' to
+  fp32 summation order (``TOL`` of the largest logit), greedy tokens identical, past the sliding windows
+  (ring buffers wrapped) and across a rollback (``truncate``), on 1 and 2 threads.
+* Quantized (int4 / int4-asym / int8, per channel and groups of 32): the fused step runs the same integer
+  kernels, so it equals the Python layers on them (``TOL``), and it stays within test_int_kernels' stated
+  model tolerance of the dequantized reference.
+* ``LLMCTL_FUSED_DECODE=0`` and anything the fused step does not cover (bf16, batches, grad) run the
+  Python layers.
+* Real: the bundled SmolLM2 GGUF in fp32 decodes the same greedy tokens fused as in Python (slow); the
+  Gemma 3 and SmolLM2 GGUFs against transformers (test_runtime_model) run fused too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FAMILIES, WINDOW
+
+from llmctl.quant import native
+from llmctl.runtime import fused
+from llmctl.runtime.loader import load_model
+
+TOL = 1e-4  # of the largest logit: fp32 summation order (RMSNorm, RoPE, attention) differs, nothing else
+# On int8 activations that summation order can move a value across a rounding boundary of its block's int8
+# code, one step of the block's scale: measured up to 0.3 % of the largest logit on the tiny models.
+QTOL = 1e-2
+STEPS = 3 * WINDOW  # decode steps after the prompt: past every sliding window
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    return native.build()
+
+
+def decode(
+    model, prompt: list[int], steps: int, *, use_fused: bool, monkeypatch, forced: list[int] | None = None
+):
+    """(greedy tokens, logits of each step) decoding ``steps`` tokens after ``prompt`` (``forced``: feed
+    these tokens instead of the greedy ones); halfway through, the cache is rolled back by 2 tokens and the
+    same tokens are decoded again (chat rollback)."""
+    monkeypatch.setenv(fused.ENV, "1" if use_fused else "0")
+    cache = model.make_cache(len(prompt) + steps + 4, rollback=3)
+    tokens, logits = [], []
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), cache, last_only=True)[0, -1]
+        for i in range(steps):
+            tokens.append(int(out.argmax()) if forced is None else forced[i])
+            logits.append(out)
+            if i == steps // 2:  # roll back two tokens and decode them again
+                cache.truncate(cache.length - 2)
+                for t in tokens[-3:-1]:
+                    model(torch.tensor([[t]]), cache)
+            out = model(torch.tensor([[tokens[-1]]]), cache)[0, -1]
+    return tokens, torch.stack(logits)
+
+
+def assert_same(a, b, tol=TOL):
+    (ta, la), (tb, lb) = a, b
+    assert ta == tb
+    assert (la - lb).abs().max() <= tol * lb.abs().max()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_step_equals_the_python_layers(family, tiny_models, threads, monkeypatch):
+    folder, _ = tiny_models[family]
+    model = load_model(folder)
+    prompt = torch.randint(0, 96, (5,), generator=torch.Generator().manual_seed(2)).tolist()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ref = decode(model, prompt, STEPS, use_fused=False, monkeypatch=monkeypatch)
+        assert model._fused is None  # never built: the Python layers ran
+        got = decode(model, prompt, STEPS, use_fused=True, monkeypatch=monkeypatch)
+    finally:
+        torch.set_num_threads(old)
+    assert isinstance(model._fused, fused.Plan)  # the fused step did run
+    assert_same(got, ref)
+
+
+QUANT = ["int4:32", "int4-asym:32", "int8", "int8:32"]
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_models, tmp_path_factory):
+    """(family, format) -> the tiny model quantized to it, loaded (int4/int8 kernels)."""
+    from llmctl.quant.convert import make_plan, run_plan
+
+    out = {}
+    for family in ("smollm2", "qwen2", "gemma3_untied"):
+        for item in QUANT:
+            fmt, _, group = item.partition(":")
+            folder = tmp_path_factory.mktemp(f"{family}-{fmt}") / "out"
+            plan = make_plan(str(tiny_models[family][0]), fmt, group_size=int(group) if group else None)
+            run_plan(plan, folder, measure_error=False)
+            out[family, item] = folder
+    return out
+
+
+@pytest.mark.parametrize(
+    ("item", "threads", "path"),
+    [(item, 1, 0) for item in QUANT]
+    + [("int4-asym:32", 2, 0), ("int8", 2, 0), ("int4:32", 1, 1), ("int8:32", 1, 1)],
+)
+@pytest.mark.parametrize("family", ["smollm2", "qwen2", "gemma3_untied"])
+def test_fused_step_on_quantized_weights(family, item, threads, path, quantized, monkeypatch):
+    """path 1: the fused step calls the kernels' scalar fallback (the Python layers keep the best path)."""
+    from test_int_kernels import MODEL_KL, MODEL_TOLERANCE
+
+    import llmctl.quant.qlinear as ql
+
+    if path:
+        step = fused.Plan.step
+        monkeypatch.setattr(fused.Plan, "step", lambda self, *a: step(self, *a, path=path))
+    model = load_model(quantized[family, item], device="cpu")
+    kinds = {model.model.layers[0].mlp.down_proj.weight.kernel}
+    assert kinds <= {"int4-codes", "int8-codes"}
+    prompt = torch.randint(0, 96, (5,), generator=torch.Generator().manual_seed(3)).tolist()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        python = decode(model, prompt, STEPS, use_fused=False, monkeypatch=monkeypatch)
+        got = decode(model, prompt, STEPS, use_fused=True, monkeypatch=monkeypatch)
+        assert isinstance(model._fused, fused.Plan)
+        monkeypatch.setattr(ql, "CODE_KERNEL_ROWS", 0)  # the reference: dequantized weights, Python layers
+        monkeypatch.setattr(model, "head", None)
+        ref = decode(model, prompt, STEPS, use_fused=False, monkeypatch=monkeypatch, forced=got[0])
+    finally:
+        torch.set_num_threads(old)
+    assert_same(got, python, QTOL)  # the same kernels, one call instead of a Python layer
+    for a, b in zip(got[1], ref[1], strict=True):  # against the dequantized weights on the same tokens
+        kl = F.kl_div(a.log_softmax(-1), b.log_softmax(-1), log_target=True, reduction="sum")
+        assert kl <= MODEL_KL and (a - b).abs().max() <= MODEL_TOLERANCE * b.abs().max()
+
+
+def test_what_the_fused_step_does_not_cover_runs_the_python_layers(tiny_models, monkeypatch):
+    folder, _ = tiny_models["gemma3"]
+    prompt = [3, 7, 11]
+    monkeypatch.setenv(fused.ENV, "1")
+    bf16 = load_model(folder, dtype="bf16")
+    with torch.no_grad():
+        bf16(torch.tensor([prompt]), cache := bf16.make_cache(8))
+        bf16(torch.tensor([[5]]), cache)
+    assert not isinstance(bf16._fused, fused.Plan)  # not covered: the Python layers ran
+    model = load_model(folder)
+    cache = model.make_cache(8, batch_size=2)
+    with torch.no_grad():
+        model(torch.tensor([prompt, prompt]), cache)
+        model(torch.tensor([[5], [5]]), cache)  # a batch of two
+    model(torch.tensor([[5]]), model.make_cache(8))  # autograd on
+    assert model._fused is None
+    with torch.no_grad():  # moved: the plan is dropped, and rebuilt at the next step
+        model(torch.tensor([[5]]), model.make_cache(8))
+        assert isinstance(model._fused, fused.Plan)
+        model.float()
+        assert model._fused is None
+
+
+def test_without_the_kernels_the_python_layers_run(tiny_models, monkeypatch):
+    monkeypatch.setenv("LLMCTL_NATIVE", "0")
+    monkeypatch.setattr(native, "_module", None)
+    model = load_model(tiny_models["smollm2"][0])
+    with torch.no_grad():
+        model(torch.tensor([[5]]), model.make_cache(8))
+    assert model._fused is False
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_fp32_decodes_the_same_tokens_fused(monkeypatch):
+    from conftest import smollm2_path
+
+    model = load_model(smollm2_path())
+    prompt = [1, 504, 3458, 288, 3575, 30, 57, 8, 99, 100, 1200, 5]
+    ref = decode(model, prompt, 24, use_fused=False, monkeypatch=monkeypatch)
+    got = decode(model, prompt, 24, use_fused=True, monkeypatch=monkeypatch)
+    assert isinstance(model._fused, fused.Plan)
+    assert_same(got, ref)
