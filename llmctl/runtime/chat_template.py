@@ -76,12 +76,12 @@ class _Budget:
     timeout_s: float
     ops: int = 0
     known: dict[int, int] = field(default_factory=dict)  # id -> size of each list and dict of the inputs
-    rss0: int | None = None  # the process's resident bytes when the render began (None: not measurable)
+    mem0: int | None = None  # the process's resident bytes when the render began (None: not measurable)
     max_growth: int = 0
     pending: int = 0  # characters announced since memory was last looked at
 
     def __post_init__(self) -> None:
-        self.rss0 = _resident_bytes()
+        self.mem0 = _resident_bytes()
         self.max_growth = max(MIN_RENDER_GROWTH_BYTES, 16 * self.max_chars)
 
     def tick(self, n: int = 1) -> None:
@@ -103,16 +103,17 @@ class _Budget:
             self.check_memory()
 
     def check_memory(self) -> None:
-        """Refuse a render that holds too much alive at once: each value is within the bound, but a
-        template can keep thousands of them (one variable each, or a frame each of a recursive macro)."""
+        """Refuse a render that grows the process too much: each value is within the bound, but a template
+        can keep thousands of them alive (one variable each, or a frame each of a recursive macro). The
+        resident size is what is bounded: memory the process freed earlier is reused first, unseen."""
         self.pending = 0
-        if self.rss0 is None:
+        if self.mem0 is None:
             return
-        grown = (_resident_bytes() or 0) - self.rss0
+        grown = (_resident_bytes() or 0) - self.mem0
         if grown > self.max_growth:
             raise TemplateError(
-                f"chat template holds more than {self.max_growth >> 20:,} MiB alive at once (many values, "
-                "each within the size bound); the template repeats without bound — fix the template"
+                f"chat template grew the process by more than {self.max_growth >> 20:,} MiB (many values alive "
+                "at once, each within the size bound); the template repeats without bound — fix the template"
             )
 
     def check_deadline(self) -> None:
