@@ -55,7 +55,7 @@ def prepare(h: Any, *, damp: float = DAMP, act_order: bool = False) -> Prepared:
     """Damp ``h`` (cols, cols; any positive multiple of XᵀX), order its columns and factor its inverse."""
     import torch
 
-    h = h.to(torch.float64).clone()  # the factorisation in float64: Hessians of real models are ill-conditioned
+    h = h.to(torch.float32).clone()
     diag = torch.diagonal(h).clone()
     dead = diag <= 0
     h[dead, dead] = 1.0
@@ -68,11 +68,11 @@ def prepare(h: Any, *, damp: float = DAMP, act_order: bool = False) -> Prepared:
     eye = torch.eye(h.shape[0], dtype=h.dtype)
     for _ in range(6):
         chol, info = torch.linalg.cholesky_ex(h + lam * eye)
-        if int(info) == 0:
-            hinv = torch.cholesky_inverse(chol)
-            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info) == 0:
-                return Prepared(u.float(), perm, dead, diag.clamp_min(0).float())
+        if int(info) == 0:  # H⁻¹ = L⁻ᵀ L⁻¹ (torch.cholesky_inverse is ~50x slower on this CPU)
+            linv = torch.linalg.solve_triangular(chol, eye, upper=False)
+            u, info = torch.linalg.cholesky_ex(linv.T @ linv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(u).all()):
+                return Prepared(u, perm, dead, diag.clamp_min(0))
         lam *= 10
     raise QuantError("the calibration Hessian is not positive definite even damped; raise --gptq-damp")
 
