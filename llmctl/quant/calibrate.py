@@ -39,6 +39,7 @@ class Calibration:
     # ``hessians=`` names: Σ xxᵀ over all rows (float32, (in_features, in_features)), GPTQ's H up to a
     # factor; weights that share an input (fused q/k/v, gate/up) share one tensor
     hessians: dict[str, Any] = field(default_factory=dict)
+    prepared: dict[int, Any] = field(default_factory=dict)  # GPTQ's factored Hessian, reused by the weights sharing it
 
     def describe(self) -> dict[str, Any]:
         return {"data": self.data, "tokens": self.tokens, "windows": self.windows, "context": self.context}

@@ -874,11 +874,17 @@ def _write_tensor(
         if calibration is None or tp.name not in calibration.hessians:
             raise QuantError(f"internal error: no calibration Hessian for {tp.name}")
         settings = gptq or {}
-        prep = gptq_mod.prepare(
-            calibration.hessians[tp.name],
-            damp=settings.get("damp", gptq_mod.DAMP),
-            act_order=settings.get("act_order", gptq_mod.ACT_ORDER),
-        )
+        h = calibration.hessians[tp.name]
+        cached = calibration.prepared.get(id(h))  # fused q/k/v, gate/up: one Hessian, factored once
+        if cached is None or cached[0] is not h:
+            prep = gptq_mod.prepare(
+                h, damp=settings.get("damp", gptq_mod.DAMP), act_order=settings.get("act_order", gptq_mod.ACT_ORDER)
+            )
+            if len(calibration.prepared) >= 2:  # the last two: names sort k, o, q, v within a layer
+                del calibration.prepared[next(iter(calibration.prepared))]
+            calibration.prepared[id(h)] = (h, prep)
+        else:
+            prep = cached[1]
     if tp.format == "fp8" and tp.group_size == PER_TENSOR:  # one scale: the absmax of the whole tensor first
         amax = torch.zeros(())
         for chunk in inp.read(tp.name, rows_per):
