@@ -153,3 +153,38 @@ def one_error_line(p, message: str, *, notices: bool = False) -> str:
     assert notices or len(lines) == 1, p.stderr
     assert message in errors[0], errors[0]
     return errors[0]
+
+
+class ServerProcess:
+    """An ``llmctl serve`` process started with ``argv`` (``--port 0``): waits, up to ``timeout`` s, for the
+    line naming its URL on stderr (kept in ``log``); ``url`` ends in /v1, ``base`` is the server's root."""
+
+    def __init__(self, tmp: Path, argv: list[str], *, timeout: float = 120, **popen) -> None:
+        import re
+        import subprocess
+        import time
+
+        self.log = tmp / "server.log"
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.log.open("w"), **popen)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(r"at (http://\S+/v1) ", self.log.read_text())
+            if m:
+                self.url = m.group(1)
+                self.base = self.url.removesuffix("/v1")
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.stop()
+        raise AssertionError(f"the server did not start:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self, wait: float = 15) -> None:
+        import subprocess
+
+        self.proc.terminate()
+        try:
+            self.proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import ServerProcess
 
 openai = pytest.importorskip("openai")
 
@@ -27,26 +28,13 @@ LONG = "1, 2, 3, 4,"  # greedy continues counting: a reply that only max_tokens 
 LIMIT = 2048  # the servers' --max-tokens
 
 
-class Server:
+class Server(ServerProcess):
     def __init__(self, tmp: Path, *args: str, model: str = MODEL) -> None:
-        self.log = tmp / "server.log"
-        self.proc = subprocess.Popen(
+        super().__init__(
+            tmp,
             [sys.executable, "-m", "llmctl", "serve", model, "--port", "0", "--threads", "1",
              "--max-tokens", str(LIMIT), *args],
-            stdout=subprocess.DEVNULL, stderr=self.log.open("w"),
         )  # fmt: skip
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            m = re.search(r"at (http://\S+/v1) ", self.log.read_text())
-            if m:
-                self.url = m.group(1)
-                self.base = self.url.removesuffix("/v1")
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        self.stop()
-        raise AssertionError(f"the server did not start:\n{self.log.read_text()}")
 
     def client(self, key: str = "unused", **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url, api_key=key, **{"max_retries": 0, "timeout": 60, **kw})
@@ -58,14 +46,6 @@ class Server:
     def health(self) -> dict:
         with urllib.request.urlopen(self.base + "/health", timeout=10) as r:
             return json.loads(r.read())
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import one_error_line, smollm2_path
+from conftest import ServerProcess, one_error_line, smollm2_path
 from test_vllm_oracle import _tiny_llama, vllm_python
 
 from llmctl.quant.convert import make_plan, run_plan
@@ -219,40 +218,23 @@ def test_vllm_chat_one_turn_equals_torch(smol_folder, tmp_path):
         assert theirs[key] == ours[key], (key, theirs, ours)
 
 
-class VllmServer:
+class VllmServer(ServerProcess):
     """`llmctl serve FOLDER --backend vllm` in vLLM's venv, on 127.0.0.1 and a free port."""
 
     def __init__(self, tmp: Path, folder: Path) -> None:
-        python = vllm_python()
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
         env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="1")
-        self.log = tmp / "server.log"
-        self.t0 = time.perf_counter()
-        self.proc = subprocess.Popen(
-            [str(python), str(RUNNER), "serve", str(folder), "--backend", "vllm", "--tensor-parallel", "1",
+        t0 = time.perf_counter()
+        super().__init__(
+            tmp,
+            [str(vllm_python()), str(RUNNER), "serve", str(folder), "--backend", "vllm", "--tensor-parallel", "1",
              "--dtype", "fp32", "-c", "256", "--port", "0"],
-            stdout=subprocess.DEVNULL, stderr=self.log.open("w"), env=env, cwd=tmp,
+            timeout=600, env=env, cwd=tmp,
         )  # fmt: skip
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            m = re.search(r"at (http://\S+/v1) ", self.log.read_text())
-            if m:
-                self.url = m.group(1)
-                print(f"llmctl serve --backend vllm: up in {time.perf_counter() - self.t0:.0f} s")
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.2)
-        self.stop()
-        raise AssertionError(f"the server did not start:\n{self.log.read_text()[-3000:]}")
+        print(f"llmctl serve --backend vllm: up in {time.perf_counter() - t0:.0f} s")
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+    def stop(self, wait: float = 30) -> None:
+        super().stop(wait)
 
 
 @pytest.mark.slow

@@ -178,10 +178,7 @@ class LlamaCppBackend(Backend):
 
     def generate(self, prompt: Sequence[int], options: SamplingOptions, seed: int) -> Iterator[int]:
         L, llm = self._lib, self.llm
-        if not prompt:
-            raise UsageError("nothing to generate from: the prompt has no tokens")
-        if len(prompt) >= self.n_ctx:
-            raise UsageError(f"the prompt has {len(prompt)} tokens; the context holds {self.n_ctx}")
+        self.check_prompt(prompt)
         prompt = [int(t) for t in prompt]
         n = self._keep(prompt)
         self.prefilled = len(prompt) - n

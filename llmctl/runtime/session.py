@@ -153,6 +153,13 @@ class Backend(abc.ABC):
     def describe(self) -> str:
         return self.name
 
+    def check_prompt(self, prompt: Sequence[int]) -> None:
+        """What every ``generate`` checks first: a prompt that is not empty and leaves room in the context."""
+        if not prompt:
+            raise UsageError("nothing to generate from: the prompt has no tokens")
+        if len(prompt) >= self.n_ctx:
+            raise UsageError(f"the prompt has {len(prompt)} tokens; the context holds {self.n_ctx}")
+
     def kv_bytes(self) -> int | None:
         return None
 
@@ -232,10 +239,7 @@ class TorchBackend(Backend):
 
         from llmctl.runtime.generate import decode_one_token, prefill
 
-        if not prompt:
-            raise UsageError("nothing to generate from: the prompt has no tokens")
-        if len(prompt) >= self.n_ctx:
-            raise UsageError(f"the prompt has {len(prompt)} tokens; the context holds {self.n_ctx}")
+        self.check_prompt(prompt)
         device = self.model.device
         n = self._keep(prompt)
         self.prefilled = len(prompt) - n

@@ -14,7 +14,7 @@ import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from llmctl.errors import FormatError, UsageError
+from llmctl.errors import FormatError
 from llmctl.runtime.sampler import SamplingOptions
 from llmctl.runtime.session import Backend
 
@@ -75,10 +75,7 @@ class VllmBackend(Backend):
 
         from llmctl.runtime.vllm_engine import vllm_error_line
 
-        if not prompt:
-            raise UsageError("nothing to generate from: the prompt has no tokens")
-        if len(prompt) >= self.n_ctx:
-            raise UsageError(f"the prompt has {len(prompt)} tokens; the context holds {self.n_ctx}")
+        self.check_prompt(prompt)
         engine = self.llm.llm_engine
         params = self._params(options, seed, self.n_ctx - len(prompt))
         ours = f"llmctl-{next(_ids)}"
