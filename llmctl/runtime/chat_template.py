@@ -13,11 +13,11 @@ Chat templates ship inside model files, so they are untrusted code. We render wi
   concatenation, macro/block buffers, calls and filters are refused when their result (or, for ``*``,
   ``**``, ``%``, ``format``, ``replace``, ``join``, ``expandtabs``, ``indent``, ``wordwrap``, ``split``,
   ``translate``, the listing filters and width arguments, their *announced* result) would exceed the same
-  bound, so no single step allocates without limit. The process may grow by at most
-  ``MIN_RENDER_GROWTH_BYTES`` (or 16x that bound) during one render, which bounds how many such values
-  a template keeps alive at once (one variable each, a frame each of a recursive macro). A format
-  announces the sum of all its widths and precisions, ``*`` and nested ``{:{w}}`` fields included, and the size of each value it formats;
-  ``tojson`` and ``pprint`` stop as their text passes the bound;
+  bound, so no single step allocates without limit. A format announces the sum of all its widths and
+  precisions, ``*`` and nested ``{:{w}}`` fields included, and the size of each value it formats;
+  ``tojson`` and ``pprint`` stop as their text passes the bound. The process may grow by at most
+  ``MIN_RENDER_GROWTH_BYTES`` (or 16x that bound) during one render, which bounds how many such values a
+  template keeps alive at once (one variable each, a frame each of a recursive macro);
 * **containers measured by what they hold**: a list holds references, so ``['x' * 1000000] * 1000`` is
   8 KB whose text is 1 GB. Lists, tuples and dicts count the text of everything they hold, nested
   containers as often as they occur (``_Budget.size``), when ``*`` and ``+`` are about to make them and
