@@ -111,6 +111,7 @@ def open_engine(
             # shared machines fail it); its KV cache there is VLLM_CPU_KVCACHE_SPACE GiB when that is set
             **({"gpu_memory_utilization": 0.5} if cpu else {}),
             skip_tokenizer_init=True,
+            trust_remote_code=False,  # never a repository's own code (its default, said anyway)
             seed=seed,
         )
     except Exception as e:  # vLLM refuses a folder in many ways (config, scheme, kernel, memory)
