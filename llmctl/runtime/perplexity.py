@@ -918,12 +918,9 @@ def open_scorer(
     from llmctl.runtime.llamacpp import offload_text
 
     if backend == "vllm":
-        for name, value in (("--device", device), ("--threads", threads), ("--gpu-layers", gpu_layers)):
-            if value is not None:
-                raise UsageError(
-                    f"{name} is not a vLLM-backend option: vLLM places the model on its own platform's devices "
-                    f"(--tensor-parallel N GPUs); drop {name}"
-                )
+        from llmctl.runtime.vllm_engine import check_placement
+
+        check_placement(device=device, threads=threads, gpu_layers=gpu_layers)
         scorer = VllmScorer(source, windows, top_k=top_k, tensor_parallel=tensor_parallel, dtype=dtype)
         return scorer, f"vLLM, tensor parallel {tensor_parallel}, top-{scorer.top_k} log-probabilities"
     if backend == "llama.cpp":

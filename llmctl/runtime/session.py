@@ -275,7 +275,7 @@ def load_backend(
     """Resolve MODEL, pick and load the backend; returns it and a line saying which and why.
     ``gpu_layers`` (llama.cpp's ``-ngl``) applies to the llama.cpp backend only, ``tensor_parallel`` to vLLM."""
     from llmctl.runtime.device import choose_threads, set_threads
-    from llmctl.runtime.vllm_engine import check_source, check_tensor_parallel, import_vllm
+    from llmctl.runtime.vllm_engine import check_placement, check_source, check_tensor_parallel, import_vllm
     from llmctl.sources import resolve
 
     if backend not in BACKENDS:
@@ -300,12 +300,7 @@ def load_backend(
         chosen, why = backend, "--backend"
     if chosen == "vllm":
         check_source(source)
-        for name, value in (("--device", device), ("--threads", threads), ("--gpu-layers", gpu_layers)):
-            if value is not None:
-                raise UsageError(
-                    f"{name} is not a vLLM-backend option: vLLM places the model on its own platform's devices "
-                    f"(--tensor-parallel N GPUs); drop {name}"
-                )
+        check_placement(device=device, threads=threads, gpu_layers=gpu_layers)
         import_vllm()
         from llmctl.runtime.tokenizer import load_tokenizer
         from llmctl.runtime.vllm_backend import VllmBackend

@@ -65,6 +65,18 @@ def vllm_error_line(e: BaseException) -> str:
     return f"{type(root).__name__}: {text[:400]}"
 
 
+def check_placement(**options: Any) -> None:
+    """Refuse the options that place a model for the other backends (``device``, ``threads``, ``gpu_layers``):
+    vLLM places it on its own platform's devices."""
+    for key, value in options.items():
+        if value is not None:
+            name = "--" + key.replace("_", "-")
+            raise UsageError(
+                f"{name} is not a vLLM-backend option: vLLM places the model on its own platform's devices "
+                f"(--tensor-parallel N GPUs); drop {name}"
+            )
+
+
 def check_source(source: Any) -> None:
     """Refuse, before vLLM starts, a model the vLLM backend does not run: a GGUF file."""
     if source.is_gguf:
