@@ -73,7 +73,7 @@ class RawLlama:
         self.tokenizer = tokenizer
 
     def run(self, max_tokens: int, seed: int) -> list[dict]:
-        from llmctl.runtime.session import common_prefix
+        from llmctl.runtime.backend import common_prefix
 
         tok = self.tokenizer
         self.llm.reset()

@@ -145,7 +145,7 @@ def run_llama_cpp(engine: LlamaCpp, prompt, new_tokens: int) -> tuple[float, flo
 def quantized_models(spec: str, formats: str, cache: Path) -> dict[str, object]:
     """llmctl's runtime on ``spec`` quantized to each of ``formats`` (``FORMAT[:GROUP]``, comma-separated),
     written once under ``cache`` (reused when present)."""
-    from llmctl.quant.convert import make_plan, run_plan
+    from llmctl.quantize.convert import make_plan, run_plan
     from llmctl.runtime.loader import load_model
 
     out = {}

@@ -28,7 +28,7 @@ TOKENS = 4096
 
 
 def windows(src: Path, out: Path) -> None:
-    from llmctl.quant.calibrate import CONTEXT, calibration_windows
+    from llmctl.quantize.calibrate import CONTEXT, calibration_windows
     from llmctl.runtime.corpus import encode_prefix, load_corpus
     from llmctl.runtime.tokenizer import load_tokenizer
 

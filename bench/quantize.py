@@ -140,7 +140,7 @@ def write_synthetic(folder: Path, cfg: dict, shards: int = 4) -> int:
 
 _CHILD = """
 import json, resource, sys, time
-from llmctl.quant.convert import make_plan, run_plan
+from llmctl.quantize.convert import make_plan, run_plan
 t0 = time.perf_counter()
 plan = make_plan(sys.argv[1], sys.argv[2])
 res = run_plan(plan, sys.argv[3], measure_error=False)
@@ -175,8 +175,8 @@ def decode(model: str, formats: list[str], new_tokens: int, repeats: int, thread
     sys.path.insert(0, str(HERE))
     from decode import LlamaCpp, run_llama_cpp, run_llmctl  # the decode bench's own runners
 
-    from llmctl.quant.convert import make_plan, run_plan
     from llmctl.quant.qlinear import weight_memory
+    from llmctl.quantize.convert import make_plan, run_plan
     from llmctl.runtime.loader import load_model
     from llmctl.sources import resolve
 

@@ -8,7 +8,7 @@
   or swap anything inside it.
 * ``replace`` — puts a finished folder at an output that exists: one ``renameat2(RENAME_EXCHANGE)``
   where the kernel has it (the old output is never missing), else two renames, after which
-  ``llmctl.quant.convert.remove_dead_runs`` restores an orphaned ``.NAME.old-PID`` if the process died in
+  ``llmctl.quantize.convert.remove_dead_runs`` restores an orphaned ``.NAME.old-PID`` if the process died in
   between.
 """
 

@@ -17,9 +17,9 @@ _CT_FIELDS = ("num_bits", "type", "symmetric", "strategy", "group_size")
 
 def model_info(source: ModelSource) -> dict[str, Any]:
     """{model, architecture, weights, quantization, tokenizer, license}: see docs/cli.md (`llmctl show`)."""
-    from llmctl.memory.params import count_parameters
     from llmctl.memory.report import stored_format
     from llmctl.runtime.tokenizer import chat_template_of
+    from llmctl.tensors import count_parameters
 
     c = source.config
     tensors = source.tensors() or []

@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check .
+.venv/bin/lint-imports --no-cache  # the layering contracts in pyproject.toml ([tool.importlinter])
 if [ "${LLMCTL_SKIP_VLLM:-0}" != 1 ]; then
     LLMCTL_VLLM_PYTHON=$(HF_HUB_OFFLINE=0 bash scripts/vllm-venv.sh | tail -n 1)
     export LLMCTL_VLLM_PYTHON

@@ -11,6 +11,7 @@ import pytest
 from conftest import smollm2_path
 
 from llmctl.errors import TemplateError, UsageError
+from llmctl.runtime.backend import common_prefix
 from llmctl.runtime.sampler import SamplingOptions
 from llmctl.runtime.session import (
     FALLBACK_STOPS,
@@ -19,7 +20,6 @@ from llmctl.runtime.session import (
     Reply,
     Session,
     StopMatcher,
-    common_prefix,
     load_backend,
 )
 

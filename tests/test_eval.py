@@ -374,7 +374,7 @@ def fake_quantize(state: dict, fmt: str) -> dict:
     """Round-to-nearest copies of the 2-D weights. int8/int4 come from llmctl's format registry
     (symmetric, groups of 32); int3 is the same rule written here (no registry format has 3 bits).
     (llmctl quantize writes checkpoints the torch runtime does not load yet: hence copies made here.)"""
-    from llmctl.quant.formats import get_format
+    from llmctl.quant.recipes import get_format
 
     out = {}
     for name, w in state.items():

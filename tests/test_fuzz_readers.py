@@ -217,7 +217,7 @@ VALID = {
 
 def _parse_and_use(d):
     """Parse, then what estimate-memory does with a config: its layer kinds and parameter count."""
-    from llmctl.memory.params import count_parameters
+    from llmctl.tensors import count_parameters
 
     config = ModelConfig.from_dict(d, "config.json")
     config.layer_kinds()

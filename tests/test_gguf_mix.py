@@ -21,7 +21,8 @@ from conftest import gemma3_path, smollm2_path
 from test_bad_inputs import listing, run
 
 from llmctl.gguf_file import read_gguf
-from llmctl.quant.gguf_out import LLAMA_MIXES, plan_gguf, write_gguf
+from llmctl.quant.recipes import LLAMA_MIXES
+from llmctl.quantize.gguf_out import plan_gguf, write_gguf
 from llmctl.sources import resolve
 
 PLAIN = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")

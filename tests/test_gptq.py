@@ -2,7 +2,7 @@
 a character-level tokenizer, calibrated on a text file.
 
 * Per layer, on the calibration inputs themselves: ‖XWᵀ − XŴᵀ‖² = tr(D H Dᵀ) (D = Ŵ − W, H = XᵀX as
-  llmctl.quant.calibrate collects it) is below round to nearest's, the scale search's and the calibrated
+  llmctl.quantize.calibrate collects it) is below round to nearest's, the scale search's and the calibrated
   search's, for int4 sym/asym in groups and int8 per channel, with and without activation order.
 * The Hessian is XᵀX of the inputs transformers' own linears see.
 * The written folder: the same bytes twice (no randomness), loaded by transformers and llmctl's runtime
@@ -21,10 +21,10 @@ import pytest
 import torch
 from conftest import build_hf_model, one_error_line
 
-from llmctl.quant import gptq
-from llmctl.quant.calibrate import collect
-from llmctl.quant.convert import make_plan, run_plan
-from llmctl.quant.formats import get_format
+from llmctl.quant.recipes import get_format
+from llmctl.quantize import gptq
+from llmctl.quantize.calibrate import collect
+from llmctl.quantize.convert import make_plan, run_plan
 
 TEXT = (
     "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
@@ -76,7 +76,7 @@ def statistics(tiny):
 
 
 def test_hessian_is_the_gram_matrix_of_transformers_inputs(tiny, statistics):
-    from llmctl.quant.calibrate import calibration_windows
+    from llmctl.quantize.calibrate import calibration_windows
     from llmctl.runtime.tokenizer import load_tokenizer
 
     folder, _, model = tiny
@@ -147,7 +147,7 @@ def test_folder_is_deterministic_and_loads_in_transformers_and_llmctl(tiny, tmp_
     each): memory bounded by HESSIAN_BYTES whatever the model's size."""
     from test_interop import _check
 
-    from llmctl.quant import convert
+    from llmctl.quantize import convert
 
     folder, text, _ = tiny
     outs, events, later = [], [], []

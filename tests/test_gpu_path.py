@@ -365,7 +365,7 @@ def quantized(tiny_models, tmp_path_factory):
     """fmt -> (folder, config.json) of the tiny Llama quantized by llmctl."""
     import json
 
-    from llmctl.quant.convert import make_plan, run_plan
+    from llmctl.quantize.convert import make_plan, run_plan
 
     out = {}
     for fmt in ("int8", "fp8", "nf4", "int4"):
@@ -388,7 +388,7 @@ def test_quantized_model_moves_with_its_weights(fmt, quantized, tokens) -> None:
     """model.to(float64) and model.to("meta") reach the QuantWeights (plain attributes nn.Module skips):
     their dtype/device follow, kernels are prepared again off the CPU, nothing is dequantized."""
     from llmctl.quant import cuda_kernels
-    from llmctl.quant.qlinear import load_quantized
+    from llmctl.runtime.loader import load_quantized
 
     folder, cfg = quantized[fmt]
     model = load_quantized(folder, cfg, _layout(folder), dtype=torch.float32, device="cpu")
@@ -409,7 +409,7 @@ def test_quantized_model_moves_with_its_weights(fmt, quantized, tokens) -> None:
 
 
 def _layout(folder):
-    from llmctl.quant.qlinear import quantized_layout
+    from llmctl.runtime.loader import quantized_layout
 
     return quantized_layout(folder)[0]
 
@@ -418,7 +418,7 @@ def test_weights_packed_for_one_device_refuse_to_move(quantized) -> None:
     """int4 on the CPU keeps only a packed copy for its kernel: moving the model is refused in one line,
     before any parameter moved."""
     from llmctl.errors import UsageError
-    from llmctl.quant.qlinear import load_quantized
+    from llmctl.runtime.loader import load_quantized
 
     folder, cfg = quantized["int4"]
     model = load_quantized(folder, cfg, _layout(folder), dtype=torch.float32, device="cpu")
@@ -438,8 +438,8 @@ def test_quantized_folders_load_off_the_cpu(fmt, quantized, tokens, monkeypatch)
     the meta device (what CUDA would be, without memory), every part is moved before its kernel is
     chosen, so no CPU kernel is prepared, and a forward pass runs."""
     from llmctl.quant import native
-    from llmctl.quant.qlinear import load_quantized
     from llmctl.runtime import device as device_mod
+    from llmctl.runtime.loader import load_quantized
 
     monkeypatch.setattr(device_mod, "pick_device", lambda name=None: torch.device("meta"))
     monkeypatch.setattr(native, "get", lambda: pytest.fail("a CPU kernel was asked for"))

@@ -18,7 +18,7 @@ from conftest import smollm2_path
 
 from llmctl import atomic
 from llmctl.errors import SourceError
-from llmctl.quant.convert import make_plan, remove_dead_runs, run_plan
+from llmctl.quantize.convert import make_plan, remove_dead_runs, run_plan
 
 LLMCTL = [sys.executable, "-m", "llmctl"]
 
@@ -73,7 +73,7 @@ def test_gguf_output_never_written_through_a_planted_link(tmp_path):
     any name the writer once used (``.NAME.partial-PID``, ``.NAME.f16-PID``) redirects nothing."""
     from test_hostile_llamacpp import tiny_gguf
 
-    from llmctl.quant.gguf_out import write_gguf
+    from llmctl.quantize.gguf_out import write_gguf
     from llmctl.sources import resolve
 
     src = resolve(str(tiny_gguf(tmp_path / "tiny.gguf")))
@@ -130,7 +130,7 @@ def test_gguf_tokenizer_ignores_the_folders_auto_map(tmp_path, monkeypatch):
     run it on "y": llmctl converts the tokenizer in a folder holding the GGUF alone, never asking."""
     import builtins
 
-    from llmctl.quant.convert import _gguf_tokenizer
+    from llmctl.quantize.convert import _gguf_tokenizer
 
     folder = tmp_path / "model"
     folder.mkdir()

@@ -148,7 +148,7 @@ def test_smollm2_int4_asym_decodes_the_same_tokens_with_the_kernels(kernels, tmp
     kernels (and the int8 head, steps fused: llmctl.runtime.fused) equal those of the dequantized weights
     (Python layers); every step's logits within the stated tolerance."""
     import llmctl.quant.qlinear as ql
-    from llmctl.quant.convert import make_plan, run_plan
+    from llmctl.quantize.convert import make_plan, run_plan
     from llmctl.runtime import fused
     from llmctl.runtime.loader import load_model
 

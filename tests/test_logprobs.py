@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from llmctl.errors import UsageError
+from llmctl.runtime.backend import logprobs_of
 from llmctl.runtime.sampler import SamplingOptions
-from llmctl.runtime.session import Reply, Session, load_backend, logprobs_of
+from llmctl.runtime.session import Reply, Session, load_backend
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m"

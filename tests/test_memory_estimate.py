@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import gemma3_path, smollm2_path
-from test_memory_params import FULL, TINY, hf_config, tiny_dict
+from test_tensors import FULL, TINY, hf_config, tiny_dict
 
 from llmctl.checkpoint import TensorInfo
 from llmctl.config import ModelConfig
@@ -32,9 +32,9 @@ from llmctl.memory.estimate import (
     max_context_that_fits,
 )
 from llmctl.memory.gpus import GPUS, find_gpu
-from llmctl.memory.params import count_parameters, tensor_shapes
 from llmctl.quant.formats import REGISTRY, GGMLType
 from llmctl.quant.recipes import GGUF_MIXES, assign_formats, gguf_category, use_more_bits
+from llmctl.tensors import count_parameters, tensor_shapes
 
 N = 4096 * 4096  # weights in the (4096, 4096) test matrix
 
@@ -369,7 +369,7 @@ def test_importing_has_no_cycle_and_no_torch() -> None:
     import subprocess
     import sys
 
-    modules = ("llmctl.quant.recipes", "llmctl.memory.params", "llmctl.memory", "llmctl.quant.formats",
+    modules = ("llmctl.quant.recipes", "llmctl.tensors", "llmctl.memory", "llmctl.quant.formats",
                "llmctl.memory.chart")  # fmt: skip
     for module in modules:
         code = f"import sys, {module}, llmctl.memory as m; assert callable(m.estimate); assert 'torch' not in sys.modules"

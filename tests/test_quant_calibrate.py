@@ -16,8 +16,8 @@ import pytest
 import torch
 from conftest import smollm2_path
 
-from llmctl.quant.calibrate import calibration_windows, collect
-from llmctl.quant.formats import get_format
+from llmctl.quant.recipes import get_format
+from llmctl.quantize.calibrate import calibration_windows, collect
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -101,7 +101,7 @@ def test_gguf_mix_takes_the_importance_matrix_and_overrides(tmp_path: Path) -> N
     import gguf
     from test_quant_gguf import ggml_quantize
 
-    from llmctl.quant.gguf_out import plan_gguf, write_gguf
+    from llmctl.quantize.gguf_out import plan_gguf, write_gguf
     from llmctl.sources import resolve
 
     src = resolve(str(smollm2_path()))
@@ -169,7 +169,7 @@ def test_cli_records_the_calibration_and_refuses_bad_requests(tmp_path: Path) ->
 
 
 def test_dry_run_bytes_of_a_float_override_in_a_mix() -> None:
-    from llmctl.quant.gguf_out import plan_gguf
+    from llmctl.quantize.gguf_out import plan_gguf
     from llmctl.sources import resolve
 
     plan = plan_gguf(resolve(str(smollm2_path())), "q4_k_m", overrides=[r"blk\.0\.attn_v=f16"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llmctl.errors import QuantError, UsageError
-from llmctl.quant.convert import make_plan, run_plan
+from llmctl.quantize.convert import make_plan, run_plan
 
 FORMATS = ["fp8", "int8", "int4", "int4-asym", "nf4", "nf4-dq", "bf16", "fp16"]
 TOKENS = torch.tensor([[1, 5, 9, 20, 33, 40, 2, 7, 63, 11, 90, 4]])
@@ -43,8 +43,8 @@ def test_plan_size_is_exact_and_runtime_matches_dequantized_reference(llama, tmp
     """The dry-run's byte count is the files' size; llmctl's runtime on the output computes what a plain
     model holding our dequantized weights computes (so layout, reader and kernels agree)."""
     from llmctl.quant.layouts import read_quantized
-    from llmctl.quant.qlinear import load_quantized, quantized_layout, weight_memory
-    from llmctl.runtime.loader import load_model, load_state_dict
+    from llmctl.quant.qlinear import weight_memory
+    from llmctl.runtime.loader import load_model, load_quantized, load_state_dict, quantized_layout
 
     out = tmp_path / "out"
     plan, _ = _quantize(llama, out, fmt)
@@ -85,7 +85,7 @@ def test_plan_size_is_exact_and_runtime_matches_dequantized_reference(llama, tmp
 
 def test_chunked_streaming_writes_the_same_bytes(llama, tmp_path):
     """Quantizing in chunks of a few rows gives byte-identical files to quantizing whole tensors."""
-    from llmctl.quant import convert
+    from llmctl.quantize import convert
 
     for fmt in ("int4-asym", "nf4-dq", "fp8", "int8"):
         kw = {"group_size": "tensor"} if fmt == "fp8" else {"group_size": 32} if fmt.startswith("int") else {}

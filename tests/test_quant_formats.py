@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from llmctl.errors import QuantError
-from llmctl.quant.formats import PER_TENSOR, REGISTRY, get_format
+from llmctl.quant.formats import PER_TENSOR, REGISTRY
+from llmctl.quant.recipes import get_format
 
 QUANTIZABLE = [n for n, f in REGISTRY.items() if f.can_quantize]
 SHAPES = [(64, 256), (96, 384), (48, 640), (3, 1, 128)]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmctl.quant.convert import make_plan, run_plan
+from llmctl.quantize.convert import make_plan, run_plan
 
 pytestmark = pytest.mark.slow
 TEXT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"

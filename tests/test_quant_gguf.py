@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from conftest import smollm2_path
 
-from llmctl.quant.gguf_out import PY_TYPES, plan_gguf, tensor_type, write_gguf
+from llmctl.quant.recipes import PY_TYPES
+from llmctl.quantize.gguf_out import plan_gguf, tensor_type, write_gguf
 from llmctl.sources import resolve
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from llmctl.errors import QuantError, UsageError
-from llmctl.quant.convert import make_plan, run_plan
 from llmctl.quant.recipes import MORE_BITS, assign_formats
+from llmctl.quantize.convert import make_plan, run_plan
 
 TOKENS = torch.tensor([[1, 5, 9, 20, 33, 40, 2, 7, 63, 11, 90, 4, 77, 18]])
 ATTENTION = ("q_proj", "k_proj", "v_proj")
@@ -52,8 +52,8 @@ def test_k_m_gives_more_bits_where_llama_cpp_q4_k_m_does(model, layers):
     """k-m moves attention q/k/v and down_proj to int8 in exactly the layers use_more_bits picks, which
     are the layers where llama.cpp's Q4_K_M gives attn_v and ffn_down q6_k (q8_0 where a row is not a
     multiple of q6_k's 256-value block, as Gemma's attn_v); everything else keeps the uniform plan."""
-    from llmctl.memory.params import tensor_layer
     from llmctl.sources import resolve
+    from llmctl.tensors import tensor_layer
 
     gguf = _bundled(model)
     plan = make_plan(str(gguf), "int4", group_size=64, recipe="k-m")

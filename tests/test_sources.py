@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from llmctl.catalog import list_models
 from llmctl.checkpoint import read_folder_tensors, read_safetensors_header
 from llmctl.errors import FormatError, SourceError
-from llmctl.sources import BUNDLED, list_models, resolve
+from llmctl.sources import BUNDLED, resolve
 
 TINY = {
     "model_type": "llama",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from llmctl.catalog import list_models
 from llmctl.commands import render
-from llmctl.sources import list_models
 
 
 def models(

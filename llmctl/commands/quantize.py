@@ -1,6 +1,6 @@
 """`llmctl quantize MODEL --format F`: quantize a model to fp8/int8/int4/nf4 (or convert to bf16/fp16/fp32)
 in a layout other engines load (compressed-tensors, bitsandbytes, Hugging Face) or llmctl's own; or, with
-``--out X.gguf`` / ``--layout gguf``, to a GGUF file llama.cpp loads (llmctl.quant.gguf_out)."""
+``--out X.gguf`` / ``--layout gguf``, to a GGUF file llama.cpp loads (llmctl.quantize.gguf_out)."""
 
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def quantize(
         raise UsageError(
             "--pure applies to GGUF output (--out X.gguf) of q8_0, q4_0, q4_1, q5_0, q5_1; drop it for a folder"
         )
-    from llmctl.quant.convert import check_out, default_out, make_plan, run_plan
+    from llmctl.quantize.convert import check_out, default_out, make_plan, run_plan
 
     with _interruptible() as output, render.quantize_progress(
         enabled=not json_, first=f"reading {model or 'the bundled model'}"
@@ -171,8 +171,8 @@ def _quantize_gguf(
     pure: bool = False,
     verbose: bool = False,
 ) -> None:
-    from llmctl.quant.convert import calibration_request
-    from llmctl.quant.gguf_out import gguf_request, plan_gguf, write_gguf
+    from llmctl.quantize.convert import calibration_request
+    from llmctl.quantize.gguf_out import gguf_request, plan_gguf, write_gguf
     from llmctl.sources import resolve
 
     if by not in ("auto", "llama.cpp"):

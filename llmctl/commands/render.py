@@ -344,7 +344,7 @@ class _Bar:
 
 
 class _QuantProgress(_Bar):
-    """One line per phase of the run (llmctl.quant.convert.Progress): what it is doing, its own counter
+    """One line per phase of the run (llmctl.quantize.convert.Progress): what it is doing, its own counter
     (which never goes backwards), elapsed time, and an ETA only where the phase's length is known. A phase
     of unknown length (loading, converting a tokenizer) shows a moving bar. A finished phase stays, at
     100 %, until the run ends."""

@@ -13,7 +13,7 @@ from llmctl.memory.estimate import (
     weights_breakdown,
 )
 from llmctl.memory.gpus import GPU, GPUS, find_gpu
-from llmctl.memory.params import TensorShape, count_parameters, tensor_shapes
+from llmctl.tensors import TensorShape, count_parameters, tensor_shapes
 
 __all__ = [
     "GPU",

@@ -4,7 +4,7 @@
 
 * **weights**: exact bytes of every tensor in its format (scales, zero-points and block headers
   included), from the checkpoint's real tensor table when given, else from shapes derived from the config
-  (``llmctl.memory.params``). Which tensor gets which format is ``llmctl.quant.recipes``.
+  (``llmctl.tensors``). Which tensor gets which format is ``llmctl.quant.recipes``.
 * **KV cache**: per layer, tokens held × (K width + V width) × bytes per value, times the batch. See
   ``kv_cache_bytes`` for the layouts (sliding windows, llama.cpp's padding, MLA).
 * **activations**: the working set of one prefill chunk (``ubatch`` tokens per sequence, 512 like
@@ -22,13 +22,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-# A module import (not from-import): llmctl.quant.recipes imports llmctl.memory.params, whose package
-# __init__ imports this module, so recipes may still be initialising here.
 import llmctl.quant.recipes as recipes
 from llmctl.checkpoint import TensorInfo
 from llmctl.config import FULL, SLIDING, ModelConfig
 from llmctl.errors import QuantError, UsageError
-from llmctl.memory.params import count_parameters, tensor_role, tensor_shapes
+from llmctl.tensors import count_parameters, tensor_role, tensor_shapes
 
 MIB = 1024**2
 GIB = 1024**3

@@ -297,7 +297,7 @@ def _fp8_variant(opts: dict[str, Any]) -> str:
 # the calibrated search needs the list down to 0.76 (stopping at 0.88 left its g128 KLD at 0.35, not 0.29).
 # The weights are llama.cpp's for K-quants without an importance matrix, rms(group) + |x| (plain squared
 # error clips Gemma-3's outlier weights: its int4 g128 KL divergence went 0.49 -> 0.70), or with
-# ``--calibration`` the mean x² of each input channel (llmctl.quant.calibrate). docs/formats.md has what
+# ``--calibration`` the mean x² of each input channel (llmctl.quantize.calibrate). docs/formats.md has what
 # each buys on Gemma-3-270M.
 METHODS = ("rtn", "search")
 SEARCH_DELTA = 0.03
@@ -401,7 +401,9 @@ class _IntGroup(WeightFormat):
         rows, cols = x.shape
         g = cls.check_group(cols, group_size)
         assert g is not None
-        importance = opts.get("importance")  # per input channel, from --calibration (llmctl.quant.calibrate)
+        importance = opts.get(
+            "importance"
+        )  # per input channel, from --calibration (llmctl.quantize.calibrate)
         steps = 1 if not _search_on(opts) else SEARCH_STEPS if cls.zero_bits else SEARCH_SIGNED_STEPS
         kernels = native.get() if importance is None else None
         if kernels is not None:  # the same arithmetic in one pass (llmctl.quant.native)
@@ -787,16 +789,6 @@ _GGML_TYPES = {
 
 for _n, _b in _GGML_TYPES.items():
     type(f"GGML_{_n.upper()}", (GGMLType,), {"name": _n, "ggml_name": _n.upper(), "bits": _b})
-
-
-def get_format(name: str) -> type[WeightFormat]:
-    try:
-        return REGISTRY[name.lower()]
-    except KeyError:
-        from llmctl.quant.recipes import GGUF_MIXES
-
-        known = ", ".join(sorted({*REGISTRY, *GGUF_MIXES}))
-        raise QuantError(f"unknown weight format {name!r}; known formats: {known}") from None
 
 
 def ggml_type_format(ggml_type: int) -> type[WeightFormat]:

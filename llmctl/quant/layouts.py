@@ -243,7 +243,7 @@ def _what(tp: TensorPlan) -> str:
 
 
 def _is_linear_weight(tp: TensorPlan) -> bool:
-    from llmctl.memory.params import tensor_role
+    from llmctl.tensors import tensor_role
 
     return len(tp.shape) == 2 and tensor_role(tp.name, tp.shape) in ("linear", "lm_head")
 

@@ -23,13 +23,12 @@ gives the model an int8 form of its logits' matrix (``lossless_int8``).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from llmctl.errors import FormatError, UsageError
+from llmctl.errors import UsageError
 from llmctl.quant import cuda_kernels
 from llmctl.quant.formats import REGISTRY, QTensor
 
@@ -342,77 +341,3 @@ def weight_memory(model: torch.nn.Module) -> dict[str, int]:
                 held += t.numel() * t.element_size()
                 dense += t.numel() * t.element_size()
     return {"bytes": held, "dense_bytes": dense}
-
-
-def quantized_layout(folder: Path) -> tuple[str, dict[str, Any]] | None:
-    """(layout, config.json) when the folder holds quantized weights llmctl loads; None for a float one."""
-    import json
-
-    from llmctl.quant.layouts import detect
-
-    try:
-        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    layout = detect(cfg) if isinstance(cfg, dict) else None
-    return None if layout is None else (layout, cfg)
-
-
-def load_quantized(folder: Path, config_json: dict[str, Any], layout: str, dtype: Any = None, device: Any = None):
-    """A ``Transformer`` from a folder in one of llmctl's layouts (compressed-tensors, bnb, llmctl)."""
-    from safetensors import safe_open
-
-    from llmctl.checkpoint import safetensors_files
-    from llmctl.config import ModelConfig
-    from llmctl.quant.layouts import read_quantized
-    from llmctl.runtime.device import compute_dtype, pick_device
-    from llmctl.runtime.loader import assign, check_names, empty_model
-
-    device = pick_device(device)
-    if device.type not in ("cpu", "cuda", "meta"):  # meta: sizes only (tests, planning)
-        raise UsageError(
-            f"{folder}: quantized weights run on the CPU or CUDA in llmctl's runtime, not {device.type}; "
-            "pass --device cpu or cuda"
-        )
-    dtype = compute_dtype(device, dtype)
-    config = ModelConfig.from_dict(config_json, source=str(folder / "config.json"))
-    model = empty_model(config)
-    handles = {}
-    where: dict[str, Any] = {}
-    for file in safetensors_files(folder):
-        h = safe_open(str(file), framework="pt", device="cpu")
-        handles[file] = h
-        for k in h.keys():
-            where[k] = h
-    used: set[str] = set()
-
-    def fetch(name: str) -> torch.Tensor:
-        if name not in where:
-            raise FormatError(f"{folder}: tensor {name} is missing; the quantized checkpoint is incomplete")
-        used.add(name)
-        return where[name].get_tensor(name)
-
-    quantized = read_quantized(layout, config_json, set(where), fetch)
-    head = "model.embed_tokens.weight" if model.lm_head is None else "lm_head.weight"  # the logits' matrix
-    shapes = {n: tuple(where[n].get_slice(n).get_shape()) for n in where if n not in used}
-    shapes.update({n: tuple(q.shape) for n, q in quantized.items()})
-    for name in check_names(model, shapes, str(folder)):
-        if name in quantized:
-            module_name, _, leaf = name.rpartition(".")
-            module = model.get_submodule(module_name)
-            delattr(module, leaf)
-            q = quantized[name]
-            if device.type != "cpu":  # the parts go to the device first: its kernels are chosen there
-                q = QTensor(
-                    q.format, q.shape, q.group_size, {k: v.to(device) for k, v in q.parts.items()}, q.meta
-                )
-            setattr(module, leaf, QuantWeight(q, dtype))
-        else:
-            t = fetch(name)
-            if not t.is_floating_point():
-                raise FormatError(f"{folder}: tensor {name} is {t.dtype}, not floating point")
-            assign(model, name, t.to(device=device, dtype=dtype))
-            if name == head and device.type == "cpu":
-                model.head = lossless_int8(t, dtype)
-    # q/k/v and gate/up on llmctl's int4 kernel join into one call each; other kernels stay one per weight
-    return model.fuse_projections().eval()

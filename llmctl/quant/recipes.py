@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from llmctl.checkpoint import TensorInfo
 from llmctl.config import ModelConfig
 from llmctl.errors import QuantError, UsageError
-from llmctl.memory.params import tensor_layer, tensor_role
-from llmctl.quant.formats import REGISTRY, GGMLType, get_format
+from llmctl.quant.formats import REGISTRY, GGMLType, WeightFormat
+from llmctl.tensors import tensor_layer, tensor_role
 
 FLOAT_FORMATS = ("fp32", "fp16", "bf16", "f32", "f16")
 # Our (non-GGUF) quantized formats: the recipe quantizes linear weights only.
@@ -59,28 +59,46 @@ class GGUFMix:
 
     name: str
     default: str  # ggml type of tensors no rule moves
+    ftype: int  # llama.cpp's file type (enum llama_ftype) for this mix, as its quantizer takes it
     description: str
 
 
 GGUF_MIXES: dict[str, GGUFMix] = {
     m.name: m
     for m in (
-        GGUFMix("q2_k", "q2_k", "llama.cpp Q2_K: q2_k, attn_v q3_k/q4_k, ffn_down and attn_output q3_k"),
-        GGUFMix("q3_k_s", "q3_k", "llama.cpp Q3_K_S: q3_k everywhere, output q6_k"),
-        GGUFMix("q3_k_m", "q3_k", "llama.cpp Q3_K_M: q3_k, attn_v/attn_output/ffn_down q4_k-q5_k"),
-        GGUFMix("q3_k_l", "q3_k", "llama.cpp Q3_K_L: q3_k, attn_v/attn_output/ffn_down q5_k"),
-        GGUFMix("q4_k_s", "q4_k", "llama.cpp Q4_K_S: q4_k, first attn_v and ffn_down q5_k"),
-        GGUFMix("q4_k_m", "q4_k", "llama.cpp Q4_K_M: q4_k, half of attn_v and ffn_down q6_k"),
-        GGUFMix("q5_k_s", "q5_k", "llama.cpp Q5_K_S: q5_k everywhere, output q6_k"),
-        GGUFMix("q5_k_m", "q5_k", "llama.cpp Q5_K_M: q5_k, half of attn_v and ffn_down q6_k"),
-        GGUFMix("q6_k", "q6_k", "llama.cpp Q6_K: q6_k everywhere"),
-        GGUFMix("q4_0", "q4_0", "llama.cpp Q4_0: q4_0 everywhere, output q6_k"),
-        GGUFMix("q4_1", "q4_1", "llama.cpp Q4_1: q4_1 everywhere, output q6_k"),
-        GGUFMix("q5_0", "q5_0", "llama.cpp Q5_0: q5_0 everywhere, output q6_k"),
-        GGUFMix("q5_1", "q5_1", "llama.cpp Q5_1: q5_1 everywhere, output q6_k"),
-        GGUFMix("q8_0", "q8_0", "llama.cpp Q8_0: q8_0 everywhere"),
+        GGUFMix("q2_k", "q2_k", 10, "llama.cpp Q2_K: q2_k, attn_v q3_k/q4_k, ffn_down and attn_output q3_k"),
+        GGUFMix("q3_k_s", "q3_k", 11, "llama.cpp Q3_K_S: q3_k everywhere, output q6_k"),
+        GGUFMix("q3_k_m", "q3_k", 12, "llama.cpp Q3_K_M: q3_k, attn_v/attn_output/ffn_down q4_k-q5_k"),
+        GGUFMix("q3_k_l", "q3_k", 13, "llama.cpp Q3_K_L: q3_k, attn_v/attn_output/ffn_down q5_k"),
+        GGUFMix("q4_k_s", "q4_k", 14, "llama.cpp Q4_K_S: q4_k, first attn_v and ffn_down q5_k"),
+        GGUFMix("q4_k_m", "q4_k", 15, "llama.cpp Q4_K_M: q4_k, half of attn_v and ffn_down q6_k"),
+        GGUFMix("q5_k_s", "q5_k", 16, "llama.cpp Q5_K_S: q5_k everywhere, output q6_k"),
+        GGUFMix("q5_k_m", "q5_k", 17, "llama.cpp Q5_K_M: q5_k, half of attn_v and ffn_down q6_k"),
+        GGUFMix("q6_k", "q6_k", 18, "llama.cpp Q6_K: q6_k everywhere"),
+        GGUFMix("q4_0", "q4_0", 2, "llama.cpp Q4_0: q4_0 everywhere, output q6_k"),
+        GGUFMix("q4_1", "q4_1", 3, "llama.cpp Q4_1: q4_1 everywhere, output q6_k"),
+        GGUFMix("q5_0", "q5_0", 8, "llama.cpp Q5_0: q5_0 everywhere, output q6_k"),
+        GGUFMix("q5_1", "q5_1", 9, "llama.cpp Q5_1: q5_1 everywhere, output q6_k"),
+        GGUFMix("q8_0", "q8_0", 7, "llama.cpp Q8_0: q8_0 everywhere"),
     )
 }
+
+
+# The GGUF names a --format can take: the types gguf-py quantizes (llmctl writes them), and the mixes
+# llama.cpp's quantizer makes, with their llama_ftype: GGUF_MIXES, plus the i-quant mixes whose rules
+# llmctl's recipes do not model (llama.cpp makes them; estimate-memory does not take them).
+PY_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+LLAMA_MIXES = {**{n: m.ftype for n, m in GGUF_MIXES.items()}, "iq4_xs": 30, "iq4_nl": 25}
+
+
+def get_format(name: str) -> type[WeightFormat]:
+    """The registry's format of that name; QuantError listing the known formats and GGUF mixes if none."""
+    try:
+        return REGISTRY[name.lower()]
+    except KeyError:
+        known = ", ".join(sorted({*REGISTRY, *GGUF_MIXES}))
+        raise QuantError(f"unknown weight format {name!r}; known formats: {known}") from None
+
 
 # tensor_type_fallback: the type used when a row is not a multiple of the chosen type's block.
 _FALLBACK = {

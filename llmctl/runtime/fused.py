@@ -95,7 +95,6 @@ def _linear(weight: Any, bias: torch.Tensor | None) -> tuple[int, list[torch.Ten
 def build(model: Transformer) -> Plan | None:
     """The fused plan of ``model``, or None when some part of it is not covered (the Python layers run)."""
     from llmctl.quant import native
-    from llmctl.runtime.model import _backs
 
     config = model.config
     if model.device.type != "cpu" or model.dtype != torch.float32 or config.hidden_act not in ACTS:
@@ -127,10 +126,7 @@ def build(model: Transformer) -> Plan | None:
             if w.numel() and (w.dtype != torch.float32 or not w.is_contiguous()):
                 return None
             tensors.append(w)
-        qkv = [attn.qkv] if attn.qkv is not None and _backs(attn.qkv[0], attn.q_proj.weight) else [
-            (m.weight, m.bias) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]  # fmt: skip
-        gate_up = [mlp.gate_up] if mlp.gate_up is not None and _backs(mlp.gate_up[0], mlp.gate_proj.weight) else [
-            (m.weight, m.bias) for m in (mlp.gate_proj, mlp.up_proj)]  # fmt: skip
+        qkv, gate_up = attn.qkv_projections(), mlp.gate_up_projections()
         slots = [*qkv, *[None] * (3 - len(qkv)), (attn.o_proj.weight, attn.o_proj.bias), *gate_up,
                  *[None] * (2 - len(gate_up)), (mlp.down_proj.weight, mlp.down_proj.bias)]  # fmt: skip
         window = model.windows[i]

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from llmctl.errors import FormatError, UsageError
+from llmctl.runtime.backend import Backend, common_prefix
 from llmctl.runtime.sampler import SamplingOptions
-from llmctl.runtime.session import Backend, common_prefix
 
 GPU_DEVICES = ("cuda", "gpu", "mps")  # --device values that ask llama.cpp to offload to its GPU backend
 

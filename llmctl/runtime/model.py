@@ -126,9 +126,20 @@ def fused_linear(
 ) -> torch.Tensor:
     """The outputs of ``linears`` concatenated: one matmul while ``fused`` still backs their weights
     (``model.to(...)`` replaces them, and then each runs on its own)."""
+    parts = projections(fused, *linears)
+    if len(parts) == 1:
+        return linear(x, *parts[0])
+    return torch.cat([linear(x, w, b) for w, b in parts], dim=-1)
+
+
+def projections(
+    fused: tuple[torch.Tensor, torch.Tensor | None] | None, *linears: nn.Linear
+) -> list[tuple[Any, torch.Tensor | None]]:
+    """The (weight, bias) pairs ``fused_linear`` multiplies: the joined one while it still backs the
+    linears' weights, else each linear's own."""
     if fused is not None and _backs(fused[0], linears[0].weight):
-        return linear(x, *fused)
-    return torch.cat([linear(x, m.weight, m.bias) for m in linears], dim=-1)
+        return [fused]
+    return [(m.weight, m.bias) for m in linears]
 
 
 def _backs(joined: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -160,6 +171,9 @@ class Attention(nn.Module):
 
     def fuse(self) -> None:
         self.qkv = fuse(self.q_proj, self.k_proj, self.v_proj)
+
+    def qkv_projections(self) -> list[tuple[Any, torch.Tensor | None]]:
+        return projections(self.qkv, self.q_proj, self.k_proj, self.v_proj)
 
     def forward(
         self,
@@ -230,6 +244,9 @@ class FeedForward(nn.Module):
 
     def fuse(self) -> None:
         self.gate_up = fuse(self.gate_proj, self.up_proj)
+
+    def gate_up_projections(self) -> list[tuple[Any, torch.Tensor | None]]:
+        return projections(self.gate_up, self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = fused_linear(x, self.gate_up, self.gate_proj, self.up_proj).chunk(2, dim=-1)

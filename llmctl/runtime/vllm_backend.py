@@ -15,8 +15,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from llmctl.errors import FormatError
+from llmctl.runtime.backend import Backend
 from llmctl.runtime.sampler import SamplingOptions
-from llmctl.runtime.session import Backend
 
 _ids = itertools.count()
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmctl.errors import LlmctlError, TemplateError, UsageError
-from llmctl.runtime.session import Backend, Notice, Piece, Reply, Session
+from llmctl.runtime.backend import Backend
+from llmctl.runtime.session import Notice, Piece, Reply, Session
 from llmctl.server.protocol import ApiError, Request
 
 log = logging.getLogger("llmctl.server")

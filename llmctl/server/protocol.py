@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmctl.errors import UsageError
+from llmctl.runtime.backend import MAX_TOP_LOGPROBS
 from llmctl.runtime.sampler import SamplingOptions
-from llmctl.runtime.session import MAX_TOP_LOGPROBS
 
 MAX_STOPS = 4  # OpenAI's limit
 # JSON name -> SamplingOptions field (OpenAI's names, plus llama.cpp server's extensions)

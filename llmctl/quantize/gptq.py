@@ -2,7 +2,7 @@
 
 GPTQ (Frantar et al., 2022) quantizes a linear weight W (rows, cols) one column at a time and spreads each
 column's rounding error over the columns not yet quantized, through the inverse of the layer's input
-Hessian H = 2 XᵀX (X: the calibration inputs of that linear, llmctl.quant.calibrate). It minimises
+Hessian H = 2 XᵀX (X: the calibration inputs of that linear, llmctl.quantize.calibrate). It minimises
 ‖XWᵀ − XŴᵀ‖² column by column; rows are independent, so a tensor is done in row chunks like any other.
 
 As in the paper's reference code:

@@ -7,7 +7,7 @@ the mean of x² per input channel over all those rows: llama.cpp's importance ma
 column j reaches the layer's output scaled by x_j, so E[x_j²] is how much that column's error costs.
 
 They weight the scale search of llmctl's int4/int8 formats (llmctl.quant.formats) and are handed to
-llama.cpp's quantizer as its importance matrix for GGUF K-quants (llmctl.quant.gguf_out).
+llama.cpp's quantizer as its importance matrix for GGUF K-quants (llmctl.quantize.gguf_out).
 
 The statistics are read where the runtime multiplies: a ``TorchFunctionMode`` sees each ``F.linear`` call
 and its weight; weights that are views of one fused matrix (q/k/v, gate/up) share that call's input.

@@ -26,7 +26,7 @@ and shapes, and a reader yielding them as fp32 numpy arrays in that order), so b
   the source's;
 * a Hugging Face safetensors folder of a family the runtime runs (llama, mistral, qwen2, qwen3, gemma3) —
   metadata, tokenizer, llama.cpp's tensor names and layout made as llama.cpp's converter makes them
-  (llmctl.quant.gguf_hf).
+  (llmctl.quantize.gguf_hf).
 
 ``general.file_type`` is set for the new type and ``general.quantized_by`` names llmctl. The output (and a
 mix's f16 intermediate) is written inside a private ``.NAME.partial-PID`` folder beside it
@@ -49,16 +49,11 @@ from typing import Any
 
 from llmctl import atomic
 from llmctl.errors import QuantError, UsageError
+from llmctl.quant.recipes import LLAMA_MIXES, PY_TYPES
+from llmctl.quantize.gguf_hf import GGUFSource, folder_source
 
-PY_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # gguf-py quantizes these
 FLOAT_TYPES = ("f32", "f16", "bf16")
 ALIASES = {"fp32": "f32", "fp16": "f16"}
-# llama.cpp's file types (enum llama_ftype) for the mixes its quantizer makes
-LLAMA_MIXES = {
-    "q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16,
-    "q5_k_m": 17, "q6_k": 18, "iq4_xs": 30, "iq4_nl": 25, "q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9,
-    "q8_0": 7,
-}  # fmt: skip
 _WRITTEN_BY = {
     "python": "llmctl (gguf-py and ggml quantizers)",
     "llama.cpp": "llama.cpp (llama_model_quantize)",
@@ -115,7 +110,7 @@ def parse_overrides(overrides: Sequence[str], how: str) -> list[tuple[str, str]]
     expressions searched in llama.cpp's tensor names (``blk\\.1[0-7]\\.ffn_down``)."""
     from gguf import GGMLQuantizationType
 
-    from llmctl.quant.convert import split_override
+    from llmctl.quantize.convert import split_override
 
     allowed = PY_TYPES if how == "python" else tuple(t.name.lower() for t in GGMLQuantizationType)
     out = []
@@ -218,7 +213,7 @@ class GGUFResult:
         return sum(t.params for t in self.tensors)
 
     def to_dict(self) -> dict[str, Any]:
-        from llmctl.quant.convert import by_format, non_tensor
+        from llmctl.quantize.convert import by_format, non_tensor
 
         measured = sorted((t for t in self.tensors if t.sqnr_db is not None), key=lambda t: t.sqnr_db or 0.0)
         return {
@@ -245,26 +240,12 @@ class GGUFResult:
         }
 
 
-@dataclass
-class GGUFSource:
-    """What the writer reads from a source (see module doc)."""
-
-    arch: str
-    add_metadata: Callable[[Any], None]  # writes every key but general.file_type / general.quantized_by
-    tensors: list[tuple[str, tuple[int, ...], int, str]]  # (GGUF name, numpy shape (rows last), bytes, dtype)
-    read: Callable[[], Iterator[Any]]  # each tensor as fp32 numpy in that shape, in that order
-    config: Any = None
-    notes: list[str] = field(default_factory=list)
-
-
 def open_source(source: Any) -> GGUFSource:
     """A resolved MODEL (GGUF file or Hugging Face folder) as a GGUFSource."""
     if source.is_gguf:
         return _gguf_file_source(source.gguf)
     if source.kind == "config":
         raise UsageError(f"{source.path}: a bare config.json has no weights to write")
-    from llmctl.quant.gguf_hf import folder_source
-
     return folder_source(Path(source.path))
 
 
@@ -311,7 +292,7 @@ def write_gguf(
     name, how = gguf_request(fmt, by, pure, calibration)
     rules = parse_overrides(overrides, how)
     out = Path(out)
-    from llmctl.quant.convert import check_out, remove_dead_runs
+    from llmctl.quantize.convert import check_out, remove_dead_runs
 
     check_out(out, force, file=True)
     src = open_source(source)  # refuses what cannot be written before anything is
@@ -358,7 +339,7 @@ def write_gguf(
 def _progress(progress, phase: str, done: int = 0, total: int | None = None, unit: str = "tensors", name: str = "",
               work_done: int | None = None, work_total: int | None = None) -> None:  # fmt: skip
     if progress is not None:
-        from llmctl.quant.convert import Progress
+        from llmctl.quantize.convert import Progress
 
         progress(Progress(phase, done, total, unit, name, work_done, work_total))
 
@@ -387,8 +368,8 @@ def _copy_metadata(info: Any, writer: Any) -> None:
 
 
 def _imatrix(source: Any, src: GGUFSource, calibration: dict[str, Any], progress) -> Any:
-    """The source's activation statistics (llmctl.quant.calibrate) keyed by the output's GGUF tensor names."""
-    from llmctl.quant.calibrate import collect
+    """The source's activation statistics (llmctl.quantize.calibrate) keyed by the output's GGUF tensor names."""
+    from llmctl.quantize.calibrate import collect
     from llmctl.runtime.gguf_loader import gguf_to_hf_name
 
     phase = f"calibrating on {calibration['data']}"
@@ -421,7 +402,7 @@ def _write_python(
     from gguf.quants import dequantize, quantize
 
     from llmctl import __version__
-    from llmctl.quant.convert import sqnr_db
+    from llmctl.quantize.convert import sqnr_db
 
     writer = gguf.GGUFWriter(str(dst), src.arch)
     src.add_metadata(writer)
@@ -511,7 +492,7 @@ def _write_llama_cpp(
 ) -> list[GGUFTensor]:
     """An f16 GGUF written to ``f16`` (the caller removes it) and quantized by llama.cpp's
     ``llama_model_quantize`` into ``dst``: ``rules`` become its tensor-type overrides, ``stats``
-    (llmctl.quant.calibrate.Calibration by GGUF name) its importance matrix, and ``pure`` its ``pure`` flag
+    (llmctl.quantize.calibrate.Calibration by GGUF name) its importance matrix, and ``pure`` its ``pure`` flag
     (every tensor the mix's base type).
 
     llama.cpp runs in a child process (``_llama_quantize_child``), so that Ctrl-C stops it at once: a call

@@ -61,7 +61,7 @@ class Plan:
     recipe: str = "uniform"  # llmctl.quant.recipes.RECIPES: which tensors get one format up
     notes: list[str] = field(default_factory=list)
     calibrate: dict[str, Any] | None = None  # --calibration: {"data": spec, "tokens": n}
-    calibration: Any = None  # its statistics (llmctl.quant.calibrate.Calibration), collected by run_plan
+    calibration: Any = None  # its statistics (llmctl.quantize.calibrate.Calibration), collected by run_plan
     gptq: dict[str, Any] | None = None  # --method gptq: {"damp": float, "act_order": bool}
 
     @property
@@ -153,9 +153,7 @@ def parse_group_size(value: str | int | None) -> int | str | None:
 def resolve_format(fmt: str, symmetric: bool | None) -> str:
     name = fmt.lower()
     if name not in WRITABLE:
-        from llmctl.quant.formats import get_format
-        from llmctl.quant.gguf_out import LLAMA_MIXES, PY_TYPES
-        from llmctl.quant.recipes import GGUF_MIXES
+        from llmctl.quant.recipes import GGUF_MIXES, LLAMA_MIXES, PY_TYPES, get_format
 
         folders = f"safetensors folders take {', '.join(WRITABLE)}"
         if name in PY_TYPES or name in LLAMA_MIXES:
@@ -312,11 +310,11 @@ def make_plan(
     """Decide every tensor's format and the exact output files; reads headers only. ``method``: "rtn",
     "search" (llmctl.quant.formats' scale search) or None (``tensor_method``'s default). ``recipe``: which
     tensors get one format up (llmctl.quant.recipes.RECIPES), before ``overrides`` and ``keep``."""
-    from llmctl.memory.params import tensor_role
     from llmctl.quant import recipes
     from llmctl.quant.formats import _fp8_variant, _search_on
     from llmctl.quant.layouts import LAYOUTS
     from llmctl.sources import resolve
+    from llmctl.tensors import tensor_role
 
     name = resolve_format(fmt, symmetric)
     rec = recipes.check_recipe(recipe, name)
@@ -428,7 +426,7 @@ def _honest_size(plan: Plan) -> list[str]:
             "--override 'embed_tokens=int8' quantizes them here (llmctl's runtime loads that; transformers and "
             "vLLM do not)"
         )
-    from llmctl.memory.params import tensor_role
+    from llmctl.tensors import tensor_role
 
     embeds = [t.name for t in plan.tensors if t.quantized and tensor_role(t.name, t.shape) == "embedding"]
     if embeds:
@@ -452,7 +450,7 @@ def calibrate(plan: Plan, progress: Callable[[Progress], None] | None = None) ->
         return
     if not plan.searches:  # nothing would use it (the plan notes so)
         return
-    from llmctl.quant.calibrate import collect
+    from llmctl.quantize.calibrate import collect
 
     phase = f"calibrating on {plan.calibrate['data']}"
 
@@ -499,7 +497,7 @@ def hessian_batches(plan: Plan) -> list[list[str]]:
 def _next_hessians(plan: Plan, name: str, progress: Callable[[Progress], None] | None) -> None:
     """Another pass over the calibration text for the batch of Hessians holding ``name`` (the last batch's
     freed first)."""
-    from llmctl.quant.calibrate import collect
+    from llmctl.quantize.calibrate import collect
 
     batches = hessian_batches(plan)
     k = next(k for k, b in enumerate(batches) if name in b)
@@ -522,7 +520,7 @@ def gptq_request(
 ) -> dict[str, Any] | None:
     """--method gptq's settings ({"damp", "act_order"}), None for another method; UsageError for options
     that do not go together."""
-    from llmctl.quant import gptq
+    from llmctl.quantize import gptq
 
     if method != "gptq":
         given = [o for o, v in (("--gptq-damp", damp), ("--act-order/--no-act-order", act_order)) if v is not None]
@@ -543,7 +541,7 @@ def gptq_request(
 
 
 def calibration_request(data: str | None, tokens: int | None, method: str | None) -> dict[str, Any] | None:
-    from llmctl.quant.calibrate import DEFAULT_TOKENS, check_tokens
+    from llmctl.quantize.calibrate import DEFAULT_TOKENS, check_tokens
 
     if data is None:
         if tokens is not None:
@@ -869,7 +867,7 @@ def _write_tensor(
         opts["importance"] = calibration.importance[tp.name]
     prep = None
     if tp.opts.get("method") == "gptq":
-        from llmctl.quant import gptq as gptq_mod
+        from llmctl.quantize import gptq as gptq_mod
 
         if calibration is None or tp.name not in calibration.hessians:
             raise QuantError(f"internal error: no calibration Hessian for {tp.name}")
@@ -906,7 +904,7 @@ def _write_tensor(
         x = chunk.reshape(shape)
         try:
             if prep is not None:
-                from llmctl.quant import gptq as gptq_mod
+                from llmctl.quantize import gptq as gptq_mod
 
                 q = gptq_mod.quantize(qfmt, x, tp.group_size, prep)
             else:

@@ -1,5 +1,5 @@
 """A Hugging Face safetensors folder as a GGUF source: metadata, tokenizer and tensors as llama.cpp's
-converter (convert_hf_to_gguf.py) writes them, for llmctl.quant.gguf_out's writer.
+converter (convert_hf_to_gguf.py) writes them, for llmctl.quantize.gguf_out's writer.
 
 * **Architecture** — ``llama`` and ``mistral`` become GGUF ``llama`` (as the converter does), ``qwen2``,
   ``qwen3``, ``gemma3_text`` → ``gemma3``; hyper-parameters through gguf-py's ``GGUFWriter`` helpers.
@@ -31,12 +31,26 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llmctl.config import FULL, SLIDING, ModelConfig
 from llmctl.errors import UsageError
+
+
+@dataclass
+class GGUFSource:
+    """What gguf_out's writer reads from a source (see its module doc): a GGUF file or a folder."""
+
+    arch: str
+    add_metadata: Callable[[Any], None]  # writes every key but general.file_type / general.quantized_by
+    tensors: list[tuple[str, tuple[int, ...], int, str]]  # (GGUF name, numpy shape (rows last), bytes, dtype)
+    read: Callable[[], Iterator[Any]]  # each tensor as fp32 numpy in that shape, in that order
+    config: Any = None
+    notes: list[str] = field(default_factory=list)
+
 
 GGUF_ARCH = {
     "llama": "llama",
@@ -391,11 +405,10 @@ def llama3_rope_factors(cfg: ModelConfig) -> Any:
 
 
 def folder_source(folder: Path) -> Any:
-    """The folder as a ``gguf_out.GGUFSource``: architecture, metadata writer, tensors (names, shapes) and
+    """The folder as a ``GGUFSource``: architecture, metadata writer, tensors (names, shapes) and
     a reader yielding each as fp32 numpy in GGUF layout."""
     from llmctl.checkpoint import safetensors_files
     from llmctl.quant import stio
-    from llmctl.quant.gguf_out import GGUFSource
 
     cfg, _ = read_folder_config(folder)
     entries: dict[str, stio.Entry] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from llmctl.config import ModelConfig
-from llmctl.memory.params import ROLES, count_parameters, tensor_layer, tensor_role, tensor_shapes
+from llmctl.tensors import ROLES, count_parameters, tensor_layer, tensor_role, tensor_shapes
 
 _TINY_COMMON = dict(
     vocab_size=128,

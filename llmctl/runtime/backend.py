@@ -1,0 +1,86 @@
+"""The backend interface: a model with its KV cache that generates from a prompt, reusing the cached prefix.
+
+``llmctl.runtime.session`` drives one (``TorchBackend`` there: llmctl's own runtime); the others are
+``llmctl.runtime.llamacpp`` (GGUF files through llama-cpp-python) and ``llmctl.runtime.vllm_backend``.
+``session.load_backend`` chooses among them."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from llmctl.errors import UsageError
+
+if TYPE_CHECKING:
+    from llmctl.runtime.sampler import SamplingOptions
+    from llmctl.runtime.tokenizer import Tokenizer
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Backend(abc.ABC):
+    """A model with its KV cache. ``tokens``: the ids whose keys/values the cache holds."""
+
+    name: str = ""
+    tokenizer: Tokenizer
+    n_ctx: int = 0
+    prefilled: int = 0  # tokens the last ``generate`` computed before sampling
+    gives_logprobs = True  # whether ``last_logits`` works
+
+    @property
+    @abc.abstractmethod
+    def tokens(self) -> list[int]: ...
+
+    @abc.abstractmethod
+    def generate(self, prompt: Sequence[int], options: SamplingOptions, seed: int) -> Iterator[int]:
+        """Reuse the cached prefix of ``prompt``, prefill the rest, then yield sampled ids. Stops by itself
+        only when the context is full. The last yielded id is not yet in the cache."""
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Forget the cached tokens."""
+
+    def describe(self) -> str:
+        return self.name
+
+    def check_prompt(self, prompt: Sequence[int]) -> None:
+        """What every ``generate`` checks first: a prompt that is not empty and leaves room in the context."""
+        if not prompt:
+            raise UsageError("nothing to generate from: the prompt has no tokens")
+        if len(prompt) >= self.n_ctx:
+            raise UsageError(f"the prompt has {len(prompt)} tokens; the context holds {self.n_ctx}")
+
+    def kv_bytes(self) -> int | None:
+        return None
+
+    def last_logits(self) -> Any:
+        """The logits (vocab,) the token ``generate`` yielded last was drawn from, valid until it is
+        resumed. Backends that cannot give them raise UsageError."""
+        raise UsageError(f"the {self.name} backend gives no log-probabilities")
+
+    def close(self) -> None:
+        self.tokenizer.close()
+
+
+MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
+
+
+def logprobs_of(logits: Any, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log-softmax of ``logits`` (vocab,) at ``token``, and the ``top`` likeliest ``(id, logprob)``, likeliest
+    first (ties by id), computed in float64."""
+    import numpy as np
+
+    x = np.asarray(logits, dtype=np.float64)
+    lp = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+    top = min(top, lp.size)
+    best = np.argpartition(-lp, top - 1)[:top] if top else np.empty(0, dtype=np.int64)
+    best = best[np.lexsort((best, -lp[best]))]
+    return float(lp[token]), [(int(i), float(lp[i])) for i in best]
