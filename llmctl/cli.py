@@ -39,7 +39,6 @@ def _root(
 
 
 app.command("estimate-memory")(estimate_memory.estimate_memory)
-_LATER = {"allow_extra_args": True, "ignore_unknown_options": True}
 app.command("quantize")(quantize.quantize)
 app.command("chat")(chat.chat)
 app.command("eval")(eval_cmd.eval_)
