@@ -11,6 +11,7 @@ renamed when complete; an error or Ctrl-C removes it.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -72,6 +73,11 @@ class Plan:
     def searches(self) -> bool:
         """Whether any tensor is in a format the scale search (and so --calibration) applies to."""
         return _searches(self.tensors)
+
+    @functools.cached_property
+    def hessian_batches(self) -> list[list[str]]:
+        """GPTQ's tensors in calibration passes (``hessian_batches``), computed once."""
+        return hessian_batches(self)
 
     @property
     def src_bytes(self) -> int:
@@ -450,25 +456,31 @@ def calibrate(plan: Plan, progress: Callable[[Progress], None] | None = None) ->
         return
     if not plan.searches:  # nothing would use it (the plan notes so)
         return
+    plan.calibration = _calibration_pass(plan, 0, progress)
+    plan.calibrate = plan.calibration.describe()
+    plan.config.setdefault("llmctl", {})["calibration"] = plan.calibrate
+
+
+def _calibration_pass(plan: Plan, k: int, progress: Callable[[Progress], None] | None) -> Any:
+    """One pass of the model over the calibration text: the activation statistics, and the Hessians of the
+    k-th batch of GPTQ tensors (``Plan.hessian_batches``; one pass per batch), with progress by window."""
     from llmctl.quantize.calibrate import collect
 
+    batches = plan.hessian_batches
     phase = f"calibrating on {plan.calibrate['data']}"
+    if len(batches) > 1:
+        phase += f" (pass {k + 1} of {len(batches)})"
 
     def step(i: int, n: int) -> None:
         if progress is not None:
             progress(Progress(phase, i, n, "windows"))
 
-    batches = hessian_batches(plan)
-    if len(batches) > 1:
-        phase += f" (pass 1 of {len(batches)})"
     if progress is not None:  # loading the text, the tokenizer and the model first
         progress(Progress(phase))
-    plan.calibration = collect(
+    return collect(
         plan.source, plan.calibrate["data"], tokens=plan.calibrate["tokens"], progress=step,
-        hessians=batches[0] if batches else (),
+        hessians=batches[k] if batches else (),
     )  # fmt: skip
-    plan.calibrate = plan.calibration.describe()
-    plan.config.setdefault("llmctl", {})["calibration"] = plan.calibrate
 
 
 GPTQ_FORMATS = ("int8", "int4", "int4-asym")
@@ -497,22 +509,9 @@ def hessian_batches(plan: Plan) -> list[list[str]]:
 def _next_hessians(plan: Plan, name: str, progress: Callable[[Progress], None] | None) -> None:
     """Another pass over the calibration text for the batch of Hessians holding ``name`` (the last batch's
     freed first)."""
-    from llmctl.quantize.calibrate import collect
-
-    batches = hessian_batches(plan)
-    k = next(k for k, b in enumerate(batches) if name in b)
-    phase = f"calibrating on {plan.calibrate['data']} (pass {k + 1} of {len(batches)})"
-
-    def step(i: int, n: int) -> None:
-        if progress is not None:
-            progress(Progress(phase, i, n, "windows"))
-
+    k = next(k for k, b in enumerate(plan.hessian_batches) if name in b)
     plan.calibration.hessians = {}
-    if progress is not None:
-        progress(Progress(phase))
-    cal = collect(plan.source, plan.calibrate["data"], tokens=plan.calibrate["tokens"], progress=step,
-                  hessians=batches[k])  # fmt: skip
-    plan.calibration.hessians = cal.hessians
+    plan.calibration.hessians = _calibration_pass(plan, k, progress).hessians
 
 
 def gptq_request(
