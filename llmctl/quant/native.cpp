@@ -606,7 +606,8 @@ std::vector<torch::Tensor> int_group(torch::Tensor x, int64_t g, int64_t bits, b
 // RoPE from the runtime's tables, the KV-cache write, one query per head over the cache (GQA, sliding
 // windows from the cache's slot positions), o_proj, the sandwich norms, gate/up, activation, down_proj.
 // Linears: kind 0 a dense fp32 weight (at::mv, as the eager path), 1 int4_linear's (packed, scale, zero),
-// 2 int8_linear's (codes, scale); each with an optional bias.
+// 2 int8_linear's (codes, scale), 3 fp8_linear's (codes as uint8, lut, scale), 4 nf4_linear's (packed as
+// (rows, cols / 2), code, absmax: the blocks' size follows); each with an optional bias.
 #include <memory>
 #include <unordered_map>
 
@@ -687,7 +688,10 @@ static void dlin(const DLin& l, const torch::Tensor& x, float* y, int64_t path) 
     auto out = torch::from_blob(y, {rows}, torch::kFloat32);
     at::mv_out(out, l.a, x.view({-1}));
   } else {
-    torch::Tensor r = l.kind == 1 ? int4_linear(x, l.a, l.b, l.c, path) : int8_linear(x, l.a, l.b, path);
+    torch::Tensor r = l.kind == 1 ? int4_linear(x, l.a, l.b, l.c, path)
+                    : l.kind == 2 ? int8_linear(x, l.a, l.b, path)
+                    : l.kind == 3 ? fp8_linear(x, l.a, l.b, l.c)
+                    : nf4_linear(x, l.a.view({-1}), l.b, l.c, rows, rows * x.size(1) / l.c.numel());
     std::memcpy(y, r.data_ptr<float>(), rows * sizeof(float));
   }
   if (l.bias.numel()) { const float* b = l.bias.data_ptr<float>(); for (int64_t i = 0; i < rows; ++i) y[i] += b[i]; }

@@ -5,12 +5,12 @@ KV-cache write, SDPA, residuals) plus Python module dispatch: at 135 M parameter
 matrix-vector products themselves. ``decode_step`` runs the same layer — driven by the same ``ModelConfig``
 flags (norm offset, q/k norms, sandwich norms, activation, attention scale, sliding windows, biases) — in
 C++, calling the same matrix-vector kernels the eager path calls (``torch.mv`` for dense fp32 weights,
-``native.int4_linear`` / ``int8_linear`` for llmctl's int4/int8 weights), so the result equals the eager
-step up to fp32 summation order in RMSNorm, RoPE and attention.
+``native.int4_linear`` / ``int8_linear`` / ``fp8_linear`` / ``nf4_linear`` for llmctl's quantized
+weights), so the result equals the eager step up to fp32 summation order in RMSNorm, RoPE and attention.
 
 It runs only where all of these hold, and the Python layers run otherwise (the reference, and the path for
 everything else): one token, a batch of 1, a KV cache, no autograd, the model on the CPU in fp32 (cache
-too), the C++ kernels built, every linear dense fp32 or on llmctl's int4/int8 kernels (not fp8, NF4,
+too), the C++ kernels built, every linear dense fp32 or on llmctl's int4/int8/fp8/NF4 code kernels (not
 torch's int4pack/int8pack, or dequantize-per-call weights). ``LLMCTL_FUSED_DECODE=0`` (or
 ``LLMCTL_NATIVE=0``) forces the Python layers.
 
@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 ENV = "LLMCTL_FUSED_DECODE"
 ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu": 2}
-KINDS = {"int4-codes": 1, "int8-codes": 2}  # QuantWeight.kernel -> decode_plan's linear kind (0: dense fp32)
+# QuantWeight.kernel -> decode_plan's linear kind (0: dense fp32)
+KINDS = {"int4-codes": 1, "int8-codes": 2, "fp8-codes": 3, "nf4-codes": 4}
 _EMPTY = torch.empty(0)
 
 
@@ -84,6 +85,10 @@ def _linear(weight: Any, bias: torch.Tensor | None) -> tuple[int, list[torch.Ten
         if kind is None:
             return None
         args = list(weight._kernel_args)
+        if weight.kernel == "fp8-codes":  # the codes stay in the QTensor; the kernel args are (lut, scale)
+            args = [weight.q.parts["weight"].view(torch.uint8), *args]
+        elif weight.kernel == "nf4-codes":  # (code, absmax); the codes flat, two a byte, as (rows, cols / 2)
+            args = [weight.q.parts["weight"].reshape(weight.shape[0], -1), *args]
         return kind, [*args, *[_EMPTY] * (3 - len(args)), b]
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
         return None
