@@ -462,6 +462,6 @@ def test_native_decode_kernels_refuse_non_cpu_tensors() -> None:
     x = torch.empty(1, 64, device="meta")
     cpu = torch.zeros(4, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="fp8_linear runs on CPU tensors"):
-        kernels.fp8_linear(x, torch.zeros(4, 64, dtype=torch.uint8), torch.zeros(256), cpu.reshape(4, 1))
+        kernels.fp8_linear(x, torch.zeros(4, 64, dtype=torch.uint8), torch.zeros(256), cpu.reshape(4, 1), 0)
     with pytest.raises(RuntimeError, match="nf4_linear runs on CPU tensors"):
-        kernels.nf4_linear(x, torch.zeros(128, dtype=torch.uint8), torch.zeros(16), cpu, 4, 64)
+        kernels.nf4_linear(x, torch.zeros(128, dtype=torch.uint8), torch.zeros(16), cpu, 4, 64, 0)

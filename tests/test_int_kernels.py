@@ -1,5 +1,6 @@
-"""llmctl's integer decode kernels (``native.int4_linear`` / ``int8_linear``, llama.cpp's q4 x q8 and q8 x q8
-scheme): what they compute, exactly, and how far that is from the product with the dequantized weight.
+"""llmctl's decode kernels on the stored codes (``native.int4_linear`` / ``int8_linear`` / ``nf4_linear``,
+llama.cpp's q4 x q8, q8 x q8 and iq4_nl x q8 schemes; ``fp8_linear`` in floats): what they compute, exactly,
+and how far that is from the product with the dequantized weight.
 
 * Exact: each block of 32 activations is scaled to int8 (d = max|x| / 127, round half to even); the kernel
   equals, to fp32 summation order, the float64 product of those rounded activations with the dequantized
@@ -80,6 +81,66 @@ def test_kernels_compute_the_product_with_rounded_activations(kernels, fmt, grou
                 assert (got - plain).abs().max() <= TOLERANCE * plain.abs().max(), (name, n)
     finally:
         torch.set_num_threads(before)
+
+
+def _nf4_table_dense(q, table: torch.Tensor) -> torch.Tensor:
+    """The NF4 weight as the integer path multiplies it: each code's int16 table value / 16383 times absmax."""
+    rows, cols = q.shape
+    packed = q.parts["weight"].reshape(-1)
+    idx = torch.stack([packed >> 4, packed & 15], -1).reshape(rows, cols).long()
+    absmax = REGISTRY[q.format].absmax(q).float().reshape(rows, -1).repeat_interleave(q.group_size, dim=1)
+    return table.double()[idx] / 16383 * absmax.double()
+
+
+@pytest.mark.parametrize("group", [64, 128])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_nf4_kernel_is_exact_on_its_code_table_and_rounded_activations(kernels, group, threads):
+    """NF4's integer path (llama.cpp's iq4_nl x q8_0 scheme, with a 16-bit table): the code values as int16
+    (``nf4_code_table``: 16383 · value), activations in int8 blocks of 32; the float path multiplies the
+    codes as stored."""
+    cols = 384
+    w = weight(96, cols, 2)
+    q = REGISTRY["nf4"].quantize(w, group)
+    code = q.parts["quant_map"].float()
+    absmax = REGISTRY["nf4"].absmax(q).float()
+    table = kernels.nf4_code_table(code)
+    assert table.tolist() == torch.round(code * 16383).to(torch.int16).tolist()
+    dense = REGISTRY["nf4"].dequantize(q, torch.float32).double()
+    as_table = _nf4_table_dense(q, table)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n in (1, 3, CODE_KERNEL_ROWS):
+            x = torch.randn(n, cols, generator=torch.Generator().manual_seed(n))
+            x[0, 7] = 40.0
+            plain = x.double() @ dense.t()
+            for name in kernels.int4_paths():
+                path = 1 if name == "scalar" else 0
+                got = kernels.nf4_linear(x, q.parts["weight"].reshape(-1), code, absmax, 96, group, path).double()
+                want = rounded_activations(x) @ as_table.t() if path == 0 else plain
+                assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (name, n)
+                assert (got - plain).abs().max() <= TOLERANCE * plain.abs().max(), (name, n)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("variant", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("group", [None, 64])
+def test_fp8_kernel_converts_the_bytes_exactly(kernels, variant, group):
+    """fp8 in registers (AVX2: the bytes widened to fp16, then fp32) and through the table give the product
+    with the dequantized weight, to fp32 summation order, for both variants."""
+    cols = 384
+    w = weight(96, cols, 3)
+    q = REGISTRY["fp8"].quantize(w, group, fp8=variant)
+    qw = QuantWeight(q, torch.float32)
+    lut, scale = qw._kernel_args
+    dense = REGISTRY["fp8"].dequantize(q, torch.float32).double()
+    for n in (1, 5):
+        x = torch.randn(n, cols, generator=torch.Generator().manual_seed(n))
+        plain = x.double() @ dense.t()
+        for name in kernels.int4_paths():
+            got = kernels.fp8_linear(x, q.parts["weight"].view(torch.uint8), lut, scale, 1 if name == "scalar" else 0)
+            assert (got.double() - plain).abs().max() <= 1e-5 * plain.abs().max(), (name, n)
 
 
 def test_int4_dequant_is_the_registrys(kernels):

@@ -281,7 +281,8 @@ def test_a_killed_build_never_blocks_later_loads(entry):
 )  # fmt: skip
 def test_decode_kernels_on_codes_equal_the_dequantized_product(name, group, opts):
     """fp8 / NF4 decode steps multiply the stored codes (llmctl.quant.native.fp8_linear / nf4_linear) and
-    give the product of the dequantized weight, to fp32 rounding; prefill-sized inputs dequantize."""
+    give the product of the dequantized weight, to fp32 rounding (NF4 on AVX2: within int8 activations'
+    tolerance); prefill-sized inputs dequantize."""
     import torch.nn.functional as F
 
     from llmctl.quant import native
@@ -298,7 +299,9 @@ def test_decode_kernels_on_codes_equal_the_dequantized_product(name, group, opts
         x = torch.randn(shape, generator=torch.Generator().manual_seed(4))
         got, want = qw.linear(x), F.linear(x, dense)
         assert got.shape == want.shape
-        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), shape
+        # NF4 decode steps take the integer path (int8 activations and code values: test_int_kernels)
+        integer = name.startswith("nf4") and x.numel() <= CODE_KERNEL_ROWS * 384 and native.get().int4_paths()[0] != "scalar"
+        assert (got - want).abs().max() <= (2e-2 if integer else 1e-5) * want.abs().max(), shape
     # the stored parts plus the small tables (fp8: 256 values; nf4-dq: its absmax undone, 0.5 bit/weight)
     assert qw.quantized_nbytes <= q.nbytes + 1024 + 4 * (dense.numel() // 64)
 

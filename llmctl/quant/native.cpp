@@ -266,20 +266,78 @@ static inline float dot_lut8(const uint8_t* w, const float* lut, const float* x,
   return t;
 }
 
-// w (rows, cols) fp8 bytes, lut[256] their values, scale (1 or rows, groups) fp32
-torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor lut, torch::Tensor scale) {
+// fp8 bytes as fp32, eight at a time (AVX2/F16C): both fp8 variants are a truncated fp16. e5m2 is the top byte
+// of the fp16 with the same value; e4m3 (bias 7, no infinities) moved into fp16's fields (sign to bit 15,
+// exponent and mantissa shifted by 7) is the fp16 of its value times 2^-8, subnormals included, so the group's
+// scale carries the 2^8. Which variant a table holds is checked once per call (fp8_variant).
+static int fp8_variant(const float* lut) {  // 1 e4m3, 2 e5m2, 0 neither (the table path runs)
+  bool e4 = true, e5 = true;
+  for (int b = 0; b < 256 && (e4 || e5); ++b) {
+    float v = lut[b];
+    if (std::isnan(v)) continue;
+    uint16_t h4 = static_cast<uint16_t>(((b & 0x80) << 8) | ((b & 0x7f) << 7));
+    float v4 = c10::detail::fp16_ieee_to_fp32_value(h4) * 256.f;
+    float v5 = c10::detail::fp16_ieee_to_fp32_value(static_cast<uint16_t>(b << 8));
+    e4 = e4 && v4 == v; e5 = e5 && v5 == v;
+  }
+  return e4 ? 1 : e5 ? 2 : 0;
+}
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+static inline float hsum8(__m256 v);
+static inline __m256 fp8x8(const uint8_t* w, int variant) {
+  __m128i u = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w)));
+  __m128i h = variant == 2 ? _mm_slli_epi16(u, 8)
+                           : _mm_or_si128(_mm_slli_epi16(_mm_and_si128(u, _mm_set1_epi16(0x80)), 8),
+                                          _mm_slli_epi16(_mm_and_si128(u, _mm_set1_epi16(0x7f)), 7));
+  return _mm256_cvtph_ps(h);
+}
+static float fp8_row_avx2(const uint8_t* w, const float* x, const float* s, int64_t groups, int64_t g, int variant) {
+  const float unit = variant == 1 ? 256.f : 1.f;
+  __m256 acc = _mm256_setzero_ps();
+  float tail = 0.f;
+  for (int64_t q = 0; q < groups; ++q) {
+    const uint8_t* wq = w + q * g; const float* xq = x + q * g;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= g; j += 16) {
+      a0 = _mm256_fmadd_ps(fp8x8(wq + j, variant), _mm256_loadu_ps(xq + j), a0);
+      a1 = _mm256_fmadd_ps(fp8x8(wq + j + 8, variant), _mm256_loadu_ps(xq + j + 8), a1);
+    }
+    for (; j + 8 <= g; j += 8) a0 = _mm256_fmadd_ps(fp8x8(wq + j, variant), _mm256_loadu_ps(xq + j), a0);
+    float rest = 0.f;
+    for (; j < g; ++j) {
+      uint16_t h = variant == 2 ? static_cast<uint16_t>(wq[j] << 8)
+                                : static_cast<uint16_t>(((wq[j] & 0x80) << 8) | ((wq[j] & 0x7f) << 7));
+      rest += c10::detail::fp16_ieee_to_fp32_value(h) * xq[j];
+    }
+    acc = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(s[q] * unit), acc);
+    tail += rest * s[q] * unit;
+  }
+  return hsum8(acc) + tail;
+}
+#endif
+
+// w (rows, cols) fp8 bytes, lut[256] their values, scale (1 or rows, groups) fp32; path 0: the best this build
+// has (AVX2: the bytes converted in registers), 1: the table, one value at a time
+torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor lut, torch::Tensor scale, int64_t path) {
   TORCH_CHECK(x.is_cpu() && w.is_cpu() && lut.is_cpu() && scale.is_cpu(), "fp8_linear runs on CPU tensors");
   x = x.to(torch::kFloat32).contiguous(); w = w.contiguous(); scale = scale.to(torch::kFloat32).contiguous();
+  lut = lut.to(torch::kFloat32).contiguous();
   int64_t n = x.size(0), cols = x.size(1), rows = w.size(0), groups = scale.size(1), g = cols / groups;
   bool per_row = scale.size(0) == rows;
   auto y = torch::empty({n, rows}, torch::kFloat32);
   const float* xp = x.data_ptr<float>(); const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* lp = lut.data_ptr<float>(); const float* sp = scale.data_ptr<float>(); float* yp = y.data_ptr<float>();
+  int variant = path == 0 ? fp8_variant(lp) : 0;
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* wr = wp + r * cols;
       const float* sr = sp + (per_row ? r * groups : 0);
       for (int64_t i = 0; i < n; ++i) {
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+        if (variant) { yp[i * rows + r] = fp8_row_avx2(wr, xp + i * cols, sr, groups, g, variant); continue; }
+#endif
         float acc = 0.f;
         for (int64_t q = 0; q < groups; ++q) acc += dot_lut8(wr + q * g, lp, xp + i * cols + q * g, g) * sr[q];
         yp[i * rows + r] = acc;
@@ -289,15 +347,89 @@ torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor lut, to
   return y;
 }
 
+static void quantize_rows_q8(const float* x, int64_t n, int64_t cols, int8_t* q, float* d, float* qsum);
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+// One row of NF4 codes times int8 activations (as llama.cpp's iq4_nl x q8_0, with a 16-bit table): the 16 code
+// values as int16 (round(NF4_UNIT · value), so the table's rounding is ~3e-5 of absmax, far below NF4's own
+// steps), looked up 32 at a time with two byte shuffles (low and high bytes), then 16-bit integer dot products
+// with the activations' int8 blocks; each block's sum scaled by its activation scale, each NF4 block's by
+// absmax / NF4_UNIT. (An int8 table, as iq4_nl's, would round NF4's small values by up to 3 %.)
+static const float NF4_UNIT = 16383.f;
+static float nf4_row_avx2(const uint8_t* w, const __m256i tlo, const __m256i thi, const int8_t* q, const float* d,
+                          const float* absmax, int64_t per_row, int64_t bs) {
+  const __m128i m4 = _mm_set1_epi8(15);
+  const __m256i zero = _mm256_setzero_si256();
+  __m256 acc = _mm256_setzero_ps();
+  int64_t chunks = bs / 32;
+  for (int64_t b = 0; b < per_row; ++b) {
+    __m256 accb = _mm256_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      int64_t k = b * chunks + c;  // the row's k-th block of 32 values
+      __m128i r = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k * 16));
+      // byte j holds value 2j in its high nibble and 2j + 1 in its low one: interleave back into order
+      __m128i hi = _mm_and_si128(_mm_srli_epi16(r, 4), m4), lo = _mm_and_si128(r, m4);
+      __m256i idx = _mm256_set_m128i(_mm_unpackhi_epi8(hi, lo), _mm_unpacklo_epi8(hi, lo));
+      __m256i vl = _mm256_shuffle_epi8(tlo, idx), vh = _mm256_shuffle_epi8(thi, idx);
+      __m256i qq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k * 32));
+      __m256i sq = _mm256_cmpgt_epi8(zero, qq);  // the activations' sign, to widen them to int16
+      // in-lane unpacks: the weights' and the activations' 16-bit halves pair the same 32 values
+      __m256i p = _mm256_add_epi32(
+          _mm256_madd_epi16(_mm256_unpacklo_epi8(vl, vh), _mm256_unpacklo_epi8(qq, sq)),
+          _mm256_madd_epi16(_mm256_unpackhi_epi8(vl, vh), _mm256_unpackhi_epi8(qq, sq)));
+      accb = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d[k]), accb);
+    }
+    acc = _mm256_fmadd_ps(accb, _mm256_set1_ps(absmax[b] * (1.f / NF4_UNIT)), acc);
+  }
+  return hsum8(acc);
+}
+#endif
+
+// The int16 values nf4_linear's integer path multiplies: round(16383 · code value), clamped to ±16383.
+torch::Tensor nf4_code_table(torch::Tensor code) {
+  code = code.to(torch::kFloat32).contiguous();
+  TORCH_CHECK(code.numel() == 16, "nf4_code_table: 16 code values");
+  auto t = torch::empty({16}, torch::kInt16);
+  for (int i = 0; i < 16; ++i)
+    t.data_ptr<int16_t>()[i] = static_cast<int16_t>(std::max(-16383.f, std::min(16383.f, std::nearbyint(16383.f * code.data_ptr<float>()[i]))));
+  return t;
+}
+
 // packed: NF4 codes two a byte, the first in the high nibble, over the flattened (rows, cols) weight;
-// code[16] the values; absmax one fp32 per block of bs (cols a multiple of bs: blocks stay in a row)
-torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor code, torch::Tensor absmax, int64_t rows, int64_t bs) {
+// code[16] the values; absmax one fp32 per block of bs (cols a multiple of bs: blocks stay in a row).
+// path 0: the best this build has (AVX2, bs a multiple of 32: int8 activations and integer dot products with
+// the code values as int16 — nf4_code_table); 1: float, the code values as stored, one table look-up a byte.
+torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor code, torch::Tensor absmax, int64_t rows, int64_t bs, int64_t path) {
   TORCH_CHECK(x.is_cpu() && packed.is_cpu() && code.is_cpu() && absmax.is_cpu(), "nf4_linear runs on CPU tensors");
   x = x.to(torch::kFloat32).contiguous(); packed = packed.contiguous();
+  code = code.to(torch::kFloat32).contiguous(); absmax = absmax.to(torch::kFloat32).contiguous();
   int64_t n = x.size(0), cols = x.size(1), per_row = cols / bs;
+  TORCH_CHECK(cols % bs == 0 && packed.numel() * 2 == rows * cols && absmax.numel() == rows * per_row, "nf4_linear: shapes do not match");
   auto y = torch::empty({n, rows}, torch::kFloat32);
   const float* xp = x.data_ptr<float>(); const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float* cp = code.data_ptr<float>(); const float* ap = absmax.data_ptr<float>(); float* yp = y.data_ptr<float>();
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  if (path == 0 && bs % 32 == 0) {
+    torch::Tensor t16 = nf4_code_table(code);
+    uint8_t lo8[16], hi8[16];
+    for (int i = 0; i < 16; ++i) {
+      uint16_t v = static_cast<uint16_t>(t16.data_ptr<int16_t>()[i]);
+      lo8[i] = static_cast<uint8_t>(v & 0xff); hi8[i] = static_cast<uint8_t>(v >> 8);
+    }
+    __m128i l = _mm_loadu_si128(reinterpret_cast<const __m128i*>(lo8)), h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(hi8));
+    const __m256i tlo = _mm256_set_m128i(l, l), thi = _mm256_set_m128i(h, h);
+    int64_t nb = cols / 32;
+    std::vector<int8_t> q(n * cols);
+    std::vector<float> d(n * nb), qs(n * nb);
+    quantize_rows_q8(xp, n, cols, q.data(), d.data(), qs.data());
+    at::parallel_for(0, rows, 32, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t i = 0; i < n; ++i)
+          yp[i * rows + r] = nf4_row_avx2(pp + r * cols / 2, tlo, thi, q.data() + i * cols, d.data() + i * nb, ap + r * per_row, per_row, bs);
+    });
+    return y;
+  }
+#endif
   // the 256 byte values as (high, low) pairs: one table look-up gives both codes' values
   float pair[512];
   for (int b = 0; b < 256; ++b) { pair[2 * b] = cp[b >> 4]; pair[2 * b + 1] = cp[b & 15]; }
@@ -690,8 +822,8 @@ static void dlin(const DLin& l, const torch::Tensor& x, float* y, int64_t path) 
   } else {
     torch::Tensor r = l.kind == 1 ? int4_linear(x, l.a, l.b, l.c, path)
                     : l.kind == 2 ? int8_linear(x, l.a, l.b, path)
-                    : l.kind == 3 ? fp8_linear(x, l.a, l.b, l.c)
-                    : nf4_linear(x, l.a.view({-1}), l.b, l.c, rows, rows * x.size(1) / l.c.numel());
+                    : l.kind == 3 ? fp8_linear(x, l.a, l.b, l.c, path)
+                    : nf4_linear(x, l.a.view({-1}), l.b, l.c, rows, rows * x.size(1) / l.c.numel(), path);
     std::memcpy(y, r.data_ptr<float>(), rows * sizeof(float));
   }
   if (l.bias.numel()) { const float* b = l.bias.data_ptr<float>(); for (int64_t i = 0; i < rows; ++i) y[i] += b[i]; }

@@ -192,10 +192,10 @@ class QuantWeight(torch.Tensor):
         kernels = native.get()
         if self.kernel == "fp8-codes":
             lut, scale = self._kernel_args
-            return kernels.fp8_linear(x2, self.q.parts["weight"].view(torch.uint8), lut, scale)
+            return kernels.fp8_linear(x2, self.q.parts["weight"].view(torch.uint8), lut, scale, 0)
         code, absmax = self._kernel_args
         rows = self.shape[0]
-        return kernels.nf4_linear(x2, self.q.parts["weight"].reshape(-1), code, absmax, rows, self.q.group_size)
+        return kernels.nf4_linear(x2, self.q.parts["weight"].reshape(-1), code, absmax, rows, self.q.group_size, 0)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.kernel in _INT_KERNELS and x.numel() <= CODE_KERNEL_ROWS * x.shape[-1]:  # decode: the hot path
