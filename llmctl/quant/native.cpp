@@ -285,11 +285,15 @@ static int fp8_variant(const float* lut) {  // 1 e4m3, 2 e5m2, 0 neither (the ta
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 static inline float hsum8(__m256 v);
+static inline __m256i fp8_to_half16(const uint8_t* w, int variant) {  // 16 bytes -> 16 fp16 bit patterns
+  __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  __m256i h = _mm256_slli_epi16(u, 8);  // e5m2: this; e4m3: the sign copied one bit down, then that copy cleared
+  return variant == 2 ? h : _mm256_and_si256(_mm256_srai_epi16(h, 1), _mm256_set1_epi16(static_cast<short>(0xBFFF)));
+}
 static inline __m256 fp8x8(const uint8_t* w, int variant) {
   __m128i u = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w)));
-  __m128i h = variant == 2 ? _mm_slli_epi16(u, 8)
-                           : _mm_or_si128(_mm_slli_epi16(_mm_and_si128(u, _mm_set1_epi16(0x80)), 8),
-                                          _mm_slli_epi16(_mm_and_si128(u, _mm_set1_epi16(0x7f)), 7));
+  __m128i h = _mm_slli_epi16(u, 8);
+  if (variant != 2) h = _mm_and_si128(_mm_srai_epi16(h, 1), _mm_set1_epi16(static_cast<short>(0xBFFF)));
   return _mm256_cvtph_ps(h);
 }
 static float fp8_row_avx2(const uint8_t* w, const float* x, const float* s, int64_t groups, int64_t g, int variant) {
@@ -300,9 +304,10 @@ static float fp8_row_avx2(const uint8_t* w, const float* x, const float* s, int6
     const uint8_t* wq = w + q * g; const float* xq = x + q * g;
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     int64_t j = 0;
-    for (; j + 16 <= g; j += 16) {
-      a0 = _mm256_fmadd_ps(fp8x8(wq + j, variant), _mm256_loadu_ps(xq + j), a0);
-      a1 = _mm256_fmadd_ps(fp8x8(wq + j + 8, variant), _mm256_loadu_ps(xq + j + 8), a1);
+    for (; j + 16 <= g; j += 16) {  // 16 bytes widened at once, then two halves to fp32
+      __m256i h = fp8_to_half16(wq + j, variant);
+      a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_loadu_ps(xq + j), a0);
+      a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)), _mm256_loadu_ps(xq + j + 8), a1);
     }
     for (; j + 8 <= g; j += 8) a0 = _mm256_fmadd_ps(fp8x8(wq + j, variant), _mm256_loadu_ps(xq + j), a0);
     float rest = 0.f;
