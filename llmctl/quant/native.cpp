@@ -361,10 +361,9 @@ static void quantize_rows_q8(const float* x, int64_t n, int64_t cols, int8_t* q,
 // with the activations' int8 blocks; each block's sum scaled by its activation scale, each NF4 block's by
 // absmax / NF4_UNIT. (An int8 table, as iq4_nl's, would round NF4's small values by up to 3 %.)
 static const float NF4_UNIT = 16383.f;
-static float nf4_row_avx2(const uint8_t* w, const __m256i tlo, const __m256i thi, const int8_t* q, const float* d,
+static float nf4_row_avx2(const uint8_t* w, const __m256i tlo, const __m256i thi, const __m256i* q16, const float* d,
                           const float* absmax, int64_t per_row, int64_t bs) {
   const __m128i m4 = _mm_set1_epi8(15);
-  const __m256i zero = _mm256_setzero_si256();
   __m256 acc = _mm256_setzero_ps();
   int64_t chunks = bs / 32;
   for (int64_t b = 0; b < per_row; ++b) {
@@ -376,12 +375,9 @@ static float nf4_row_avx2(const uint8_t* w, const __m256i tlo, const __m256i thi
       __m128i hi = _mm_and_si128(_mm_srli_epi16(r, 4), m4), lo = _mm_and_si128(r, m4);
       __m256i idx = _mm256_set_m128i(_mm_unpackhi_epi8(hi, lo), _mm_unpacklo_epi8(hi, lo));
       __m256i vl = _mm256_shuffle_epi8(tlo, idx), vh = _mm256_shuffle_epi8(thi, idx);
-      __m256i qq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k * 32));
-      __m256i sq = _mm256_cmpgt_epi8(zero, qq);  // the activations' sign, to widen them to int16
-      // in-lane unpacks: the weights' and the activations' 16-bit halves pair the same 32 values
-      __m256i p = _mm256_add_epi32(
-          _mm256_madd_epi16(_mm256_unpacklo_epi8(vl, vh), _mm256_unpacklo_epi8(qq, sq)),
-          _mm256_madd_epi16(_mm256_unpackhi_epi8(vl, vh), _mm256_unpackhi_epi8(qq, sq)));
+      // in-lane unpacks: the code values' 16-bit halves pair with the activations widened the same way
+      __m256i p = _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpacklo_epi8(vl, vh), _mm256_loadu_si256(q16 + 2 * k)),
+                                   _mm256_madd_epi16(_mm256_unpackhi_epi8(vl, vh), _mm256_loadu_si256(q16 + 2 * k + 1)));
       accb = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d[k]), accb);
     }
     acc = _mm256_fmadd_ps(accb, _mm256_set1_ps(absmax[b] * (1.f / NF4_UNIT)), acc);
@@ -427,10 +423,18 @@ torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor co
     std::vector<int8_t> q(n * cols);
     std::vector<float> d(n * nb), qs(n * nb);
     quantize_rows_q8(xp, n, cols, q.data(), d.data(), qs.data());
+    // the activations widened to int16 once per call, in the in-lane order the rows' unpacks give
+    std::vector<__m256i> q16(2 * n * nb);
+    const __m256i zero = _mm256_setzero_si256();
+    for (int64_t k = 0; k < n * nb; ++k) {
+      __m256i qq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.data() + k * 32));
+      __m256i sq = _mm256_cmpgt_epi8(zero, qq);
+      q16[2 * k] = _mm256_unpacklo_epi8(qq, sq); q16[2 * k + 1] = _mm256_unpackhi_epi8(qq, sq);
+    }
     at::parallel_for(0, rows, 32, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t i = 0; i < n; ++i)
-          yp[i * rows + r] = nf4_row_avx2(pp + r * cols / 2, tlo, thi, q.data() + i * cols, d.data() + i * nb, ap + r * per_row, per_row, bs);
+          yp[i * rows + r] = nf4_row_avx2(pp + r * cols / 2, tlo, thi, q16.data() + 2 * i * nb, d.data() + i * nb, ap + r * per_row, per_row, bs);
     });
     return y;
   }
