@@ -121,6 +121,9 @@ CASES = [
     Case("plot-missing-folder", lambda t: ["estimate-memory", str(folder(t)), "--plot", str(t / "no" / "c.csv")], "does not exist"),
     Case("show-template-of-base-model", lambda t: ["show", "gemma3-270m", "--template"], "has no chat template"),
     Case("gpu-layers-with-torch", lambda t: ["chat", "smollm2-135m", "--backend", "torch", "--gpu-layers", "4", "--prompt", "hi"], "--gpu-layers is a llama.cpp-backend option"),
+    # chat and eval refuse a backend's options alike (runtime.backend.check_backend)
+    Case("dtype-with-llama-cpp-chat", lambda t: ["chat", "smollm2-135m", "--backend", "llama.cpp", "--dtype", "bf16", "--prompt", "hi"], "--dtype is a torch-backend option"),
+    Case("dtype-with-llama-cpp-eval", lambda t: ["eval", "smollm2-135m", "--data", "sotu", "--chunks", "1", "--backend", "llama.cpp", "--dtype", "bf16"], "--dtype is a torch-backend option"),
     Case("folder-without-config", lambda t: ["estimate-memory", str(folder(t, None))], "config.json"),
     Case("malformed-config", lambda t: ["estimate-memory", str(folder(t, "{not json"))], "malformed JSON"),
     Case("config-not-object", lambda t: ["estimate-memory", str(folder(t, "[1, 2]"))], "JSON object"),

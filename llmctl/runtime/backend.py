@@ -2,7 +2,8 @@
 
 ``llmctl.runtime.session`` drives one (``TorchBackend`` there: llmctl's own runtime); the others are
 ``llmctl.runtime.llamacpp`` (GGUF files through llama-cpp-python) and ``llmctl.runtime.vllm_backend``.
-``session.load_backend`` chooses among them."""
+``session.load_backend`` (chat, serve) and ``perplexity.open_scorer`` (eval) choose among them, with the
+same refusals (``check_backend``)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,27 @@ class Backend(abc.ABC):
 
     def close(self) -> None:
         self.tokenizer.close()
+
+
+def check_backend(source: Any, backend: str, *, dtype: str | None, gpu_layers: int | None) -> None:
+    """What chat, serve and eval refuse alike once a backend is chosen for a resolved model (vLLM's own
+    refusals are ``vllm_engine.check_source`` / ``check_placement``)."""
+    if backend == "llama.cpp":
+        if not source.is_gguf:
+            raise UsageError(
+                f"the llama.cpp backend runs .gguf files only and {source.display} is a {source.kind}; "
+                "use --backend torch"
+            )
+        if dtype not in (None, "auto"):
+            raise UsageError(
+                "--dtype is a torch-backend option: llama.cpp computes with the GGUF's own types; "
+                "drop --dtype or use --backend torch"
+            )
+    elif backend == "torch" and gpu_layers is not None:
+        raise UsageError(
+            "--gpu-layers is a llama.cpp-backend option (a GGUF file); the torch runtime puts the whole model on "
+            "--device"
+        )
 
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs

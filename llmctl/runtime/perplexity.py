@@ -914,6 +914,7 @@ def open_scorer(
 ) -> tuple[Any, str]:
     """(scorer, device label) for a resolved model source. ``gpu_layers``: llama.cpp's ``-ngl``;
     ``tensor_parallel``, ``windows`` (for the engine's length) and ``top_k`` (log-probs per row): vLLM's."""
+    from llmctl.runtime.backend import check_backend
     from llmctl.runtime.device import choose_threads, set_threads
     from llmctl.runtime.llamacpp import offload_text
 
@@ -923,19 +924,11 @@ def open_scorer(
         check_placement(device=device, threads=threads, gpu_layers=gpu_layers)
         scorer = VllmScorer(source, windows, top_k=top_k, tensor_parallel=tensor_parallel, dtype=dtype)
         return scorer, f"vLLM, tensor parallel {tensor_parallel}, top-{scorer.top_k} log-probabilities"
+    check_backend(source, backend, dtype=dtype, gpu_layers=gpu_layers)
     if backend == "llama.cpp":
-        if not source.is_gguf:
-            raise UsageError(f"{source.spec}: the llama.cpp backend runs GGUF files; use --backend torch")
-        if dtype not in (None, "auto"):
-            raise UsageError("--dtype applies to the torch backend; llama.cpp runs the GGUF as stored")
         threads, why = choose_threads(threads)
         scorer = LlamaCppScorer(source.path, context, threads, device=device, gpu_layers=gpu_layers)
         return scorer, f"{offload_text(scorer.n_gpu_layers)} ({threads} threads: {why})"
-    if gpu_layers is not None:
-        raise UsageError(
-            "--gpu-layers is a llama.cpp-backend option (a GGUF file); the torch runtime puts the whole model on "
-            "--device"
-        )
     from llmctl.runtime.device import describe
     from llmctl.runtime.loader import load_model
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmctl import atomic
 from llmctl.errors import UsageError
-from llmctl.runtime.backend import MAX_TOP_LOGPROBS, Backend, common_prefix, logprobs_of
+from llmctl.runtime.backend import MAX_TOP_LOGPROBS, Backend, check_backend, common_prefix, logprobs_of
 from llmctl.runtime.sampler import MAX_SEED, Sampler, SamplingOptions
 
 if TYPE_CHECKING:
@@ -243,27 +243,13 @@ def load_backend(
             tokenizer.close()
             raise
         return b, f"backend: {b.describe()} ({why}); context {context} tokens"
+    check_backend(source, chosen, dtype=dtype, gpu_layers=gpu_layers)
     if chosen == "llama.cpp":
-        if not source.is_gguf:
-            raise UsageError(
-                f"the llama.cpp backend runs .gguf files only and {source.display} is a {source.kind}; "
-                "use --backend torch (or auto)"
-            )
-        if dtype not in (None, "auto"):
-            raise UsageError(
-                "--dtype is a torch-backend option: llama.cpp computes with the GGUF's own types; "
-                "drop --dtype or use --backend torch"
-            )
         from llmctl.runtime.llamacpp import LlamaCppBackend
 
         threads, why_threads = choose_threads(threads)
         b = LlamaCppBackend(source.path, context, threads=threads, device=device, gpu_layers_=gpu_layers)
     else:
-        if gpu_layers is not None:
-            raise UsageError(
-                "--gpu-layers is a llama.cpp-backend option (a GGUF file); the torch runtime puts the whole "
-                "model on --device"
-            )
         from llmctl.runtime.loader import load_model
         from llmctl.runtime.tokenizer import load_tokenizer
 
