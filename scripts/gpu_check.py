@@ -40,9 +40,8 @@ def sync() -> None:
 def row(check: str, model: str, variant: str, value: float | str, limit: str, ok: bool | None) -> None:
     status = "skip" if ok is None else "ok" if ok else "FAIL"
     ROWS.append(dict(check=check, model=model, variant=variant, value=value, limit=limit, status=status))
-    print(
-        f"  {check}, {model}, {variant}: {value} ({limit}) {status}", flush=True
-    )  # the table comes at the end
+    # each row as it comes (a run cut short still shows what it measured); the table comes at the end
+    print(f"  {check}, {model}, {variant}: {value} ({limit}) {status}", flush=True)
 
 
 def rel(a, b) -> float:

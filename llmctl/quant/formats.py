@@ -401,9 +401,7 @@ class _IntGroup(WeightFormat):
         rows, cols = x.shape
         g = cls.check_group(cols, group_size)
         assert g is not None
-        importance = opts.get(
-            "importance"
-        )  # per input channel, from --calibration (llmctl.quantize.calibrate)
+        importance = opts.get("importance")  # per input channel, from --calibration (quantize.calibrate)
         steps = 1 if not _search_on(opts) else SEARCH_STEPS if cls.zero_bits else SEARCH_SIGNED_STEPS
         kernels = native.get() if importance is None else None
         if kernels is not None:  # the same arithmetic in one pass (llmctl.quant.native)
