@@ -502,6 +502,14 @@ static inline float hsum8(__m256 v) {
   a = _mm_add_ss(a, _mm_movehdup_ps(a));
   return _mm_cvtss_f32(a);
 }
+// One block of 32 int4 codes (16 bytes, u[j] low nibble, u[j + 16] high) times 32 int8 activations: 8 int32 sums.
+static inline __m256i i4_block(const uint8_t* w, const int8_t* q) {
+  const __m128i m4 = _mm_set1_epi8(15);
+  __m128i r = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(r, 4), m4), _mm_and_si128(r, m4));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))),
+                           _mm256_set1_epi16(1));
+}
 static float i4_row_avx2(const uint8_t* w, const uint16_t* s, const uint8_t* z, const int8_t* q, const float* d,
                          const float* gsum, int64_t groups, int64_t bpg, float* sf, float* ds) {
   // the groups' scales as fp32 and the zero-point correction sum_g s_g z_g gsum_g, 8 groups at a time
@@ -520,24 +528,15 @@ static float i4_row_avx2(const uint8_t* w, const uint16_t* s, const uint8_t* z, 
   if (bpg == 1) for (int64_t b = 0; b < nb; ++b) ds[b] = d[b] * sf[b];
   else for (int64_t b = 0; b < nb; ++b) ds[b] = d[b] * sf[b / bpg];
   // blocks two at a time into two accumulators (independent FMA chains)
-  const __m128i m4 = _mm_set1_epi8(15);
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 2 <= nb; b += 2) {
-    __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16));
-    __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16 + 16));
-    __m256i u0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(r0, 4), m4), _mm_and_si128(r0, m4));
-    __m256i u1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(r1, 4), m4), _mm_and_si128(r1, m4));
-    __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 32))), ones);
-    __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 32 + 32))), ones);
+    __m256i p0 = i4_block(w + b * 16, q + b * 32), p1 = i4_block(w + b * 16 + 16, q + b * 32 + 32);
     a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(ds[b]), a0);
     a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(ds[b + 1]), a1);
   }
   for (; b < nb; ++b) {
-    __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16));
-    __m256i u0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(r0, 4), m4), _mm_and_si128(r0, m4));
-    __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 32))), ones);
+    __m256i p0 = i4_block(w + b * 16, q + b * 32);
     a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(ds[b]), a0);
   }
   return hsum8(_mm256_add_ps(a0, a1)) - corr;
@@ -547,27 +546,18 @@ static float i4_row_avx2(const uint8_t* w, const uint16_t* s, const uint8_t* z, 
 // columns in groups of 128, building it cost more than the products).
 static float i4_row_groups_avx2(const uint8_t* w, const uint16_t* s, const uint8_t* z, const int8_t* q, const float* d,
                                 const float* gsum, int64_t groups, int64_t bpg) {
-  const __m128i m4 = _mm_set1_epi8(15);
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc = _mm256_setzero_ps();
   float corr = 0.f;
   for (int64_t g = 0; g < groups; ++g) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     int64_t b = g * bpg, e = b + bpg;
     for (; b + 2 <= e; b += 2) {
-      __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16));
-      __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16 + 16));
-      __m256i u0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(r0, 4), m4), _mm_and_si128(r0, m4));
-      __m256i u1 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(r1, 4), m4), _mm_and_si128(r1, m4));
-      __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 32))), ones);
-      __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 32 + 32))), ones);
+      __m256i p0 = i4_block(w + b * 16, q + b * 32), p1 = i4_block(w + b * 16 + 16, q + b * 32 + 32);
       a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d[b]), a0);
       a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d[b + 1]), a1);
     }
     for (; b < e; ++b) {
-      __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * 16));
-      __m256i u0 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(r0, 4), m4), _mm_and_si128(r0, m4));
-      __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 32))), ones);
+      __m256i p0 = i4_block(w + b * 16, q + b * 32);
       a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d[b]), a0);
     }
     float sg = _cvtsh_ss(s[g]);
