@@ -21,6 +21,7 @@ than fp32), so it is the speed reference, not a same-weights comparison.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import sys
@@ -142,6 +143,27 @@ def run_llama_cpp(engine: LlamaCpp, prompt, new_tokens: int) -> tuple[float, flo
     return t_first - t0, time.perf_counter() - t_first, tokens
 
 
+def requantized_gguf(path: Path, kind: str, cache: Path) -> Path:
+    """``path`` re-quantized to llama.cpp file type ``kind`` (Q8_0, Q4_0, ...) by llama.cpp's own quantizer
+    (``llama_model_quantize``, allowing re-quantization: it dequantizes the file's weights first), kept
+    under ``cache``."""
+    import llama_cpp
+
+    out = cache / f"{Path(path).stem}-{kind}.gguf"
+    if not out.exists():
+        ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}", None)
+        if ftype is None:
+            raise SystemExit(f"--llama-types: llama.cpp has no file type {kind}")
+        cache.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize, params.nthread = ftype, True, 2
+        tmp = out.with_suffix(".tmp")
+        if llama_cpp.llama_model_quantize(str(path).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+            raise SystemExit(f"llama.cpp could not quantize {path} to {kind}")
+        tmp.replace(out)
+    return out
+
+
 def quantized_models(spec: str, formats: str, cache: Path) -> dict[str, object]:
     """llmctl's runtime on ``spec`` quantized to each of ``formats`` (``FORMAT[:GROUP]``, comma-separated),
     written once under ``cache`` (reused when present)."""
@@ -219,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp (GGUF models only)")
     parser.add_argument("--formats", default="", help="also llmctl on MODEL quantized to these, e.g. "
                         "int4-asym:32,int8,nf4,fp8 (FORMAT[:GROUP]; written once under --cache)")
+    parser.add_argument("--llama-types", default="", help="also llama.cpp on the GGUF re-quantized by its own "
+                        "quantizer to these types, e.g. Q8_0,Q4_0 (anchors at other bits; written once under --cache)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/llmctl/bench",
                         help="where --formats folders are kept")
     parser.add_argument("--unfused", action="store_true", help="also each llmctl engine with the Python "
@@ -250,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     if source.is_gguf and not args.no_llama_cpp:
         n_ctx = args.prompt_len + args.new_tokens + 16
         engines["llama.cpp (GGUF)"] = (run_llama_cpp, LlamaCpp(source.path, n_ctx, args.threads))
+        for kind in filter(None, args.llama_types.split(",")):
+            path = requantized_gguf(source.path, kind, args.cache)
+            engines[f"llama.cpp {kind}"] = (run_llama_cpp, LlamaCpp(path, n_ctx, args.threads))
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_len), generator=g)

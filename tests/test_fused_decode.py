@@ -7,7 +7,9 @@ the Python layers it replaces.
 * Quantized (int4 / int4-asym / int8, per channel and groups of 32; fp8 per channel; NF4 in blocks of 64):
   the fused step runs the same code kernels, so it equals the Python layers on them (``TOL``), and it stays within test_int_kernels' stated
   model tolerance of the dequantized reference.
-* ``LLMCTL_FUSED_DECODE=0`` and anything the fused step does not cover (bf16, batches, grad) run the
+* bf16 models: within twice the Python layers' error against fp32 (weights and cache bf16, the hidden
+  state fp32).
+* ``LLMCTL_FUSED_DECODE=0`` and anything the fused step does not cover (fp16, batches, grad) run the
   Python layers.
 * Real: the bundled SmolLM2 GGUF in fp32 decodes the same greedy tokens fused as in Python (slow); the
   Gemma 3 and SmolLM2 GGUFs against transformers (test_runtime_model) run fused too.
@@ -106,16 +108,23 @@ def quantized(tiny_models, tmp_path_factory):
 
 @pytest.mark.parametrize(
     ("item", "threads", "path"),
-    [(item, 1, 0) for item in QUANT]
-    + [("int4-asym:32", 2, 0), ("int8", 2, 0), ("fp8", 2, 0), ("nf4:64", 2, 0), ("int4:32", 1, 1), ("int8:32", 1, 1)],
+    [(item, 1, "best") for item in QUANT]
+    + [("int4-asym:32", 2, "best"), ("int8", 2, "best"), ("fp8", 2, "best"), ("nf4:64", 2, "best")]
+    + [(item, 1, p) for item in ("int4:32", "int8:32") for p in ("avx2", "scalar")]
+    + [("nf4:64", 1, "avx2")],  # NF4's scalar path multiplies floats, not int8 activations: other tokens
 )
 @pytest.mark.parametrize("family", ["smollm2", "qwen2", "gemma3_untied"])
 def test_fused_step_on_quantized_weights(family, item, threads, path, quantized, monkeypatch):
-    """path 1: the fused step calls the kernels' scalar fallback (the Python layers keep the best path)."""
+    """path "avx2" / "scalar": the fused step calls that path of the kernels (the Python layers keep the
+    best), where the build has it."""
     from test_int_kernels import MODEL_KL, MODEL_TOLERANCE
 
     import llmctl.quant.qlinear as ql
 
+    paths = native.build().int4_paths()
+    if path != "best" and path not in paths:
+        pytest.skip(f"this build has no {path} path ({', '.join(paths)})")
+    path = 0 if path == "best" else paths.index(path)
     if path:
         step = fused.Plan.step
         monkeypatch.setattr(fused.Plan, "step", lambda self, *a: step(self, *a, path=path))
@@ -140,15 +149,34 @@ def test_fused_step_on_quantized_weights(family, item, threads, path, quantized,
         assert kl <= MODEL_KL and (a - b).abs().max() <= MODEL_TOLERANCE * b.abs().max()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_bf16_step_is_as_close_to_fp32_as_the_python_layers(family, tiny_models, monkeypatch):
+    """A bf16 model: weights and cache bf16, the hidden state fp32 between the linears (the Python layers
+    round it to bf16 after every operation), so the fused step is within twice the Python layers' error
+    against fp32 (measured: smaller than theirs), on the same tokens."""
+    folder, _ = tiny_models[family]
+    prompt = torch.randint(0, 96, (5,), generator=torch.Generator().manual_seed(4)).tolist()
+    ref = decode(load_model(folder), prompt, STEPS, use_fused=True, monkeypatch=monkeypatch)
+    model = load_model(folder, dtype="bf16")
+    python = decode(model, prompt, STEPS, use_fused=False, monkeypatch=monkeypatch, forced=ref[0])
+    assert model._fused is None
+    got = decode(model, prompt, STEPS, use_fused=True, monkeypatch=monkeypatch, forced=ref[0])
+    assert isinstance(model._fused, fused.Plan) and got[1].dtype == torch.bfloat16
+    scale = ref[1].abs().max()
+    err_python = (python[1].float() - ref[1]).abs().max() / scale
+    err_fused = (got[1].float() - ref[1]).abs().max() / scale
+    assert err_fused <= 2 * err_python + 1e-3, (float(err_fused), float(err_python))
+
+
 def test_what_the_fused_step_does_not_cover_runs_the_python_layers(tiny_models, monkeypatch):
     folder, _ = tiny_models["gemma3"]
     prompt = [3, 7, 11]
     monkeypatch.setenv(fused.ENV, "1")
-    bf16 = load_model(folder, dtype="bf16")
+    fp16 = load_model(folder, dtype="fp16")
     with torch.no_grad():
-        bf16(torch.tensor([prompt]), cache := bf16.make_cache(8))
-        bf16(torch.tensor([[5]]), cache)
-    assert not isinstance(bf16._fused, fused.Plan)  # not covered: the Python layers ran
+        fp16(torch.tensor([prompt]), cache := fp16.make_cache(8))
+        fp16(torch.tensor([[5]]), cache)
+    assert not isinstance(fp16._fused, fused.Plan)  # not covered: the Python layers ran
     model = load_model(folder)
     cache = model.make_cache(8, batch_size=2)
     with torch.no_grad():

@@ -4,8 +4,8 @@ and how far that is from the product with the dequantized weight.
 
 * Exact: each block of 32 activations is scaled to int8 (d = max|x| / 127, round half to even); the kernel
   equals, to fp32 summation order, the float64 product of those rounded activations with the dequantized
-  weight — on every CPU path the build has (``int4_paths``: AVX2 and the scalar fallback), every group
-  size, 1–8 input rows and 1 or 2 threads.
+  weight — on every CPU path the build has (``int4_paths``: AVX-512 VNNI and AVX2 where the CPU has them, and
+  the scalar fallback), every group size, 1–8 input rows and 1 or 2 threads.
 * Stated tolerance against the unrounded activations: the largest error at most 2 % of the largest output
   (int8 activations: llama.cpp's own error, measured ~0.5–0.8 % on random weights).
 * In the model: q/k/v and gate/up join into one call each (same bytes); a q8_0-exact head streams int8; the
@@ -53,10 +53,10 @@ def weight(rows: int, cols: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int4-asym", "int8"])
-@pytest.mark.parametrize("group", [32, 64, 128, None])
+# 480 columns are 15 blocks: an odd block out of the AVX-512 pairs, per row (groups of 32 or 160) or per group (96)
+@pytest.mark.parametrize(("cols", "group"), [(384, 32), (384, 64), (384, 128), (384, None), (480, 32), (480, 96), (480, 160), (480, 480)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kernels_compute_the_product_with_rounded_activations(kernels, fmt, group, threads):
-    cols = 384
+def test_kernels_compute_the_product_with_rounded_activations(kernels, fmt, cols, group, threads):
     w = weight(96, cols, 1)
     q = REGISTRY[fmt].quantize(w, group)
     dense = REGISTRY[fmt].dequantize(q, torch.float32).double()
@@ -75,8 +75,8 @@ def test_kernels_compute_the_product_with_rounded_activations(kernels, fmt, grou
             x[0, 7] = 40.0  # an activation outlier
             exact = rounded_activations(x) @ dense.t()
             plain = x.double() @ dense.t()
-            for name in kernels.int4_paths():  # the best path (0) and the scalar fallback (1)
-                got = run(x, *args, 1 if name == "scalar" else 0).double()
+            for path, name in enumerate(kernels.int4_paths()):  # each path this build has, scalar last
+                got = run(x, *args, path).double()
                 assert (got - exact).abs().max() <= 1e-5 * exact.abs().max(), (name, n)
                 assert (got - plain).abs().max() <= TOLERANCE * plain.abs().max(), (name, n)
     finally:
@@ -114,10 +114,9 @@ def test_nf4_kernel_is_exact_on_its_code_table_and_rounded_activations(kernels, 
             x = torch.randn(n, cols, generator=torch.Generator().manual_seed(n))
             x[0, 7] = 40.0
             plain = x.double() @ dense.t()
-            for name in kernels.int4_paths():
-                path = 1 if name == "scalar" else 0
+            for path, name in enumerate(kernels.int4_paths()):
                 got = kernels.nf4_linear(x, q.parts["weight"].reshape(-1), code, absmax, 96, group, path).double()
-                want = rounded_activations(x) @ as_table.t() if path == 0 else plain
+                want = rounded_activations(x) @ as_table.t() if name != "scalar" else plain
                 assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (name, n)
                 assert (got - plain).abs().max() <= TOLERANCE * plain.abs().max(), (name, n)
     finally:
@@ -125,10 +124,11 @@ def test_nf4_kernel_is_exact_on_its_code_table_and_rounded_activations(kernels, 
 
 
 @pytest.mark.parametrize("variant", ["e4m3", "e5m2"])
-@pytest.mark.parametrize("group", [None, 64])
+@pytest.mark.parametrize("group", [None, 64, 48, 24])
 def test_fp8_kernel_converts_the_bytes_exactly(kernels, variant, group):
-    """fp8 in registers (AVX2: the bytes widened to fp16, then fp32) and through the table give the product
-    with the dequantized weight, to fp32 summation order, for both variants."""
+    """fp8 in registers (AVX2/AVX-512: the bytes widened to fp16, then fp32) and through the table give the
+    product with the dequantized weight, to fp32 summation order, for both variants (groups of 48 and 24 end
+    in a 16- and an 8-byte remainder)."""
     cols = 384
     w = weight(96, cols, 3)
     q = REGISTRY["fp8"].quantize(w, group, fp8=variant)
@@ -138,8 +138,8 @@ def test_fp8_kernel_converts_the_bytes_exactly(kernels, variant, group):
     for n in (1, 5):
         x = torch.randn(n, cols, generator=torch.Generator().manual_seed(n))
         plain = x.double() @ dense.t()
-        for name in kernels.int4_paths():
-            got = kernels.fp8_linear(x, q.parts["weight"].view(torch.uint8), lut, scale, 1 if name == "scalar" else 0)
+        for path, name in enumerate(kernels.int4_paths()):
+            got = kernels.fp8_linear(x, q.parts["weight"].view(torch.uint8), lut, scale, path)
             assert (got.double() - plain).abs().max() <= 1e-5 * plain.abs().max(), (name, n)
 
 
@@ -255,6 +255,6 @@ def test_int8_code_minus_128_is_exact(kernels):
     x = torch.randn(2, 256, generator=g)
     dense = (codes.double().reshape(64, 8, 32) * scale.double().unsqueeze(-1)).reshape(64, 256)
     exact = rounded_activations(x) @ dense.t()
-    for name in kernels.int4_paths():
-        got = kernels.int8_linear(x, codes, scale, 1 if name == "scalar" else 0).double()
+    for path, name in enumerate(kernels.int4_paths()):
+        got = kernels.int8_linear(x, codes, scale, path).double()
         assert (got - exact).abs().max() <= 1e-5 * exact.abs().max(), name

@@ -7,6 +7,27 @@
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LLMCTL_AVX2 1
+#endif
+// AVX-512 with VNNI (llmctl.quant.native adds the flags when the CPU has them): 64 bytes an instruction and
+// dpbusd/dpwssd, the multiply-and-sum of four int8 (two int16) products into an int32 in one step.
+#if defined(LLMCTL_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define LLMCTL_AVX512 1
+#endif
+
+// The kernels' paths: a call's ``path`` is an index into int4_paths(), best first; the last is scalar.
+enum Isa { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+static const int ISA_ORDER[] = {
+#if defined(LLMCTL_AVX512)
+    ISA_AVX512,
+#endif
+#if defined(LLMCTL_AVX2)
+    ISA_AVX2,
+#endif
+    ISA_SCALAR};
+static const int64_t ISA_COUNT = sizeof(ISA_ORDER) / sizeof(ISA_ORDER[0]);
+static inline int isa_of(int64_t path) { return ISA_ORDER[path < 0 ? 0 : std::min(path, ISA_COUNT - 1)]; }
 
 // Loads as fp32. bf16 is the top half of an fp32: a shift the compiler vectorizes.
 static inline float ld(const float* p, int64_t i) { return p[i]; }
@@ -283,7 +304,7 @@ static int fp8_variant(const float* lut) {  // 1 e4m3, 2 e5m2, 0 neither (the ta
   return e4 ? 1 : e5 ? 2 : 0;
 }
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#if defined(LLMCTL_AVX2)
 static inline float hsum8(__m256 v);
 static inline __m256i fp8_to_half16(const uint8_t* w, int variant) {  // 16 bytes -> 16 fp16 bit patterns
   __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
@@ -323,6 +344,45 @@ static float fp8_row_avx2(const uint8_t* w, const float* x, const float* s, int6
 }
 #endif
 
+#if defined(LLMCTL_AVX512)
+// ---- AVX-512 VNNI rows (path "avx512"): 64 bytes an instruction --------------------------------------------
+// A pair of blocks of 32 products gives 16 int32 lanes, 0-7 the first block's and 8-15 the second's, so a pair's
+// activation scales are one vector: spread8 writes each block's scale 8 times, once a call, and a pair loads
+// 16 floats at its first block.
+static void spread8(const float* d, int64_t nb, float* out) {
+  for (int64_t b = 0; b < nb; ++b) for (int t = 0; t < 8; ++t) out[b * 8 + t] = d[b];
+}
+// Two blocks' fp16 scales, [s0 x8, s1 x8]: indices into the 4 converted at once.
+static inline __m512 scale_pair(__m128 s4, int first) {
+  const __m512i idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_permutexvar_ps(_mm512_add_epi32(idx, _mm512_set1_epi32(first)), _mm512_castps128_ps512(s4));
+}
+static float fp8_row_avx512(const uint8_t* w, const float* x, const float* s, int64_t groups, int64_t g, int variant) {
+  const float unit = variant == 1 ? 256.f : 1.f;
+  __m512 acc = _mm512_setzero_ps();
+  float tail = 0.f;
+  for (int64_t q = 0; q < groups; ++q) {
+    const uint8_t* wq = w + q * g; const float* xq = x + q * g;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= g; j += 32) {
+      a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(fp8_to_half16(wq + j, variant)), _mm512_loadu_ps(xq + j), a0);
+      a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(fp8_to_half16(wq + j + 16, variant)), _mm512_loadu_ps(xq + j + 16), a1);
+    }
+    for (; j + 16 <= g; j += 16) a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(fp8_to_half16(wq + j, variant)), _mm512_loadu_ps(xq + j), a0);
+    float rest = 0.f;
+    for (; j < g; ++j) {
+      uint16_t h = variant == 2 ? static_cast<uint16_t>(wq[j] << 8)
+                                : static_cast<uint16_t>(((wq[j] & 0x80) << 8) | ((wq[j] & 0x7f) << 7));
+      rest += c10::detail::fp16_ieee_to_fp32_value(h) * xq[j];
+    }
+    acc = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(s[q] * unit), acc);
+    tail += rest * s[q] * unit;
+  }
+  return _mm512_reduce_add_ps(acc) + tail;
+}
+#endif
+
 // w (rows, cols) fp8 bytes, lut[256] their values, scale (1 or rows, groups) fp32; path 0: the best this build
 // has (AVX2: the bytes converted in registers), 1: the table, one value at a time
 torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor lut, torch::Tensor scale, int64_t path) {
@@ -334,13 +394,17 @@ torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor lut, to
   auto y = torch::empty({n, rows}, torch::kFloat32);
   const float* xp = x.data_ptr<float>(); const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* lp = lut.data_ptr<float>(); const float* sp = scale.data_ptr<float>(); float* yp = y.data_ptr<float>();
-  int variant = path == 0 ? fp8_variant(lp) : 0;
+  const int isa = isa_of(path);
+  int variant = isa != ISA_SCALAR ? fp8_variant(lp) : 0;
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* wr = wp + r * cols;
       const float* sr = sp + (per_row ? r * groups : 0);
       for (int64_t i = 0; i < n; ++i) {
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#if defined(LLMCTL_AVX512)
+        if (variant && isa == ISA_AVX512) { yp[i * rows + r] = fp8_row_avx512(wr, xp + i * cols, sr, groups, g, variant); continue; }
+#endif
+#if defined(LLMCTL_AVX2)
         if (variant) { yp[i * rows + r] = fp8_row_avx2(wr, xp + i * cols, sr, groups, g, variant); continue; }
 #endif
         float acc = 0.f;
@@ -354,7 +418,7 @@ torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor lut, to
 
 static void quantize_rows_q8(const float* x, int64_t n, int64_t cols, int8_t* q, float* d, float* qsum);
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#if defined(LLMCTL_AVX2)
 // One row of NF4 codes times int8 activations (as llama.cpp's iq4_nl x q8_0, with a 16-bit table): the 16 code
 // values as int16 (round(NF4_UNIT · value), so the table's rounding is ~3e-5 of absmax, far below NF4's own
 // steps), looked up 32 at a time with two byte shuffles (low and high bytes), then 16-bit integer dot products
@@ -386,6 +450,31 @@ static float nf4_row_avx2(const uint8_t* w, const __m256i tlo, const __m256i thi
 }
 #endif
 
+#if defined(LLMCTL_AVX512)
+// NF4 as nf4_row_avx2, 64 values (two activation blocks, 32 bytes of codes) an iteration: the bytes widened to
+// 16 bits, each nibble looked up in the int16 table with one vpermw, and the products summed by dpwssd against
+// the activations split into even (high nibbles) and odd (low nibbles) positions, once a call (qe, qo).
+static float nf4_row_avx512(const uint8_t* w, const __m512i table, const int16_t* qe, const int16_t* qo, const float* d8,
+                            const float* absmax, int64_t per_row, int64_t bs) {
+  const __m512i m4 = _mm512_set1_epi16(15);
+  __m512 acc = _mm512_setzero_ps();
+  const int64_t chunks = bs / 64;
+  for (int64_t b = 0; b < per_row; ++b) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t k = b * chunks + c;  // the row's k-th chunk of 64 values
+      __m512i r = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k * 32)));
+      __m512i vh = _mm512_permutexvar_epi16(_mm512_srli_epi16(r, 4), table), vl = _mm512_permutexvar_epi16(_mm512_and_si512(r, m4), table);
+      __m512i p = _mm512_dpwssd_epi32(_mm512_madd_epi16(vh, _mm512_loadu_si512(qe + k * 32)), vl, _mm512_loadu_si512(qo + k * 32));
+      if (c & 1) a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_loadu_ps(d8 + k * 16), a1);
+      else a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_loadu_ps(d8 + k * 16), a0);
+    }
+    acc = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(absmax[b] * (1.f / NF4_UNIT)), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+#endif
+
 // The int16 values nf4_linear's integer path multiplies: round(16383 · code value), clamped to ±16383.
 torch::Tensor nf4_code_table(torch::Tensor code) {
   code = code.to(torch::kFloat32).contiguous();
@@ -409,8 +498,9 @@ torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor co
   auto y = torch::empty({n, rows}, torch::kFloat32);
   const float* xp = x.data_ptr<float>(); const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float* cp = code.data_ptr<float>(); const float* ap = absmax.data_ptr<float>(); float* yp = y.data_ptr<float>();
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-  if (path == 0 && bs % 32 == 0) {
+#if defined(LLMCTL_AVX2)
+  const int isa = isa_of(path);
+  if (isa != ISA_SCALAR && bs % 32 == 0) {
     torch::Tensor t16 = nf4_code_table(code);
     uint8_t lo8[16], hi8[16];
     for (int i = 0; i < 16; ++i) {
@@ -423,6 +513,24 @@ torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor co
     std::vector<int8_t> q(n * cols);
     std::vector<float> d(n * nb), qs(n * nb);
     quantize_rows_q8(xp, n, cols, q.data(), d.data(), qs.data());
+#if defined(LLMCTL_AVX512)
+    if (isa == ISA_AVX512 && bs % 64 == 0) {
+      std::vector<int16_t> qe(n * cols / 2), qo(n * cols / 2);  // even and odd positions, as int16
+      for (int64_t j = 0; j < n * cols / 2; ++j) { qe[j] = q[2 * j]; qo[j] = q[2 * j + 1]; }
+      std::vector<float> d8(n * nb * 8);
+      spread8(d.data(), n * nb, d8.data());
+      int16_t t[32] = {0};
+      std::memcpy(t, t16.data_ptr<int16_t>(), 16 * sizeof(int16_t));
+      const __m512i table = _mm512_loadu_si512(t);
+      at::parallel_for(0, rows, 32, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t i = 0; i < n; ++i)
+            yp[i * rows + r] = nf4_row_avx512(pp + r * cols / 2, table, qe.data() + i * cols / 2, qo.data() + i * cols / 2,
+                                              d8.data() + i * nb * 8, ap + r * per_row, per_row, bs);
+      });
+      return y;
+    }
+#endif
     // the activations widened to int16 once per call, in the in-lane order the rows' unpacks give
     std::vector<__m256i> q16(2 * n * nb);
     const __m256i zero = _mm256_setzero_si256();
@@ -495,7 +603,7 @@ static void quantize_rows_q8(const float* x, int64_t n, int64_t cols, int8_t* q,
   }
 }
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#if defined(LLMCTL_AVX2)
 static inline float hsum8(__m256 v) {
   __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   a = _mm_add_ps(a, _mm_movehl_ps(a, a));
@@ -568,6 +676,72 @@ static float i4_row_groups_avx2(const uint8_t* w, const uint16_t* s, const uint8
 }
 #endif
 
+#if defined(LLMCTL_AVX512)
+// Two int4 blocks (32 bytes) times 64 int8 activations: lanes 0-7 the first block's sums, 8-15 the second's.
+static inline __m512i i4_pair(const uint8_t* w, const int8_t* q) {
+  const __m256i m4 = _mm256_set1_epi8(15);
+  __m256i r = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(r, m4)), _mm256_and_si256(_mm256_srli_epi16(r, 4), m4), 1);
+  u = _mm512_shuffle_i64x2(u, u, _MM_SHUFFLE(3, 1, 2, 0));  // (low 0, low 1, high 0, high 1) -> block 0's values, block 1's
+  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(q));
+}
+// Two int8 blocks times 64 int8 activations (dpbusd takes unsigned x signed: |w| times q with w's sign).
+static inline __m512i i8_pair(const int8_t* w, const int8_t* q) {
+  __m512i ww = _mm512_loadu_si512(w), qq = _mm512_loadu_si512(q);
+  __m512i qs = _mm512_mask_sub_epi8(qq, _mm512_movepi8_mask(ww), _mm512_setzero_si512(), qq);
+  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(ww), qs);
+}
+static inline __m256i i8_block(const int8_t* w, const int8_t* q);
+// A row of int4 or int8 blocks (Pair: i4_pair or i8_pair; Block: the one-block AVX2 product, for an odd block
+// out), given the activations' spread scales d8: with one block a group, pairs take the two blocks' weight
+// scales as a vector; with more, each group's pairs are summed with the activation scales and the group's
+// scale applied once. Returns the sum before the zero-point correction.
+template <typename W, int BLOCK_BYTES, __m512i (*Pair)(const W*, const int8_t*), __m256i (*Block)(const W*, const int8_t*)>
+static float row_pairs_avx512(const W* w, const uint16_t* s, const int8_t* q, const float* d, const float* d8,
+                              int64_t groups, int64_t bpg) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  __m256 odd = _mm256_setzero_ps();
+  if (bpg == 1) {
+    int64_t b = 0;
+    for (; b + 4 <= groups; b += 4) {
+      __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + b)));
+      a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(Pair(w + b * BLOCK_BYTES, q + b * 32)), _mm512_mul_ps(_mm512_loadu_ps(d8 + b * 8), scale_pair(s4, 0)), a0);
+      a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(Pair(w + (b + 2) * BLOCK_BYTES, q + (b + 2) * 32)), _mm512_mul_ps(_mm512_loadu_ps(d8 + (b + 2) * 8), scale_pair(s4, 2)), a1);
+    }
+    for (; b < groups; ++b)
+      odd = _mm256_fmadd_ps(_mm256_cvtepi32_ps(Block(w + b * BLOCK_BYTES, q + b * 32)), _mm256_set1_ps(d[b] * _cvtsh_ss(s[b])), odd);
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + hsum8(odd);
+  }
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    int64_t b = g * bpg, e = b + bpg;
+    a0 = _mm512_setzero_ps(); a1 = _mm512_setzero_ps();
+    for (; b + 4 <= e; b += 4) {
+      a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(Pair(w + b * BLOCK_BYTES, q + b * 32)), _mm512_loadu_ps(d8 + b * 8), a0);
+      a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(Pair(w + (b + 2) * BLOCK_BYTES, q + (b + 2) * 32)), _mm512_loadu_ps(d8 + (b + 2) * 8), a1);
+    }
+    if (b + 2 <= e) { a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(Pair(w + b * BLOCK_BYTES, q + b * 32)), _mm512_loadu_ps(d8 + b * 8), a0); b += 2; }
+    float sg = _cvtsh_ss(s[g]);
+    if (b < e) odd = _mm256_fmadd_ps(_mm256_cvtepi32_ps(Block(w + b * BLOCK_BYTES, q + b * 32)), _mm256_set1_ps(d[b] * sg), odd);
+    acc = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(sg), acc);
+  }
+  return _mm512_reduce_add_ps(acc) + hsum8(odd);
+}
+// sum_g s_g z_g gsum_g, the int4 rows' zero-point correction (z 8 when symmetric)
+static float i4_correction(const uint16_t* s, const uint8_t* z, const float* gsum, int64_t groups) {
+  __m512 cv = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 16 <= groups; g += 16) {
+    __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + g)));
+    __m512 zv = z ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z + g)))) : _mm512_set1_ps(8.f);
+    cv = _mm512_fmadd_ps(_mm512_mul_ps(sv, zv), _mm512_loadu_ps(gsum + g), cv);
+  }
+  float corr = _mm512_reduce_add_ps(cv);
+  for (; g < groups; ++g) corr += _cvtsh_ss(s[g]) * static_cast<float>(z ? z[g] : 8) * gsum[g];
+  return corr;
+}
+#endif
+
 static float i4_row_scalar(const uint8_t* w, const c10::Half* s, const uint8_t* z, const int8_t* q, const float* d,
                            const float* gsum, int64_t groups, int64_t bpg) {
   float acc = 0.f;
@@ -606,14 +780,27 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   const uint8_t* zp = asym ? zero.data_ptr<uint8_t>() : nullptr;
   const int8_t* qp = q.data(); const float* dp = d.data(); const float* gp = gsum.data();
   float* yp = y.data_ptr<float>();
+  const int isa = isa_of(path);
+#if defined(LLMCTL_AVX512)
+  std::vector<float> d8(isa == ISA_AVX512 ? n * nb * 8 : 0);
+  if (isa == ISA_AVX512) spread8(d.data(), n * nb, d8.data());
+#endif
   at::parallel_for(0, rows, 32, [&](int64_t r0, int64_t r1) {
     std::vector<float> scratch(groups + nb);  // the row's scales as fp32, and d_b * s_g per block
     for (int64_t r = r0; r < r1; ++r) {
       const uint8_t* w = wp + r * cols / 2; const c10::Half* s = sp + r * groups; const uint8_t* z = zp ? zp + r * groups : nullptr;
       for (int64_t i = 0; i < n; ++i) {
         const int8_t* qi = qp + i * cols; const float* di = dp + i * nb; const float* gi = gp + i * groups;
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-        if (path == 0) {
+#if defined(LLMCTL_AVX512)
+        if (isa == ISA_AVX512) {
+          const uint16_t* s16 = reinterpret_cast<const uint16_t*>(s);
+          yp[i * rows + r] = row_pairs_avx512<uint8_t, 16, i4_pair, i4_block>(w, s16, qi, di, d8.data() + i * nb * 8, groups, bpg)
+                             - i4_correction(s16, z, gi, groups);
+          continue;
+        }
+#endif
+#if defined(LLMCTL_AVX2)
+        if (isa == ISA_AVX2) {
           yp[i * rows + r] = bpg == 1
               ? i4_row_avx2(w, reinterpret_cast<const uint16_t*>(s), z, qi, di, gi, groups, bpg, scratch.data(), scratch.data() + groups)
               : i4_row_groups_avx2(w, reinterpret_cast<const uint16_t*>(s), z, qi, di, gi, groups, bpg);
@@ -629,18 +816,21 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
 
 // ---- int8 weights times int8 activations (llama.cpp's q8_0 x q8_0) -----------------------------------------
 // codes (rows, cols) int8, one fp16 scale per group of g columns (g a multiple of 32): w = code * s.
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#if defined(LLMCTL_AVX2)
+// One block of 32 int8 codes times 32 int8 activations: 8 int32 sums. maddubs takes unsigned x signed: |w| times
+// q carrying w's sign (w = -128 gives 0x80, read unsigned as 128: still exact).
+static inline __m256i i8_block(const int8_t* w, const int8_t* q) {
+  __m256i ww = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  __m256i qq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(ww, ww), _mm256_sign_epi8(qq, ww)), _mm256_set1_epi16(1));
+}
 static float i8_row_avx2(const int8_t* w, const uint16_t* s, const int8_t* q, const float* d, int64_t groups, int64_t bpg) {
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();  // two chains: per channel a row is one group
     int64_t b = g * bpg, e = b + bpg;
     for (; b < e; ++b) {
-      __m256i ww = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 32));
-      __m256i qq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 32));
-      // maddubs takes unsigned x signed: |w| times q carrying w's sign (w = -128 gives 0x80, read unsigned as 128: still exact)
-      __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(ww, ww), _mm256_sign_epi8(qq, ww)), ones);
+      __m256i p = i8_block(w + b * 32, q + b * 32);
       if ((b & 1) == 0) a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d[b]), a0);
       else a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d[b]), a1);
     }
@@ -682,12 +872,24 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   auto y = torch::empty({n, rows}, torch::kFloat32);
   const int8_t* wp = codes.data_ptr<int8_t>(); const c10::Half* sp = reinterpret_cast<const c10::Half*>(scale.data_ptr());
   const int8_t* qp = q.data(); const float* dp = d.data(); float* yp = y.data_ptr<float>();
+  const int isa = isa_of(path);
+#if defined(LLMCTL_AVX512)
+  std::vector<float> d8(isa == ISA_AVX512 ? n * nb * 8 : 0);
+  if (isa == ISA_AVX512) spread8(d.data(), n * nb, d8.data());
+#endif
   at::parallel_for(0, rows, 32, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int8_t* w = wp + r * cols; const c10::Half* s = sp + r * groups;
       for (int64_t i = 0; i < n; ++i) {
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-        if (path == 0) { yp[i * rows + r] = i8_row_avx2(w, reinterpret_cast<const uint16_t*>(s), qp + i * cols, dp + i * nb, groups, bpg); continue; }
+#if defined(LLMCTL_AVX512)
+        if (isa == ISA_AVX512) {
+          yp[i * rows + r] = row_pairs_avx512<int8_t, 32, i8_pair, i8_block>(w, reinterpret_cast<const uint16_t*>(s), qp + i * cols, dp + i * nb,
+                                                                          d8.data() + i * nb * 8, groups, bpg);
+          continue;
+        }
+#endif
+#if defined(LLMCTL_AVX2)
+        if (isa == ISA_AVX2) { yp[i * rows + r] = i8_row_avx2(w, reinterpret_cast<const uint16_t*>(s), qp + i * cols, dp + i * nb, groups, bpg); continue; }
 #endif
         yp[i * rows + r] = i8_row_scalar(w, s, qp + i * cols, dp + i * nb, groups, bpg);
       }
@@ -717,12 +919,10 @@ torch::Tensor int4_dequant(torch::Tensor packed, torch::Tensor scale, torch::Ten
 }
 
 // The paths this build has, best first (for tests and the benchmark).
-std::vector<std::string> int4_paths() {  // int8_linear's are the same
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-  return {"avx2", "scalar"};
-#else
-  return {"scalar"};
-#endif
+std::vector<std::string> int4_paths() {  // every kernel's (int4, int8, fp8, NF4)
+  std::vector<std::string> names;
+  for (int64_t i = 0; i < ISA_COUNT; ++i) names.push_back(ISA_ORDER[i] == ISA_AVX512 ? "avx512" : ISA_ORDER[i] == ISA_AVX2 ? "avx2" : "scalar");
+  return names;
 }
 
 // Two codes a byte, element 2k in the low nibble, each stored as code + 8 (compressed-tensors' order; an odd
@@ -768,14 +968,111 @@ std::vector<torch::Tensor> int_group(torch::Tensor x, int64_t g, int64_t bits, b
   return std::vector<torch::Tensor>{q, scale, zp};
 }
 
+// ---- dense fp32 or bf16 weights times fp32 activations (the fused decode step's kinds 0 and 5) -------------
+// Each bf16 is widened exactly to fp32 (the top half of its bits); fp32 products and sums, the activations not
+// rounded. Four rows at a time share the activations' loads and run four independent chains, and the next
+// four rows are prefetched: one row is a short stream (576 columns: 18 cache lines of bf16), and without both
+// a thread reaches ~2/3 of the memory bandwidth one large torch.mv does.
+template <typename T>
+static float dense_row_scalar(const T* w, const float* x, int64_t cols) {
+  float a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= cols; j += 8)
+    for (int k = 0; k < 8; ++k) a[k] += ld(w, j + k) * x[j + k];
+  float t = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+  for (; j < cols; ++j) t += ld(w, j) * x[j];
+  return t;
+}
+#if defined(LLMCTL_AVX2)
+template <typename T>
+static inline void prefetch_rows(const T* w, int64_t stride, int64_t j) {  // rows 4-7 ahead of w, column j
+  for (int t = 4; t < 8; ++t) _mm_prefetch(reinterpret_cast<const char*>(w + t * stride + j), _MM_HINT_T0);
+}
+static inline __m256 ld8(const float* w) { return _mm256_loadu_ps(w); }
+static inline __m256 ld8(const c10::BFloat16* w) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))), 16));
+}
+template <typename T>
+static void dense_rows4_avx2(const T* w, int64_t stride, const float* x, int64_t cols, float* y) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= cols; j += 8) {
+    if ((j * sizeof(T)) % 64 == 0) prefetch_rows(w, stride, j);
+    __m256 xv = _mm256_loadu_ps(x + j);
+    a0 = _mm256_fmadd_ps(ld8(w + j), xv, a0);
+    a1 = _mm256_fmadd_ps(ld8(w + stride + j), xv, a1);
+    a2 = _mm256_fmadd_ps(ld8(w + 2 * stride + j), xv, a2);
+    a3 = _mm256_fmadd_ps(ld8(w + 3 * stride + j), xv, a3);
+  }
+  y[0] = hsum8(a0); y[1] = hsum8(a1); y[2] = hsum8(a2); y[3] = hsum8(a3);
+  for (; j < cols; ++j)
+    for (int t = 0; t < 4; ++t) y[t] += ld(w + t * stride, j) * x[j];
+}
+#endif
+#if defined(LLMCTL_AVX512)
+static inline __m512 ld16(const float* w) { return _mm512_loadu_ps(w); }
+static inline __m512 ld16(const c10::BFloat16* w) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))), 16));
+}
+template <typename T>
+static void dense_rows4_avx512(const T* w, int64_t stride, const float* x, int64_t cols, float* y) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= cols; j += 16) {
+    if ((j * sizeof(T)) % 64 == 0) prefetch_rows(w, stride, j);
+    __m512 xv = _mm512_loadu_ps(x + j);
+    a0 = _mm512_fmadd_ps(ld16(w + j), xv, a0);
+    a1 = _mm512_fmadd_ps(ld16(w + stride + j), xv, a1);
+    a2 = _mm512_fmadd_ps(ld16(w + 2 * stride + j), xv, a2);
+    a3 = _mm512_fmadd_ps(ld16(w + 3 * stride + j), xv, a3);
+  }
+  y[0] = _mm512_reduce_add_ps(a0); y[1] = _mm512_reduce_add_ps(a1); y[2] = _mm512_reduce_add_ps(a2); y[3] = _mm512_reduce_add_ps(a3);
+  for (; j < cols; ++j)
+    for (int t = 0; t < 4; ++t) y[t] += ld(w + t * stride, j) * x[j];
+}
+#endif
+
+template <typename T>
+static void dense_impl(const T* wp, const float* xp, float* yp, int64_t n, int64_t rows, int64_t cols, int isa) {
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float* xi = xp + i * cols; float* yi = yp + i * rows;
+      int64_t r = r0;
+#if defined(LLMCTL_AVX512)
+      if (isa == ISA_AVX512) for (; r + 4 <= r1; r += 4) dense_rows4_avx512(wp + r * cols, cols, xi, cols, yi + r);
+#endif
+#if defined(LLMCTL_AVX2)
+      if (isa == ISA_AVX2) for (; r + 4 <= r1; r += 4) dense_rows4_avx2(wp + r * cols, cols, xi, cols, yi + r);
+#endif
+      for (; r < r1; ++r) yi[r] = dense_row_scalar(wp + r * cols, xi, cols);
+    }
+  });
+}
+
+// x (n, cols) float; w (rows, cols) fp32 or bf16; path as int4_linear. fp32 out.
+torch::Tensor dense_linear(torch::Tensor x, torch::Tensor w, int64_t path) {
+  TORCH_CHECK(x.is_cpu() && w.is_cpu(), "dense_linear runs on CPU tensors");
+  TORCH_CHECK((w.scalar_type() == torch::kBFloat16 || w.scalar_type() == torch::kFloat32) && w.dim() == 2 && w.is_contiguous() && x.dim() == 2,
+              "dense_linear: a contiguous (rows, cols) fp32 or bf16 weight");
+  if (x.scalar_type() != torch::kFloat32 || !x.is_contiguous()) x = x.to(torch::kFloat32).contiguous();
+  int64_t n = x.size(0), cols = x.size(1), rows = w.size(0);
+  TORCH_CHECK(w.size(1) == cols, "dense_linear: shapes do not match");
+  auto y = torch::empty({n, rows}, torch::kFloat32);
+  if (w.scalar_type() == torch::kFloat32) dense_impl(w.data_ptr<float>(), x.data_ptr<float>(), y.data_ptr<float>(), n, rows, cols, isa_of(path));
+  else dense_impl(reinterpret_cast<const c10::BFloat16*>(w.data_ptr()), x.data_ptr<float>(), y.data_ptr<float>(), n, rows, cols, isa_of(path));
+  return y;
+}
+
 // ---- one decode step through every layer (one token, batch 1, fp32): llmctl.runtime.model's layer in C++ ----
 // The Python model is the reference and the fallback; this runs the same operations without a torch call per
 // operation: RMSNorm (optionally scaling by 1 + weight), the q/k/v projection (joined or in parts), q/k norms,
 // RoPE from the runtime's tables, the KV-cache write, one query per head over the cache (GQA, sliding
 // windows from the cache's slot positions), o_proj, the sandwich norms, gate/up, activation, down_proj.
-// Linears: kind 0 a dense fp32 weight (at::mv, as the eager path), 1 int4_linear's (packed, scale, zero),
+// Linears: kind 0 a dense fp32 weight (dense_linear), 1 int4_linear's (packed, scale, zero),
 // 2 int8_linear's (codes, scale), 3 fp8_linear's (codes as uint8, lut, scale), 4 nf4_linear's (packed as
-// (rows, cols / 2), code, absmax: the blocks' size follows); each with an optional bias.
+// (rows, cols / 2), code, absmax: the blocks' size follows), 5 a dense bf16 weight (dense_linear); each with
+// an optional fp32 bias. The hidden state stays fp32 between the linears; the KV cache is fp32 or bf16
+// (rounded to nearest even as it is written, as a bf16 model's own cache holds it).
 #include <memory>
 #include <unordered_map>
 
@@ -815,7 +1112,8 @@ int64_t decode_plan(std::vector<torch::Tensor> t, std::vector<int64_t> ints, std
       DLin lin; lin.kind = k[2 + j];
       lin.a = s[6 + 4 * j]; lin.b = s[7 + 4 * j]; lin.c = s[8 + 4 * j]; lin.bias = s[9 + 4 * j];
       TORCH_CHECK(lin.a.is_cpu() && lin.a.is_contiguous(), "decode_plan: CPU, contiguous weights");
-      TORCH_CHECK(lin.kind != 0 || lin.a.scalar_type() == torch::kFloat32, "decode_plan: dense weights are fp32");
+      TORCH_CHECK(lin.kind != 0 || lin.a.scalar_type() == torch::kFloat32, "decode_plan: kind 0 weights are fp32");
+      TORCH_CHECK(lin.kind != 5 || lin.a.scalar_type() == torch::kBFloat16, "decode_plan: kind 5 weights are bf16");
       TORCH_CHECK(lin.bias.numel() == 0 || lin.bias.scalar_type() == torch::kFloat32, "decode_plan: fp32 biases");
       if (j < 3) L.qkv.push_back(lin); else if (j == 3) L.o = lin; else if (j < 6) L.gate_up.push_back(lin); else L.down = lin;
     }
@@ -831,16 +1129,6 @@ int64_t decode_plan(std::vector<torch::Tensor> t, std::vector<int64_t> ints, std
 
 void decode_free(int64_t id) { g_plans.erase(id); }
 
-static inline float dotf(const float* a, const float* b, int64_t n) {
-  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) s[k] += a[i + k] * b[i + k];
-  float t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-  for (; i < n; ++i) t += a[i] * b[i];
-  return t;
-}
-
 // x * rsqrt(mean(x^2) + eps) * (offset + w), the sum in double as torch's CPU rms_norm accumulates
 static inline void rmsnorm(const float* x, const float* w, float offset, int64_t n, double eps, float* out) {
   double ss = 0.0;
@@ -852,9 +1140,10 @@ static inline void rmsnorm(const float* x, const float* w, float offset, int64_t
 // y (rows) = lin(x (cols)); x a (1, cols) fp32 tensor
 static void dlin(const DLin& l, const torch::Tensor& x, float* y, int64_t path) {
   int64_t rows = l.a.size(0);
-  if (l.kind == 0) {
-    auto out = torch::from_blob(y, {rows}, torch::kFloat32);
-    at::mv_out(out, l.a, x.view({-1}));
+  if (l.kind == 0 || l.kind == 5) {  // dense: straight into y
+    const float* xp = x.data_ptr<float>(); const int64_t cols = x.size(1);
+    if (l.kind == 0) dense_impl(l.a.data_ptr<float>(), xp, y, 1, rows, cols, isa_of(path));
+    else dense_impl(reinterpret_cast<const c10::BFloat16*>(l.a.data_ptr()), xp, y, 1, rows, cols, isa_of(path));
   } else {
     torch::Tensor r = l.kind == 1 ? int4_linear(x, l.a, l.b, l.c, path)
                     : l.kind == 2 ? int8_linear(x, l.a, l.b, path)
@@ -875,7 +1164,57 @@ static inline float act_fn(float g, int64_t act) {
   return 0.5f * g * (1.0f + std::erf(g * 0.7071067811865476f));
 }
 
-// x (hidden) fp32, updated in place and returned; keys/values per layer (1, KV, slots, D) fp32; rope: per table
+// The cache write (k, v at ``slot``) and one query per head over the cache (GQA: H / KV query heads a key
+// head; sliding windows from the slots' positions), for an fp32 or bf16 cache.
+static inline void store(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+static inline void store(c10::BFloat16* dst, const float* src, int64_t n) { for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]); }
+template <typename T>
+static inline float dot_kv(const float* a, const T* b, int64_t n) {
+  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) s[k] += a[i + k] * ld(b, i + k);
+  float t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  for (; i < n; ++i) t += a[i] * ld(b, i);
+  return t;
+}
+template <typename T>
+static void attend(T* kb, T* vb, const float* q, const float* k, const float* v, float* attn, int64_t S, int64_t slot,
+                   int64_t len, int64_t W, const int64_t* sp, int64_t pos, int64_t H, int64_t KV, int64_t D, float scale) {
+  for (int64_t h = 0; h < KV; ++h) {
+    store(kb + (h * S + slot) * D, k + h * D, D);
+    store(vb + (h * S + slot) * D, v + h * D, D);
+  }
+  const int64_t rep = H / KV;
+  auto heads = [&](int64_t h0, int64_t h1) {
+    std::vector<float> sc(len);
+    for (int64_t h = h0; h < h1; ++h) {
+      const float* qh = q + h * D; const int64_t g = h / rep;
+      const T* kh = kb + g * S * D; const T* vh = vb + g * S * D;
+      float m = -INFINITY;
+      for (int64_t j = 0; j < len; ++j) {
+        bool ok = true;
+        if (W) { int64_t p = sp[j]; ok = p >= 0 && p <= pos && p > pos - W; }
+        sc[j] = ok ? dot_kv(qh, kh + j * D, D) * scale : -INFINITY;
+        m = std::max(m, sc[j]);
+      }
+      float* o = attn + h * D;
+      for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
+      float sum = 0.f;
+      for (int64_t j = 0; j < len; ++j) {
+        if (sc[j] == -INFINITY) continue;
+        float e = std::exp(sc[j] - m); sum += e;
+        const T* vj = vh + j * D;
+        for (int64_t i = 0; i < D; ++i) o[i] += e * ld(vj, i);
+      }
+      float inv = 1.0f / sum;
+      for (int64_t i = 0; i < D; ++i) o[i] *= inv;
+    }
+  };
+  if (len * D * H < (1 << 16)) heads(0, H); else at::parallel_for(0, H, 1, heads);
+}
+
+// x (hidden) fp32, updated in place and returned; keys/values per layer (1, KV, slots, D) fp32 or bf16; rope: per table
 // kind (cos, sin), each (length, .., D) fp32 contiguous (llmctl.runtime.rope.rope_tables); slot_pos: the
 // position each ring slot holds (sliding layers); pos: this token's position.
 torch::Tensor decode_step(int64_t id, torch::Tensor x, std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
@@ -889,7 +1228,7 @@ torch::Tensor decode_step(int64_t id, torch::Tensor x, std::vector<torch::Tensor
   TORCH_CHECK(static_cast<int64_t>(keys.size()) == n && static_cast<int64_t>(values.size()) == n, "decode_step: caches");
   for (const auto& r : rope) TORCH_CHECK(r.scalar_type() == torch::kFloat32 && r.is_contiguous() && r.numel() >= (pos + 1) * D, "decode_step: rope tables");
   TORCH_CHECK(slot_pos.numel() == 0 || (slot_pos.scalar_type() == torch::kLong && slot_pos.is_contiguous()), "decode_step: slot_pos");
-  const int64_t nq = (H + 2 * KV) * D, rep = H / KV;
+  const int64_t nq = (H + 2 * KV) * D;
   auto xn_t = torch::empty({1, std::max(hid, H * D)}, torch::kFloat32);
   auto buf_t = torch::empty({std::max(nq, 2 * F)}, torch::kFloat32);
   auto act_t = torch::empty({1, F}, torch::kFloat32);
@@ -920,44 +1259,18 @@ torch::Tensor decode_step(int64_t id, torch::Tensor x, std::vector<torch::Tensor
       }
     }
     const torch::Tensor& ck = keys[l]; const torch::Tensor& cv = values[l];
-    TORCH_CHECK(ck.scalar_type() == torch::kFloat32 && ck.is_contiguous() && cv.is_contiguous() && ck.size(1) == KV && ck.size(3) == D, "decode_step: cache layout");
+    TORCH_CHECK((ck.scalar_type() == torch::kFloat32 || ck.scalar_type() == torch::kBFloat16) && cv.scalar_type() == ck.scalar_type()
+                && ck.is_contiguous() && cv.is_contiguous() && ck.size(1) == KV && ck.size(3) == D, "decode_step: cache layout");
     const int64_t S = ck.size(2);
     const int64_t slot = L.window ? pos % S : pos;
     TORCH_CHECK(slot < S && (!L.window || sp), "decode_step: the cache is full");
-    float* kb = ck.data_ptr<float>(); float* vb = cv.data_ptr<float>();
-    for (int64_t h = 0; h < KV; ++h) {
-      std::memcpy(kb + (h * S + slot) * D, k + h * D, D * sizeof(float));
-      std::memcpy(vb + (h * S + slot) * D, v + h * D, D * sizeof(float));
-    }
     const int64_t len = L.window ? std::min(pos + 1, S) : pos + 1;
     float* attn = xn;  // (H * D): q, k, v stay in buf
-    const int64_t W = L.window;
-    auto heads = [&](int64_t h0, int64_t h1) {
-      std::vector<float> sc(len);
-      for (int64_t h = h0; h < h1; ++h) {
-        const float* qh = q + h * D; const int64_t g = h / rep;
-        const float* kh = kb + g * S * D; const float* vh = vb + g * S * D;
-        float m = -INFINITY;
-        for (int64_t j = 0; j < len; ++j) {
-          bool ok = true;
-          if (W) { int64_t p = sp[j]; ok = p >= 0 && p <= pos && p > pos - W; }
-          sc[j] = ok ? dotf(qh, kh + j * D, D) * P.scale : -INFINITY;
-          m = std::max(m, sc[j]);
-        }
-        float* o = attn + h * D;
-        for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
-        float sum = 0.f;
-        for (int64_t j = 0; j < len; ++j) {
-          if (sc[j] == -INFINITY) continue;
-          float e = std::exp(sc[j] - m); sum += e;
-          const float* vj = vh + j * D;
-          for (int64_t i = 0; i < D; ++i) o[i] += e * vj[i];
-        }
-        float inv = 1.0f / sum;
-        for (int64_t i = 0; i < D; ++i) o[i] *= inv;
-      }
-    };
-    if (len * D * H < (1 << 16)) heads(0, H); else at::parallel_for(0, H, 1, heads);
+    if (ck.scalar_type() == torch::kFloat32)
+      attend(ck.data_ptr<float>(), cv.data_ptr<float>(), q, k, v, attn, S, slot, len, L.window, sp, pos, H, KV, D, P.scale);
+    else
+      attend(reinterpret_cast<c10::BFloat16*>(ck.data_ptr()), reinterpret_cast<c10::BFloat16*>(cv.data_ptr()), q, k, v, attn, S,
+             slot, len, L.window, sp, pos, H, KV, D, P.scale);
     dlin(L.o, attn_t, op, path);
     if (P.sandwich) {
       rmsnorm(op, L.post_attn_norm.data_ptr<float>(), P.offset, hid, P.eps, op);

@@ -37,8 +37,8 @@ _SOURCE = "\n" + (Path(__file__).parent / "native.cpp").read_text(encoding="utf-
 
 
 def _flags() -> list[str]:
-    """-O3, plus AVX2/FMA/F16C when this CPU has them (the flags are part of the build's name, so a
-    cached build only ever runs where it was built for)."""
+    """-O3, plus AVX2/FMA/F16C and AVX-512 (F, BW, VL, VNNI) when this CPU has them (the flags are part of
+    the build's name, so a cached build only ever runs where it was built for)."""
     flags = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP pragmas in the header: serial without it
     try:
         cpu = Path("/proc/cpuinfo").read_text()
@@ -46,6 +46,9 @@ def _flags() -> list[str]:
         return flags
     if all(f" {f}" in cpu for f in ("avx2", "fma", "f16c")):
         flags += ["-mavx2", "-mfma", "-mf16c"]
+        if all(f" {f}" in cpu for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")):
+            # the AVX-512 VNNI kernels (int4_paths: "avx512"); the compiler's own loops stay 256 bits wide
+            flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mprefer-vector-width=256"]
     return flags
 
 
@@ -133,7 +136,7 @@ def build() -> Any:
         directory = _build_dir()
         _check_private(directory)
         with _locked(directory):
-            _module = load_inline(_NAME, cpp_sources=_SOURCE, functions=["nf4", "int_group", "fp8_linear", "nf4_linear", "nf4_code_table", "int4_linear", "int4_dequant", "int8_linear", "int4_paths", "decode_plan", "decode_free", "decode_step"],
+            _module = load_inline(_NAME, cpp_sources=_SOURCE, functions=["nf4", "int_group", "fp8_linear", "nf4_linear", "nf4_code_table", "int4_linear", "int4_dequant", "int8_linear", "dense_linear", "int4_paths", "decode_plan", "decode_free", "decode_step"],
                                   extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory),
                                   verbose=False)  # fmt: skip
     return _module

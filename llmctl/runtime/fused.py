@@ -4,15 +4,22 @@ A decode step in ``model.Transformer`` is ~40 small torch operations per layer (
 KV-cache write, SDPA, residuals) plus Python module dispatch: at 135 M parameters that costs more than the
 matrix-vector products themselves. ``decode_step`` runs the same layer — driven by the same ``ModelConfig``
 flags (norm offset, q/k norms, sandwich norms, activation, attention scale, sliding windows, biases) — in
-C++, calling the same matrix-vector kernels the eager path calls (``torch.mv`` for dense fp32 weights,
-``native.int4_linear`` / ``int8_linear`` / ``fp8_linear`` / ``nf4_linear`` for llmctl's quantized
-weights), so the result equals the eager step up to fp32 summation order in RMSNorm, RoPE and attention.
+C++, calling the same matrix-vector kernels the eager path calls for llmctl's quantized weights
+(``native.int4_linear`` / ``int8_linear`` / ``fp8_linear`` / ``nf4_linear``) and its own for dense ones
+(``native.dense_linear``: four rows at a time with prefetch, where one ``torch.mv`` a small matrix reached
+~0.8 of the bandwidth), so in fp32 the result equals the eager step up to fp32 summation order in the
+products, RMSNorm, RoPE and attention.
+
+A bf16 model runs it too: its weights stay bf16 (``native.dense_linear`` widens each exactly to fp32) and
+its KV cache bf16 (rounded as it is written), but the hidden state between the linears stays fp32 where the
+eager bf16 path rounds every intermediate to bf16. It is therefore closer to the fp32 result than the eager
+bf16 step is, not equal to it (tests/test_fused_decode.py bounds both against fp32).
 
 It runs only where all of these hold, and the Python layers run otherwise (the reference, and the path for
-everything else): one token, a batch of 1, a KV cache, no autograd, the model on the CPU in fp32 (cache
-too), the C++ kernels built, every linear dense fp32 or on llmctl's int4/int8/fp8/NF4 code kernels (not
-torch's int4pack/int8pack, or dequantize-per-call weights). ``LLMCTL_FUSED_DECODE=0`` (or
-``LLMCTL_NATIVE=0``) forces the Python layers.
+everything else): one token, a batch of 1, a KV cache, no autograd, the model on the CPU in fp32 or bf16
+(its cache too), the C++ kernels built, every linear dense in the model's dtype or on llmctl's
+int4/int8/fp8/NF4 code kernels (not torch's int4pack/int8pack, or dequantize-per-call weights).
+``LLMCTL_FUSED_DECODE=0`` (or ``LLMCTL_NATIVE=0``) forces the Python layers.
 
 The embedding, the final norm and the logits stay in Python (one call each). The plan — the per-layer
 tensors the C++ side holds references to — is built at the first eligible step and dropped when the model
@@ -37,6 +44,7 @@ ENV = "LLMCTL_FUSED_DECODE"
 ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu": 2}
 # QuantWeight.kernel -> decode_plan's linear kind (0: dense fp32)
 KINDS = {"int4-codes": 1, "int8-codes": 2, "fp8-codes": 3, "nf4-codes": 4}
+DTYPES = {torch.float32: 0, torch.bfloat16: 5}  # dense weights: model dtype -> linear kind
 _EMPTY = torch.empty(0)
 
 
@@ -50,6 +58,7 @@ class Plan:
     def __init__(self, kernels: Any, handle: int, rope_kinds: list[str], windows: list[int | None]) -> None:
         self.kernels, self.handle, self.rope_kinds = kernels, handle, rope_kinds
         self.sliding = any(w is not None for w in windows)
+        self._tables: dict[tuple[int, torch.Size], torch.Tensor] = {}
 
     def __del__(self) -> None:
         try:
@@ -66,20 +75,31 @@ class Plan:
         path: int = 0,
     ) -> torch.Tensor:
         """x (1, 1, hidden) after every layer, for the token at ``start`` (``cache.begin`` already run)."""
-        rope = [t for kind in self.rope_kinds for t in tables[kind]]
+        rope = [self._fp32(t) for kind in self.rope_kinds for t in tables[kind]]
         slot_pos = cache.slot_pos if self.sliding else _EMPTY
-        flat = x.reshape(-1).contiguous()
+        flat = x.reshape(-1).to(torch.float32).contiguous()  # fp32 in: a view of x (updated in place)
         self.kernels.decode_step(self.handle, flat, cache.keys, cache.values, rope, slot_pos, start, path)
-        return flat.view(x.shape)
+        return flat.view(x.shape).to(x.dtype)
+
+    def _fp32(self, table: torch.Tensor) -> torch.Tensor:
+        """A RoPE table as fp32 (a bf16 model's tables converted once, until they grow)."""
+        if table.dtype == torch.float32:
+            return table
+        key = (table.data_ptr(), table.shape)
+        if key not in self._tables:
+            if len(self._tables) >= 2 * len(self.rope_kinds):  # grown: the old tables are gone
+                self._tables = {}
+            self._tables[key] = table.float().contiguous()
+        return self._tables[key]
 
 
 def _linear(weight: Any, bias: torch.Tensor | None) -> tuple[int, list[torch.Tensor]] | None:
     """(kind, [a, b, c, bias]) for decode_plan, or None when the fused step does not take this weight."""
     from llmctl.quant.qlinear import QuantWeight
 
-    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+    if bias is not None and (bias.dtype not in DTYPES or bias.device.type != "cpu"):
         return None
-    b = _EMPTY if bias is None else bias.detach().contiguous()
+    b = _EMPTY if bias is None else bias.detach().float().contiguous()  # bf16: an fp32 copy, held by the plan
     if isinstance(weight, QuantWeight):
         kind = KINDS.get(weight.kernel)
         if kind is None:
@@ -90,11 +110,11 @@ def _linear(weight: Any, bias: torch.Tensor | None) -> tuple[int, list[torch.Ten
         elif weight.kernel == "nf4-codes":  # (code, absmax); the codes flat, two a byte, as (rows, cols / 2)
             args = [weight.q.parts["weight"].reshape(weight.shape[0], -1), *args]
         return kind, [*args, *[_EMPTY] * (3 - len(args)), b]
-    if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
+    if weight.dtype not in DTYPES or weight.device.type != "cpu" or weight.dim() != 2:
         return None
     if not weight.is_contiguous():
         return None
-    return 0, [weight.detach(), _EMPTY, _EMPTY, b]
+    return DTYPES[weight.dtype], [weight.detach(), _EMPTY, _EMPTY, b]
 
 
 def build(model: Transformer) -> Plan | None:
@@ -102,7 +122,7 @@ def build(model: Transformer) -> Plan | None:
     from llmctl.quant import native
 
     config = model.config
-    if model.device.type != "cpu" or model.dtype != torch.float32 or config.hidden_act not in ACTS:
+    if model.device.type != "cpu" or model.dtype not in DTYPES or config.hidden_act not in ACTS:
         return None
     try:
         kernels = native.get()
@@ -127,9 +147,7 @@ def build(model: Transformer) -> Plan | None:
         )
         norms += [attn.q_norm, attn.k_norm] if attn.qk_norm else [None] * 2
         for norm in norms:
-            w = _EMPTY if norm is None else norm.weight.detach()
-            if w.numel() and (w.dtype != torch.float32 or not w.is_contiguous()):
-                return None
+            w = _EMPTY if norm is None else norm.weight.detach().float().contiguous()  # bf16: an fp32 copy
             tensors.append(w)
         qkv, gate_up = attn.qkv_projections(), mlp.gate_up_projections()
         slots = [*qkv, *[None] * (3 - len(qkv)), (attn.o_proj.weight, attn.o_proj.bias), *gate_up,

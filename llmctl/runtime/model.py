@@ -371,8 +371,8 @@ class Transformer(nn.Module):
         return moved
 
     def _fused_plan(self, B: int, T: int, cache: KVCache | None) -> Any:
-        """llmctl.runtime.fused's plan when this step can run it (one token, batch 1, an fp32 CPU cache,
-        no autograd, not turned off), else None: the Python layers run."""
+        """llmctl.runtime.fused's plan when this step can run it (one token, batch 1, an fp32 or bf16 CPU
+        cache, no autograd, not turned off), else None: the Python layers run."""
         if T != 1 or B != 1 or cache is None or torch.is_grad_enabled() or self._fused is False:
             return None
         from llmctl.runtime import fused
@@ -380,7 +380,7 @@ class Transformer(nn.Module):
         if not fused.enabled():
             return None
         k = cache.keys[0]
-        if k.dtype != torch.float32 or k.device.type != "cpu":
+        if k.dtype not in (torch.float32, torch.bfloat16) or k.device.type != "cpu":
             return None
         if self._fused is None:
             self._fused = fused.build(self) or False
