@@ -727,6 +727,60 @@ static float row_pairs_avx512(const W* w, const uint16_t* s, const int8_t* q, co
   }
   return _mm512_reduce_add_ps(acc) + hsum8(odd);
 }
+// int4 four blocks at a time (64 bytes of codes), with no shuffles: the activations are laid out once a call
+// in the order the codes' nibbles come in (quads: per four blocks, their first 16 values each, then their last
+// 16 each), so the low nibbles of all four blocks meet the first 64 bytes and the high nibbles the next 64:
+// two dpbusd, lanes 4j..4j+3 block j's sums. Activation scales spread 4 times (d4), weight scales permuted
+// to match. Taken for one or two blocks a group, groups of a multiple of four blocks, or one group a row.
+static bool i4_quads_fit(int64_t groups, int64_t bpg) { return bpg == 1 || bpg == 2 || bpg % 4 == 0 || groups == 1; }
+static void i4_quad_layout(const int8_t* q, int64_t n, int64_t cols, int8_t* qa) {
+  const int64_t nb = cols / 32, nq = nb / 4;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < nq; ++k)
+      for (int64_t j = 0; j < 4; ++j) {
+        const int8_t* src = q + i * cols + (4 * k + j) * 32; int8_t* dst = qa + (i * nq + k) * 128 + j * 16;
+        std::memcpy(dst, src, 16); std::memcpy(dst + 64, src + 16, 16);
+      }
+}
+static inline __m512i i4_quad(const uint8_t* w, const int8_t* qa) {
+  const __m512i m4 = _mm512_set1_epi8(15);
+  __m512i r = _mm512_loadu_si512(w);
+  __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(r, m4), _mm512_loadu_si512(qa));
+  return _mm512_dpbusd_epi32(p, _mm512_and_si512(_mm512_srli_epi16(r, 4), m4), _mm512_loadu_si512(qa + 64));
+}
+static float i4_row_quads(const uint8_t* w, const uint16_t* s, const int8_t* q, const int8_t* qa, const float* d, const float* d4,
+                          int64_t groups, int64_t bpg) {
+  const int64_t nb = groups * bpg, nq = nb / 4;
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  __m256 odd = _mm256_setzero_ps();
+  if (bpg <= 2) {  // a block's (or two's) own weight scale: [s x4 per block] or [s x8 per pair]
+    const __m512i idx = bpg == 1 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
+                                 : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    for (int64_t k = 0; k < nq; ++k) {
+      __m128i raw;
+      if (bpg == 1) raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + 4 * k));
+      else { int32_t two; std::memcpy(&two, s + 2 * k, 4); raw = _mm_cvtsi32_si128(two); }
+      __m512 sc = _mm512_mul_ps(_mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_cvtph_ps(raw))), _mm512_loadu_ps(d4 + 16 * k));
+      if (k & 1) a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i4_quad(w + 64 * k, qa + 128 * k)), sc, a1);
+      else a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i4_quad(w + 64 * k, qa + 128 * k)), sc, a0);
+    }
+  } else {  // whole quads in each group (or one group a row): the group's scale once
+    const int64_t qpg = groups == 1 ? nq : bpg / 4;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 g0 = _mm512_setzero_ps(), g1 = _mm512_setzero_ps();
+      for (int64_t k = g * qpg; k < (g + 1) * qpg; ++k) {
+        if (k & 1) g1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i4_quad(w + 64 * k, qa + 128 * k)), _mm512_loadu_ps(d4 + 16 * k), g1);
+        else g0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i4_quad(w + 64 * k, qa + 128 * k)), _mm512_loadu_ps(d4 + 16 * k), g0);
+      }
+      acc = _mm512_fmadd_ps(_mm512_add_ps(g0, g1), _mm512_set1_ps(_cvtsh_ss(s[g])), acc);
+    }
+    a0 = acc;
+  }
+  for (int64_t b = 4 * nq; b < nb; ++b)  // the blocks after the last whole quad (not with groups of 4k blocks)
+    odd = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i4_block(w + 16 * b, q + 32 * b)), _mm256_set1_ps(d[b] * _cvtsh_ss(s[b / bpg])), odd);
+  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + hsum8(odd);
+}
 // sum_g s_g z_g gsum_g, the int4 rows' zero-point correction (z 8 when symmetric)
 static float i4_correction(const uint16_t* s, const uint8_t* z, const float* gsum, int64_t groups) {
   __m512 cv = _mm512_setzero_ps();
@@ -782,8 +836,13 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   float* yp = y.data_ptr<float>();
   const int isa = isa_of(path);
 #if defined(LLMCTL_AVX512)
-  std::vector<float> d8(isa == ISA_AVX512 ? n * nb * 8 : 0);
-  if (isa == ISA_AVX512) spread8(d.data(), n * nb, d8.data());
+  const bool quads = isa == ISA_AVX512 && i4_quads_fit(groups, bpg);
+  std::vector<float> d8(isa == ISA_AVX512 && !quads ? n * nb * 8 : 0), d4(quads ? n * nb * 4 : 0);
+  std::vector<int8_t> qa(quads ? n * (nb / 4) * 128 : 0);
+  if (quads) {
+    for (int64_t b = 0; b < n * nb; ++b) for (int t = 0; t < 4; ++t) d4[b * 4 + t] = d[b];
+    i4_quad_layout(q.data(), n, cols, qa.data());
+  } else if (isa == ISA_AVX512) spread8(d.data(), n * nb, d8.data());
 #endif
   at::parallel_for(0, rows, 32, [&](int64_t r0, int64_t r1) {
     std::vector<float> scratch(groups + nb);  // the row's scales as fp32, and d_b * s_g per block
@@ -794,7 +853,8 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
 #if defined(LLMCTL_AVX512)
         if (isa == ISA_AVX512) {
           const uint16_t* s16 = reinterpret_cast<const uint16_t*>(s);
-          yp[i * rows + r] = row_pairs_avx512<uint8_t, 16, i4_pair, i4_block>(w, s16, qi, di, d8.data() + i * nb * 8, groups, bpg)
+          yp[i * rows + r] = (quads ? i4_row_quads(w, s16, qi, qa.data() + i * (nb / 4) * 128, di, d4.data() + i * nb * 4, groups, bpg)
+                                    : row_pairs_avx512<uint8_t, 16, i4_pair, i4_block>(w, s16, qi, di, d8.data() + i * nb * 8, groups, bpg))
                              - i4_correction(s16, z, gi, groups);
           continue;
         }

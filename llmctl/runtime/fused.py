@@ -21,8 +21,9 @@ everything else): one token, a batch of 1, a KV cache, no autograd, the model on
 int4/int8/fp8/NF4 code kernels (not torch's int4pack/int8pack, or dequantize-per-call weights).
 ``LLMCTL_FUSED_DECODE=0`` (or ``LLMCTL_NATIVE=0``) forces the Python layers.
 
-The embedding, the final norm and the logits stay in Python (one call each). The plan — the per-layer
-tensors the C++ side holds references to — is built at the first eligible step and dropped when the model
+The embedding and the final norm stay in Python (one call each); the logits of a dense output matrix go
+through ``native.dense_linear`` too (``Plan.head``). The plan — the per-layer tensors the C++ side holds
+references to — is built at the first eligible step and dropped when the model
 is moved or its projections are joined again (``Transformer._apply`` / ``fuse_projections``).
 """
 
@@ -80,6 +81,18 @@ class Plan:
         flat = x.reshape(-1).to(torch.float32).contiguous()  # fp32 in: a view of x (updated in place)
         self.kernels.decode_step(self.handle, flat, cache.keys, cache.values, rope, slot_pos, start, path)
         return flat.view(x.shape).to(x.dtype)
+
+    def head(self, x: torch.Tensor, weight: Any) -> torch.Tensor | None:
+        """The logits of a fused step through ``native.dense_linear`` when the output matrix is a dense fp32
+        or bf16 CPU tensor (in the model's dtype, as ``model.linear`` gives them), else None."""
+        if not isinstance(weight, torch.Tensor) or hasattr(weight, "q"):  # quantized: model.linear
+            return None
+        if weight.dtype not in DTYPES or weight.device.type != "cpu":
+            return None
+        if not weight.is_contiguous() or weight.dim() != 2:
+            return None
+        out = self.kernels.dense_linear(x.reshape(1, -1).to(torch.float32), weight, 0)
+        return out.to(x.dtype).view(*x.shape[:-1], -1)
 
     def _fp32(self, table: torch.Tensor) -> torch.Tensor:
         """A RoPE table as fp32 (a bf16 model's tables converted once, until they grow)."""

@@ -443,7 +443,9 @@ class Transformer(nn.Module):
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if self.head is not None and x.shape[1] * x.shape[0] <= 8:  # decode steps; prefill keeps the weight
             weight = self.head
-        logits = linear(x, weight)  # (B, T, vocab)
+        logits = plan.head(x, weight) if plan is not None else None
+        if logits is None:
+            logits = linear(x, weight)  # (B, T, vocab)
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
