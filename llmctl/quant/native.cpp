@@ -1230,6 +1230,16 @@ static inline void store(float* dst, const float* src, int64_t n) { std::memcpy(
 static inline void store(c10::BFloat16* dst, const float* src, int64_t n) { for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]); }
 template <typename T>
 static inline float dot_kv(const float* a, const T* b, int64_t n) {
+#if defined(LLMCTL_AVX2)
+  if (n % 16 == 0) {  // head_dim 64, 128, 256: the cache's bf16 widened in registers
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), ld8(b + i), s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), ld8(b + i + 8), s1);
+    }
+    return hsum8(_mm256_add_ps(s0, s1));
+  }
+#endif
   float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -1237,6 +1247,15 @@ static inline float dot_kv(const float* a, const T* b, int64_t n) {
   float t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
   for (; i < n; ++i) t += a[i] * ld(b, i);
   return t;
+}
+template <typename T>
+static inline void axpy_kv(float* o, float e, const T* v, int64_t n) {  // o += e * v
+  int64_t i = 0;
+#if defined(LLMCTL_AVX2)
+  const __m256 ev = _mm256_set1_ps(e);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(ev, ld8(v + i), _mm256_loadu_ps(o + i)));
+#endif
+  for (; i < n; ++i) o[i] += e * ld(v, i);
 }
 template <typename T>
 static void attend(T* kb, T* vb, const float* q, const float* k, const float* v, float* attn, int64_t S, int64_t slot,
@@ -1264,8 +1283,7 @@ static void attend(T* kb, T* vb, const float* q, const float* k, const float* v,
       for (int64_t j = 0; j < len; ++j) {
         if (sc[j] == -INFINITY) continue;
         float e = std::exp(sc[j] - m); sum += e;
-        const T* vj = vh + j * D;
-        for (int64_t i = 0; i < D; ++i) o[i] += e * ld(vj, i);
+        axpy_kv(o, e, vh + j * D, D);
       }
       float inv = 1.0f / sum;
       for (int64_t i = 0; i < D; ++i) o[i] *= inv;
