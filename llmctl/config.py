@@ -172,6 +172,69 @@ class ModelConfig:
     def qk_norm(self) -> bool:
         return self.model_type in ("qwen3", "gemma3_text")
 
+    # What each family's layers look like, as transformers builds them: the runtime's model
+    # (runtime/model.py), the tensor list (tensors.py) and the GGUF names read these, never model_type.
+    @property
+    def qkv_bias(self) -> bool:
+        """Whether q/k/v projections have biases: always in Qwen2 (transformers hard-codes it), never in
+        Mistral, Mixtral and Phi-3; elsewhere ``attention_bias`` switches them."""
+        if self.model_type == "qwen2":
+            return True
+        if self.model_type in ("mistral", "mixtral", "phi3"):
+            return False
+        return self.attention_bias
+
+    @property
+    def o_proj_bias(self) -> bool:
+        """Whether the attention output projection has a bias: ``attention_bias``, except in Qwen2, Mistral,
+        Mixtral and Phi-3, which have none."""
+        if self.model_type in ("qwen2", "mistral", "mixtral", "phi3"):
+            return False
+        return self.attention_bias
+
+    @property
+    def mlp_proj_bias(self) -> bool:
+        """Whether the dense MLP's projections have biases: ``mlp_bias``, which only Llama has."""
+        return self.mlp_bias and self.model_type == "llama"
+
+    @property
+    def fused_qkv(self) -> bool:
+        """Whether the checkpoint stores q/k/v as one ``qkv_proj`` (Phi-3)."""
+        return self.model_type == "phi3"
+
+    @property
+    def fused_gate_up(self) -> bool:
+        """Whether the checkpoint stores the MLP's gate and up projections as one ``gate_up_proj`` (Phi-3)."""
+        return self.model_type == "phi3"
+
+    @property
+    def norm_offset(self) -> bool:
+        """Whether RMSNorm scales by ``1 + weight`` (weights stored around 0, Gemma 3) rather than by ``weight``."""
+        return self.model_type == "gemma3_text"
+
+    @property
+    def sandwich_norms(self) -> bool:
+        """Whether each layer norms the attention and MLP outputs too (``pre_feedforward_layernorm``,
+        ``post_feedforward_layernorm``, ``post_attention_layernorm`` on the attention output: Gemma 3)."""
+        return self.model_type == "gemma3_text"
+
+    @property
+    def embed_scale(self) -> bool:
+        """Whether the token embeddings are multiplied by sqrt(hidden_size) (Gemma 3)."""
+        return self.model_type == "gemma3_text"
+
+    @property
+    def moe_layout(self) -> str | None:
+        """How mixture-of-experts layers are laid out: "block_sparse_moe" (Mixtral: a router and experts of
+        w1/w2/w3 under ``block_sparse_moe.``, every layer), "routed_shared" (DeepSeek V3: a router with a
+        score-correction bias, routed and shared experts under ``mlp.``, in the layers ``layer_is_moe``
+        names), or None (dense)."""
+        if self.model_type == "mixtral":
+            return "block_sparse_moe"
+        if self.model_type == "deepseek_v3":
+            return "routed_shared"
+        return None
+
     def layer_is_moe(self, i: int) -> bool:
         if self.num_local_experts:
             return True

@@ -59,7 +59,7 @@ def tensor_shapes(config: ModelConfig) -> list[TensorShape]:
         out += _attention(c, i, p + "self_attn.")
         out += _mlp(c, i, p)
         norms = ["input_layernorm", "post_attention_layernorm"]
-        if c.model_type == "gemma3_text":
+        if c.sandwich_norms:
             norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
         out += [TensorShape(f"{p}{n}.weight", (hidden,), "norm", i) for n in norms]
     out.append(TensorShape("model.norm.weight", (hidden,), "norm"))
@@ -101,14 +101,9 @@ def _attention(c: ModelConfig, i: int, p: str) -> list[TensorShape]:
 
     hd, nkv = c.head_dim, c.num_key_value_heads
     assert hd is not None and nkv is not None
-    if c.model_type == "phi3":  # fused q/k/v, no biases
+    if c.fused_qkv:  # Phi-3: fused q/k/v, no biases
         return _linear(p + "qkv_proj", (nh + 2 * nkv) * hd, h, i) + _linear(p + "o_proj", h, nh * hd, i)
-    if c.model_type in ("mistral", "mixtral"):
-        qkv_bias = o_bias = False
-    elif c.model_type == "qwen2":  # transformers hard-codes q/k/v bias on, o_proj bias off
-        qkv_bias, o_bias = True, False
-    else:  # llama, qwen3, gemma3_text: attention_bias switches all four
-        qkv_bias = o_bias = c.attention_bias
+    qkv_bias, o_bias = c.qkv_bias, c.o_proj_bias
     ts = (
         _linear(p + "q_proj", nh * hd, h, i, qkv_bias)
         + _linear(p + "k_proj", nkv * hd, h, i, qkv_bias)
@@ -125,9 +120,9 @@ def _attention(c: ModelConfig, i: int, p: str) -> list[TensorShape]:
 
 def _dense_mlp(c: ModelConfig, i: int, p: str, inter: int) -> list[TensorShape]:
     h = c.hidden_size
-    if c.model_type == "phi3":  # fused gate/up
+    if c.fused_gate_up:  # Phi-3
         return _linear(p + "gate_up_proj", 2 * inter, h, i) + _linear(p + "down_proj", h, inter, i)
-    bias = c.mlp_bias and c.model_type == "llama"  # only Llama has mlp_bias
+    bias = c.mlp_proj_bias
     return (
         _linear(p + "gate_proj", inter, h, i, bias)
         + _linear(p + "up_proj", inter, h, i, bias)
@@ -137,7 +132,7 @@ def _dense_mlp(c: ModelConfig, i: int, p: str, inter: int) -> list[TensorShape]:
 
 def _mlp(c: ModelConfig, i: int, p: str) -> list[TensorShape]:
     h, e = c.hidden_size, c.num_experts
-    if c.model_type == "mixtral":
+    if c.moe_layout == "block_sparse_moe":  # Mixtral
         q = p + "block_sparse_moe."
         ts = [TensorShape(q + "gate.weight", (e, h), "router", i)]
         for j in range(e):
@@ -149,7 +144,7 @@ def _mlp(c: ModelConfig, i: int, p: str) -> list[TensorShape]:
                 + _linear(x + "w3", inter, h, i)
             )
         return ts
-    if c.model_type == "deepseek_v3" and c.layer_is_moe(i):
+    if c.moe_layout == "routed_shared" and c.layer_is_moe(i):  # DeepSeek V3
         q = p + "mlp."
         inter = c.moe_intermediate_size or c.intermediate_size
         ts = [

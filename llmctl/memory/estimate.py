@@ -246,7 +246,7 @@ def _mlp_width(c: ModelConfig, i: int) -> int:
     if not c.layer_is_moe(i):
         return c.intermediate_size
     k = c.num_experts_per_tok or 1
-    if c.model_type == "mixtral":
+    if c.moe_layout == "block_sparse_moe":  # Mixtral: experts of intermediate_size, no shared ones
         return k * c.intermediate_size
     expert = c.moe_intermediate_size or c.intermediate_size
     return (k + (c.n_shared_experts or 0)) * expert

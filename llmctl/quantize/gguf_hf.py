@@ -124,7 +124,7 @@ def _check_representable(folder: Path, cfg: ModelConfig) -> None:
             f"{folder}: RoPE scaling {rope!r} is not written to GGUF by llmctl (linear and llama3 are); "
             "convert it with llama.cpp's convert_hf_to_gguf.py"
         )
-    if cfg.model_type != "gemma3_text":
+    if GGUF_ARCH[cfg.model_type] != "gemma3":  # what follows is what llama.cpp's gemma3 architecture fixes
         return
     if cfg.final_logit_softcapping or cfg.attn_logit_softcapping:
         raise UsageError(

@@ -196,7 +196,7 @@ def expected_hf_names(cfg: ModelConfig) -> set[str]:
     per_layer += [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
     if cfg.qk_norm:
         per_layer += ["self_attn.q_norm", "self_attn.k_norm"]
-    if cfg.model_type == "gemma3_text":
+    if cfg.sandwich_norms:
         per_layer += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
     for i in range(cfg.num_hidden_layers):
         names.update(f"model.layers.{i}.{p}.weight" for p in per_layer)

@@ -154,17 +154,15 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        qwen2 = config.model_type == "qwen2"
-        qkv_bias, o_bias = config.attention_bias or qwen2, config.attention_bias and not qwen2
+        qkv_bias, o_bias = config.qkv_bias, config.o_proj_bias
         self.q_proj = nn.Linear(config.hidden_size, H * D, bias=qkv_bias)
         self.k_proj = nn.Linear(config.hidden_size, KV * D, bias=qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, KV * D, bias=qkv_bias)
         self.o_proj = nn.Linear(H * D, config.hidden_size, bias=o_bias)
         self.qk_norm = config.qk_norm
         if self.qk_norm:
-            gemma = config.model_type == "gemma3_text"
-            self.q_norm = RMSNorm(D, config.rms_norm_eps, offset=gemma)
-            self.k_norm = RMSNorm(D, config.rms_norm_eps, offset=gemma)
+            self.q_norm = RMSNorm(D, config.rms_norm_eps, offset=config.norm_offset)
+            self.k_norm = RMSNorm(D, config.rms_norm_eps, offset=config.norm_offset)
         self.n_heads, self.n_kv_heads, self.head_dim = H, KV, D
         self.scale = float(config.query_pre_attn_scalar or D) ** -0.5
         self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by fuse()
@@ -235,7 +233,7 @@ def attend(
 class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        bias = config.mlp_bias and config.model_type == "llama"
+        bias = config.mlp_proj_bias
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
@@ -256,17 +254,17 @@ class FeedForward(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        gemma = config.model_type == "gemma3_text"
+        offset = config.norm_offset
         eps = config.rms_norm_eps
         self.self_attn = Attention(config)
         self.mlp = FeedForward(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps, gemma)
-        # Llama: the norm before the MLP. Gemma 3: the norm of the attention output.
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, gemma)
-        self.sandwich = gemma
-        if gemma:
-            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps, gemma)
-            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, gemma)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, offset)
+        # Llama: the norm before the MLP. Gemma 3 (sandwich norms): the norm of the attention output.
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, offset)
+        self.sandwich = config.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset)
 
     def forward(self, x: torch.Tensor, rope, mask, cache, layer: int) -> torch.Tensor:
         h = self.self_attn(self.input_layernorm(x), rope, mask, cache, layer)
@@ -284,7 +282,7 @@ class Body(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.model_type == "gemma3_text")
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset)
 
 
 class Transformer(nn.Module):
@@ -429,7 +427,7 @@ class Transformer(nn.Module):
         else:
             masks = {w: self_mask(start, T, w, tokens.device) for w in set(self.windows)}
         x = self.model.embed_tokens(tokens)  # (B, T, hidden)
-        if self.config.model_type == "gemma3_text":
+        if self.config.embed_scale:
             x = x * self._embed_scale
         plan = self._fused_plan(B, T, cache)
         if plan is not None:  # one token: every layer in one C++ call (llmctl.runtime.fused)
