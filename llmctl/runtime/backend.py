@@ -2,7 +2,8 @@
 
 ``llmctl.runtime.session`` drives one (``TorchBackend`` there: llmctl's own runtime); the others are
 ``llmctl.runtime.llamacpp`` (GGUF files through llama-cpp-python) and ``llmctl.runtime.vllm_backend``.
-``session.load_backend`` (chat, serve) and ``perplexity.open_scorer`` (eval) choose among them, with the
+``session.load_backend`` (chat, serve) and ``eval.scorers.open_scorer`` (eval) load them, both choosing
+through ``choose_backend``, with the
 same refusals (``check_backend``)."""
 
 from __future__ import annotations
@@ -69,6 +70,38 @@ class Backend(abc.ABC):
 
     def close(self) -> None:
         self.tokenizer.close()
+
+
+BACKENDS = ("auto", "torch", "llama.cpp", "vllm")  # chat, serve
+EVAL_BACKENDS = ("torch", "llama.cpp", "vllm")  # eval names its backend (torch by default)
+
+
+def choose_backend(
+    source: Any,
+    backend: str,
+    *,
+    dtype: str | None = None,
+    device: str | None = None,
+    gpu_layers: int | None = None,
+    allowed: tuple[str, ...] = BACKENDS,
+) -> tuple[str, str]:
+    """(backend, why) for a resolved model, the one place chat, serve and eval choose it: ``auto`` is
+    llama.cpp for a GGUF file (torch when --dtype/--device ask for the torch runtime) and torch otherwise; a
+    named backend is kept. Then what every command refuses for that backend (``check_backend``; vLLM's own
+    refusals are ``vllm_engine.check_source`` / ``check_placement``). ``allowed``: the command's values (eval
+    takes no ``auto``: it names its backend, torch by default)."""
+    if backend not in allowed:
+        raise UsageError(f"--backend must be one of {', '.join(allowed)}, got {backend!r}")
+    if backend == "auto":
+        chosen = "llama.cpp" if source.is_gguf else "torch"
+        why = "auto: the model is a GGUF file" if source.is_gguf else "auto: the model is not a GGUF file"
+        if source.is_gguf and ((dtype not in (None, "auto")) or (device not in (None, "auto", "cpu"))):
+            chosen, why = "torch", "auto: GGUF file, but --dtype/--device ask for the torch runtime"
+    else:
+        chosen, why = backend, "--backend"
+    if chosen != "vllm":
+        check_backend(source, chosen, dtype=dtype, gpu_layers=gpu_layers)
+    return chosen, why
 
 
 def check_backend(source: Any, backend: str, *, dtype: str | None, gpu_layers: int | None) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llmctl.errors import UsageError
+from llmctl.runtime.backend import EVAL_BACKENDS
 from llmctl.runtime.eval.logits_file import (
     LOGITS_FORMAT,
     LOGITS_VERSION,
@@ -86,7 +87,7 @@ __all__ = [
     "windows_digest",
 ]
 
-BACKENDS = ("torch", "llama.cpp", "vllm")
+BACKENDS = EVAL_BACKENDS
 DEFAULT_CONTEXT = 512
 DEFAULT_TOP_K = 128  # log-probabilities per token that --save-logits keeps
 
@@ -156,8 +157,8 @@ def check_options(
     """Refuse bad option values, and options that would do nothing, before anything is loaded."""
     if protocol not in PROTOCOLS:
         raise UsageError(f"unknown --protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
-    if backend not in BACKENDS:
-        raise UsageError(f"unknown --backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend not in BACKENDS:  # before anything is loaded; the backend is chosen in open_scorer
+        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     check_positive("--context", context, 4)
     for name, value in (
         ("--stride", stride), ("--max-tokens", max_tokens), ("--chunks", chunks), ("--top-k", top_k),

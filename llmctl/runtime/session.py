@@ -26,14 +26,20 @@ from typing import TYPE_CHECKING, Any
 
 from llmctl import atomic
 from llmctl.errors import UsageError
-from llmctl.runtime.backend import MAX_TOP_LOGPROBS, Backend, check_backend, common_prefix, logprobs_of
+from llmctl.runtime.backend import (
+    BACKENDS,
+    MAX_TOP_LOGPROBS,
+    Backend,
+    choose_backend,
+    common_prefix,
+    logprobs_of,
+)
 from llmctl.runtime.sampler import MAX_SEED, Sampler, SamplingOptions
 
 if TYPE_CHECKING:
     from llmctl.runtime.chat_template import ChatTemplate
     from llmctl.runtime.tokenizer import Tokenizer
 
-BACKENDS = ("auto", "torch", "llama.cpp", "vllm")
 DEFAULT_CONTEXT = 4096  # cap of the default --context (the model's limit is often 32k-128k)
 MIN_CONTEXT = 64
 ROLLBACK = 64  # extra ring slots of sliding-window layers, so a new turn can roll back a few tokens
@@ -209,7 +215,7 @@ def load_backend(
     from llmctl.runtime.vllm_engine import check_placement, check_source, check_tensor_parallel, import_vllm
     from llmctl.sources import resolve
 
-    if backend not in BACKENDS:
+    if backend not in BACKENDS:  # before resolving MODEL
         raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     tensor_parallel = check_tensor_parallel(tensor_parallel, backend)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0):
@@ -222,13 +228,7 @@ def load_backend(
         raise UsageError(
             f"--context must be between {MIN_CONTEXT} and the model's limit of {limit} tokens, got {context!r}"
         )
-    if backend == "auto":
-        chosen = "llama.cpp" if source.is_gguf else "torch"
-        why = "auto: the model is a GGUF file" if source.is_gguf else "auto: the model is not a GGUF file"
-        if source.is_gguf and ((dtype not in (None, "auto")) or (device not in (None, "auto", "cpu"))):
-            chosen, why = "torch", "auto: GGUF file, but --dtype/--device ask for the torch runtime"
-    else:
-        chosen, why = backend, "--backend"
+    chosen, why = choose_backend(source, backend, dtype=dtype, device=device, gpu_layers=gpu_layers)
     if chosen == "vllm":
         check_source(source)
         check_placement(device=device, threads=threads, gpu_layers=gpu_layers)
@@ -243,7 +243,6 @@ def load_backend(
             tokenizer.close()
             raise
         return b, f"backend: {b.describe()} ({why}); context {context} tokens"
-    check_backend(source, chosen, dtype=dtype, gpu_layers=gpu_layers)
     if chosen == "llama.cpp":
         from llmctl.runtime.llamacpp import LlamaCppBackend
 

@@ -260,17 +260,17 @@ def open_scorer(
 ) -> tuple[Any, str]:
     """(scorer, device label) for a resolved model source. ``gpu_layers``: llama.cpp's ``-ngl``;
     ``tensor_parallel``, ``windows`` (for the engine's length) and ``top_k`` (log-probs per row): vLLM's."""
-    from llmctl.runtime.backend import check_backend
+    from llmctl.runtime.backend import EVAL_BACKENDS, choose_backend
     from llmctl.runtime.device import choose_threads, set_threads
     from llmctl.runtime.llamacpp import offload_text
 
+    backend, _ = choose_backend(source, backend, dtype=dtype, device=device, gpu_layers=gpu_layers, allowed=EVAL_BACKENDS)
     if backend == "vllm":
         from llmctl.runtime.vllm_engine import check_placement
 
         check_placement(device=device, threads=threads, gpu_layers=gpu_layers)
         scorer = VllmScorer(source, windows, top_k=top_k, tensor_parallel=tensor_parallel, dtype=dtype)
         return scorer, f"vLLM, tensor parallel {tensor_parallel}, top-{scorer.top_k} log-probabilities"
-    check_backend(source, backend, dtype=dtype, gpu_layers=gpu_layers)
     if backend == "llama.cpp":
         threads, why = choose_threads(threads)
         scorer = LlamaCppScorer(source.path, context, threads, device=device, gpu_layers=gpu_layers)
