@@ -62,10 +62,10 @@ class RawLlama:
     def __init__(self, model: str, threads: int, context: int, tokenizer) -> None:
         import llama_cpp
 
-        from llmctl.runtime.tokenizer import llama_load_guard
+        from llmctl.runtime.llama_lib import load_guard
         from llmctl.sources import resolve
 
-        with llama_load_guard():
+        with load_guard():
             self.llm = llama_cpp.Llama(
                 model_path=str(resolve(model).path), n_ctx=context, n_threads=threads,
                 n_threads_batch=threads, verbose=False, n_gpu_layers=0,

@@ -120,9 +120,9 @@ class LlamaCpp:
     def __init__(self, path, n_ctx: int, threads: int) -> None:
         import llama_cpp
 
-        from llmctl.runtime.tokenizer import llama_load_guard  # llama.cpp's AMX path crashes here
+        from llmctl.runtime.llama_lib import load_guard  # llama.cpp's AMX path crashes here
 
-        with llama_load_guard():
+        with load_guard():
             self.llm = llama_cpp.Llama(
                 model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
                 verbose=False,

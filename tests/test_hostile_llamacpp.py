@@ -287,17 +287,17 @@ def test_probing_twice_loads_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_llama_cpp_python_sees_no_chat_template(tmp_path: Path) -> None:
     import llama_cpp
 
-    from llmctl.runtime.tokenizer import _captured_native_output, llama_load_guard
+    from llmctl.runtime.llama_lib import captured_native_output, load_guard
 
     model = tiny_gguf(tmp_path / "m.gguf", tokenizer__chat_template__x="{% if %}")
-    with _captured_native_output(), llama_load_guard():
+    with captured_native_output(), load_guard():
         llm = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
     try:
         assert not any(k.startswith("tokenizer.chat_template") for k in llm.metadata)
         assert llm._chat_handlers == {}
         assert llm.metadata["general.architecture"] == "llama"  # the rest of the metadata is there
     finally:
-        with _captured_native_output():
+        with captured_native_output():
             llm.close()
 
 

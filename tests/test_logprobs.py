@@ -65,13 +65,13 @@ def torch_backend():
 def test_llama_cpp_logprobs_are_the_model_distribution(llama) -> None:
     import llama_cpp
 
-    from llmctl.runtime.tokenizer import _captured_native_output, llama_load_guard
+    from llmctl.runtime.llama_lib import captured_native_output, load_guard
     from llmctl.sources import resolve
 
     greedy, prompt = reply(llama, 5, temperature=0)
     sampled, prompt2 = reply(llama, 5, temperature=1.5, top_k=20)  # filters and temperature: not in the logprobs
     assert prompt2 == prompt
-    with _captured_native_output(), llama_load_guard():
+    with captured_native_output(), load_guard():
         ref = llama_cpp.Llama(str(resolve(MODEL).path), n_ctx=512, n_threads=1, logits_all=True, verbose=False)
     try:
         for last in (greedy, sampled):

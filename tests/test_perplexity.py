@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from conftest import gemma3_path, smollm2_path
 
+from llmctl.runtime.llama_lib import load_guard
 from llmctl.runtime.perplexity import evaluate
-from llmctl.runtime.tokenizer import llama_load_guard
 
 SPEECH = "1994-Clinton-1"
 
@@ -35,7 +35,7 @@ def llama_cpp_reference(
     """(PPL, stderr, tokens scored, all tokens, PPL of each chunk) the way llama-perplexity computes them."""
     import llama_cpp
 
-    with llama_load_guard():  # llama.cpp's AMX kernels crash on this machine (see tokenizer.py)
+    with load_guard():  # llama.cpp's AMX kernels crash on this machine (see tokenizer.py)
         llm = llama_cpp.Llama(
             str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, verbose=False
         )

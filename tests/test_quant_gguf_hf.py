@@ -235,9 +235,9 @@ def tiny_folder(family: str, folder: Path, **gemma: object):
 def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
     import llama_cpp
 
-    from llmctl.runtime.tokenizer import llama_load_guard
+    from llmctl.runtime.llama_lib import load_guard
 
-    with llama_load_guard():  # llama.cpp's AMX kernels crash on this machine (see tokenizer.py)
+    with load_guard():  # llama.cpp's AMX kernels crash on this machine (see tokenizer.py)
         m = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, n_threads=1,
                             type_k=0, type_v=0, verbose=False)  # f32 KV cache: llama.cpp's f16 rounds ~1e-3 # fmt: skip
     try:

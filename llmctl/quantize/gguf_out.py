@@ -448,9 +448,9 @@ def _ggml_quantize_chunk() -> Any:
     """ggml's ``ggml_quantize_chunk`` from llama-cpp-python's libggml-base (the library llama.cpp runs)."""
     import ctypes
 
-    import llama_cpp
+    from llmctl.runtime.llama_lib import ggml_base_library
 
-    path = Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"
+    path = ggml_base_library()
     if not path.is_file():
         raise QuantError(f"ggml's quantizer is not where llama-cpp-python keeps it ({path}); reinstall it "
                          "with scripts/install.sh, or pass --pure to write every tensor with gguf-py")  # fmt: skip
@@ -553,7 +553,9 @@ def _llama_quantize_child(request: dict[str, Any], conn: Any) -> None:
     import ctypes
     import signal
 
-    import llama_cpp
+    from llmctl.runtime.llama_lib import load
+
+    llama_cpp = load()
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends it at once; the parent removes its files
     params = llama_cpp.llama_model_quantize_default_params()

@@ -15,7 +15,7 @@ Models load without llama.cpp's CPU "extra" buffer types (AMX / repacked weights
 under a VM (this project's machines) the AMX matmul kills the process with SIGSEGV at the first
 multi-token decode. llama-cpp-python has no keyword for ``use_extra_bufts``, so the default model
 parameters are wrapped while the model loads; and it never sees the file's chat templates, which it would
-compile outside llmctl's sandbox (``tokenizer.llama_load_guard``).
+compile outside llmctl's sandbox (``llama_lib.load_guard``).
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ def gpu_layers(device: str | None, layers: int | None = None, *, offload: bool |
     build, or a device llama.cpp cannot be pointed at, is a UsageError. ``offload`` overrides the build
     check (for tests of the rule itself)."""
     if offload is None:
-        import llama_cpp
+        from llmctl.runtime.llama_lib import load
 
-        offload = bool(llama_cpp.llama_supports_gpu_offload())
+        offload = bool(load().llama_supports_gpu_offload())
     if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < -1):
         raise UsageError(f"--gpu-layers must be -1 (all), 0 (none) or a number of layers, got {layers!r}")
     if device not in (None, "auto", "cpu", *GPU_DEVICES):
@@ -91,14 +91,10 @@ class LlamaCppBackend(Backend):
         device: str | None = None,
         gpu_layers_: int | None = None,
     ) -> None:
-        import llama_cpp
+        from llmctl.runtime.llama_lib import captured_native_output, load, load_guard, log_detail
+        from llmctl.runtime.tokenizer import load_tokenizer
 
-        from llmctl.runtime.tokenizer import (
-            _captured_native_output,
-            _log_detail,
-            llama_load_guard,
-            load_tokenizer,
-        )
+        llama_cpp = load()
 
         n_gpu_layers = gpu_layers(device, gpu_layers_)
         path = Path(path)
@@ -112,7 +108,7 @@ class LlamaCppBackend(Backend):
         )
         threads = threads or os.cpu_count() or 1  # llama-cpp-python's own default is half the cores
         kwargs.update(n_threads=threads, n_threads_batch=threads)
-        with _captured_native_output() as log, llama_load_guard():
+        with captured_native_output() as log, load_guard():
             try:
                 self.llm = llama_cpp.Llama(**kwargs)
             except (ValueError, RuntimeError, OSError) as e:
@@ -121,7 +117,7 @@ class LlamaCppBackend(Backend):
                 err = None
         if err is not None:
             self.tokenizer.close()
-            raise FormatError(f"{path}: llama.cpp cannot load the model ({_log_detail(log.text) or err})")
+            raise FormatError(f"{path}: llama.cpp cannot load the model ({log_detail(log.text) or err})")
         self.n_vocab = self.llm.n_vocab()
 
     @property
@@ -198,8 +194,8 @@ class LlamaCppBackend(Backend):
             L.llama_sampler_free(chain)
 
     def close(self) -> None:
-        from llmctl.runtime.tokenizer import _captured_native_output
+        from llmctl.runtime.llama_lib import captured_native_output
 
-        with _captured_native_output():
+        with captured_native_output():
             self.llm.close()
         super().close()

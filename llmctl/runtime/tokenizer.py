@@ -25,18 +25,8 @@ Conventions:
 from __future__ import annotations
 
 import abc
-import contextlib
-import faulthandler
-import io
 import json
 import operator
-import os
-import re
-import signal
-import sys
-import tempfile
-import time
-import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
@@ -324,9 +314,17 @@ class GGUFTokenizer(Tokenizer):
     """llama.cpp's tokenizer for a GGUF file (llama-cpp-python, ``vocab_only=True``: no weights loaded)."""
 
     def __init__(self, path: str | Path) -> None:
-        import llama_cpp
-
         from llmctl.gguf_file import check_vocabulary, read_gguf
+        from llmctl.runtime.llama_lib import (
+            captured_native_output,
+            close_quietly,
+            load,
+            load_guard,
+            log_detail,
+            probe_vocabulary,
+        )
+
+        llama_cpp = load()
 
         path = Path(path)
         self.source = str(path)
@@ -337,8 +335,8 @@ class GGUFTokenizer(Tokenizer):
                 f"{path}: the GGUF has no tokenizer (tokenizer.ggml.tokens); use one that embeds it"
             )
         check_vocabulary(info)  # what llama.cpp asserts on, refused in one line
-        _probe_vocabulary(path)  # and anything else it still dies of, found in a child process
-        with _captured_native_output() as log, llama_load_guard():
+        probe_vocabulary(path)  # and anything else it still dies of, found in a child process
+        with captured_native_output() as log, load_guard():
             try:
                 self._llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
             except (ValueError, RuntimeError, OSError) as e:
@@ -346,11 +344,11 @@ class GGUFTokenizer(Tokenizer):
             else:
                 err = None
         if err is not None:
-            detail = _log_detail(log.text) or str(err)
+            detail = log_detail(log.text) or str(err)
             raise FormatError(f"{path}: llama.cpp cannot load the vocabulary ({detail})") from None
         # Close the model when the tokenizer goes away or, at the latest, at interpreter exit (while
         # llama_cpp's module globals still exist; its own __del__ fails during shutdown).
-        self._finalizer = weakref.finalize(self, _close_quietly, self._llm)
+        self._finalizer = weakref.finalize(self, close_quietly, self._llm)
         self._lib = llama_cpp
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(self._vocab)
@@ -420,178 +418,6 @@ class GGUFTokenizer(Tokenizer):
         self._finalizer()
 
 
-@contextlib.contextmanager
-def llama_load_guard() -> Iterator[None]:
-    """While a ``llama_cpp.Llama`` is built (not thread-safe: build models from one thread at a time):
-
-    * **plain CPU kernels**: no CPU "extra" buffer types (AMX, repacked weights). On AMX-capable Xeons under
-      a VM (this project's machines) the AMX matmul kills the process with SIGSEGV at the first multi-token
-      decode; the plain kernels compute the same numbers. llama-cpp-python has no keyword for
-      ``use_extra_bufts``, so its default model parameters are wrapped.
-    * **no chat templates**: llama-cpp-python compiles every ``tokenizer.chat_template*`` value of the file
-      with jinja2, unbounded and outside llmctl's sandbox, for chat handlers llmctl never uses (a 2.4 MB
-      template took 2.9 GB and 60 s; a syntax error in a named one raised). The metadata it reads leaves them
-      out; llmctl renders the model's template itself (``chat_template``).
-    """
-    import llama_cpp._internals as internals
-    import llama_cpp.llama as ll
-
-    module = ll.llama_cpp
-    orig_params = module.llama_model_default_params
-    orig_metadata = internals.LlamaModel.metadata
-
-    def params():  # type: ignore[no-untyped-def]
-        p = orig_params()
-        p.use_extra_bufts = False
-        return p
-
-    def metadata(model):  # type: ignore[no-untyped-def]
-        return {k: v for k, v in orig_metadata(model).items() if not k.startswith("tokenizer.chat_template")}
-
-    module.llama_model_default_params = params
-    internals.LlamaModel.metadata = metadata
-    try:
-        yield
-    finally:
-        module.llama_model_default_params = orig_params
-        internals.LlamaModel.metadata = orig_metadata
-
-
-PROBE_TIMEOUT_S = 300.0
-_PROBED: set[tuple[Any, ...]] = set()
-
-
-def _probe_vocabulary(path: Path) -> None:
-    """Load the vocabulary in a forked child first, once per file and process. llama.cpp still aborts on some
-    files ``check_vocabulary`` lets through (a ``GGML_ASSERT``, an uncaught C++ exception: exit 134, nothing
-    printed); then only the child dies, and its log says why. Where there is no ``fork`` it is skipped."""
-    import llama_cpp
-
-    st = path.stat()
-    key = (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    if key in _PROBED or not hasattr(os, "fork"):
-        return
-    with tempfile.TemporaryFile() as log:
-        with warnings.catch_warnings():  # Python >= 3.12 warns about fork() in a process with threads
-            warnings.simplefilter("ignore", DeprecationWarning)
-            try:
-                pid = os.fork()
-            except OSError:  # no process to spare: load without the safety net
-                return
-        if pid == 0:  # the child: load, answer with the exit status, never return to the caller
-            code = 4
-            try:
-                os.dup2(log.fileno(), 1)
-                os.dup2(log.fileno(), 2)
-                os.environ["GGML_NO_BACKTRACE"] = "1"  # no gdb attaching itself to print a backtrace
-                faulthandler.disable()  # a crash here is an answer, not one to dump a traceback for
-
-                def write_log(level: int, text: bytes, data: Any) -> None:  # every level, straight to fd 2
-                    os.write(2, text)
-
-                callback = llama_cpp.llama_log_callback(write_log)
-                llama_cpp.llama_log_set(callback, None)
-                params = llama_cpp.llama_model_default_params()
-                params.vocab_only = True
-                code = 0 if llama_cpp.llama_model_load_from_file(os.fsencode(path), params) else 3
-            finally:
-                os._exit(code)
-        status = _wait_child(pid, PROBE_TIMEOUT_S)
-        log.seek(0)
-        text = log.read().decode("utf-8", errors="replace")
-    if status is None:
-        raise FormatError(
-            f"{path}: llama.cpp took more than {PROBE_TIMEOUT_S:g} s to read the vocabulary; the file is "
-            "corrupt or hostile — re-download it"
-        )
-    code = os.waitstatus_to_exitcode(status)
-    if code < 0:
-        raise FormatError(
-            f"{path}: llama.cpp crashes reading the vocabulary ({signal.Signals(-code).name}: "
-            f"{_log_detail(text) or 'no message'}); the file is corrupt or hostile — re-download it"
-        )
-    if code == 3:
-        raise FormatError(f"{path}: llama.cpp cannot load the vocabulary ({_log_detail(text)})")
-    if code == 0:
-        _PROBED.add(key)
-    # any other status: the probe itself failed in Python; the load in this process reports what it finds
-
-
-def _wait_child(pid: int, timeout_s: float) -> int | None:
-    """The wait status of child ``pid``; ``None`` (the child killed) past ``timeout_s`` seconds."""
-    deadline = time.monotonic() + timeout_s
-    done = 0
-    try:
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                return status
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(0.005)
-    finally:
-        if not done:  # timed out or interrupted
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-
-
-def _close_quietly(llm: Any) -> None:
-    with _captured_native_output():
-        llm.close()
-
-
-class _Captured:
-    text = ""
-
-
-@contextlib.contextmanager
-def _captured_native_output() -> Iterator[_Captured]:
-    """Capture what llama.cpp prints: its log callback writes to ``sys.stderr``, native code to fd 2."""
-    cap = _Captured()
-    py_err = io.StringIO()
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError, AttributeError):  # no real fd 2 (embedded interpreters)
-        with contextlib.redirect_stderr(py_err):
-            yield cap
-        cap.text = py_err.getvalue()
-        return
-    with tempfile.TemporaryFile() as native:
-        os.dup2(native.fileno(), 2)
-        try:
-            with contextlib.redirect_stderr(py_err):
-                yield cap
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            native.seek(0)
-            cap.text = py_err.getvalue() + native.read().decode("utf-8", errors="replace")
-
-
-def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
-
-
-_ASSERTION = re.compile(r"([\w.+-]+\.(?:c|cc|cpp|h):\d+: .*)")  # ggml_abort: "path/file.cpp:123: message"
-_WHAT = re.compile(r"terminate called after throwing an instance of '([^']*)'\s*what\(\):\s*(.*)")
-
-
-def _log_detail(text: str) -> str:
-    """What a llama.cpp log says went wrong, on one line: a failed assertion (file and line, without the
-    build's path), an uncaught C++ exception, the loader's error, else the last line."""
-    if m := _ASSERTION.search(text):
-        return m.group(1).strip()
-    if m := _WHAT.search(text):
-        return f"uncaught {m.group(1)}: {m.group(2).strip()}"
-    errors = [ln for ln in text.splitlines() if "error loading model: " in ln]
-    if errors:
-        return errors[-1].rsplit("error loading model: ", 1)[1].strip()
-    return _last_line(text)
-
-
-# ---- entry point ---------------------------------------------------------------------------------
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A tokenizer for a ``.gguf`` file or a Hugging Face folder (``tokenizer.json``)."""
     path = Path(path)

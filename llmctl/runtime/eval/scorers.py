@@ -94,10 +94,10 @@ class LlamaCppScorer:
         device: str | None = None,
         gpu_layers: int | None = None,
     ) -> None:
-        import llama_cpp
-
+        from llmctl.runtime.llama_lib import captured_native_output, load, load_guard, log_detail
         from llmctl.runtime.llamacpp import gpu_layers as _gpu_layers
-        from llmctl.runtime.tokenizer import _captured_native_output, _log_detail, llama_load_guard
+
+        llama_cpp = load()
 
         self.n_gpu_layers = _gpu_layers(device, gpu_layers)
         self.path = Path(path)
@@ -106,7 +106,7 @@ class LlamaCppScorer:
                 f"{self.path}: the llama.cpp backend runs .gguf files; pass one or use --backend torch"
             )
         self.n_batch = min(context, 2048)
-        with _captured_native_output() as log, llama_load_guard():
+        with captured_native_output() as log, load_guard():
             try:
                 self.llm = llama_cpp.Llama(
                     str(self.path),
@@ -123,11 +123,11 @@ class LlamaCppScorer:
             else:
                 err = None
         if err is not None:
-            raise FormatError(f"{self.path}: llama.cpp cannot load it ({_log_detail(log.text) or err})")
+            raise FormatError(f"{self.path}: llama.cpp cannot load it ({log_detail(log.text) or err})")
         self._lib = llama_cpp
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.vocab_size = int(self.llm.n_vocab())
-        self._capture = _captured_native_output
+        self._capture = captured_native_output
 
     def _scored_logits(self, w: Window) -> np.ndarray:
         """(len(w.targets), vocab) float32 logits of rows ``w.first ..``."""
@@ -164,13 +164,13 @@ class LlamaCppScorer:
             yield torch.log_softmax(torch.from_numpy(rows), dim=-1)
 
     def close(self) -> None:
-        from llmctl.runtime.tokenizer import _close_quietly
+        from llmctl.runtime.llama_lib import close_quietly
 
         if getattr(self, "_batch", None) is not None:
             self._lib.llama_batch_free(self._batch)
             self._batch = None
         if getattr(self, "llm", None) is not None:
-            _close_quietly(self.llm)
+            close_quietly(self.llm)
             self.llm = None
 
 
