@@ -258,3 +258,24 @@ def test_int8_code_minus_128_is_exact(kernels):
     for path, name in enumerate(kernels.int4_paths()):
         got = kernels.int8_linear(x, codes, scale, path).double()
         assert (got - exact).abs().max() <= 1e-5 * exact.abs().max(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dense_kernel_is_the_float_product_on_every_path(kernels, dtype, threads):
+    """``dense_linear`` (the fused step's dense fp32 and bf16 weights, four rows at a time): each bf16 widened
+    exactly, fp32 sums, the activations not rounded — on every path, with rows that leave a remainder of the
+    four and columns that end in a partial vector (203 rows, 200 columns)."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(203, 200, generator=g).to(dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n in (1, 3):
+            x = torch.randn(n, 200, generator=g)
+            want = x.double() @ w.double().t()
+            for path, name in enumerate(kernels.int4_paths()):
+                got = kernels.dense_linear(x, w, path).double()
+                assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (name, n)
+    finally:
+        torch.set_num_threads(before)

@@ -1052,41 +1052,46 @@ static inline __m256 ld8(const float* w) { return _mm256_loadu_ps(w); }
 static inline __m256 ld8(const c10::BFloat16* w) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))), 16));
 }
-template <typename T>
-static void dense_rows4_avx2(const T* w, int64_t stride, const float* x, int64_t cols, float* y) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= cols; j += 8) {
-    if ((j * sizeof(T)) % 64 == 0) prefetch_rows(w, stride, j);
-    __m256 xv = _mm256_loadu_ps(x + j);
-    a0 = _mm256_fmadd_ps(ld8(w + j), xv, a0);
-    a1 = _mm256_fmadd_ps(ld8(w + stride + j), xv, a1);
-    a2 = _mm256_fmadd_ps(ld8(w + 2 * stride + j), xv, a2);
-    a3 = _mm256_fmadd_ps(ld8(w + 3 * stride + j), xv, a3);
-  }
-  y[0] = hsum8(a0); y[1] = hsum8(a1); y[2] = hsum8(a2); y[3] = hsum8(a3);
-  for (; j < cols; ++j)
-    for (int t = 0; t < 4; ++t) y[t] += ld(w + t * stride, j) * x[j];
-}
+// The vector width of a dense path: its register, loads (fp32 as is, bf16 widened), multiply-add, sum.
+struct Avx2F {
+  using V = __m256;
+  static const int W = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V x(const float* p) { return _mm256_loadu_ps(p); }
+  template <typename T> static V w(const T* p) { return ld8(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(V v) { return hsum8(v); }
+};
 #endif
 #if defined(LLMCTL_AVX512)
 static inline __m512 ld16(const float* w) { return _mm512_loadu_ps(w); }
 static inline __m512 ld16(const c10::BFloat16* w) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))), 16));
 }
-template <typename T>
-static void dense_rows4_avx512(const T* w, int64_t stride, const float* x, int64_t cols, float* y) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+struct Avx512F {
+  using V = __m512;
+  static const int W = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V x(const float* p) { return _mm512_loadu_ps(p); }
+  template <typename T> static V w(const T* p) { return ld16(p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(V v) { return _mm512_reduce_add_ps(v); }
+};
+#endif
+#if defined(LLMCTL_AVX2)
+template <typename S, typename T>
+static void dense_rows4(const T* w, int64_t stride, const float* x, int64_t cols, float* y) {
+  typename S::V a0 = S::zero(), a1 = S::zero(), a2 = S::zero(), a3 = S::zero();
   int64_t j = 0;
-  for (; j + 16 <= cols; j += 16) {
+  for (; j + S::W <= cols; j += S::W) {
     if ((j * sizeof(T)) % 64 == 0) prefetch_rows(w, stride, j);
-    __m512 xv = _mm512_loadu_ps(x + j);
-    a0 = _mm512_fmadd_ps(ld16(w + j), xv, a0);
-    a1 = _mm512_fmadd_ps(ld16(w + stride + j), xv, a1);
-    a2 = _mm512_fmadd_ps(ld16(w + 2 * stride + j), xv, a2);
-    a3 = _mm512_fmadd_ps(ld16(w + 3 * stride + j), xv, a3);
+    typename S::V xv = S::x(x + j);
+    a0 = S::fma(S::w(w + j), xv, a0);
+    a1 = S::fma(S::w(w + stride + j), xv, a1);
+    a2 = S::fma(S::w(w + 2 * stride + j), xv, a2);
+    a3 = S::fma(S::w(w + 3 * stride + j), xv, a3);
   }
-  y[0] = _mm512_reduce_add_ps(a0); y[1] = _mm512_reduce_add_ps(a1); y[2] = _mm512_reduce_add_ps(a2); y[3] = _mm512_reduce_add_ps(a3);
+  y[0] = S::sum(a0); y[1] = S::sum(a1); y[2] = S::sum(a2); y[3] = S::sum(a3);
   for (; j < cols; ++j)
     for (int t = 0; t < 4; ++t) y[t] += ld(w + t * stride, j) * x[j];
 }
@@ -1099,10 +1104,10 @@ static void dense_impl(const T* wp, const float* xp, float* yp, int64_t n, int64
       const float* xi = xp + i * cols; float* yi = yp + i * rows;
       int64_t r = r0;
 #if defined(LLMCTL_AVX512)
-      if (isa == ISA_AVX512) for (; r + 4 <= r1; r += 4) dense_rows4_avx512(wp + r * cols, cols, xi, cols, yi + r);
+      if (isa == ISA_AVX512) for (; r + 4 <= r1; r += 4) dense_rows4<Avx512F>(wp + r * cols, cols, xi, cols, yi + r);
 #endif
 #if defined(LLMCTL_AVX2)
-      if (isa == ISA_AVX2) for (; r + 4 <= r1; r += 4) dense_rows4_avx2(wp + r * cols, cols, xi, cols, yi + r);
+      if (isa == ISA_AVX2) for (; r + 4 <= r1; r += 4) dense_rows4<Avx2F>(wp + r * cols, cols, xi, cols, yi + r);
 #endif
       for (; r < r1; ++r) yi[r] = dense_row_scalar(wp + r * cols, xi, cols);
     }
