@@ -78,7 +78,7 @@ class Plan:
         """x (1, 1, hidden) after every layer, for the token at ``start`` (``cache.begin`` already run)."""
         rope = [self._fp32(t) for kind in self.rope_kinds for t in tables[kind]]
         slot_pos = cache.slot_pos if self.sliding else _EMPTY
-        flat = x.reshape(-1).to(torch.float32).contiguous()  # fp32 in: a view of x (updated in place)
+        flat = x.reshape(-1).to(torch.float32).contiguous()  # fp32: a view of x, updated in place; bf16: a copy
         self.kernels.decode_step(self.handle, flat, cache.keys, cache.values, rope, slot_pos, start, path)
         return flat.view(x.shape).to(x.dtype)
 
