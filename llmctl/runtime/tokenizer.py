@@ -5,7 +5,8 @@
   (``tokenizer_config.json``'s ``chat_template`` or ``chat_template.jinja``).
 * ``GGUFTokenizer``: llama.cpp's own tokenizer through llama-cpp-python, loaded with ``vocab_only=True``
   (no weights), after ``read_gguf`` and ``check_vocabulary`` have validated the file and a forked child has
-  loaded it once (where llama.cpp aborts, only the child dies). Its log chatter is captured, never printed.
+  loaded it once (where llama.cpp aborts, only the child dies). Its log chatter is captured, never printed
+  (those helpers: ``runtime/llama_lib``, the one module that imports llama-cpp-python).
 
 Both give token ids identical to transformers' ``AutoTokenizer`` (tests/test_tokenizer.py).
 
