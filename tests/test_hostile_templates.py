@@ -144,6 +144,10 @@ CONTAINERS = {  # name: (template, the error's words); each took 0.1-6 GB before
         "{% macro m() %}{{ varargs|length }}{% endmacro %}{{ m(*(range(2000)|map('string')|map('center', 1000000))) }}",
         "'*' arguments would make 2,000,004",
     ),
+    "star-characters": (  # a string spread into arguments: one argument a character, a pointer in each tuple
+        "{{ cycler(*('x' * 1000000 ~ 'x')) }}",
+        "'*' arguments would make 8,000,008",
+    ),
     "generator-argument": (
         "{{ {}.fromkeys(range(2000)|map('string')|map('center', 1000000))|length }}",
         "the arguments of fromkeys would make 2,000,000",

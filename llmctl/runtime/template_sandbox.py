@@ -30,6 +30,8 @@ from llmctl.runtime.template_checks import (
     _spec_size,
 )
 
+ARG_SLOT_BYTES = 8  # what one item of `f(*seq)` is counted as, per item, against the size bound
+
 
 # ---- the environment ----------------------------------------------------------------------------
 @functools.cache
@@ -235,7 +237,13 @@ def _environment():
                 yield item
 
         def llmctl_listed(self, iterable):
-            return _materialized(iterable, _budget(), "'*' arguments", item_overhead=2)
+            b = _budget()
+            if hasattr(iterable, "__len__"):
+                # a container spreads into the call's argument tuples, copied along the call: each item
+                # costs a pointer (8 bytes) a copy, not its own size (`f(*('x' * 1000000))` made 85 MiB)
+                b.check_announced(ARG_SLOT_BYTES * len(iterable), "'*' arguments")
+                return iterable
+            return _materialized(iterable, b, "'*' arguments", item_overhead=2)
 
         # They list their argument themselves: `call` neither checks nor lists it.
         llmctl_iter.llmctl_bounded = llmctl_listed.llmctl_bounded = True
