@@ -383,8 +383,8 @@ static float fp8_row_avx512(const uint8_t* w, const float* x, const float* s, in
 }
 #endif
 
-// w (rows, cols) fp8 bytes, lut[256] their values, scale (1 or rows, groups) fp32; path 0: the best this build
-// has (AVX2: the bytes converted in registers), 1: the table, one value at a time
+// w (rows, cols) fp8 bytes, lut[256] their values, scale (1 or rows, groups) fp32; path: an index into
+// int4_paths() (AVX-512 / AVX2: the bytes converted in registers; scalar: the table, one value at a time)
 torch::Tensor fp8_linear(torch::Tensor x, torch::Tensor w, torch::Tensor lut, torch::Tensor scale, int64_t path) {
   TORCH_CHECK(x.is_cpu() && w.is_cpu() && lut.is_cpu() && scale.is_cpu(), "fp8_linear runs on CPU tensors");
   x = x.to(torch::kFloat32).contiguous(); w = w.contiguous(); scale = scale.to(torch::kFloat32).contiguous();
@@ -487,8 +487,9 @@ torch::Tensor nf4_code_table(torch::Tensor code) {
 
 // packed: NF4 codes two a byte, the first in the high nibble, over the flattened (rows, cols) weight;
 // code[16] the values; absmax one fp32 per block of bs (cols a multiple of bs: blocks stay in a row).
-// path 0: the best this build has (AVX2, bs a multiple of 32: int8 activations and integer dot products with
-// the code values as int16 — nf4_code_table); 1: float, the code values as stored, one table look-up a byte.
+// path: an index into int4_paths(). AVX2 (bs a multiple of 32) and AVX-512 (bs a multiple of 64): int8
+// activations and integer dot products with the code values as int16 (nf4_code_table); scalar: float, the
+// code values as stored, one table look-up a byte.
 torch::Tensor nf4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor code, torch::Tensor absmax, int64_t rows, int64_t bs, int64_t path) {
   TORCH_CHECK(x.is_cpu() && packed.is_cpu() && code.is_cpu() && absmax.is_cpu(), "nf4_linear runs on CPU tensors");
   x = x.to(torch::kFloat32).contiguous(); packed = packed.contiguous();
@@ -812,7 +813,7 @@ static float i4_row_scalar(const uint8_t* w, const c10::Half* s, const uint8_t* 
 }
 
 // x (n, cols) float; packed (rows, cols / 2) uint8 (int4_repack's order); scale (rows, groups) fp16;
-// zero (rows, groups) uint8 or empty (symmetric); path: 0 the best this build has, 1 scalar. fp32 out.
+// zero (rows, groups) uint8 or empty (symmetric); path: an index into int4_paths(), best first. fp32 out.
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor zero, int64_t path) {
   TORCH_CHECK(x.is_cpu() && packed.is_cpu() && scale.is_cpu() && zero.is_cpu(), "int4_linear runs on CPU tensors");
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && scale.scalar_type() == torch::kHalf, "int4_linear: uint8 codes, fp16 scales");
