@@ -55,6 +55,19 @@ def _transformers(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits
 
 
+def _bitsandbytes_packs() -> bool:
+    """Whether bitsandbytes (0.50.2) runs its AVX512-BF16 CPU kernels here: each 4-bit layer repacks its
+    weight at the first forward into a layout of its own with the absmax rounded to bf16 (SmolLM2 NF4: 2.2 %
+    of the largest logit from the fp32-absmax reading), and cannot repack some shapes (the tiny models' 96
+    columns: "shape '[64, 1]' is invalid for input of size 96"; rows not a multiple of 32: "N must be
+    divisible by block_n"). Other CPUs dequantize with fp32 absmax (docs/formats.md)."""
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:
+        return False
+    return bool(has_avx512bf16())
+
+
 def _llmctl(folder: Path, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """llmctl's runtime on the folder, its quantized kernels included."""
     from llmctl.runtime.loader import load_model
@@ -63,9 +76,10 @@ def _llmctl(folder: Path, tokens: torch.Tensor, dtype: torch.dtype = torch.float
         return load_model(folder, dtype=dtype)(tokens)
 
 
-def _llmctl_dense(folder: Path, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _llmctl_dense(folder: Path, tokens: torch.Tensor, dtype: torch.dtype, bf16_absmax: bool = False) -> torch.Tensor:
     """llmctl's reading of the folder (llmctl.quant.layouts.read_quantized), every weight dequantized
-    exactly and the model run in ``dtype``: what the file means to llmctl, free of kernel rounding."""
+    exactly and the model run in ``dtype``: what the file means to llmctl, free of kernel rounding
+    (``bf16_absmax``: NF4's absmax rounded to bf16 first, as bitsandbytes' AVX512-BF16 CPU path reads it)."""
     from safetensors import safe_open
 
     from llmctl.quant.layouts import detect, read_quantized
@@ -79,6 +93,14 @@ def _llmctl_dense(folder: Path, tokens: torch.Tensor, dtype: torch.dtype) -> tor
     layout = detect(cfg)
     quantized = read_quantized(layout, cfg, set(tensors), tensors.__getitem__) if layout else {}
     state = {k: v for k, v in tensors.items() if k.endswith((".weight", ".bias")) and k not in quantized}
+    if bf16_absmax:
+        from llmctl.quant.formats import REGISTRY, QTensor
+
+        for k, q in list(quantized.items()):
+            if q.format.startswith("nf4"):
+                absmax = REGISTRY[q.format].absmax(q).bfloat16().float()
+                parts = {"weight": q.parts["weight"], "quant_map": q.parts["quant_map"], "absmax": absmax}
+                quantized[k] = QTensor("nf4", q.shape, q.group_size, parts)
     state.update({k: q.dequantize(torch.float32) for k, q in quantized.items()})
     model = load_state_dict(ModelConfig.from_dict(cfg), state, dtype=dtype)
     with torch.no_grad():
@@ -97,9 +119,14 @@ def _check(folder: Path, tokens: torch.Tensor, fmt: str, runtime_tol: float | No
     computed in: bitsandbytes' 4-bit layers compute in bf16) and, with ``runtime_tol``, against llmctl's
     runtime with its quantized kernels, in the same dtype. Asymmetric int4 where transformers refuses it (ASYM_REFUSAL) is an
     expected failure; once a release loads it, its logits must agree like every other format's."""
+    packs = fmt.startswith("nf4") and _bitsandbytes_packs()
     try:
         a = _transformers(folder, tokens)
-    except RuntimeError as e:
+    except (RuntimeError, AssertionError) as e:  # bitsandbytes' repacking asserts on shapes it cannot take
+        if packs and ("is invalid for input of size" in str(e) or "must be divisible by block_n" in str(e)):
+            pytest.xfail("bitsandbytes' AVX512-BF16 CPU path cannot repack these shapes (upstream): " + str(e))
+        if not isinstance(e, RuntimeError):
+            raise
         if fmt == "int4-asym" and "ignore_mismatched_sizes" in str(e):
             from transformers import AutoModelForCausalLM
 
@@ -111,7 +138,10 @@ def _check(folder: Path, tokens: torch.Tensor, fmt: str, runtime_tol: float | No
             pytest.xfail(f"transformers refuses packed {ASYM_REFUSAL} (compressed-tensors' meta-device path)")
         raise
     dtype = a.dtype
-    _agree(a, _llmctl_dense(folder, tokens, dtype), 1e-4 if dtype == torch.float32 else 2e-2, f"{fmt} read")
+    reading = _llmctl_dense(folder, tokens, dtype, bf16_absmax=packs)
+    # bitsandbytes' AVX512-BF16 kernel also takes the activations in bf16 block by block: measured 2.2 % on
+    # SmolLM2 against this reading, where its generic path is within 2 %
+    _agree(a, reading, 1e-4 if dtype == torch.float32 else (3e-2 if packs else 2e-2), f"{fmt} read")
     if runtime_tol is not None:
         _agree(a, _llmctl(folder, tokens, dtype), runtime_tol, f"{fmt} runtime")
 
