@@ -19,7 +19,10 @@ an AVX2-only CPU the folder loads and the first forward pass fails. ``native_int
 it. ``"native"`` always runs vLLM's kernel; ``"emulated"`` replaces that kernel's two methods (and nothing
 else: the config parsing, the scheme and kernel choice, the parameter shapes, the loading of q/k/v and
 gate/up into vLLM's fused layers stay vLLM's) by a dequantization with vLLM's own unpacking helper and a
-float32 matmul; ``"auto"`` emulates only where the native kernel is missing.
+float32 matmul; ``"auto"`` emulates on every CPU: vLLM's native kernel (AVX-512 builds) computes in bf16
+and put SmolLM2's NLL 1–3 % from llmctl's reading of the same files (2026-12-04, a Xeon with AVX-512), beyond
+the agreement tolerances, so the agreement tests read what the file means and ``"native"`` is asked for by
+name (``test_vllm_int4_kernel_on_this_cpu``).
 """
 
 from __future__ import annotations
@@ -117,8 +120,8 @@ def run(spec: list[dict]) -> dict:
     for item in spec:
         folder, token_ids = item["folder"], item["token_ids"]
         kernel = item.get("int4_kernel", "auto")
-        if kernel == "auto":
-            kernel = "native" if native else "emulated"
+        if kernel == "auto":  # the file's meaning: vLLM's loading, the stand-in's float32 matmul, on every CPU
+            kernel = "emulated"
         emulation.set(kernel == "emulated")
         result: dict = {"folder": folder, "int4_kernel": kernel}
         t0 = time.perf_counter()
