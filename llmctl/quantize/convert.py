@@ -11,7 +11,6 @@ renamed when complete; an error or Ctrl-C removes it.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -64,6 +63,9 @@ class Plan:
     calibrate: dict[str, Any] | None = None  # --calibration: {"data": spec, "tokens": n}
     calibration: Any = None  # its statistics (llmctl.quantize.calibrate.Calibration), collected by run_plan
     gptq: dict[str, Any] | None = None  # --method gptq: {"damp": float, "act_order": bool}
+    # --method gptq: the calibration text going through the model a layer at a time as the tensors are
+    # written (llmctl.quantize.calibrate.LayerStream), so one layer's Hessians are held at once
+    stream: Any = None
 
     @property
     def out_bytes(self) -> int:
@@ -73,11 +75,6 @@ class Plan:
     def searches(self) -> bool:
         """Whether any tensor is in a format the scale search (and so --calibration) applies to."""
         return _searches(self.tensors)
-
-    @functools.cached_property
-    def hessian_batches(self) -> list[list[str]]:
-        """GPTQ's tensors in calibration passes (``hessian_batches``), computed once."""
-        return hessian_batches(self)
 
     @property
     def src_bytes(self) -> int:
@@ -385,6 +382,8 @@ def make_plan(
             opts["method"] = "rtn"
         src = _ST_TO_NAME.get(dtype, dtype.lower())
         plans.append(TensorPlan(tname, tuple(shape), src, target, g, opts, reason, nbytes, compute))
+    if gptq is not None:  # layer by layer: the calibration stream reaches each layer once (LayerStream)
+        plans.sort(key=lambda tp: _layer_order(tp.name, n_layers or source.config.num_hidden_layers))
     lay, passed_over = choose_layout(layout, plans)
     files = _shard(plans, lay, shard_bytes)
     config = _out_config(source, lay, plans, compute)
@@ -451,67 +450,49 @@ def _honest_size(plan: Plan) -> list[str]:
 
 
 def calibrate(plan: Plan, progress: Callable[[Progress], None] | None = None) -> None:
-    """Collect the plan's activation statistics (``--calibration``) unless it has them; progress by window."""
+    """Collect the plan's activation statistics (``--calibration``) unless it has them; progress by layer.
+    A GPTQ plan only opens the stream here (the text read, its windows embedded: a bad text fails before
+    anything is written); its layers run as ``_write_all`` reaches them."""
+    from llmctl.quantize.calibrate import LayerStream
+
     if plan.calibrate is None or plan.calibration is not None:
         return
     if not plan.searches:  # nothing would use it (the plan notes so)
         return
-    plan.calibration = _calibration_pass(plan, 0, progress)
+    phase = f"calibrating on {plan.calibrate['data']}"
+
+    def step(i: int, n: int) -> None:
+        if progress is not None:
+            progress(Progress(phase, i, n, "layers"))
+
+    if progress is not None:  # loading the text, the tokenizer and the embeddings first
+        progress(Progress(phase))
+    gptq = [t.name for t in plan.tensors if t.opts.get("method") == "gptq"]
+    stream = LayerStream(
+        plan.source, plan.calibrate["data"], tokens=plan.calibrate["tokens"], progress=step, hessians=gptq
+    )
+    if gptq:
+        stream.progress = None  # its layers count in the "quantizing (gptq)" phase from here
+        plan.stream = stream
+    else:
+        stream.run()
+    plan.calibration = stream.calibration
     plan.calibrate = plan.calibration.describe()
     plan.config.setdefault("llmctl", {})["calibration"] = plan.calibrate
 
 
-def _calibration_pass(plan: Plan, k: int, progress: Callable[[Progress], None] | None) -> Any:
-    """One pass of the model over the calibration text: the activation statistics, and the Hessians of the
-    k-th batch of GPTQ tensors (``Plan.hessian_batches``; one pass per batch), with progress by window."""
-    from llmctl.quantize.calibrate import collect
-
-    batches = plan.hessian_batches
-    phase = f"calibrating on {plan.calibrate['data']}"
-    if len(batches) > 1:
-        phase += f" (pass {k + 1} of {len(batches)})"
-
-    def step(i: int, n: int) -> None:
-        if progress is not None:
-            progress(Progress(phase, i, n, "windows"))
-
-    if progress is not None:  # loading the text, the tokenizer and the model first
-        progress(Progress(phase))
-    return collect(
-        plan.source, plan.calibrate["data"], tokens=plan.calibrate["tokens"], progress=step,
-        hessians=batches[k] if batches else (),
-    )  # fmt: skip
-
-
 GPTQ_FORMATS = ("int8", "int4", "int4-asym")
-HESSIAN_BYTES = 4 * 2**30  # GPTQ's Hessians held at once; more take another pass over the calibration text
 
 
-def hessian_batches(plan: Plan) -> list[list[str]]:
-    """The GPTQ tensors in write order, cut where their Hessians (4 · in_features² bytes each, counted per
-    tensor though fused q/k/v and gate/up share one) would pass HESSIAN_BYTES: one calibration pass each."""
-    batches: list[list[str]] = []
-    size = 0
-    for f in plan.files:
-        for i in f.tensors:
-            tp = plan.tensors[i]
-            if tp.opts.get("method") != "gptq":
-                continue
-            n = 4 * tp.rows_cols[1] ** 2
-            if not batches or (batches[-1] and size + n > HESSIAN_BYTES):
-                batches.append([])
-                size = 0
-            batches[-1].append(tp.name)
-            size += n
-    return batches
+def _layer_order(name: str, n_layers: int) -> int:
+    """Where a tensor goes in a GPTQ plan's write order: the embeddings, the decoder layers in order (each
+    layer's tensors as the source lists them), then the rest (final norm, lm_head)."""
+    from llmctl.tensors import tensor_layer
 
-
-def _next_hessians(plan: Plan, name: str, progress: Callable[[Progress], None] | None) -> None:
-    """Another pass over the calibration text for the batch of Hessians holding ``name`` (the last batch's
-    freed first)."""
-    k = next(k for k, b in enumerate(plan.hessian_batches) if name in b)
-    plan.calibration.hessians = {}
-    plan.calibration.hessians = _calibration_pass(plan, k, progress).hessians
+    layer = tensor_layer(name)
+    if layer is not None:
+        return layer
+    return -1 if "embed" in name else n_layers
 
 
 def gptq_request(
@@ -795,12 +776,14 @@ def _write_all(plan: Plan, tmp: Path, progress, measure_error: bool, chunk_value
         try:
             for i in f.tensors:
                 tp = plan.tensors[i]
-                if tp.opts.get("method") == "gptq" and tp.name not in plan.calibration.hessians:
-                    _next_hessians(plan, tp.name, progress)
                 step(tp.name)
+                if plan.stream is not None and tp.opts.get("method") in ("gptq", "search"):
+                    _stream_to(plan.stream, tp.name)
                 sqnr = _write_tensor(
                     tp, inp, plan.layout, w, measure_error, chunk_values, plan.calibration, plan.gptq
                 )
+                if plan.stream is not None:
+                    plan.stream.drop(tp.name)
                 done += math.prod(tp.shape)
                 if (layer := _gptq_layer(tp)) is not None:
                     left[layer] -= 1
@@ -820,8 +803,18 @@ def _write_all(plan: Plan, tmp: Path, progress, measure_error: bool, chunk_value
     return results
 
 
+def _stream_to(stream: Any, name: str) -> None:
+    """Run the calibration stream through the layer of ``name`` (to the end for ``lm_head``), so that its
+    statistics are in; other tensors outside the layers (embeddings) are no linear's weight."""
+    from llmctl.tensors import tensor_layer
+
+    layer = tensor_layer(name)
+    if layer is not None or name == "lm_head.weight":
+        stream.run(layer)
+
+
 def _gptq_layer(tp: TensorPlan) -> int | None:
-    from llmctl.quant.recipes import tensor_layer
+    from llmctl.tensors import tensor_layer
 
     return tensor_layer(tp.name) if tp.opts.get("method") == "gptq" else None
 

@@ -375,9 +375,9 @@ def _imatrix(source: Any, src: GGUFSource, calibration: dict[str, Any], progress
     phase = f"calibrating on {calibration['data']}"
 
     def step(i: int, n: int) -> None:
-        _progress(progress, phase, i, n, "windows")
+        _progress(progress, phase, i, n, "layers")
 
-    _progress(progress, phase)  # loading the text, the tokenizer and the model first
+    _progress(progress, phase)  # loading the text, the tokenizer and the embeddings first
     cal = collect(source, calibration["data"], tokens=calibration["tokens"], progress=step)
     names = {gguf_to_hf_name(name, src.arch): name for name, *_ in src.tensors}
     cal.importance = {names[hf]: v for hf, v in cal.importance.items() if hf in names}

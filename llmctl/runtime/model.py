@@ -398,6 +398,23 @@ class Transformer(nn.Module):
             self._embed_scale = float(torch.tensor(self.config.hidden_size**0.5).to(self.dtype))
         return self._rope
 
+    def positions(self, start: int, T: int, masked: bool = True) -> tuple[dict[str, Any], dict[int | None, Any]]:
+        """What the layers take for positions ``start``..``start + T - 1``: RoPE (cos, sin) per layer kind and,
+        when ``masked`` (no KV cache), the causal / sliding-window mask per window (``self.windows[i]``)."""
+        tables = self._precompute(start + T)
+        rope = {kind: (cos.narrow(0, start, T), sin.narrow(0, start, T)) for kind, (cos, sin) in tables.items()}
+        masks = {w: self_mask(start, T, w, self.device) for w in set(self.windows)} if masked else {}
+        return rope, masks
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The first layer's input (B, T, hidden) for ``tokens`` (B, T): embeddings, scaled where the family
+        scales them."""
+        x = self.model.embed_tokens(tokens)
+        if self.config.embed_scale:
+            self._precompute(1)  # the scale rounded to the current dtype
+            x = x * self._embed_scale
+        return x
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -414,21 +431,14 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         start = (cache.length if cache is not None else 0) if start_pos is None else start_pos
         tables = self._precompute(start + T)
-        rope = {
-            kind: (cos.narrow(0, start, T), sin.narrow(0, start, T)) for kind, (cos, sin) in tables.items()
-        }
-        masks: dict[int | None, Any] = {}
+        rope, masks = self.positions(start, T, cache is None)
         if cache is not None:
             if B != cache.batch_size:
                 raise UsageError(
                     f"a batch of {B} sequences does not fit a KV cache made for {cache.batch_size}"
                 )
             cache.begin(start, T)
-        else:
-            masks = {w: self_mask(start, T, w, tokens.device) for w in set(self.windows)}
-        x = self.model.embed_tokens(tokens)  # (B, T, hidden)
-        if self.config.embed_scale:
-            x = x * self._embed_scale
+        x = self.embed(tokens)  # (B, T, hidden)
         plan = self._fused_plan(B, T, cache)
         if plan is not None:  # one token: every layer in one C++ call (llmctl.runtime.fused)
             x = plan.step(x, cache, tables, start)
