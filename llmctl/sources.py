@@ -158,8 +158,8 @@ class ModelSource:
         return self.path.name
 
     @cached_property
-    def gguf(self):  # -> llmctl.gguf_file.GGUFInfo
-        from llmctl.gguf_file import read_gguf
+    def gguf(self):  # -> llmctl.gguf.reader.GGUFInfo
+        from llmctl.gguf.reader import read_gguf
 
         return read_gguf(self.path)
 

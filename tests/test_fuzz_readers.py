@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from llmctl.checkpoint import read_safetensors_header
 from llmctl.config import ModelConfig
 from llmctl.errors import LlmctlError
-from llmctl.gguf_file import read_gguf
+from llmctl.gguf.reader import read_gguf
 
 SETTINGS = settings(
     max_examples=300,

@@ -342,7 +342,7 @@ QWEN25_STYLE = """{%- if tools %}
 def smollm2_template() -> str:
     from conftest import smollm2_path
 
-    from llmctl.gguf_file import read_gguf
+    from llmctl.gguf.reader import read_gguf
 
     return read_gguf(smollm2_path()).metadata["tokenizer.chat_template"]
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import gemma3_path, smollm2_path
 
 from llmctl.errors import FormatError
-from llmctl.gguf_file import read_gguf
+from llmctl.gguf.reader import read_gguf
 
 Q = gguf.GGMLQuantizationType
 V = gguf.GGUFValueType

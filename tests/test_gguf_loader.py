@@ -12,15 +12,10 @@ import torch
 from conftest import gemma3_path, smollm2_path
 
 from llmctl.errors import FormatError, NotAvailableError
-from llmctl.gguf_file import read_gguf
-from llmctl.runtime.gguf_loader import (
-    _gguf_types,
-    dequantize_tensor,
-    expected_hf_names,
-    gguf_to_hf_name,
-    load_gguf_state_dict,
-    unpermute_qk,
-)
+from llmctl.gguf.names import expected_hf_names, gguf_to_hf_name, unpermute_qk
+from llmctl.gguf.reader import gguf_types as _gguf_types
+from llmctl.gguf.reader import read_gguf
+from llmctl.runtime.gguf_loader import dequantize_tensor, load_gguf_state_dict
 
 Q = gguf.GGMLQuantizationType
 H, FF, L, N_HEAD, N_KV, VOCAB = 64, 128, 2, 4, 2, 96  # hidden, intermediate, layers, heads, kv heads

@@ -20,7 +20,7 @@ import pytest
 from conftest import gemma3_path, smollm2_path
 from test_bad_inputs import listing, run
 
-from llmctl.gguf_file import read_gguf
+from llmctl.gguf.reader import read_gguf
 from llmctl.quant.recipes import LLAMA_MIXES
 from llmctl.quantize.gguf_out import plan_gguf, write_gguf
 from llmctl.sources import resolve

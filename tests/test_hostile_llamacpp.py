@@ -3,7 +3,7 @@ one-layer Llama of ~260 KB built here, with SmolLM2's first 400 tokens, and one 
 
 * item 1: vocabularies llama.cpp aborts on (exit 134, nothing printed) — a duplicate token, a WordPiece
   vocabulary with a byte token, a SentencePiece one that cannot spell every byte — are refused in one line
-  by ``gguf_file.check_vocabulary``; whatever still kills llama.cpp is caught by loading the vocabulary in
+  by ``gguf.vocab.check_vocabulary``; whatever still kills llama.cpp is caught by loading the vocabulary in
   a forked child first (shown here with the check switched off);
 * item 2: llama-cpp-python never compiles the file's ``tokenizer.chat_template*`` values (a 2.4 MB named
   template took 2.9 GB and 60 s; a syntax error in one raised a traceback);
@@ -40,7 +40,7 @@ N_VOCAB = 400
 # ---- the tiny GGUF ------------------------------------------------------------------------------------
 @functools.cache
 def _smollm2_metadata() -> dict[str, Any]:
-    from llmctl.gguf_file import read_gguf
+    from llmctl.gguf.reader import read_gguf
 
     meta = dict(read_gguf(smollm2_path()).metadata)
     tokens = meta["tokenizer.ggml.tokens"][:N_VOCAB]
@@ -242,10 +242,10 @@ def test_what_still_kills_llama_cpp_is_caught_in_a_child(
 ) -> None:
     """With ``check_vocabulary`` switched off, the vocabulary load that would abort this process runs in a
     forked child first: the child dies, this process raises a FormatError quoting llama.cpp's message."""
-    import llmctl.gguf_file
+    import llmctl.gguf.vocab
     from llmctl.runtime.tokenizer import GGUFTokenizer
 
-    monkeypatch.setattr(llmctl.gguf_file, "check_vocabulary", lambda info: None)
+    monkeypatch.setattr(llmctl.gguf.vocab, "check_vocabulary", lambda info: None)
     model = tiny_gguf(tmp_path / "m.gguf", **BAD_VOCABULARIES[case][0])
     with pytest.raises(FormatError, match="llama.cpp crashes reading the vocabulary") as e:
         GGUFTokenizer(model)
@@ -257,7 +257,7 @@ def test_what_still_kills_llama_cpp_is_caught_in_a_child(
 def test_the_crash_reaches_the_command_line_as_one_line(tmp_path: Path) -> None:
     model = tiny_gguf(tmp_path / "m.gguf", tokenizer__ggml__tokens=replaced(300, copy_of=299))
     code = (
-        "import sys, llmctl.gguf_file as g; g.check_vocabulary = lambda info: None; "
+        "import sys, llmctl.gguf.vocab as g; g.check_vocabulary = lambda info: None; "
         "from llmctl.cli import main; main(sys.argv[1:])"
     )
     p = subprocess.run(

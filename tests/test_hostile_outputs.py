@@ -105,7 +105,7 @@ def test_gguf_to_gguf_with_a_two_million_token_vocabulary(tmp_path):
     key, value and type (the files compared byte for byte with the old path's when this was written)."""
     from test_hostile_llamacpp import run, tiny_gguf
 
-    from llmctl.gguf_file import read_gguf
+    from llmctl.gguf.reader import read_gguf
 
     n = 2_000_000
     src = tiny_gguf(

@@ -141,7 +141,7 @@ def real_weights():
     """A few real linear weights of SmolLM2-135M (dequantized from its bundled GGUF)."""
     from conftest import smollm2_path
 
-    from llmctl.gguf_file import read_gguf
+    from llmctl.gguf.reader import read_gguf
     from llmctl.runtime.gguf_loader import dequantize_tensor
 
     info = read_gguf(smollm2_path())

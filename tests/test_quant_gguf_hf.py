@@ -1,4 +1,4 @@
-"""GGUF output from Hugging Face folders (llmctl.quantize.gguf_hf through llmctl.quantize.gguf_out's writer).
+"""GGUF output from Hugging Face folders (llmctl.quantize.gguf_source through llmctl.quantize.gguf_out's writer).
 
 Real folders are made from the bundled GGUFs by llmctl itself (``--layout hf``, bf16; the tokenizer
 converted by transformers' GGUF support), written back to GGUF and checked against the *original* GGUF:
@@ -162,7 +162,7 @@ def tiny_tokenizer(style: str, folder: Path) -> None:
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    from llmctl.quantize.gguf_hf import PRE_TOKENIZERS
+    from llmctl.gguf.vocab import PRE_TOKENIZERS
 
     words = "the quick brown fox jumps over a lazy dog".split()
     spm = style in ("spm", "gemma")
@@ -339,8 +339,8 @@ def test_folder_bytes_are_gguf_pys(tmp_path):
     from gguf.quants import quantize
 
     from llmctl.config import ModelConfig
-    from llmctl.quantize.gguf_hf import permute_qk, tensor_names
-    from llmctl.runtime.gguf_loader import unpermute_qk
+    from llmctl.gguf.names import permute_qk, unpermute_qk
+    from llmctl.quantize.gguf_source import tensor_names
 
     folder = tmp_path / "smollm2"
     model = tiny_folder("smollm2", folder)
@@ -424,7 +424,7 @@ def test_pre_tokenizer_patterns_are_transformers_gguf_splits():
     """The Split patterns llmctl maps to llama.cpp names are those transformers' GGUF loader gives them."""
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
-    from llmctl.quantize.gguf_hf import PRE_TOKENIZERS
+    from llmctl.gguf.vocab import PRE_TOKENIZERS
 
     for key, name in PRE_TOKENIZERS.items():
         if key[0].startswith("Split("):

@@ -164,7 +164,7 @@ def test_nbytes_equals_estimate_memory_bundled(name):
     their full context, as `llmctl estimate-memory` computes it from the file."""
     from conftest import gemma3_path, smollm2_path
 
-    from llmctl.gguf_file import read_gguf
+    from llmctl.gguf.reader import read_gguf
     from llmctl.memory.report import memory_report_for
 
     path = smollm2_path() if name == "smollm2" else gemma3_path()

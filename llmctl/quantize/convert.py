@@ -261,7 +261,8 @@ def _open_input(source: Any) -> _Input:
 
 
 def _gguf_input(source: Any) -> _Input:
-    from llmctl.runtime.gguf_loader import IGNORED_NAMES, gguf_to_hf_name, iter_gguf_tensors
+    from llmctl.gguf.names import IGNORED_NAMES, gguf_to_hf_name
+    from llmctl.runtime.gguf_loader import iter_gguf_tensors
 
     info = source.gguf
 

@@ -18,15 +18,8 @@ Two ways a file is written:
   llama-cpp-python) makes the output with its per-tensor rules; the intermediate file is removed whatever
   happens.
 
-Sources, each a ``GGUFSource`` (architecture, a function writing its metadata, its tensors' GGUF names
-and shapes, and a reader yielding them as fp32 numpy arrays in that order), so both feed the same writer:
-
-* a GGUF file — metadata (architecture, hyper-parameters, tokenizer: tokens, scores/merges, token types,
-  special ids, chat template) copied key by key; tensor names and layout (llama.cpp's Q/K row order) are
-  the source's;
-* a Hugging Face safetensors folder of a family the runtime runs (llama, mistral, qwen2, qwen3, gemma3) —
-  metadata, tokenizer, llama.cpp's tensor names and layout made as llama.cpp's converter makes them
-  (llmctl.quantize.gguf_hf).
+Sources, each a ``GGUFSource`` (llmctl.quantize.gguf_source: a GGUF file, its metadata copied key by key,
+or a Hugging Face safetensors folder made as llama.cpp's converter makes it), so both feed the same writer.
 
 ``general.file_type`` is set for the new type and ``general.quantized_by`` names llmctl. The output (and a
 mix's f16 intermediate) is written inside a private ``.NAME.partial-PID`` folder beside it
@@ -42,7 +35,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +43,7 @@ from typing import Any
 from llmctl import atomic
 from llmctl.errors import QuantError, UsageError
 from llmctl.quant.recipes import LLAMA_MIXES, PY_TYPES
-from llmctl.quantize.gguf_hf import GGUFSource, folder_source
+from llmctl.quantize.gguf_source import GGUFSource, open_source
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 ALIASES = {"fp32": "f32", "fp16": "f16"}
@@ -240,35 +233,6 @@ class GGUFResult:
         }
 
 
-def open_source(source: Any) -> GGUFSource:
-    """A resolved MODEL (GGUF file or Hugging Face folder) as a GGUFSource."""
-    if source.is_gguf:
-        return _gguf_file_source(source.gguf)
-    if source.kind == "config":
-        raise UsageError(f"{source.path}: a bare config.json has no weights to write")
-    return folder_source(Path(source.path))
-
-
-def _gguf_file_source(info: Any) -> GGUFSource:
-    """Tensors and metadata from llmctl's reader (llmctl.gguf_file: validated, memory-mapped; it keeps each
-    value's GGUF type, and a 2M-token vocabulary costs its strings, not gguf-py's per-field arrays)."""
-    import numpy as np
-    from gguf.quants import dequantize
-
-    tensors = [(t.name, tuple(t.shape), t.nbytes, t.dtype) for t in info.tensors]  # numpy order: rows last
-
-    def read() -> Iterator[Any]:
-        for name, shape, _, _ in tensors:
-            yield (
-                dequantize(info.tensor_data(name), info.ggml_type(name))
-                .astype(np.float32, copy=False)
-                .reshape(shape)
-            )
-
-    arch = info.metadata["general.architecture"]
-    return GGUFSource(arch, lambda w: _copy_metadata(info, w), tensors, read, info.config)
-
-
 def write_gguf(
     source: Any,
     out: str | Path,
@@ -344,33 +308,10 @@ def _progress(progress, phase: str, done: int = 0, total: int | None = None, uni
         progress(Progress(phase, done, total, unit, name, work_done, work_total))
 
 
-def _copy_metadata(info: Any, writer: Any) -> None:
-    """Every metadata key of the GGUF ``info`` (llmctl.gguf_file) but the ones the writer sets, with its GGUF
-    value type (and array element type) as the source has it. Strings that were not valid UTF-8 are written
-    back with U+FFFD in place of the bad bytes."""
-    import gguf
-
-    for key, value in info.metadata.items():
-        if key.startswith("GGUF.") or key in (
-            "general.architecture",
-            "general.file_type",
-            "general.quantized_by",
-        ):
-            continue
-        if key == "general.alignment":  # the writer pads its tensors to it
-            writer.add_custom_alignment(value)
-            continue
-        vtype, sub = info.metadata_types[key]
-        vtype = gguf.GGUFValueType(vtype)
-        if vtype == gguf.GGUFValueType.ARRAY:
-            sub = gguf.GGUFValueType(sub)
-        writer.add_key_value(key, value, vtype, sub)
-
-
 def _imatrix(source: Any, src: GGUFSource, calibration: dict[str, Any], progress) -> Any:
     """The source's activation statistics (llmctl.quantize.calibrate) keyed by the output's GGUF tensor names."""
+    from llmctl.gguf.names import gguf_to_hf_name
     from llmctl.quantize.calibrate import collect
-    from llmctl.runtime.gguf_loader import gguf_to_hf_name
 
     phase = f"calibrating on {calibration['data']}"
 
@@ -592,8 +533,8 @@ def _llama_quantize_child(request: dict[str, Any], conn: Any) -> None:
 
 def _describe(path: Path, source_bytes: dict[str, int]) -> list[GGUFTensor]:
     """The tensors of a written GGUF (type, size) against the source's sizes; no error measurement (read by
-    llmctl.gguf_file, which skips gguf-py's slow per-field parse of the vocabulary)."""
-    from llmctl.gguf_file import read_gguf
+    llmctl.gguf.reader, which skips gguf-py's slow per-field parse of the vocabulary)."""
+    from llmctl.gguf.reader import read_gguf
 
     info = read_gguf(path)
     return [

@@ -137,7 +137,7 @@ def load_model(path: str | Path, dtype: Any = None, device: Any = None) -> Trans
         raise SourceError(f"{path}: no such file or folder; pass a Hugging Face model folder or a .gguf file")
     source = resolve(str(path))  # checks config.json and weights are there; refuses pickle checkpoints
     if source.is_gguf:  # dequantized tensor by tensor, straight into the model
-        from llmctl.gguf_file import read_gguf
+        from llmctl.gguf.reader import read_gguf
         from llmctl.runtime.gguf_loader import hf_shapes, iter_gguf_tensors
 
         info = read_gguf(source.path)

@@ -279,7 +279,7 @@ def chat_template_of(path: str | Path) -> str | None:
     tokenizer_config.json / chat_template.jinja / chat_template.json), without loading its tokenizer."""
     path = Path(path)
     if path.suffix.lower() == ".gguf":
-        from llmctl.gguf_file import read_gguf
+        from llmctl.gguf.reader import read_gguf
 
         t = read_gguf(path).metadata.get("tokenizer.chat_template")
     else:
@@ -315,7 +315,8 @@ class GGUFTokenizer(Tokenizer):
     """llama.cpp's tokenizer for a GGUF file (llama-cpp-python, ``vocab_only=True``: no weights loaded)."""
 
     def __init__(self, path: str | Path) -> None:
-        from llmctl.gguf_file import check_vocabulary, read_gguf
+        from llmctl.gguf.reader import read_gguf
+        from llmctl.gguf.vocab import check_vocabulary
         from llmctl.runtime.llama_lib import (
             captured_native_output,
             close_quietly,

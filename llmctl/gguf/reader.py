@@ -10,7 +10,7 @@ hanging or allocating without bound (gguf-py's ``GGUFReader`` trusts the counts:
 elements makes it loop for ever). The walk is also fast: gguf-py builds two numpy views per vocabulary
 string, which takes seconds for Gemma's 262k tokens. gguf-py's reader is still available as
 ``GGUFInfo.reader`` (built on first use, after validation); tensor data is read from a memory map, never
-loaded whole.
+loaded whole, and ``GGUFInfo.dequantize`` gives one tensor as float32 numpy (no torch here).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmctl.checkpoint import TensorInfo
-from llmctl.errors import FormatError
+from llmctl.errors import FormatError, NotAvailableError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -149,6 +149,26 @@ class GGUFInfo:
         if qtype in plain:
             return raw.view(np.dtype(plain[qtype]).newbyteorder("<")).reshape(info.shape)
         return raw.reshape(gguf.quant_shape_to_byte_shape(info.shape or (1,), qtype))
+
+    def dequantize(self, name: str) -> np.ndarray:
+        """One tensor as float32 numpy in its PyTorch-order shape: plain int/float types cast, quantized
+        ones through ``gguf.quants.dequantize``. An F32 tensor may come back as a read-only view of the map."""
+        import numpy as np
+        from gguf.quants import dequantize
+
+        _, dequantizable, plain = gguf_types()
+        qtype = self.ggml_type(name)
+        data = self.tensor_data(name)
+        if qtype in plain:
+            arr = data.astype(np.float32)
+        elif qtype in dequantizable:
+            arr = dequantize(data, qtype).astype(np.float32, copy=False)
+        else:
+            raise NotAvailableError(
+                f"{self.path}: tensor {name!r} is stored as {qtype.name}, which gguf-py {_gguf_version()} "
+                "cannot dequantize; re-quantize the model to another type (e.g. Q8_0, Q4_K_M)"
+            )
+        return arr.reshape(self._entries[name].info.shape)
 
     def iter_tensors(self) -> Iterator[tuple[TensorInfo, np.ndarray]]:
         for t in self.tensors:
@@ -448,74 +468,24 @@ def _short_f32(v: float) -> float:
     return v
 
 
-# ---- the vocabulary, as llama.cpp's loader needs it -----------------------------------------------
-TOKENIZER_MODELS = ("llama", "gpt2")  # SentencePiece and byte-level BPE: what every family llmctl runs uses
+def gguf_types():  # -> (GGMLQuantizationType, the types gguf-py dequantizes, plain types cast directly)
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    # Types gguf.quants.dequantize handles (gguf-py 0.19); tests/test_gguf_loader.py checks this list against it.
+    dequantizable = {
+        Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K,
+        Q.Q6_K, Q.TQ1_0, Q.TQ2_0, Q.MXFP4, Q.NVFP4, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S,
+        Q.IQ1_S, Q.IQ1_M, Q.IQ4_NL, Q.IQ4_XS,
+    }  # fmt: skip
+    plain = {Q.F64, Q.I8, Q.I16, Q.I32, Q.I64}  # cast directly
+    return Q, dequantizable, plain
 
 
-def check_vocabulary(info: GGUFInfo) -> None:
-    """Refuse tokenizer metadata that llama.cpp would abort on (``llama-vocab.cpp``): llama.cpp reports some
-    problems as errors, but asserts on others and kills the process with no message.
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-    * ``tokenizer.ggml.model`` must be one of ``TOKENIZER_MODELS`` (WordPiece, Unigram and RWKV vocabularies
-      have their own aborts, e.g. a BYTE-type token in a WordPiece vocabulary);
-    * ``tokenizer.ggml.tokens`` must be unique as llama.cpp reads them: cut at the first NUL byte, an empty
-      token renamed ``[EMPTY_<id>]`` (``GGML_ASSERT(id_to_token.size() == token_to_id.size())``);
-    * ``scores`` and ``token_type`` have an entry per token, ``merges`` are strings;
-    * the BOS and EOS ids lie inside the vocabulary;
-    * a SentencePiece vocabulary spells every byte (``<0x00>`` … ``<0xFF>``): llama.cpp throws an uncaught
-      exception, and aborts, when it tokenizes a character it cannot spell otherwise.
-    """
-    meta = info.metadata
-
-    def fail(
-        what: str, fix: str = "the file is corrupt — re-download it or convert the model again"
-    ) -> FormatError:
-        return FormatError(f"{info.path}: {what}; {fix}")
-
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if tokens is None:
-        return
-    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-        raise fail("tokenizer.ggml.tokens is not an array of strings")
-    n = len(tokens)
-    if n == 0:
-        raise fail("tokenizer.ggml.tokens is empty")
-    model = meta.get("tokenizer.ggml.model")
-    if model not in TOKENIZER_MODELS:
-        raise fail(
-            f"tokenizer.ggml.model is {model!r}, not a tokenizer of the model families llmctl runs "
-            f"({', '.join(TOKENIZER_MODELS)})",
-            "use a GGUF of a Llama, Mistral, Qwen or Gemma model",
-        )
-    words = set(tokens)
-    if len(words) < n or "" in words or "\0" in "".join(tokens):  # the slow path, as llama.cpp reads them
-        seen: dict[str, int] = {}
-        for i, t in enumerate(tokens):
-            word = t.partition("\0")[0] or f"[EMPTY_{i}]"
-            if word in seen:
-                raise fail(f"tokenizer.ggml.tokens holds {word!r:.60} twice (ids {seen[word]} and {i})")
-            seen[word] = i
-    for key, kind in (("scores", (int, float)), ("token_type", int)):
-        values = meta.get(f"tokenizer.ggml.{key}")
-        if values is None:
-            continue
-        if not isinstance(values, list) or not all(isinstance(v, kind) for v in values):
-            raise fail(f"tokenizer.ggml.{key} is not an array of numbers")
-        if len(values) < n:
-            raise fail(f"tokenizer.ggml.{key} has {len(values)} entries for {n} tokens")
-    merges = meta.get("tokenizer.ggml.merges")
-    if merges is not None and (not isinstance(merges, list) or not all(isinstance(m, str) for m in merges)):
-        raise fail("tokenizer.ggml.merges is not an array of strings")
-    for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
-        v = meta.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < n):
-            raise fail(f"{key} is {v!r}, outside the vocabulary of {n} tokens")
-    if model == "llama":
-        missing = [
-            b for b in range(256) if f"<0x{b:02X}>" not in words and not (0 < b < 128 and chr(b) in words)
-        ]
-        if missing:
-            raise fail(
-                f"the SentencePiece vocabulary lacks the byte token <0x{missing[0]:02X}> "
-                f"({len(missing)} of 256 missing)"
-            )
+    try:
+        return version("gguf")
+    except PackageNotFoundError:
+        return "(unknown version)"

@@ -1,0 +1,144 @@
+"""What the GGUF writer (llmctl.quantize.gguf_out) reads, as one ``GGUFSource``: a GGUF file or a Hugging Face
+safetensors folder, each giving its GGUF architecture, a function writing its metadata, its tensors' GGUF
+names and shapes, and a reader yielding them as fp32 numpy arrays in that order.
+
+* a GGUF file — metadata (architecture, hyper-parameters, tokenizer) copied key by key with its value types
+  (``llmctl.gguf.metadata.copy_metadata``); tensor names and layout (llama.cpp's Q/K row order) are the
+  file's;
+* a folder of a family the runtime runs (llama, mistral, qwen2, qwen3, gemma3) — made as llama.cpp's
+  converter (convert_hf_to_gguf.py) makes it: hyper-parameters (``llmctl.gguf.metadata``), tokenizer
+  (``llmctl.gguf.vocab``), tensor names and layout (``llmctl.gguf.names``: Q/K permuted for GGUF ``llama``,
+  Gemma norms + 1; a tied ``lm_head`` is not written). Refused (``UsageError``, nothing written): families
+  the runtime does not run, a folder without tokenizer.json, an already-quantized folder, settings
+  llama.cpp's loader cannot represent (``llmctl.gguf.metadata.check_representable``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmctl.config import ModelConfig
+from llmctl.errors import UsageError
+from llmctl.gguf import metadata, names, vocab
+
+
+@dataclass
+class GGUFSource:
+    """What gguf_out's writer reads from a source (see its module doc): a GGUF file or a folder."""
+
+    arch: str
+    add_metadata: Callable[[Any], None]  # writes every key but general.file_type / general.quantized_by
+    tensors: list[tuple[str, tuple[int, ...], int, str]]  # (GGUF name, numpy shape (rows last), bytes, dtype)
+    read: Callable[[], Iterator[Any]]  # each tensor as fp32 numpy in that shape, in that order
+    config: Any = None
+    notes: list[str] = field(default_factory=list)
+
+
+def open_source(source: Any) -> GGUFSource:
+    """A resolved MODEL (GGUF file or Hugging Face folder) as a GGUFSource."""
+    if source.is_gguf:
+        return _gguf_file_source(source.gguf)
+    if source.kind == "config":
+        raise UsageError(f"{source.path}: a bare config.json has no weights to write")
+    return folder_source(Path(source.path))
+
+
+def _gguf_file_source(info: Any) -> GGUFSource:
+    """Tensors and metadata from llmctl's reader (llmctl.gguf.reader: validated, memory-mapped; it keeps each
+    value's GGUF type, and a 2M-token vocabulary costs its strings, not gguf-py's per-field arrays)."""
+    tensors = [(t.name, tuple(t.shape), t.nbytes, t.dtype) for t in info.tensors]  # numpy order: rows last
+
+    def read() -> Iterator[Any]:
+        for name, _, _, _ in tensors:
+            yield info.dequantize(name)
+
+    arch = info.metadata["general.architecture"]
+    return GGUFSource(arch, lambda w: metadata.copy_metadata(info, w), tensors, read, info.config)
+
+
+def read_folder_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """The folder's ModelConfig and raw config.json, refusing what cannot become a GGUF (see module doc)."""
+    from llmctl.config import RUNTIME_FAMILIES
+
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if isinstance(raw, dict) and raw.get("quantization_config"):
+        raise UsageError(
+            f"{folder}: the model is already quantized (config.json has quantization_config); "
+            "write GGUF from the bf16/fp16/fp32 original"
+        )
+    cfg = ModelConfig.from_json_file(folder / "config.json")
+    if cfg.model_type not in RUNTIME_FAMILIES:
+        raise UsageError(
+            f"{folder}: GGUF output supports {', '.join(RUNTIME_FAMILIES)} folders, not {cfg.model_type}; "
+            "convert it with llama.cpp's convert_hf_to_gguf.py"
+        )
+    if not (folder / "tokenizer.json").is_file():
+        raise UsageError(
+            f"{folder}: no tokenizer.json; a GGUF carries its tokenizer, so add the model's tokenizer.json "
+            "(and tokenizer_config.json) to the folder"
+        )
+    metadata.check_representable(folder, cfg)
+    return cfg, raw
+
+
+def tensor_names(cfg: ModelConfig, hf_names: list[str], folder: Path) -> list[tuple[str, str]]:
+    """(HF name, GGUF name) for every tensor written (``llmctl.gguf.names``); refuses unknown names."""
+    arch = metadata.GGUF_ARCH[cfg.model_type]
+    pairs, unknown = names.gguf_names(hf_names, arch, cfg)
+    if unknown:
+        raise UsageError(
+            f"{folder}: tensor(s) {', '.join(unknown[:3])} have no llama.cpp name for architecture {arch}; "
+            "the folder is not a plain text model of its family"
+        )
+    return pairs
+
+
+def folder_source(folder: Path) -> Any:
+    """The folder as a ``GGUFSource``: architecture, metadata writer, tensors (names, shapes) and
+    a reader yielding each as fp32 numpy in GGUF layout."""
+    from llmctl.checkpoint import safetensors_files
+    from llmctl.quant import stio
+
+    cfg, _ = read_folder_config(folder)
+    entries: dict[str, stio.Entry] = {}
+    for f in safetensors_files(folder):
+        entries.update(stio.index_file(f))
+    bad = [(n, e.dtype) for n, e in entries.items() if e.dtype not in ("BF16", "F16", "F32")]
+    if bad:
+        raise UsageError(
+            f"{folder}: tensor {bad[0][0]} is {bad[0][1]}: the checkpoint is quantized or not floating point; "
+            "write GGUF from the bf16/fp16/fp32 original"
+        )
+    arch = metadata.GGUF_ARCH[cfg.model_type]
+    pairs = tensor_names(cfg, list(entries), folder)
+    tok = vocab.read_tokenizer(folder)  # refused here, so that --dry-run refuses it too
+    embed = entries.get("model.embed_tokens.weight")
+    n_vocab = embed.shape[0] if embed is not None else cfg.vocab_size
+    tensors = [
+        (g, tuple(entries[hf].shape), entries[hf].nbytes, entries[hf].dtype.lower()) for hf, g in pairs
+    ]
+    rope = (cfg.rope_scaling or {}).get("rope_type")
+    if rope == "llama3":
+        tensors.append(("rope_freqs.weight", (cfg.head_dim // 2,), 0, "f32"))
+    notes: list[str] = []
+
+    def add_metadata(writer: Any) -> None:
+        writer.add_name(folder.resolve().name)
+        notes.extend(metadata.add_arch_metadata(writer, cfg, n_vocab))
+        vocab.add_tokenizer(writer, folder, tok, n_vocab)
+
+    def read() -> Iterator[Any]:
+        import numpy as np
+
+        for hf, g in pairs:
+            e = entries[hf]
+            w = stio.read_rows(e).float().numpy().reshape(e.shape)
+            yield names.to_gguf_layout(w, hf, g, arch, cfg).astype(np.float32, copy=False)
+        if rope == "llama3":
+            yield metadata.llama3_rope_factors(cfg)
+
+    return GGUFSource(arch, add_metadata, tensors, read, cfg, notes)
