@@ -21,7 +21,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmctl.errors import QuantError, UsageError
+from llmctl.errors import UsageError
 
 DEFAULT_TOKENS = 4096
 CONTEXT = 512
@@ -112,6 +112,7 @@ class LayerStream:
     ) -> None:
         import torch
 
+        from llmctl.quantize.inputs import open_input
         from llmctl.runtime.corpus import encode_prefix, load_corpus
         from llmctl.runtime.loader import empty_model
         from llmctl.runtime.tokenizer import load_tokenizer
@@ -128,7 +129,7 @@ class LayerStream:
         self.calibration = Calibration(data, sum(map(len, windows)), len(windows), context)
         self.progress = progress
         self.wanted = set(hessians)
-        self.read = _tensor_reader(source)
+        self.read = open_input(source).tensor  # one tensor at a time, by name
         self.model = empty_model(source.config)
         self.layers = len(self.model.model.layers)
         self.next = 0  # the next decoder layer to run; layers + 1 once the head is done
@@ -252,46 +253,3 @@ class LayerStream:
         for n in names:
             p = self.model.get_parameter(n)
             assign(self.model, n, torch.empty(p.shape, dtype=p.dtype, device="meta"))
-
-
-def _tensor_reader(source: Any) -> Callable[[str], Any]:
-    """Hugging Face name -> the source's tensor (float32 for GGUF, dequantized), read when asked: safetensors
-    by name from their memory maps; a GGUF in file order (layer after layer), keeping tensors read past until
-    asked for."""
-    if source.is_gguf:
-        from llmctl.runtime.gguf_loader import iter_gguf_tensors
-
-        tensors = iter_gguf_tensors(source.gguf)  # checks the names against the config
-        held: dict[str, Any] = {}
-
-        def from_gguf(name: str) -> Any:
-            while name not in held:
-                try:
-                    hf, w = next(tensors)
-                except StopIteration:
-                    raise QuantError(f"{source.path}: no tensor {name} in the file") from None
-                held[hf] = w
-            return held.pop(name)
-
-        return from_gguf
-    from safetensors import safe_open
-
-    from llmctl.checkpoint import read_safetensors_header, safetensors_files
-    from llmctl.runtime.loader import FLOAT_DTYPES
-
-    where = {}
-    for f in safetensors_files(source.path):
-        for info in read_safetensors_header(f)[0]:
-            if info.dtype not in FLOAT_DTYPES:
-                raise QuantError(
-                    f"{f}: tensor {info.name} is {info.dtype}; calibrate on the bf16/fp16/fp32 original"
-                )
-            where[info.name] = f
-
-    def from_folder(name: str) -> Any:
-        if name not in where:
-            raise QuantError(f"{source.path}: no tensor {name} in the checkpoint")
-        with safe_open(str(where[name]), framework="pt", device="cpu") as f:
-            return f.get_tensor(name)
-
-    return from_folder

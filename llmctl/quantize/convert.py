@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from llmctl import atomic
 from llmctl.errors import QuantError, SourceError, UsageError
 from llmctl.quant.formats import PER_TENSOR, REGISTRY, QTensor
 from llmctl.quant.layouts import FLOATS, Layout, TensorPlan, choose_layout
+from llmctl.quantize.inputs import TensorInput, open_input
 
 QUANT_FORMATS = ("fp8", "int8", "int4", "int4-asym", "nf4", "nf4-dq")
 INT_FORMATS = ("int8", "int4", "int4-asym")  # the scale search is their default
@@ -219,79 +220,6 @@ def _effective_group(fmt: str, request: int | str | None, cols: int) -> int | No
     return REGISTRY[fmt].check_group(cols, g)
 
 
-@dataclass
-class _Input:
-    """Source tensors by Hugging Face name, read in row chunks."""
-
-    infos: list[tuple[str, tuple[int, ...], str, int]]  # (name, shape, dtype, bytes)
-    read: Callable[[str, int], Iterator[Any]]  # (name, rows per chunk) -> chunks (rows, cols)
-    dtype: str  # registry name of the float dtype kept tensors get
-
-
-def _open_input(source: Any) -> _Input:
-    if source.is_gguf:
-        return _gguf_input(source)
-    from llmctl.checkpoint import safetensors_files
-    from llmctl.quant import stio
-
-    entries: dict[str, stio.Entry] = {}
-    for f in safetensors_files(source.path):
-        entries.update(stio.index_file(f))
-    infos = [
-        (n, e.shape, e.dtype, e.nbytes) for n, e in entries.items() if not n.endswith(".rotary_emb.inv_freq")
-    ]
-    bad = [(n, d) for n, _, d, _ in infos if d not in ("BF16", "F16", "F32")]
-    if bad:
-        raise QuantError(
-            f"{source.path}: tensor {bad[0][0]} is {bad[0][1]}: the checkpoint is already quantized or not "
-            "floating point; quantize from the bf16/fp16/fp32 original"
-        )
-
-    def read(name: str, rows: int) -> Iterator[Any]:
-        e = entries[name]
-        total = math.prod(e.shape) // (e.shape[-1] if e.shape else 1)
-        for start in range(0, total, rows):
-            yield stio.read_rows(e, start, min(total, start + rows))
-
-    dtypes = {d for _, _, d, _ in infos}
-    kept = "bf16" if "BF16" in dtypes or dtypes == {"F32"} else "fp16"
-    torch_dtype = str(source.config.torch_dtype or "").removeprefix("torch.")
-    kept = {"bfloat16": "bf16", "float16": "fp16"}.get(torch_dtype, kept)
-    return _Input(infos, read, kept)
-
-
-def _gguf_input(source: Any) -> _Input:
-    from llmctl.gguf.names import IGNORED_NAMES, gguf_to_hf_name
-    from llmctl.runtime.gguf_loader import iter_gguf_tensors
-
-    info = source.gguf
-
-    arch = info.metadata.get("general.architecture")
-    infos = []
-    for t in info.tensors:
-        if t.name in IGNORED_NAMES:
-            continue
-        hf = gguf_to_hf_name(t.name, arch) or t.name
-        infos.append((hf, tuple(t.shape), t.dtype, t.nbytes))
-    state: dict[str, Any] = {}
-    tensors = iter_gguf_tensors(info)  # validates names; yields in file order, one at a time
-
-    def read(name: str, rows: int) -> Iterator[Any]:
-        while name not in state:  # tensors come in file order, the plan's order; keep the current one
-            try:
-                hf, w = next(tensors)
-            except StopIteration:
-                raise QuantError(f"internal error: {name} not produced by the GGUF reader") from None
-            state.clear()
-            state[hf] = w
-        w = state[name]
-        w2 = w.reshape(-1, w.shape[-1]) if w.dim() else w.reshape(1, 1)
-        for start in range(0, w2.shape[0], rows):
-            yield w2[start : start + rows]
-
-    return _Input(infos, read, "bf16")
-
-
 def make_plan(
     model: str | None,
     fmt: str,
@@ -343,7 +271,7 @@ def make_plan(
     if not source.is_gguf:  # a tokenizer file linking out of the folder is refused before any work
         for name_ in TOKENIZER_FILES:
             side_file(source.path, name_)
-    inp = _open_input(source)
+    inp = open_input(source)
     n_layers = recipes.layer_count((i[0] for i in inp.infos), source.config) if rec.layers else 0
     kept_fmt = name if name in FLOATS else inp.dtype
     compute = _NAME_TO_TORCH[name if name in FLOATS else inp.dtype]
@@ -757,7 +685,7 @@ def remove_dead_runs(out: Path) -> None:
 def _write_all(plan: Plan, tmp: Path, progress, measure_error: bool, chunk_values: int) -> list[TensorResult]:
     from llmctl.quant.stio import Writer
 
-    inp = _open_input(plan.source)
+    inp = open_input(plan.source)
     total = sum(math.prod(t.shape) for t in plan.tensors)  # the work: values read and written
     done = 0
     results: list[TensorResult] = []
@@ -841,7 +769,7 @@ def _chunk_rows(tp: TensorPlan, chunk_values: int) -> int:
 
 def _write_tensor(
     tp: TensorPlan,
-    inp: _Input,
+    inp: TensorInput,
     lay: Layout,
     w: Any,
     measure: bool,
