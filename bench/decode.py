@@ -167,7 +167,8 @@ def requantized_gguf(path: Path, kind: str, cache: Path) -> Path:
 def quantized_models(spec: str, formats: str, cache: Path) -> dict[str, object]:
     """llmctl's runtime on ``spec`` quantized to each of ``formats`` (``FORMAT[:GROUP]``, comma-separated),
     written once under ``cache`` (reused when present)."""
-    from llmctl.quantize.convert import make_plan, run_plan
+    from llmctl.quantize.convert import run_plan
+    from llmctl.quantize.plan import make_plan
     from llmctl.runtime.loader import load_model
 
     out = {}

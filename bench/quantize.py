@@ -150,7 +150,7 @@ def write_synthetic(folder: Path, cfg: dict, shards: int = 4) -> int:
 
 _CHILD = """
 import json, math, resource, sys, time
-from llmctl.quantize import convert
+from llmctl.quantize import convert, plan as planning
 t0 = time.perf_counter()
 gptq = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None
 last = [None]
@@ -160,10 +160,10 @@ def progress(p):  # one stderr line per phase / item, with the time since start
         last[0] = key
         print(f"[{time.perf_counter() - t0:8.1f} s] {p.phase} {p.done}/{p.total} {p.unit} {p.name}", file=sys.stderr, flush=True)
 if gptq:
-    plan = convert.make_plan(sys.argv[1], sys.argv[2], group_size=gptq["group_size"], method="gptq",
-                             calibration=gptq["calibration"], calibration_tokens=gptq["tokens"])
+    plan = planning.make_plan(sys.argv[1], sys.argv[2], group_size=gptq["group_size"], method="gptq",
+                              calibration=gptq["calibration"], calibration_tokens=gptq["tokens"])
 else:
-    plan = convert.make_plan(sys.argv[1], sys.argv[2])
+    plan = planning.make_plan(sys.argv[1], sys.argv[2])
 extra = {}
 if gptq:
     t1 = time.perf_counter()
@@ -226,7 +226,8 @@ def decode(model: str, formats: list[str], new_tokens: int, repeats: int, thread
     from decode import LlamaCpp, run_llama_cpp, run_llmctl  # the decode bench's own runners
 
     from llmctl.quant.qlinear import weight_memory
-    from llmctl.quantize.convert import make_plan, run_plan
+    from llmctl.quantize.convert import run_plan
+    from llmctl.quantize.plan import make_plan
     from llmctl.runtime.loader import load_model
     from llmctl.sources import resolve
 

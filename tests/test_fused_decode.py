@@ -90,7 +90,8 @@ QUANT = ["int4:32", "int4-asym:32", "int8", "int8:32", "fp8", "nf4:64"]
 @pytest.fixture(scope="module")
 def quantized(tiny_models, tmp_path_factory):
     """(family, format) -> the tiny model quantized to it, loaded (int4/int8 kernels)."""
-    from llmctl.quantize.convert import make_plan, run_plan
+    from llmctl.quantize.convert import run_plan
+    from llmctl.quantize.plan import make_plan
 
     out = {}
     for family in ("smollm2", "qwen2", "gemma3_untied"):

@@ -24,7 +24,8 @@ from conftest import build_hf_model, one_error_line
 from llmctl.quant.recipes import get_format
 from llmctl.quantize import gptq
 from llmctl.quantize.calibrate import collect
-from llmctl.quantize.convert import make_plan, run_plan
+from llmctl.quantize.convert import run_plan
+from llmctl.quantize.plan import make_plan
 
 TEXT = (
     "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "

@@ -365,7 +365,8 @@ def quantized(tiny_models, tmp_path_factory):
     """fmt -> (folder, config.json) of the tiny Llama quantized by llmctl."""
     import json
 
-    from llmctl.quantize.convert import make_plan, run_plan
+    from llmctl.quantize.convert import run_plan
+    from llmctl.quantize.plan import make_plan
 
     out = {}
     for fmt in ("int8", "fp8", "nf4", "int4"):

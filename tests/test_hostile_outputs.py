@@ -18,7 +18,8 @@ from conftest import smollm2_path
 
 from llmctl import atomic
 from llmctl.errors import SourceError
-from llmctl.quantize.convert import make_plan, remove_dead_runs, run_plan
+from llmctl.quantize.convert import remove_dead_runs, run_plan
+from llmctl.quantize.plan import make_plan
 
 LLMCTL = [sys.executable, "-m", "llmctl"]
 

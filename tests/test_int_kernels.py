@@ -213,7 +213,8 @@ def test_smollm2_int4_asym_decodes_the_same_tokens_with_the_kernels(kernels, tmp
     way depends on the last bits of the prefill, which differ with the thread count: a greedy run of 24
     tokens can take another path at a near-tie.)"""
     import llmctl.quant.qlinear as ql
-    from llmctl.quantize.convert import make_plan, run_plan
+    from llmctl.quantize.convert import run_plan
+    from llmctl.quantize.plan import make_plan
     from llmctl.runtime import fused
     from llmctl.runtime.loader import load_model
 

@@ -20,7 +20,8 @@ import torch
 from conftest import FAMILIES, gemma3_path, smollm2_path
 
 from llmctl.config import HF_KEYS, RUNTIME_FAMILIES, ModelConfig
-from llmctl.quantize.convert import make_plan, run_plan
+from llmctl.quantize.convert import run_plan
+from llmctl.quantize.plan import make_plan
 
 # format -> make_plan keywords; the layout is the one ``auto`` picks (hf, compressed-tensors, bnb)
 # (the tiny models' rows are 64 and 96 long: int groups of 32)

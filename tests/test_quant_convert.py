@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from llmctl.errors import QuantError, UsageError
-from llmctl.quantize.convert import make_plan, run_plan
+from llmctl.quantize.convert import run_plan
+from llmctl.quantize.plan import make_plan
 
 FORMATS = ["fp8", "int8", "int4", "int4-asym", "nf4", "nf4-dq", "bf16", "fp16"]
 TOKENS = torch.tensor([[1, 5, 9, 20, 33, 40, 2, 7, 63, 11, 90, 4]])

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmctl.quantize.convert import make_plan, run_plan
+from llmctl.quantize.convert import run_plan
+from llmctl.quantize.plan import make_plan
 
 pytestmark = pytest.mark.slow
 TEXT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"

@@ -43,7 +43,8 @@ SMOLLM2_PRE = {
 
 
 def bf16_folder(gguf_path: Path, out: Path) -> Path:
-    from llmctl.quantize.convert import make_plan, run_plan
+    from llmctl.quantize.convert import run_plan
+    from llmctl.quantize.plan import make_plan
 
     run_plan(make_plan(str(gguf_path), "bf16", layout="hf"), out, measure_error=False)
     return out

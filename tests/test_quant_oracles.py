@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from llmctl.quant.layouts import read_quantized
-from llmctl.quantize.convert import make_plan, run_plan
+from llmctl.quantize.convert import run_plan
+from llmctl.quantize.plan import make_plan
 
 TOKENS = torch.tensor([[1, 5, 9, 20, 33, 40, 2, 7, 63, 11, 90, 4, 77, 18]])
 # rows that bitsandbytes' CPU kernels take (in_features a multiple of the NF4 block)

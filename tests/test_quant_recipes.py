@@ -14,7 +14,8 @@ import torch
 
 from llmctl.errors import QuantError, UsageError
 from llmctl.quant.recipes import MORE_BITS, assign_formats
-from llmctl.quantize.convert import make_plan, run_plan
+from llmctl.quantize.convert import run_plan
+from llmctl.quantize.plan import make_plan
 
 TOKENS = torch.tensor([[1, 5, 9, 20, 33, 40, 2, 7, 63, 11, 90, 4, 77, 18]])
 ATTENTION = ("q_proj", "k_proj", "v_proj")

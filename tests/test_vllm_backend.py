@@ -21,7 +21,8 @@ import pytest
 from conftest import ServerProcess, one_error_line, smollm2_path
 from test_vllm_oracle import _tiny_llama, vllm_python
 
-from llmctl.quantize.convert import make_plan, run_plan
+from llmctl.quantize.convert import run_plan
+from llmctl.quantize.plan import make_plan
 from llmctl.runtime.perplexity import evaluate
 
 ROOT = Path(__file__).parent.parent

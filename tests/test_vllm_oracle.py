@@ -26,7 +26,8 @@ import torch
 from conftest import smollm2_path
 
 from llmctl.errors import QuantError
-from llmctl.quantize.convert import make_plan, run_plan
+from llmctl.quantize.convert import run_plan
+from llmctl.quantize.plan import make_plan
 
 RUNNER = Path(__file__).parent / "oracles" / "vllm_logprobs.py"
 # Agreement, vLLM (bf16) against llmctl's runtime (fp32) on the same folder and tokens: the mean prompt NLL

@@ -116,7 +116,8 @@ def quantize(
         raise UsageError(
             "--pure applies to GGUF output (--out X.gguf) of q8_0, q4_0, q4_1, q5_0, q5_1; drop it for a folder"
         )
-    from llmctl.quantize.convert import check_out, default_out, make_plan, run_plan
+    from llmctl.quantize.convert import check_out, default_out, run_plan
+    from llmctl.quantize.plan import make_plan
 
     with _interruptible() as output, render.quantize_progress(
         enabled=not json_, first=f"reading {model or 'the bundled model'}"
@@ -171,8 +172,8 @@ def _quantize_gguf(
     pure: bool = False,
     verbose: bool = False,
 ) -> None:
-    from llmctl.quantize.convert import calibration_request
     from llmctl.quantize.gguf_out import gguf_request, plan_gguf, write_gguf
+    from llmctl.quantize.plan import calibration_request
     from llmctl.sources import resolve
 
     if by not in ("auto", "llama.cpp"):

@@ -103,7 +103,7 @@ def parse_overrides(overrides: Sequence[str], how: str) -> list[tuple[str, str]]
     expressions searched in llama.cpp's tensor names (``blk\\.1[0-7]\\.ffn_down``)."""
     from gguf import GGMLQuantizationType
 
-    from llmctl.quantize.convert import split_override
+    from llmctl.quantize.plan import split_override
 
     allowed = PY_TYPES if how == "python" else tuple(t.name.lower() for t in GGMLQuantizationType)
     out = []

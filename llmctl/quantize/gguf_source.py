@@ -44,7 +44,7 @@ def open_source(source: Any) -> GGUFSource:
         return _gguf_file_source(source.gguf)
     if source.kind == "config":
         raise UsageError(f"{source.path}: a bare config.json has no weights to write")
-    return folder_source(Path(source.path))
+    return folder_source(source)
 
 
 def _gguf_file_source(info: Any) -> GGUFSource:
@@ -97,30 +97,22 @@ def tensor_names(cfg: ModelConfig, hf_names: list[str], folder: Path) -> list[tu
     return pairs
 
 
-def folder_source(folder: Path) -> Any:
-    """The folder as a ``GGUFSource``: architecture, metadata writer, tensors (names, shapes) and
-    a reader yielding each as fp32 numpy in GGUF layout."""
-    from llmctl.checkpoint import safetensors_files
-    from llmctl.quant import stio
+def folder_source(source: Any) -> Any:
+    """The folder of ``source`` (resolved) as a ``GGUFSource``: architecture, metadata writer, tensors
+    (names, shapes) and a reader yielding each as fp32 numpy in GGUF layout (read by llmctl.quantize.inputs,
+    which refuses a checkpoint that is not floating point)."""
+    from llmctl.quantize.inputs import open_input
 
+    folder = Path(source.path)
     cfg, _ = read_folder_config(folder)
-    entries: dict[str, stio.Entry] = {}
-    for f in safetensors_files(folder):
-        entries.update(stio.index_file(f))
-    bad = [(n, e.dtype) for n, e in entries.items() if e.dtype not in ("BF16", "F16", "F32")]
-    if bad:
-        raise UsageError(
-            f"{folder}: tensor {bad[0][0]} is {bad[0][1]}: the checkpoint is quantized or not floating point; "
-            "write GGUF from the bf16/fp16/fp32 original"
-        )
+    inp = open_input(source)
+    entries = {n: (shape, nbytes, dtype) for n, shape, dtype, nbytes in inp.infos}
     arch = metadata.GGUF_ARCH[cfg.model_type]
     pairs = tensor_names(cfg, list(entries), folder)
     tok = vocab.read_tokenizer(folder)  # refused here, so that --dry-run refuses it too
     embed = entries.get("model.embed_tokens.weight")
-    n_vocab = embed.shape[0] if embed is not None else cfg.vocab_size
-    tensors = [
-        (g, tuple(entries[hf].shape), entries[hf].nbytes, entries[hf].dtype.lower()) for hf, g in pairs
-    ]
+    n_vocab = embed[0][0] if embed is not None else cfg.vocab_size
+    tensors = [(g, tuple(entries[hf][0]), entries[hf][1], entries[hf][2].lower()) for hf, g in pairs]
     rope = (cfg.rope_scaling or {}).get("rope_type")
     if rope == "llama3":
         tensors.append(("rope_freqs.weight", (cfg.head_dim // 2,), 0, "f32"))
@@ -135,8 +127,7 @@ def folder_source(folder: Path) -> Any:
         import numpy as np
 
         for hf, g in pairs:
-            e = entries[hf]
-            w = stio.read_rows(e).float().numpy().reshape(e.shape)
+            w = inp.tensor(hf).float().numpy()
             yield names.to_gguf_layout(w, hf, g, arch, cfg).astype(np.float32, copy=False)
         if rope == "llama3":
             yield metadata.llama3_rope_factors(cfg)
