@@ -6,6 +6,7 @@ wide enough (norm weights included) that logits are far from uniform. Built once
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
@@ -92,6 +93,19 @@ def build_hf_model(family: str, seed: int = 0):
             elif name.endswith("bias"):
                 p.copy_(torch.randn_like(p) * 0.1)
     return model
+
+
+def char_tokenizer(folder: Path) -> None:
+    """tokenizer.json: one token per printable ASCII character (ids 1..95), BOS 0; the tiny models' vocab is 96."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<s>": 0, **{chr(32 + i): 1 + i for i in range(95)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=" "))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok.add_special_tokens(["<s>"])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "add_bos_token": True}))
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_hf_model, one_error_line
+from conftest import build_hf_model, char_tokenizer, one_error_line
 
 from llmctl.quant.recipes import get_format
 from llmctl.quantize import gptq
@@ -36,26 +36,13 @@ LAYERS = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_pro
           "model.layers.1.self_attn.o_proj.weight"]  # fmt: skip
 
 
-def _char_tokenizer(folder: Path) -> None:
-    """tokenizer.json: one token per printable ASCII character (ids 1..95), BOS 0; the tiny models' vocab is 96."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
-
-    vocab = {"<s>": 0, **{chr(32 + i): 1 + i for i in range(95)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=" "))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    tok.add_special_tokens(["<s>"])
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "add_bos_token": True}))
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, Path, object]:
     """(the tiny Llama's folder with its tokenizer, the calibration text file, the transformers model)."""
     root = tmp_path_factory.mktemp("gptq")
     model = build_hf_model("llama", seed=3)
     model.save_pretrained(root / "model", safe_serialization=True)
-    _char_tokenizer(root / "model")
+    char_tokenizer(root / "model")
     (root / "text.txt").write_text(TEXT)
     return root / "model", root / "text.txt", model
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import smollm2_path
+from conftest import FAMILIES, char_tokenizer, smollm2_path
 
 from llmctl.quant.recipes import get_format
 from llmctl.quantize.calibrate import calibration_windows, collect
@@ -175,3 +175,53 @@ def test_dry_run_bytes_of_a_float_override_in_a_mix() -> None:
     plan = plan_gguf(resolve(str(smollm2_path())), "q4_k_m", overrides=[r"blk\.0\.attn_v=f16"])
     row = next(r for r in plan["tensors"] if r["name"] == "blk.0.attn_v.weight")
     assert row["to"] == "f16" and row["bytes"] == 192 * 576 * 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_stream_sees_what_transformers_linears_see(tiny_models, tmp_path: Path, family: str) -> None:
+    """The layer-by-layer pass (one decoder layer in memory at a time) gives every linear the inputs the whole
+    transformers model gives it: sliding windows shorter than the calibration windows, sandwich norms, the
+    embedding scale, an untied head."""
+    import shutil
+
+    from llmctl.runtime.tokenizer import load_tokenizer
+
+    src, model = tiny_models[family]
+    folder = tmp_path / family
+    shutil.copytree(src, folder)
+    char_tokenizer(folder)
+    text = tmp_path / "text.txt"
+    text.write_text("Four score and seven years ago our fathers brought forth on this continent a new nation. " * 3)
+    wanted = ["model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    if model.lm_head.weight is not model.model.embed_tokens.weight:
+        wanted.append("lm_head.weight")
+    cal = collect(folder, str(text), tokens=60, context=20, hessians=wanted)
+    windows = calibration_windows(load_tokenizer(folder).encode(text.read_text()), 0, 60, 20)
+    assert (cal.tokens, cal.windows, len(windows)) == (60, 3, 3)
+    sums: dict[str, torch.Tensor] = {}
+    grams: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def f(_m, inp):
+            x = inp[0].reshape(-1, inp[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.square().sum(0)
+            grams[name] = grams.get(name, 0) + x.T @ x
+
+        return f
+
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    handles = [m.register_forward_pre_hook(hook(f"{n}.weight")) for n, m in linears]
+    with torch.no_grad():
+        for w in windows:
+            model(torch.tensor([w]))
+    for h in handles:
+        h.remove()
+    tied = "lm_head.weight" not in wanted
+    assert set(cal.importance) == set(sums) - ({"lm_head.weight"} if tied else set())
+    for name, s in sums.items():
+        if name in cal.importance:
+            torch.testing.assert_close(cal.importance[name].double(), s / 60, rtol=1e-4, atol=1e-6)
+    for name in wanted:
+        ref = grams[name]
+        got = cal.hessians[name].double()
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
