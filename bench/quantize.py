@@ -167,8 +167,8 @@ else:
 extra = {}
 if gptq:
     t1 = time.perf_counter()
-    convert.calibrate(plan, progress)  # the text and the embeddings; the layers run as run_plan reaches them
-    extra = {"calibration_open_seconds": time.perf_counter() - t1, "calibration": plan.calibrate,
+    convert.open_calibration(plan, progress)  # the text and the embeddings; the layers run as run_plan reaches them
+    extra = {"calibration_open_seconds": time.perf_counter() - t1, "calibration": plan.calibration_spec,
              "gptq_params": sum(math.prod(t.shape) for t in plan.tensors if t.opts.get("method") == "gptq")}
 res = convert.run_plan(plan, sys.argv[3], measure_error=False, progress=progress if gptq else None)
 print(json.dumps({"seconds": time.perf_counter() - t0, "params": res.params, "output_bytes": plan.out_bytes,

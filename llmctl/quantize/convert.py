@@ -29,17 +29,17 @@ from llmctl.quantize.inputs import TensorInput, open_input
 from llmctl.quantize.plan import CHUNK_VALUES, TOKENIZER_FILES, Plan, side_file
 
 
-def calibrate(plan: Plan, progress: Callable[[Progress], None] | None = None) -> None:
+def open_calibration(plan: Plan, progress: Callable[[Progress], None] | None = None) -> None:
     """Collect the plan's activation statistics (``--calibration``) unless it has them; progress by layer.
     A GPTQ plan only opens the stream here (the text read, its windows embedded: a bad text fails before
     anything is written); its layers run as ``_write_all`` reaches them."""
     from llmctl.quantize.calibrate import LayerStream
 
-    if plan.calibrate is None or plan.calibration is not None:
+    if plan.calibration_spec is None or plan.calibration is not None:
         return
     if not plan.searches:  # nothing would use it (the plan notes so)
         return
-    phase = f"calibrating on {plan.calibrate['data']}"
+    phase = f"calibrating on {plan.calibration_spec['data']}"
 
     def step(i: int, n: int) -> None:
         if progress is not None:
@@ -49,7 +49,7 @@ def calibrate(plan: Plan, progress: Callable[[Progress], None] | None = None) ->
         progress(Progress(phase))
     gptq = [t.name for t in plan.tensors if t.opts.get("method") == "gptq"]
     stream = LayerStream(
-        plan.source, plan.calibrate["data"], tokens=plan.calibrate["tokens"], progress=step, hessians=gptq
+        plan.source, plan.calibration_spec["data"], tokens=plan.calibration_spec["tokens"], progress=step, hessians=gptq
     )
     if gptq:
         stream.progress = None  # its layers count in the "quantizing (gptq)" phase from here
@@ -57,8 +57,8 @@ def calibrate(plan: Plan, progress: Callable[[Progress], None] | None = None) ->
     else:
         stream.run()
     plan.calibration = stream.calibration
-    plan.calibrate = plan.calibration.describe()
-    plan.config.setdefault("llmctl", {})["calibration"] = plan.calibrate
+    plan.calibration_spec = plan.calibration.describe()
+    plan.config.setdefault("llmctl", {})["calibration"] = plan.calibration_spec
 
 
 # ---- running ----------------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ class Result:
             "layout": self.plan.layout.name,
             "method": self.plan.method,
             "recipe": self.plan.recipe,
-            "calibration": self.plan.calibrate,
+            "calibration": self.plan.calibration_spec,
             "source_bytes": self.plan.src_bytes,
             "output_bytes": self.plan.out_bytes,
             "params": self.params,
@@ -185,7 +185,7 @@ def run_plan(
     """Write the plan's output folder at ``out`` (atomically) and measure each tensor's error."""
     out = Path(out)
     check_out(out, force)
-    calibrate(plan, progress)  # before anything is written: a bad text leaves no trace
+    open_calibration(plan, progress)  # before anything is written: a bad text leaves no trace
     remove_dead_runs(out)
     try:
         tmp = atomic.private_dir(out, "partial")

@@ -51,7 +51,7 @@ class Plan:
     method: str | None = "search"  # the scales' method: "search", "rtn", "search (int8), rtn (nf4)"; None: no scales
     recipe: str = "uniform"  # llmctl.quant.recipes.RECIPES: which tensors get one format up
     notes: list[str] = field(default_factory=list)
-    calibrate: dict[str, Any] | None = None  # --calibration: {"data": spec, "tokens": n}
+    calibration_spec: dict[str, Any] | None = None  # --calibration: {"data": spec, "tokens": n}, then its windows
     calibration: Any = None  # its statistics (llmctl.quantize.calibrate.Calibration), collected by run_plan
     gptq: dict[str, Any] | None = None  # --method gptq: {"damp": float, "act_order": bool}
     # --method gptq: the calibration text going through the model a layer at a time as the tensors are
@@ -78,7 +78,7 @@ class Plan:
             "layout": self.layout.name,
             "method": self.method,
             "recipe": self.recipe,
-            "calibration": self.calibrate,
+            "calibration": self.calibration_spec,
             "source_bytes": self.src_bytes,
             "output_bytes": self.out_bytes,
             "files": [{"name": f.name, "bytes": f.nbytes} for f in self.files],
@@ -244,7 +244,7 @@ def make_plan(
     gptq = gptq_request(method, name, calibration, gptq_damp, act_order)
     if gptq is None:
         _search_on({"method": method})  # refuses an unknown method (None: each format's default)
-    calibrate = calibration_request(calibration, calibration_tokens, method)
+    spec = calibration_request(calibration, calibration_tokens, method)
     request = parse_group_size(group_size)
     keeps = [regex(k, "--keep") for k in keep]
     rules = parse_overrides(overrides, symmetric)
@@ -283,7 +283,7 @@ def make_plan(
         if any(k.search(tname) for k in keeps):
             target, reason = kept_fmt, f"--keep {next(k.pattern for k in keeps if k.search(tname))}"
         opts = {"fp8": fp8} if target == "fp8" else {}
-        if tm := tensor_method(target, method, calibrate is not None):
+        if tm := tensor_method(target, method, spec is not None):
             opts["method"] = tm
         try:
             g = _effective_group(target, request, cols)
@@ -311,12 +311,12 @@ def make_plan(
         config["llmctl"] = {"format": name, "recipe": rec.name}
         if method_text:  # the formats a method applies to
             config["llmctl"]["method"] = method_text
-        if calibrate is not None:
-            config["llmctl"]["calibration"] = calibrate
+        if spec is not None:
+            config["llmctl"]["calibration"] = spec
         if gptq is not None:
             config["llmctl"]["gptq"] = gptq
-    plan = Plan(source, name, lay, plans, files, config, method_text, rec.name, calibrate=calibrate, gptq=gptq)
-    if calibrate is not None and not plan.searches:
+    plan = Plan(source, name, lay, plans, files, config, method_text, rec.name, calibration_spec=spec, gptq=gptq)
+    if spec is not None and not plan.searches:
         plan.notes.append("--calibration weighs the scale search of int4/int8/nf4/fp8 tensors; none is in this plan")
     if passed_over:
         plan.notes.append(passed_over)
