@@ -410,7 +410,7 @@ def test_flash_attention_reaches_every_figure_of_the_report() -> None:
     assert eager.estimates[0].activation_bytes - fused.estimates[0].activation_bytes == qkv + scores - mlp
     assert fused.fits[0].max_context > eager.fits[0].max_context  # type: ignore[operator]
     assert fused.curve["q4_k_m"][-1] < eager.curve["q4_k_m"][-1]
-    assert eager.to_json()["estimates"][0]["flash_attention"] is False
+    assert eager.to_dict()["estimates"][0]["flash_attention"] is False
 
 
 def test_no_gpu_means_no_max_context() -> None:
@@ -446,7 +446,7 @@ def test_totals_add_up_and_overhead_rule() -> None:
         OVERHEAD_FRACTION * (e.weights_bytes + e.kv_cache_bytes + e.activation_bytes)
     )
     assert e.kv_cache_bytes == 2 * 32 * 4096 * 2 * 1024 * 34 // 32  # the 4096-token window, q8_0
-    assert e.to_json()["weights_breakdown"]["by_format"]["q4_k"] > 0
+    assert e.to_dict()["weights_breakdown"]["by_format"]["q4_k"] > 0
 
 
 @pytest.mark.parametrize(

@@ -76,7 +76,7 @@ def estimate_memory(
     if plot is not None:
         chart.write(report, plot)
     if json_:
-        render.print_json(report.to_json())
+        render.print_json(report.to_dict())
     else:
         render.memory_report(report)
     if plot is not None:

@@ -90,6 +90,6 @@ def eval_(
             on_progress=on_progress,
         )
     if json_:
-        render.print_json(result.to_json())
+        render.print_json(result.to_dict())
     else:
         render.eval_report(result)

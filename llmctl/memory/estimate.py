@@ -93,7 +93,7 @@ class Estimate:
     recipe: str = "uniform"  # llmctl.quant.recipes.RECIPES: which tensors got one format up
     flash_attention: bool = False  # fused attention: no batch × heads × u × kv_len score matrix counted
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["kv_tokens_per_layer"] = list(self.kv_tokens_per_layer)
         d["notes"] = list(self.notes)

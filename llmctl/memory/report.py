@@ -60,13 +60,13 @@ class Report:
         """How tables and charts name a weights format: the stored one as e.g. ``q4_k_m (stored)``."""
         return f"{self.stored_format} (stored)" if weights_format == "stored" else weights_format
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "parameters": self.parameters,
             "architecture": self.config.architecture,
             "stored_format": self.stored_format,
-            "estimates": [e.to_json() for e in self.estimates],
+            "estimates": [e.to_dict() for e in self.estimates],
             "fits": [f.__dict__ for f in self.fits],
             "curve": {
                 "contexts": self.curve_contexts,

@@ -143,7 +143,7 @@ class EvalResult:
     def scored_per_second(self) -> float:
         return self.tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["tokens_per_second"] = self.tokens_per_second
         d["scored_tokens_per_second"] = self.scored_per_second
