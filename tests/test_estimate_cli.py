@@ -85,7 +85,7 @@ def test_tensor_parallel_table_rows_add_up_per_gpu(cfg70: Path) -> None:
 
 
 def test_group_size_hints_are_whole_blocks_of_32() -> None:
-    from llmctl.quant.formats import _divisor_hint
+    from llmctl.quant.registry import _divisor_hint
 
     assert _divisor_hint(576, 128) % 32 == 0 and 576 % _divisor_hint(576, 128) == 0
     assert _divisor_hint(100, 128) == 100  # no multiple of 32 divides 100: the nearest divisor

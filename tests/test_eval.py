@@ -232,7 +232,7 @@ def test_documents_are_read_only_as_far_as_used(tmp_path: Path) -> None:
 def test_scoring_eta_starts_after_the_first_forward() -> None:
     """The rate is measured from the end of the first forward: neither its warm-up nor its batched windows
     (which arrive together) count."""
-    from llmctl.commands.render import ScoringEta
+    from llmctl.commands.render.eval import ScoringEta
 
     eta = ScoringEta()
     # first forward: 10 s of warm-up, then four windows of 100 tokens arrive within a millisecond

@@ -95,7 +95,8 @@ def _llmctl_dense(folder: Path, tokens: torch.Tensor, dtype: torch.dtype, bf16_a
     quantized = read_quantized(layout, cfg, set(tensors), tensors.__getitem__) if layout else {}
     state = {k: v for k, v in tensors.items() if k.endswith((".weight", ".bias")) and k not in quantized}
     if bf16_absmax:
-        from llmctl.quant.formats import REGISTRY, QTensor
+        from llmctl.quant.formats import REGISTRY
+        from llmctl.quant.registry import QTensor
 
         for k, q in list(quantized.items()):
             if q.format.startswith("nf4"):

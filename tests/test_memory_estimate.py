@@ -32,7 +32,8 @@ from llmctl.memory.estimate import (
     max_context_that_fits,
 )
 from llmctl.memory.gpus import GPUS, find_gpu
-from llmctl.quant.formats import REGISTRY, GGMLType
+from llmctl.quant.formats import REGISTRY
+from llmctl.quant.ggml_types import GGMLType
 from llmctl.quant.recipes import GGUF_MIXES, assign_formats, gguf_category, use_more_bits
 from llmctl.tensors import count_parameters, tensor_shapes
 

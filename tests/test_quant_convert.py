@@ -142,12 +142,12 @@ def test_bad_requests_say_what_to_do(llama, kwargs, error, message):
 
 
 def test_output_is_atomic(llama, tmp_path, monkeypatch):
-    from llmctl.quant import formats
+    from llmctl.quant import int_formats
 
     out = tmp_path / "out"
     plan = make_plan(str(llama), "int8", group_size=32)
     calls = {"n": 0}
-    real = formats.Int8.quantize.__func__
+    real = int_formats.Int8.quantize.__func__
 
     def failing(cls, w, group_size=None, **opts):
         calls["n"] += 1
@@ -155,7 +155,7 @@ def test_output_is_atomic(llama, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # what Ctrl-C raises mid-way
         return real(cls, w, group_size, **opts)
 
-    monkeypatch.setattr(formats.Int8, "quantize", classmethod(failing))
+    monkeypatch.setattr(int_formats.Int8, "quantize", classmethod(failing))
     with pytest.raises(KeyboardInterrupt):
         run_plan(plan, out)
     assert list(tmp_path.iterdir()) == []  # nothing half-written

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from llmctl.errors import QuantError
-from llmctl.quant.formats import PER_TENSOR, REGISTRY
+from llmctl.quant.formats import REGISTRY
 from llmctl.quant.recipes import get_format
+from llmctl.quant.registry import PER_TENSOR
 
 QUANTIZABLE = [n for n, f in REGISTRY.items() if f.can_quantize]
 SHAPES = [(64, 256), (96, 384), (48, 640), (3, 1, 128)]
@@ -388,3 +389,18 @@ def test_nf4_and_fp8_search_never_loses_by_its_measure(name, g):
 def test_unknown_method_is_refused():
     with pytest.raises(QuantError, match="unknown --method 'best'; choose rtn"):
         REGISTRY["int4"].quantize(torch.zeros(4, 64), 32, method="best")
+
+
+@pytest.mark.parametrize("name", QUANTIZABLE)
+def test_registry_facts_name_each_format_once(name):
+    """What readers and kernels ask instead of a format name (family, bits, zero-point, double
+    quantization) picks out exactly this quantized format, and the facts other modules read are consistent."""
+    from llmctl.quant.formats import find_format
+
+    f = REGISTRY[name]
+    assert f.is_float == (f.torch_dtype is not None)  # llmctl's own floats: stored as a torch dtype
+    if not f.is_float:
+        facts = {"family": f.family, "bits": f.bits, "zero_bits": f.zero_bits, "double_quant": f.double_quant}
+        assert find_format(**facts) == name
+    assert (f.default_method is not None) == f.searchable
+    assert f.more_bits is None or REGISTRY[f.more_bits].can_quantize

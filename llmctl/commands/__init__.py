@@ -1,1 +1,1 @@
-"""One module per command: parse options, call one library function, render (render.py only)."""
+"""One module per command: parse options, call one library function, render (the render/ package only)."""

@@ -15,6 +15,19 @@ from typing import Any
 import typer
 
 from llmctl.commands import render
+from llmctl.commands.render.chat import (
+    CONTINUATION,
+    PROMPT,
+    chat_banner,
+    chat_bye,
+    chat_error,
+    chat_help,
+    chat_notice,
+    chat_options,
+    chat_stats,
+    reply_end,
+    reply_piece,
+)
 from llmctl.errors import LlmctlError, UsageError
 
 COMMANDS = {
@@ -99,15 +112,15 @@ def chat(
         has_template = template_text is not None or bool((engine.tokenizer.chat_template or "").strip())
         completion = raw or (not has_template and not chat_mode)
         session = Session(engine, options, system=system, template=template_text, completion=completion)
-        render.chat_notice(line)
+        chat_notice(line)
         if completion:
             why = "--raw" if raw else "the model has no chat template"
-            render.chat_notice(
+            chat_notice(
                 f"note: completion mode ({why}): the prompt is continued as plain text; "
                 + ("drop --raw to chat" if raw else "pass --chat for the ChatML fallback, or --template FILE")
             )
         elif session.uses_fallback_template:
-            render.chat_notice(
+            chat_notice(
                 "note: the model has no chat template; using the ChatML fallback "
                 "(<|im_start|>role … <|im_end|>); pass --template FILE for another"
             )
@@ -141,9 +154,9 @@ def _one_shot(session: Any, prompt: str, as_json: bool, model: str | None) -> No
     reply = None
     for event in session.reply(prompt):
         if isinstance(event, Piece) and not as_json:
-            render.reply_piece(event.text)
+            reply_piece(event.text)
         elif isinstance(event, Notice):
-            render.chat_notice(event.text)
+            chat_notice(event.text)
         elif isinstance(event, Reply):
             reply = event
     assert reply is not None
@@ -159,7 +172,7 @@ def _one_shot(session: Any, prompt: str, as_json: bool, model: str | None) -> No
             }
         )
     else:
-        render.reply_end(reply, stats=False)
+        reply_end(reply, stats=False)
     if reply.finish_reason == "interrupted":
         raise typer.Exit(130)
 
@@ -170,15 +183,15 @@ def _repl(session: Any) -> None:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    render.chat_banner(COMMANDS)
+    chat_banner(COMMANDS)
     while True:
         try:
             text = _read_message()
         except EOFError:
-            render.chat_bye()
+            chat_bye()
             return
         except KeyboardInterrupt:
-            render.chat_notice("\n(Ctrl-D or /exit leaves)")
+            chat_notice("\n(Ctrl-D or /exit leaves)")
             continue
         if text is None:
             continue
@@ -189,22 +202,22 @@ def _repl(session: Any) -> None:
             else:
                 _turn(session, text.removeprefix("/"))
         except LlmctlError as e:
-            render.chat_error(str(e))
+            chat_error(str(e))
 
 
 def _read_message() -> str | None:
     """One message: a line; lines ending in a backslash continue; \"\"\" starts and ends a block."""
-    line = input(render.PROMPT)
+    line = input(PROMPT)
     if line.strip() == MULTILINE:
         lines = []
-        while (nxt := input(render.CONTINUATION)).strip() != MULTILINE:
+        while (nxt := input(CONTINUATION)).strip() != MULTILINE:
             lines.append(nxt)
         text = "\n".join(lines)
     else:
         lines = []
         while line.endswith("\\"):
             lines.append(line[:-1])
-            line = input(render.CONTINUATION)
+            line = input(CONTINUATION)
         text = "\n".join([*lines, line])
     return text if text.strip() else None
 
@@ -227,9 +240,9 @@ def _turn(session: Any, text: str) -> None:
     try:
         for event in events:
             if isinstance(event, Piece):
-                render.reply_piece(event.text)
+                reply_piece(event.text)
             elif isinstance(event, Notice):
-                render.chat_notice(event.text)
+                chat_notice(event.text)
             elif isinstance(event, Reply):
                 reply = event
     except KeyboardInterrupt:
@@ -238,7 +251,7 @@ def _turn(session: Any, text: str) -> None:
     finally:
         signal.signal(signal.SIGINT, previous)
     if reply is not None:
-        render.reply_end(reply, stats=True)
+        reply_end(reply, stats=True)
 
 
 def _command(session: Any, text: str) -> str | None:
@@ -247,22 +260,22 @@ def _command(session: Any, text: str) -> str | None:
     name, _, arg = text.strip().partition(" ")
     name, arg = name.lower(), arg.strip()
     if name in ("/exit", "/quit", "/bye"):
-        render.chat_bye()
+        chat_bye()
         return "exit"
     if name in ("/help", "/?"):
-        render.chat_help(COMMANDS)
+        chat_help(COMMANDS)
     elif name == "/reset":
         session.reset()
-        render.chat_notice("conversation cleared")
+        chat_notice("conversation cleared")
     elif name == "/system":
         if not arg:
-            render.chat_notice(f"system prompt: {session.system!r}" if session.system else "no system prompt")
+            chat_notice(f"system prompt: {session.system!r}" if session.system else "no system prompt")
         else:
             session.set_system(None if arg.lower() == "none" else arg)
-            render.chat_notice("system prompt cleared" if session.system is None else "system prompt set")
+            chat_notice("system prompt cleared" if session.system is None else "system prompt set")
     elif name == "/set":
         if not arg:
-            render.chat_options(session.options.to_dict(), session.seed)
+            chat_options(session.options.to_dict(), session.seed)
             return None
         key, _, value = arg.partition(" ")
         field, parsed = parse_option(key, value)
@@ -271,19 +284,19 @@ def _command(session: Any, text: str) -> str | None:
         except UsageError as e:  # the options' checks name the command-line flag; here it is /set NAME
             raise UsageError(str(e).replace("--" + field.replace("_", "-"), f"/set {key}", 1)) from None
         shown = session.seed if field == "seed" else getattr(session.options, field)
-        render.chat_notice(f"{field} = {shown!r}")
+        chat_notice(f"{field} = {shown!r}")
     elif name == "/save":
         if not arg:
             raise UsageError("/save needs a file name: /save FILE")
         path = session.save(arg)
-        render.chat_notice(f"saved {len(session.messages)} messages to {path}")
+        chat_notice(f"saved {len(session.messages)} messages to {path}")
     elif name == "/load":
         if not arg:
             raise UsageError("/load needs a file name: /load FILE")
         n = session.load(arg)
-        render.chat_notice(f"loaded {n} messages from {arg}")
+        chat_notice(f"loaded {n} messages from {arg}")
     elif name == "/stats":
-        render.chat_stats(session.stats())
+        chat_stats(session.stats())
     else:
         raise UsageError(f"unknown command {name}; commands: {', '.join(c.split()[0] for c in COMMANDS)}")
     return None

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from llmctl.commands import render
+from llmctl.commands.render.memory import memory_report
 
 
 def estimate_memory(
@@ -78,7 +79,7 @@ def estimate_memory(
     if json_:
         render.print_json(report.to_dict())
     else:
-        render.memory_report(report)
+        memory_report(report)
     if plot is not None:
         render.notice(f"wrote the memory-vs-context chart to {plot}")
 

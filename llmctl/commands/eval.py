@@ -6,6 +6,7 @@ from __future__ import annotations
 import typer
 
 from llmctl.commands import render
+from llmctl.commands.render.eval import eval_progress, eval_report
 
 
 def eval_(
@@ -66,7 +67,7 @@ def eval_(
     """Perplexity of a model on a text, and KL divergence against a baseline."""
     from llmctl.runtime.perplexity import evaluate
 
-    with render.eval_progress(enabled=not json_) as on_progress:
+    with eval_progress(enabled=not json_) as on_progress:
         result = evaluate(
             model,
             data,
@@ -92,4 +93,4 @@ def eval_(
     if json_:
         render.print_json(result.to_dict())
     else:
-        render.eval_report(result)
+        eval_report(result)

@@ -6,6 +6,7 @@ import typer
 
 from llmctl.catalog import list_models
 from llmctl.commands import render
+from llmctl.commands.render.models import models_table
 
 
 def models(
@@ -16,4 +17,4 @@ def models(
     if json_:
         render.print_json({"models": [e.__dict__ for e in entries]})
     else:
-        render.models_table(entries)
+        models_table(entries)

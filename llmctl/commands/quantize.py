@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from llmctl.commands import render
+from llmctl.commands.render.quantize import gguf_plan, quantize_plan, quantize_progress, quantize_summary
 from llmctl.errors import UsageError
 
 
@@ -119,7 +120,7 @@ def quantize(
     from llmctl.quantize.convert import check_out, default_out, run_plan
     from llmctl.quantize.plan import make_plan
 
-    with _interruptible() as output, render.quantize_progress(
+    with _interruptible() as output, quantize_progress(
         enabled=not json_, first=f"reading {model or 'the bundled model'}"
     ) as progress:
         plan = make_plan(
@@ -148,13 +149,13 @@ def quantize(
         if json_:
             render.print_json({"dry_run": True, "out": str(target), **plan.to_dict()})
         else:
-            render.quantize_plan(plan, target, verbose=verbose)
+            quantize_plan(plan, target, verbose=verbose)
         return
     _remember(target, format_, model)
     if json_:
         render.print_json(result.to_dict())
     else:
-        render.quantize_summary(result)
+        quantize_summary(result)
 
 
 def _quantize_gguf(
@@ -190,9 +191,9 @@ def _quantize_gguf(
         if json_:
             render.print_json({"dry_run": True, "out": str(out), **plan})
         else:
-            render.gguf_plan(plan, out, verbose=verbose)
+            gguf_plan(plan, out, verbose=verbose)
         return
-    with _interruptible() as output, render.quantize_progress(
+    with _interruptible() as output, quantize_progress(
         enabled=not json_, first=f"reading {source.display}"
     ) as progress:
         output.watch(out)
@@ -202,7 +203,7 @@ def _quantize_gguf(
     if json_:
         render.print_json(result.to_dict())
     else:
-        render.quantize_summary(result)
+        quantize_summary(result)
 
 
 class _Output:

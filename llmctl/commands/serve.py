@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from llmctl.commands import render
+from llmctl.commands.render.chat import chat_notice, serve_started
 from llmctl.errors import UsageError
 
 MAX_BODY = 1024 * 1024
@@ -88,7 +88,7 @@ def serve(
                 engine, model_id=source.display, api_key=api_key, max_body=max_body, max_tokens=max_tokens
             )
             bound_host, bound_port = sock.getsockname()[:2]
-            render.serve_started(
+            serve_started(
                 line,
                 url=f"http://{_url_host(bound_host)}:{bound_port}/v1",
                 model=source.display,
@@ -101,7 +101,7 @@ def serve(
             engine.close()
     finally:
         sock.close()
-    render.chat_notice("server stopped")
+    chat_notice("server stopped")
 
 
 def _url_host(host: str) -> str:

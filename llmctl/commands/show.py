@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from llmctl.commands import render
+from llmctl.commands.render import models as models_render
 from llmctl.errors import UsageError
 
 
@@ -35,4 +36,4 @@ def show(
     if json_:
         render.print_json(info)
     else:
-        render.model_info(info)
+        models_render.model_info(info)

@@ -323,10 +323,13 @@ def _tied(config: ModelConfig, tensors: Sequence[TensorInfo]) -> ModelConfig:
 def _base_dtype(config: ModelConfig, tensors: Sequence[TensorInfo]) -> str:
     if config.torch_dtype:
         return recipes.normalize_dtype(config.torch_dtype)
+    from llmctl.quant.formats import REGISTRY
+
     counts: dict[str, int] = {}
     for t in tensors:
         name = recipes.stored_format_name(t.dtype)
-        if name in ("bf16", "fp16"):
+        fmt = REGISTRY.get(name)
+        if fmt is not None and fmt.torch_dtype and fmt.bits == 16:  # bf16, fp16
             counts[name] = counts.get(name, 0) + 1
     return max(counts, key=lambda k: counts[k]) if counts else "bf16"
 

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llmctl.quant.formats import REGISTRY, QTensor
+from llmctl.quant.formats import REGISTRY
+from llmctl.quant.registry import QTensor
 
 KERNELS = ("int8-rows", "fp8-rows", "int4-tinygemm", "nf4-bnb")
 TINYGEMM_GROUPS = (32, 64, 128, 256)
@@ -42,14 +43,15 @@ def prepare(q: QTensor, device: torch.device) -> tuple[str, tuple[Any, ...], QTe
     """(kernel, its tensors, the QTensor to keep) for a weight whose parts are on ``device`` (not the CPU).
     int4-tinygemm keeps only its packed copy (the returned QTensor has no parts)."""
     fmt, rows_cols = q.format, len(q.shape) == 2
-    if fmt == "int8" and rows_cols and q.group_size == q.shape[-1]:
+    f = REGISTRY[fmt]
+    if f.family == "int" and f.bits == 8 and rows_cols and q.group_size == q.shape[-1]:
         return "int8-rows", (q.parts["weight"], q.parts["scale"].reshape(-1).float()), q
-    if fmt == "fp8" and rows_cols and q.parts["scale"].shape[-1] == 1:  # per channel or per tensor
+    if f.family == "fp8" and rows_cols and q.parts["scale"].shape[-1] == 1:  # per channel or per tensor
         return "fp8-rows", (q.parts["weight"], q.parts["scale"].reshape(-1).float()), q
-    if fmt in ("int4", "int4-asym") and tinygemm_takes(q) and tinygemm_device(device):
+    if f.family == "int" and f.bits == 4 and tinygemm_takes(q) and tinygemm_device(device):
         packed, sz = tinygemm_pack(q)
         return "int4-tinygemm", (packed, q.group_size, sz), QTensor(fmt, q.shape, q.group_size, {}, q.meta)
-    if fmt in ("nf4", "nf4-dq") and device.type == "cuda" and (bnb := bitsandbytes()) is not None:
+    if f.family == "nf4" and device.type == "cuda" and (bnb := bitsandbytes()) is not None:
         return "nf4-bnb", (q.parts["weight"], nf4_quant_state(q, bnb)), q
     return "dequantize", (), q
 

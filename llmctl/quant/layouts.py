@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from llmctl.errors import FormatError, QuantError
-from llmctl.quant.formats import PER_TENSOR, REGISTRY, QTensor
+from llmctl.quant.formats import REGISTRY, find_format
+from llmctl.quant.registry import PER_TENSOR, QTensor
 
 Out = list[tuple[str, str, tuple[int, ...]]]  # (entry name, safetensors dtype, shape)
-FLOATS = ("fp32", "fp16", "bf16")
+FLOATS = tuple(n for n, f in REGISTRY.items() if f.torch_dtype)  # llmctl's float formats: fp32, fp16, bf16
 
 
 @dataclass
@@ -45,7 +46,7 @@ class TensorPlan:
 
     @property
     def quantized(self) -> bool:
-        return self.format not in FLOATS
+        return not REGISTRY[self.format].is_float
 
     @property
     def nbytes(self) -> int:
@@ -124,7 +125,7 @@ class CompressedTensors(Layout):
     description = "compressed-tensors pack-quantized / float-quantized (vLLM, transformers)"
 
     def accepts(self, tp: TensorPlan) -> bool:
-        return super().accepts(tp) and (tp.format != "fp8" or tp.opts.get("fp8", "e4m3") == "e4m3")
+        return super().accepts(tp) and tp.opts.get("fp8", "e4m3") == "e4m3"  # an fp8 variant: e4m3 only
 
     def problem(self, plans: list[TensorPlan]) -> str | None:
         """vLLM runs q/k/v_proj as one qkv_proj layer and gate/up_proj as one gate_up_proj, and needs one
@@ -152,7 +153,7 @@ class CompressedTensors(Layout):
         m = _module(tp.name)
         rows, cols = tp.rows_cols
         specs = _specs(tp)
-        if tp.format == "fp8":
+        if REGISTRY[tp.format].family == "fp8":
             scale_shape = (1,) if tp.group_size == PER_TENSOR else specs["scale"][1]
             return [(f"{m}.weight", "F8_E4M3", (rows, cols)), (f"{m}.weight_scale", "F32", scale_shape)]
         bits = int(REGISTRY[tp.format].bits)
@@ -162,7 +163,7 @@ class CompressedTensors(Layout):
             (f"{m}.weight_scale", st_dtype(specs["scale"][0]), (rows, ng)),
             (f"{m}.weight_shape", "I64", (2,)),
         ]
-        if tp.format == "int4-asym":
+        if REGISTRY[tp.format].zero_bits:
             out.append((f"{m}.weight_zero_point", "I32", (math.ceil(rows * bits / 32), ng)))
         return out
 
@@ -173,7 +174,7 @@ class CompressedTensors(Layout):
 
         m = _module(tp.name)
         p = chunk.parts
-        if tp.format == "fp8":
+        if REGISTRY[tp.format].family == "fp8":
             out = [(f"{m}.weight", p["weight"])]
             if tp.group_size != PER_TENSOR or first:
                 out.append(
@@ -183,7 +184,7 @@ class CompressedTensors(Layout):
                     )
                 )
             return out
-        if tp.format == "int8":
+        if REGISTRY[tp.format].bits == 8:
             raw = (p["weight"].to(torch.int16) + 128).to(torch.uint8)  # (rows, cols) offset codes
         else:
             raw = p["weight"]  # (rows, ceil(cols/2)) low nibble first: already the packed bytes
@@ -250,7 +251,8 @@ def _is_linear_weight(tp: TensorPlan) -> bool:
 
 def _ct_scheme(tp: TensorPlan) -> dict[str, Any]:
     _rows, cols = tp.rows_cols
-    if tp.format == "fp8":
+    fmt = REGISTRY[tp.format]
+    if fmt.family == "fp8":
         g = tp.group_size
         strategy = "tensor" if g == PER_TENSOR else "channel" if g is None else "group"
         return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy,
@@ -258,7 +260,7 @@ def _ct_scheme(tp: TensorPlan) -> dict[str, Any]:
                 "format": "float-quantized"}  # fmt: skip
     g = tp.group_size
     channel = g == cols
-    return {"num_bits": int(REGISTRY[tp.format].bits), "type": "int", "symmetric": tp.format != "int4-asym",
+    return {"num_bits": int(fmt.bits), "type": "int", "symmetric": not fmt.zero_bits,
             "strategy": "channel" if channel else "group", "group_size": None if channel else g,
             "dynamic": False, "observer": "minmax", "format": "pack-quantized"}  # fmt: skip
 
@@ -304,13 +306,13 @@ class BnB(Layout):
                 out.append(_bnb_state(tp, state))
             else:
                 out.append((f"{tp.name}.{part}", t))
-        if first and tp.format == "nf4":
+        if first and not REGISTRY[tp.format].double_quant:  # nf4-dq: with its last chunk (the offset)
             out.append(_bnb_state(tp, state))
         return out
 
     def config(self, plans: list[TensorPlan]) -> dict[str, Any]:
         q = [tp for tp in plans if tp.quantized]
-        dq = any(tp.format == "nf4-dq" for tp in q)
+        dq = any(REGISTRY[tp.format].double_quant for tp in q)
         skip = sorted({m.rsplit(".", 1)[-1] for m in _linear_kept(plans)})
         dtype = q[0].dtype if q else "bfloat16"
         return {
@@ -347,7 +349,7 @@ class Llmctl(Layout):
     "version": 1, "tensors": {NAME: {"format", "group_size", options}}}."""
 
     name = "llmctl"
-    formats = ("fp8", "int8", "int4", "int4-asym", "nf4", "nf4-dq")
+    formats = tuple(n for n, f in REGISTRY.items() if f.can_quantize and not f.is_float)  # every one
     description = "llmctl's own: registry parts as they are, formats named in config.json"
 
     def _outputs(self, tp: TensorPlan) -> Out:
@@ -453,7 +455,7 @@ def _read_llmctl(q: dict[str, Any], fetch: Fetch) -> dict[str, QTensor]:
         opts = {k: v for k, v in spec.items() if k not in ("format", "shape", "group_size")}
         specs = REGISTRY[fmt].part_specs(shape, g, **opts)
         parts = {part: fetch(_part_name(name, part)) for part in specs}
-        if fmt in ("int8", "int4", "int4-asym", "nf4", "nf4-dq"):
+        if REGISTRY[fmt].grouped:
             g = REGISTRY[fmt].check_group(shape[-1], g)
         out[name] = QTensor(fmt, shape, g, parts, opts)
     return out
@@ -469,9 +471,8 @@ def _read_bnb(names: set[str], fetch: Fetch) -> dict[str, QTensor]:
                 f"{name}: bitsandbytes {state.get('quant_type')} weights are not supported; use nf4"
             )
         parts = {"weight": fetch(name), "absmax": fetch(f"{name}.absmax")}
-        fmt = "nf4"
+        fmt = find_format(family="nf4", double_quant="nested_offset" in state)
         if "nested_offset" in state:
-            fmt = "nf4-dq"
             parts["nested_absmax"] = fetch(f"{name}.nested_absmax")
             parts["nested_quant_map"] = fetch(f"{name}.nested_quant_map")
             import torch
@@ -518,7 +519,7 @@ def _read_ct(qc: dict[str, Any], names: set[str], fetch: Fetch) -> dict[str, QTe
                 )
             scale = scale.reshape(1, 1) if g == PER_TENSOR else scale.reshape(weight.shape[0], -1)
             out[name] = QTensor(
-                "fp8", tuple(weight.shape), g, {"weight": weight, "scale": scale}, {"fp8": "e4m3"}
+                find_format(family="fp8"), tuple(weight.shape), g, {"weight": weight, "scale": scale}, {"fp8": "e4m3"}
             )
             continue
         if fmt != "pack-quantized":
@@ -535,10 +536,9 @@ def _read_ct(qc: dict[str, Any], names: set[str], fetch: Fetch) -> dict[str, QTe
         raw = words_bytes(packed, math.ceil(cols * bits / 8))  # (rows, bytes)
         if bits == 8:
             parts = {"weight": (raw.to(torch.int16) - 128).to(torch.int8), "scale": scale.reshape(rows, -1)}
-            fmtname = "int8"
         else:
             parts = {"weight": raw, "scale": scale.reshape(rows, -1)}
-            fmtname = "int4"
+        zero_bits = 0
         if not w.get("symmetric", True):
             if bits != 4:
                 raise FormatError(f"{name}: asymmetric 8-bit weights are not supported")
@@ -548,6 +548,6 @@ def _read_ct(qc: dict[str, Any], names: set[str], fetch: Fetch) -> dict[str, QTe
             zcodes = unpack_nibbles(zb, rows).t().reshape(-1)  # (rows * groups,)
             parts["zero_point"] = pack_nibbles(zcodes.contiguous())
             del ng
-            fmtname = "int4-asym"
-        out[name] = QTensor(fmtname, (rows, cols), g, parts)
+            zero_bits = bits
+        out[name] = QTensor(find_format(family="int", bits=bits, zero_bits=zero_bits), (rows, cols), g, parts)
     return out

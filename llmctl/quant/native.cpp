@@ -130,7 +130,7 @@ static inline float group_err(const float* v, const float* w, int64_t g, float s
 }
 
 // The least-squares scale of the codes scale s gives a symmetric group, sum w*v*q / sum w*q^2 (0 when the
-// codes are all 0; the eager code: llmctl.quant.formats, refit).
+// codes are all 0; the eager code: llmctl.quant.int_formats, refit).
 static inline float ls_scale(const float* v, const float* w, int64_t g, float s, float qmin, float qmax) {
   const float inv = 1.0f / s;
   float num = 0.f, den = 0.f;
@@ -165,7 +165,7 @@ static inline c10::Half signed_half(float v, bool negative) {
   return h;
 }
 
-// steps > 1: the scale search (llmctl.quant.formats.SEARCH_*), keeping the candidate with the smallest squared
+// steps > 1: the scale search (llmctl.quant.search.SEARCH_*), keeping the candidate with the smallest squared
 // error (round to nearest on ties): asymmetric, [lo, hi] shrunk by 1 - j * delta for j < steps; symmetric, the
 // largest-magnitude value sent to qmin at 1 + (widen - j) * delta of it, then least-squares refits.
 template <typename T>

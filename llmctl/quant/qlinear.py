@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from llmctl.errors import UsageError
 from llmctl.quant import cuda_kernels
-from llmctl.quant.formats import REGISTRY, QTensor
+from llmctl.quant.formats import REGISTRY
+from llmctl.quant.registry import QTensor
 
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)
 # The CPU kernels are fast in bf16 only (measured: int4 M=1 94 µs in bf16 vs 2.3 ms in fp32; int8 79 µs
@@ -63,22 +64,24 @@ class QuantWeight(torch.Tensor):
 
     def _prepare(self) -> None:
         q, fmt = self.q, self.q.format
+        f = REGISTRY[fmt]
+        int8, int4 = f.family == "int" and f.bits == 8, f.family == "int" and f.bits == 4
         if self.device.type != "cpu":  # CUDA (or meta): no CPU kernel may see these tensors
             self.kernel, self._kernel_args, self.q = cuda_kernels.prepare(q, self.device)
             return
-        if fmt == "int8" and _codes_fit(q, "int8_linear"):
+        if int8 and _codes_fit(q, "int8_linear"):
             self.kernel = "int8-codes"
             self._kernel_args = (q.parts["weight"], q.parts["scale"].reshape(q.shape[0], -1))
-        elif fmt == "int8" and q.group_size == q.shape[-1]:
+        elif int8 and q.group_size == q.shape[-1]:
             self.kernel = "int8pack"
             self._kernel_args = (q.parts["weight"], q.parts["scale"].reshape(-1).to(KERNEL_DTYPE))
-        elif fmt in ("int4", "int4-asym") and _codes_fit(q, "int4_linear"):
-            codes, zp = REGISTRY[fmt].codes(q)
+        elif int4 and _codes_fit(q, "int4_linear"):
+            codes, zp = f.codes(q)
             self.kernel = "int4-codes"
             self._kernel_args = int4_kernel_args(codes, q.parts["scale"], zp)
             self.q = QTensor(fmt, q.shape, q.group_size, {}, q.meta)  # the repacked copy replaces the codes
-        elif fmt in ("int4", "int4-asym") and q.group_size in INT4_KERNEL_GROUPS and len(q.shape) == 2:
-            codes, zp = REGISTRY[fmt].codes(q)
+        elif int4 and q.group_size in INT4_KERNEL_GROUPS and len(q.shape) == 2:
+            codes, zp = f.codes(q)
             try:
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32) + 8, 2)
             except RuntimeError:
@@ -89,7 +92,7 @@ class QuantWeight(torch.Tensor):
             self.kernel = "int4pack"
             self._kernel_args = (packed, q.group_size, sz)
             self.q = QTensor(fmt, q.shape, q.group_size, {}, q.meta)  # the packed copy replaces the codes
-        elif fmt == "fp8" and len(q.shape) == 2:
+        elif f.family == "fp8" and len(q.shape) == 2:
             from llmctl.quant import native
 
             if native.get() is not None:
@@ -97,11 +100,11 @@ class QuantWeight(torch.Tensor):
                 scale = q.parts["scale"].float()
                 self.kernel = "fp8-codes"
                 self._kernel_args = (lut, scale.reshape(-1, scale.shape[-1]))
-        elif fmt in ("nf4", "nf4-dq") and len(q.shape) == 2 and q.shape[-1] % q.group_size == 0:
+        elif f.family == "nf4" and len(q.shape) == 2 and q.shape[-1] % q.group_size == 0:
             from llmctl.quant import native
 
             if native.get() is not None:
-                absmax = REGISTRY[fmt].absmax(q).float()  # double quantization undone once (0.5 bit/weight)
+                absmax = f.absmax(q).float()  # double quantization undone once (0.5 bit/weight)
                 self.kernel = "nf4-codes"
                 self._kernel_args = (q.parts["quant_map"].float(), absmax)
 

@@ -40,12 +40,17 @@ from dataclasses import dataclass
 from llmctl.checkpoint import TensorInfo
 from llmctl.config import ModelConfig
 from llmctl.errors import QuantError, UsageError
-from llmctl.quant.formats import REGISTRY, GGMLType, WeightFormat
+from llmctl.quant.formats import REGISTRY
+from llmctl.quant.ggml_types import GGMLType
+from llmctl.quant.registry import WeightFormat
 from llmctl.tensors import tensor_layer, tensor_role
 
-FLOAT_FORMATS = ("fp32", "fp16", "bf16", "f32", "f16")
-# Our (non-GGUF) quantized formats: the recipe quantizes linear weights only.
-LINEAR_ONLY_FORMATS = ("int8", "int4", "int4-asym", "nf4", "nf4-dq", "fp8")
+FLOAT_FORMATS = tuple(n for n, f in REGISTRY.items() if f.is_float)  # fp32, fp16, bf16, GGUF's f32, f16
+# Our (non-GGUF) quantized formats: the recipe quantizes linear weights only. Listed grouped formats first
+# (int8, int4, int4-asym, nf4, nf4-dq, then fp8), as messages have always named them.
+LINEAR_ONLY_FORMATS = tuple(
+    sorted((n for n, f in REGISTRY.items() if f.can_quantize and not f.is_float), key=lambda n: not REGISTRY[n].grouped)
+)
 
 _DTYPE_ALIASES = {
     "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32",
@@ -186,14 +191,8 @@ def _as(t: TensorInfo, fmt: str, nbytes: int) -> TensorInfo:
 
 def _nbytes(t: TensorInfo, fmt_name: str, group_size: int | None) -> int:
     fmt = REGISTRY[fmt_name]
-    cols = t.shape[-1] if t.shape else 1
     try:
-        if fmt_name == "fp8" and group_size and cols % group_size:
-            raise QuantError(
-                f"group size {group_size} does not divide the row length {cols}; choose a divisor of {cols} "
-                "or leave --group-size out for one scale per output channel"
-            )
-        return fmt.nbytes(t.shape, group_size)
+        return fmt.nbytes(t.shape, group_size)  # QuantError for a group that does not divide the row
     except QuantError as e:
         raise QuantError(f"{t.name} {list(t.shape)}: {e}") from None
 
@@ -399,17 +398,10 @@ def _mix_type(
 
 
 # ---- recipes for our formats ------------------------------------------------------------------------
-# "One format up" for each base format: what a recipe gives the tensors it favours. 4-bit formats go to
-# int8 (every layout that holds them mixed holds int8 too, except bitsandbytes'); 8-bit formats have
-# nothing above them but 16 bits, so they stay.
-MORE_BITS = {
-    "int4": "int8",
-    "int4-asym": "int8",
-    "nf4": "int8",
-    "nf4-dq": "int8",
-    "int8": "int8",
-    "fp8": "fp8",
-}
+# "One format up" for each base format (its ``more_bits`` in the registry): what a recipe gives the tensors
+# it favours. 4-bit formats go to int8 (every layout that holds them mixed holds int8 too, except
+# bitsandbytes'); 8-bit formats have nothing above them but 16 bits, so they stay.
+MORE_BITS = {n: f.more_bits for n, f in REGISTRY.items() if f.more_bits}
 # The attention projections engines fuse into one layer (vLLM's qkv_proj; llama.cpp's attn_qkv): a recipe
 # moves them together, so a compressed-tensors file keeps one scheme per fused layer.
 _ATTENTION = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_kv_b")

@@ -193,9 +193,9 @@ def load_quantized(
     """A ``Transformer`` from a folder in one of llmctl's layouts (compressed-tensors, bnb, llmctl)."""
     from safetensors import safe_open
 
-    from llmctl.quant.formats import QTensor
     from llmctl.quant.layouts import read_quantized
     from llmctl.quant.qlinear import QuantWeight, lossless_int8
+    from llmctl.quant.registry import QTensor
     from llmctl.runtime.device import compute_dtype, pick_device
 
     device = pick_device(device)
