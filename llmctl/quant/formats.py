@@ -11,16 +11,9 @@ from __future__ import annotations
 
 from llmctl.errors import QuantError
 from llmctl.quant import float_formats, ggml_types, int_formats, nf4  # noqa: F401 (registers the formats)
-
-# quantize/convert.py imports these from here (kept so that it needs no edit)
-from llmctl.quant.float_formats import _fp8_variant
-from llmctl.quant.nf4 import double_quantize
 from llmctl.quant.registry import PER_TENSOR, REGISTRY, QTensor, WeightFormat
-from llmctl.quant.search import _search_on
 
-__all__ = [
-    "PER_TENSOR", "REGISTRY", "QTensor", "WeightFormat", "_fp8_variant", "_search_on", "double_quantize", "find_format",
-]  # fmt: skip
+__all__ = ["PER_TENSOR", "REGISTRY", "QTensor", "WeightFormat", "find_format"]
 
 
 def find_format(**facts: object) -> str:

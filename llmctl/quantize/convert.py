@@ -23,7 +23,7 @@ from typing import Any
 
 from llmctl import atomic
 from llmctl.errors import QuantError
-from llmctl.quant.formats import PER_TENSOR, REGISTRY, QTensor
+from llmctl.quant.formats import PER_TENSOR, REGISTRY, QTensor, find_format
 from llmctl.quant.layouts import FLOATS, Layout, TensorPlan
 from llmctl.quantize.inputs import TensorInput, open_input
 from llmctl.quantize.plan import CHUNK_VALUES, TOKENIZER_FILES, Plan, side_file
@@ -313,9 +313,7 @@ def _gptq_layers(plans: Sequence[TensorPlan]) -> dict[int, int]:
 def _chunk_rows(tp: TensorPlan, chunk_values: int) -> int:
     rows, cols = tp.rows_cols
     align = 8  # compressed-tensors packs zero-points along rows, 8 per int32
-    if tp.format.startswith("nf4"):
-        g = tp.group_size or 64
-        align = math.lcm(8, (2 * g) // math.gcd(cols, 2 * g))  # chunks end on a block (and byte) boundary
+    align = math.lcm(align, REGISTRY[tp.format].chunk_alignment(cols, tp.group_size))  # blocks, bytes
     per = max(align, (chunk_values // max(cols, 1)) // align * align)
     return min(rows, per) if rows else 1
 
@@ -332,7 +330,7 @@ def _write_tensor(
 ) -> float | None:
     import torch
 
-    from llmctl.quant.formats import double_quantize
+    from llmctl.quant.nf4 import double_quantize
 
     fmt = REGISTRY[tp.format]
     rows_per = _chunk_rows(tp, chunk_values)
@@ -357,19 +355,19 @@ def _write_tensor(
             calibration.prepared[id(h)] = (h, prep)
         else:
             prep = cached[1]
-    if tp.format == "fp8" and tp.group_size == PER_TENSOR:  # one scale: the absmax of the whole tensor first
+    if tp.group_size == PER_TENSOR:  # one scale (fp8): the absmax of the whole tensor first
         amax = torch.zeros(())
         for chunk in inp.read(tp.name, rows_per):
             amax = torch.maximum(amax, chunk.float().abs().amax())
         if not bool(torch.isfinite(amax)):
             raise QuantError(f"{tp.name}: the tensor holds NaN or infinite values; the checkpoint is corrupt")
         opts["amax"] = amax
-    dq = tp.format == "nf4-dq"
-    qfmt = REGISTRY["nf4"] if dq else fmt
+    dq = fmt.double_quant  # nf4-dq: quantized as nf4, its absmaxes quantized again at the end
+    qfmt = REGISTRY[find_format(family=fmt.family, bits=fmt.bits, double_quant=False)] if dq else fmt
     absmax: list[Any] = []
     seen: set[str] = set()
     const = set(fmt.constant_parts) | (
-        {"scale"} if tp.format == "fp8" and tp.group_size == PER_TENSOR else set()
+        {"scale"} if tp.group_size == PER_TENSOR else set()
     )
     signal = noise = 0.0
     first = True

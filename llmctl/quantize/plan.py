@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from llmctl.errors import QuantError, SourceError, UsageError
-from llmctl.quant.formats import PER_TENSOR, REGISTRY
+from llmctl.quant.formats import PER_TENSOR, REGISTRY, find_format
 from llmctl.quant.layouts import FLOATS, Layout, TensorPlan, choose_layout
 from llmctl.quantize.inputs import open_input
 
-QUANT_FORMATS = ("fp8", "int8", "int4", "int4-asym", "nf4", "nf4-dq")
-INT_FORMATS = ("int8", "int4", "int4-asym")  # the scale search is their default
-SEARCH_FORMATS = (*INT_FORMATS, "nf4", "nf4-dq", "fp8")  # --method search / --calibration apply to them
+QUANT_FORMATS = tuple(n for n, f in REGISTRY.items() if f.can_quantize and not f.is_float)
+GPTQ_FORMATS = tuple(n for n, f in REGISTRY.items() if f.gptq)
 WRITABLE = (*FLOATS, *QUANT_FORMATS)
 CHUNK_VALUES = 1 << 22  # values quantized at a time
 SHARD_BYTES = 4 * 1024**3  # output shard size (Hugging Face's default is 5 GB)
@@ -29,7 +28,6 @@ TOKENIZER_FILES = (
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )  # fmt: skip
 _ST_TO_NAME = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
-_NAME_TO_TORCH = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 @dataclass
@@ -107,13 +105,14 @@ def tensor_method(fmt: str, method: str | None, calibrated: bool) -> str | None:
     """How a tensor in ``fmt`` gets its scales: --method when given (--calibration implies search), else
     the scale search for int4/int8 and round to nearest for nf4/fp8 (whose round-to-nearest bytes are
     bitsandbytes' and compressed-tensors' own, and whose search runs in eager torch); None: no scales."""
-    if fmt not in SEARCH_FORMATS:
+    f = REGISTRY[fmt]
+    if not f.searchable:
         return None
     if method == "gptq":  # int formats; an nf4/fp8 override gets the calibrated search
-        return "gptq" if fmt in INT_FORMATS else "search"
+        return "gptq" if f.gptq else "search"
     if calibrated:
         return "search"
-    return method or ("search" if fmt in INT_FORMATS else "rtn")
+    return method or f.default_method
 
 
 def _method_text(plans: Sequence[TensorPlan]) -> str | None:
@@ -156,21 +155,27 @@ def resolve_format(fmt: str, symmetric: bool | None) -> str:
             gguf = ", ".join(dict.fromkeys([*PY_TYPES, *LLAMA_MIXES]))
             raise QuantError(f"{name} is a GGUF type llmctl does not write; GGUF files take {gguf}; {folders}")
         get_format(name)  # QuantError listing the known formats
-    if symmetric is False:
-        if name == "int4":
-            return "int4-asym"
-        if name != "int4-asym":
-            raise QuantError(f"--asymmetric applies to int4 only; {name} is symmetric")
-    if symmetric is True and name == "int4-asym":
-        raise QuantError("int4-asym is asymmetric; drop --symmetric or use --format int4")
+    asym = _asymmetric()
+    if symmetric is False and not REGISTRY[name].zero_bits:
+        if name not in asym:
+            raise QuantError(f"--asymmetric applies to {', '.join(asym)} only; {name} is symmetric")
+        return asym[name]
+    if symmetric is True and REGISTRY[name].zero_bits:
+        sym = next(k for k, v in asym.items() if v == name)
+        raise QuantError(f"{name} is asymmetric; drop --symmetric or use --format {sym}")
     return name
+
+
+def _asymmetric() -> dict[str, str]:
+    """Symmetric format -> its asymmetric twin (int4 -> int4-asym): what --asymmetric turns it into."""
+    return {find_format(family=f.family, bits=f.bits, zero_bits=0): n for n, f in REGISTRY.items() if f.zero_bits}
 
 
 def parse_overrides(overrides: Sequence[str], symmetric: bool | None) -> list[tuple[re.Pattern[str], str]]:
     out = []
     for o in overrides:
         pattern, fmt = split_override(o, "PATTERN=FORMAT, e.g. 'down_proj=int8'")
-        out.append((pattern, resolve_format(fmt, symmetric if fmt == "int4" else None)))
+        out.append((pattern, resolve_format(fmt, symmetric if fmt in _asymmetric() else None)))
     return out
 
 
@@ -187,27 +192,6 @@ def regex(pattern: str, option: str) -> re.Pattern[str]:
         return re.compile(pattern)
     except re.error as e:
         raise UsageError(f"{option} {pattern!r} is not a valid regular expression: {e}") from None
-
-
-def _effective_group(fmt: str, request: int | str | None, cols: int) -> int | None:
-    """The group size a tensor gets; QuantError when it cannot (not dividing the row, wrong kind)."""
-    if fmt in FLOATS:
-        return None
-    if fmt == "fp8":
-        if request in (None, "channel"):
-            return None
-        if request == "tensor":
-            return PER_TENSOR
-        REGISTRY["fp8"].nbytes((1, cols), int(request))  # raises for a group that does not divide
-        return int(request)
-    if request == "tensor":
-        raise QuantError(f"--group-size tensor applies to fp8 only; {fmt} takes a group size or 'channel'")
-    if fmt.startswith("nf4"):
-        if request == "channel":
-            raise QuantError(f"{fmt} has blocks over the flattened tensor; pass a block size (64 by default)")
-        return REGISTRY[fmt].check_group(cols, request)
-    g = cols if request == "channel" else request
-    return REGISTRY[fmt].check_group(cols, g)
 
 
 def make_plan(
@@ -230,11 +214,12 @@ def make_plan(
     act_order: bool | None = None,
 ) -> Plan:
     """Decide every tensor's format and the exact output files; reads headers only. ``method``: "rtn",
-    "search" (llmctl.quant.formats' scale search) or None (``tensor_method``'s default). ``recipe``: which
+    "search" (llmctl.quant.search) or None (``tensor_method``'s default). ``recipe``: which
     tensors get one format up (llmctl.quant.recipes.RECIPES), before ``overrides`` and ``keep``."""
     from llmctl.quant import recipes
-    from llmctl.quant.formats import _fp8_variant, _search_on
+    from llmctl.quant.float_formats import _fp8_variant
     from llmctl.quant.layouts import LAYOUTS
+    from llmctl.quant.search import _search_on
     from llmctl.sources import resolve
     from llmctl.tensors import tensor_role
 
@@ -264,7 +249,7 @@ def make_plan(
     inp = open_input(source)
     n_layers = recipes.layer_count((i[0] for i in inp.infos), source.config) if rec.layers else 0
     kept_fmt = name if name in FLOATS else inp.dtype
-    compute = _NAME_TO_TORCH[name if name in FLOATS else inp.dtype]
+    compute = REGISTRY[name if name in FLOATS else inp.dtype].torch_dtype
     plans: list[TensorPlan] = []
     skipped = []
     for tname, shape, dtype, nbytes in inp.infos:
@@ -282,11 +267,11 @@ def make_plan(
                 target, reason = ofmt, f"--override {pattern.pattern}={ofmt}"
         if any(k.search(tname) for k in keeps):
             target, reason = kept_fmt, f"--keep {next(k.pattern for k in keeps if k.search(tname))}"
-        opts = {"fp8": fp8} if target == "fp8" else {}
+        opts = {"fp8": fp8} if REGISTRY[target].family == "fp8" else {}
         if tm := tensor_method(target, method, spec is not None):
             opts["method"] = tm
         try:
-            g = _effective_group(target, request, cols)
+            g = REGISTRY[target].effective_group(request, cols)
         except QuantError as e:
             if not skip_indivisible or "does not divide" not in str(e):
                 hint = (
@@ -297,7 +282,7 @@ def make_plan(
                 raise QuantError(f"{tname} {list(shape)}: {e}{hint}") from None
             target, reason, g, opts = kept_fmt, "kept: group does not divide the row", None, {}
             skipped.append(tname)
-        if target == "fp8" and g == PER_TENSOR and "method" in opts:  # one scale over row chunks: no search
+        if g == PER_TENSOR and "method" in opts:  # one scale over row chunks: no search
             opts["method"] = "rtn"
         src = _ST_TO_NAME.get(dtype, dtype.lower())
         plans.append(TensorPlan(tname, tuple(shape), src, target, g, opts, reason, nbytes, compute))
@@ -368,7 +353,6 @@ def _honest_size(plan: Plan) -> list[str]:
     return notes
 
 
-GPTQ_FORMATS = ("int8", "int4", "int4-asym")
 
 
 def _layer_order(name: str, n_layers: int) -> int:
