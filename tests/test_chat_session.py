@@ -356,7 +356,7 @@ def test_torch_backend_reuse_equals_fresh_prefill_past_the_sliding_window(family
     prefills only the new part; a turn that must roll back further than the ring holds starts over."""
     import torch
 
-    from llmctl.runtime.session import TorchBackend
+    from llmctl.runtime.torch_backend import TorchBackend
 
     model = loaded[family]
     g = torch.Generator().manual_seed(3)

@@ -31,9 +31,10 @@ from typing import Any
 
 from llmctl.errors import UsageError
 
-# The kernels' C++ (shipped as package data beside this file). The leading newline keeps the build's name,
-# a hash of this text and the flags, what it was when the source lived in a string here.
-_SOURCE = "\n" + (Path(__file__).parent / "native.cpp").read_text(encoding="utf-8")
+# The kernels' C++ (package data in kernels/, a file per kind of kernel), compiled as one translation unit in
+# this order (each part uses what the parts before it define).
+KERNEL_FILES = ("common", "quantize", "fp8", "nf4", "int4", "int8", "dense", "decode_step")
+_SOURCE = "".join((Path(__file__).parent / "kernels" / f"{k}.cpp").read_text(encoding="utf-8") for k in KERNEL_FILES)
 
 
 def _flags() -> list[str]:

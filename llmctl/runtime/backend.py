@@ -1,6 +1,6 @@
 """The backend interface: a model with its KV cache that generates from a prompt, reusing the cached prefix.
 
-``llmctl.runtime.session`` drives one (``TorchBackend`` there: llmctl's own runtime); the others are
+``llmctl.runtime.session`` drives one: ``llmctl.runtime.torch_backend`` (llmctl's own runtime),
 ``llmctl.runtime.llamacpp`` (GGUF files through llama-cpp-python) and ``llmctl.runtime.vllm_backend``.
 ``session.load_backend`` (chat, serve) and ``eval.scorers.open_scorer`` (eval) load them, both choosing
 through ``choose_backend``, with the

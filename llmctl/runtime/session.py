@@ -4,7 +4,7 @@ turns, stop strings and timings. Nothing here prints: ``Session.reply`` is a gen
 A *backend* holds a model and its KV cache and does one thing, ``generate(prompt_ids, options, seed)``:
 bring the cache to ``prompt_ids`` — keep the longest common prefix with the tokens it already holds,
 prefill only the rest — then yield sampled token ids until the caller stops. Two implement it:
-``TorchBackend`` (here: llmctl's own runtime, every format ``load_model`` reads) and
+``TorchBackend`` (``llmctl.runtime.torch_backend``: llmctl's own runtime, every format ``load_model`` reads) and
 ``LlamaCppBackend`` (``llmctl.runtime.llamacpp``: GGUF files through llama-cpp-python). Both use the
 sampler semantics of ``llmctl.runtime.sampler`` (llama.cpp's chain).
 
@@ -31,18 +31,15 @@ from llmctl.runtime.backend import (
     MAX_TOP_LOGPROBS,
     Backend,
     choose_backend,
-    common_prefix,
     logprobs_of,
 )
-from llmctl.runtime.sampler import MAX_SEED, Sampler, SamplingOptions
+from llmctl.runtime.sampler import MAX_SEED, SamplingOptions
 
 if TYPE_CHECKING:
     from llmctl.runtime.chat_template import ChatTemplate
-    from llmctl.runtime.tokenizer import Tokenizer
 
 DEFAULT_CONTEXT = 4096  # cap of the default --context (the model's limit is often 32k-128k)
 MIN_CONTEXT = 64
-ROLLBACK = 64  # extra ring slots of sliding-window layers, so a new turn can roll back a few tokens
 TRANSCRIPT_FORMAT = "llmctl-chat-transcript"
 FALLBACK_STOPS = ("<|im_end|>", "<|im_start|>")  # the ChatML fallback's markers, as text
 
@@ -125,79 +122,6 @@ class Reply:
 
 
 # ---- backends ----------------------------------------------------------------------------------------
-class TorchBackend(Backend):
-    """llmctl's torch runtime: ``load_model`` + ``KVCache`` + ``Sampler``."""
-
-    name = "torch"
-
-    def __init__(self, model: Any, tokenizer: Tokenizer, n_ctx: int, *, chunk_size: int = 512) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.n_ctx = n_ctx
-        self.chunk_size = chunk_size
-        self.cache = model.make_cache(n_ctx, rollback=ROLLBACK)
-        self._tokens: list[int] = []
-        self._logits: Any = None
-
-    @property
-    def tokens(self) -> list[int]:
-        return self._tokens
-
-    def describe(self) -> str:
-        from llmctl.runtime.device import describe
-
-        return f"torch, {describe(self.model.device, self.model.dtype)}"
-
-    def kv_bytes(self) -> int | None:
-        return self.cache.nbytes
-
-    def last_logits(self) -> Any:
-        return self._logits.float().cpu().numpy()
-
-    def reset(self) -> None:
-        self.cache.reset()
-        self._tokens = []
-
-    def _keep(self, prompt: Sequence[int]) -> int:
-        """Truncate the cache to its common prefix with ``prompt`` (one token short of all of it, so that
-        there is something to compute logits from); returns the kept length."""
-        n = common_prefix(self._tokens, prompt)
-        n = min(n, len(prompt) - 1)
-        try:
-            self.cache.truncate(n)  # the cache may hold more than _tokens after an interrupted step
-        except UsageError:  # sliding-window layers cannot roll back that far: start over
-            self.cache.reset()
-            n = 0
-        self._tokens = list(prompt[:n])
-        return n
-
-    def generate(self, prompt: Sequence[int], options: SamplingOptions, seed: int) -> Iterator[int]:
-        import torch
-
-        from llmctl.runtime.generate import decode_one_token, prefill
-
-        self.check_prompt(prompt)
-        device = self.model.device
-        n = self._keep(prompt)
-        self.prefilled = len(prompt) - n
-        new = torch.tensor([list(prompt[n:])], dtype=torch.long, device=device)  # (1, T)
-        logits = prefill(self.model, new, self.cache, self.chunk_size)  # (1, vocab)
-        self._tokens = list(prompt)
-        sampler = Sampler(options, seed=seed, device=device)
-        seen = list(prompt)
-        with torch.no_grad():
-            while True:
-                self._logits = logits[0]
-                token = sampler(logits[0], seen)
-                seen.append(token)
-                yield token
-                if len(self._tokens) + 1 > self.n_ctx:
-                    return
-                step = torch.tensor([[token]], dtype=torch.long, device=device)  # (1, 1)
-                logits = decode_one_token(self.model, step, self.cache)
-                self._tokens.append(token)
-
-
 def load_backend(
     spec: str | None,
     backend: str = "auto",
@@ -251,6 +175,7 @@ def load_backend(
     else:
         from llmctl.runtime.loader import load_model
         from llmctl.runtime.tokenizer import load_tokenizer
+        from llmctl.runtime.torch_backend import TorchBackend
 
         threads, why_threads = choose_threads(threads)
         set_threads(threads)

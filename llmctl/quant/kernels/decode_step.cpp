@@ -1,0 +1,245 @@
+// One decode step through every layer (decode_plan, decode_step, decode_free).
+
+// ---- one decode step through every layer (one token, batch 1, fp32): llmctl.runtime.model's layer in C++ ----
+// The Python model is the reference and the fallback; this runs the same operations without a torch call per
+// operation: RMSNorm (optionally scaling by 1 + weight), the q/k/v projection (joined or in parts), q/k norms,
+// RoPE from the runtime's tables, the KV-cache write, one query per head over the cache (GQA, sliding
+// windows from the cache's slot positions), o_proj, the sandwich norms, gate/up, activation, down_proj.
+// Linears: kind 0 a dense fp32 weight (dense_linear), 1 int4_linear's (packed, scale, zero),
+// 2 int8_linear's (codes, scale), 3 fp8_linear's (codes as uint8, lut, scale), 4 nf4_linear's (packed as
+// (rows, cols / 2), code, absmax: the blocks' size follows), 5 a dense bf16 weight (dense_linear); each with
+// an optional fp32 bias. The hidden state stays fp32 between the linears; the KV cache is fp32 or bf16
+// (rounded to nearest even as it is written, as a bf16 model's own cache holds it).
+#include <memory>
+#include <unordered_map>
+
+struct DLin { int64_t kind = -1; torch::Tensor a, b, c, bias; };
+struct DLayer {
+  torch::Tensor in_norm, post_attn_norm, pre_ff_norm, post_ff_norm, q_norm, k_norm;
+  std::vector<DLin> qkv, gate_up; DLin o, down;
+  int64_t window = 0, rope = 0;  // window 0: full attention; rope: which table pair
+};
+struct DPlan {
+  std::vector<DLayer> layers;
+  int64_t hidden = 0, H = 0, KV = 0, D = 0, inter = 0, act = 0; bool sandwich = false, qk_norm = false;
+  float offset = 0.f; double eps = 1e-6; float scale = 1.f;
+};
+static std::unordered_map<int64_t, std::unique_ptr<DPlan>> g_plans;
+static int64_t g_next_plan = 1;
+
+static const int64_t DSLOTS = 34;  // tensors per layer in decode_plan's list
+
+// ints: [hidden, H, KV, D, inter, act, sandwich, qk_norm, n_layers, offset] then per layer
+// [window, rope, kind q0, kind q1, kind q2, kind o, kind g0, kind g1, kind down] (-1: absent);
+// tensors per layer: 6 norms, then 7 linears of 4 (a, b, c, bias), empty tensors where absent.
+int64_t decode_plan(std::vector<torch::Tensor> t, std::vector<int64_t> ints, std::vector<double> floats) {
+  auto p = std::make_unique<DPlan>();
+  p->hidden = ints[0]; p->H = ints[1]; p->KV = ints[2]; p->D = ints[3]; p->inter = ints[4]; p->act = ints[5];
+  p->sandwich = ints[6] != 0; p->qk_norm = ints[7] != 0; int64_t n = ints[8]; p->offset = static_cast<float>(ints[9]);
+  p->eps = floats[0]; p->scale = static_cast<float>(floats[1]);
+  TORCH_CHECK(static_cast<int64_t>(t.size()) == n * DSLOTS && static_cast<int64_t>(ints.size()) == 10 + n * 9, "decode_plan: lists do not match");
+  TORCH_CHECK(p->D % 2 == 0 && p->KV > 0 && p->H % p->KV == 0, "decode_plan: heads");
+  for (int64_t l = 0; l < n; ++l) {
+    const torch::Tensor* s = t.data() + l * DSLOTS; const int64_t* k = ints.data() + 10 + l * 9;
+    DLayer L;
+    L.window = k[0]; L.rope = k[1];
+    L.in_norm = s[0]; L.post_attn_norm = s[1]; L.pre_ff_norm = s[2]; L.post_ff_norm = s[3]; L.q_norm = s[4]; L.k_norm = s[5];
+    for (int j = 0; j < 7; ++j) {
+      if (k[2 + j] < 0) continue;
+      DLin lin; lin.kind = k[2 + j];
+      lin.a = s[6 + 4 * j]; lin.b = s[7 + 4 * j]; lin.c = s[8 + 4 * j]; lin.bias = s[9 + 4 * j];
+      TORCH_CHECK(lin.a.is_cpu() && lin.a.is_contiguous(), "decode_plan: CPU, contiguous weights");
+      TORCH_CHECK(lin.kind != 0 || lin.a.scalar_type() == torch::kFloat32, "decode_plan: kind 0 weights are fp32");
+      TORCH_CHECK(lin.kind != 5 || lin.a.scalar_type() == torch::kBFloat16, "decode_plan: kind 5 weights are bf16");
+      TORCH_CHECK(lin.bias.numel() == 0 || lin.bias.scalar_type() == torch::kFloat32, "decode_plan: fp32 biases");
+      if (j < 3) L.qkv.push_back(lin); else if (j == 3) L.o = lin; else if (j < 6) L.gate_up.push_back(lin); else L.down = lin;
+    }
+    TORCH_CHECK(!L.qkv.empty() && L.o.kind >= 0 && !L.gate_up.empty() && L.down.kind >= 0, "decode_plan: missing linears");
+    for (auto* w : {&L.in_norm, &L.post_attn_norm, &L.pre_ff_norm, &L.post_ff_norm, &L.q_norm, &L.k_norm})
+      TORCH_CHECK(w->numel() == 0 || (w->scalar_type() == torch::kFloat32 && w->is_contiguous()), "decode_plan: fp32 norms");
+    p->layers.push_back(std::move(L));
+  }
+  int64_t id = g_next_plan++;
+  g_plans[id] = std::move(p);
+  return id;
+}
+
+void decode_free(int64_t id) { g_plans.erase(id); }
+
+// x * rsqrt(mean(x^2) + eps) * (offset + w), the sum in double as torch's CPU rms_norm accumulates
+static inline void rmsnorm(const float* x, const float* w, float offset, int64_t n, double eps, float* out) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+  float r = static_cast<float>(1.0 / std::sqrt(ss / n + eps));
+  for (int64_t i = 0; i < n; ++i) out[i] = (x[i] * r) * (offset + w[i]);
+}
+
+// y (rows) = lin(x (cols)); x a (1, cols) fp32 tensor
+static void dlin(const DLin& l, const torch::Tensor& x, float* y, int64_t path) {
+  int64_t rows = l.a.size(0);
+  if (l.kind == 0 || l.kind == 5) {  // dense: straight into y
+    const float* xp = x.data_ptr<float>(); const int64_t cols = x.size(1);
+    if (l.kind == 0) dense_impl(l.a.data_ptr<float>(), xp, y, 1, rows, cols, isa_of(path));
+    else dense_impl(reinterpret_cast<const c10::BFloat16*>(l.a.data_ptr()), xp, y, 1, rows, cols, isa_of(path));
+  } else {
+    torch::Tensor r = l.kind == 1 ? int4_linear(x, l.a, l.b, l.c, path)
+                    : l.kind == 2 ? int8_linear(x, l.a, l.b, path)
+                    : l.kind == 3 ? fp8_linear(x, l.a, l.b, l.c, path)
+                    : nf4_linear(x, l.a.view({-1}), l.b, l.c, rows, rows * x.size(1) / l.c.numel(), path);
+    std::memcpy(y, r.data_ptr<float>(), rows * sizeof(float));
+  }
+  if (l.bias.numel()) { const float* b = l.bias.data_ptr<float>(); for (int64_t i = 0; i < rows; ++i) y[i] += b[i]; }
+}
+
+static void dlins(const std::vector<DLin>& ls, const torch::Tensor& x, float* y, int64_t path) {
+  for (const auto& l : ls) { dlin(l, x, y, path); y += l.a.size(0); }
+}
+
+static inline float act_fn(float g, int64_t act) {
+  if (act == 0) return g / (1.0f + std::exp(-g));
+  if (act == 1) { const float c = 0.7978845608028654f; return 0.5f * g * (1.0f + std::tanh(c * (g + 0.044715f * g * g * g))); }
+  return 0.5f * g * (1.0f + std::erf(g * 0.7071067811865476f));
+}
+
+// The cache write (k, v at ``slot``) and one query per head over the cache (GQA: H / KV query heads a key
+// head; sliding windows from the slots' positions), for an fp32 or bf16 cache.
+static inline void store(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+static inline void store(c10::BFloat16* dst, const float* src, int64_t n) { for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]); }
+template <typename T>
+static inline float dot_kv(const float* a, const T* b, int64_t n) {
+#if defined(LLMCTL_AVX2)
+  if (n % 16 == 0) {  // head_dim 64, 128, 256: the cache's bf16 widened in registers
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), ld8(b + i), s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), ld8(b + i + 8), s1);
+    }
+    return hsum8(_mm256_add_ps(s0, s1));
+  }
+#endif
+  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) s[k] += a[i + k] * ld(b, i + k);
+  float t = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  for (; i < n; ++i) t += a[i] * ld(b, i);
+  return t;
+}
+template <typename T>
+static inline void axpy_kv(float* o, float e, const T* v, int64_t n) {  // o += e * v
+  int64_t i = 0;
+#if defined(LLMCTL_AVX2)
+  const __m256 ev = _mm256_set1_ps(e);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(ev, ld8(v + i), _mm256_loadu_ps(o + i)));
+#endif
+  for (; i < n; ++i) o[i] += e * ld(v, i);
+}
+template <typename T>
+static void attend(T* kb, T* vb, const float* q, const float* k, const float* v, float* attn, int64_t S, int64_t slot,
+                   int64_t len, int64_t W, const int64_t* sp, int64_t pos, int64_t H, int64_t KV, int64_t D, float scale) {
+  for (int64_t h = 0; h < KV; ++h) {
+    store(kb + (h * S + slot) * D, k + h * D, D);
+    store(vb + (h * S + slot) * D, v + h * D, D);
+  }
+  const int64_t rep = H / KV;
+  auto heads = [&](int64_t h0, int64_t h1) {
+    std::vector<float> sc(len);
+    for (int64_t h = h0; h < h1; ++h) {
+      const float* qh = q + h * D; const int64_t g = h / rep;
+      const T* kh = kb + g * S * D; const T* vh = vb + g * S * D;
+      float m = -INFINITY;
+      for (int64_t j = 0; j < len; ++j) {
+        bool ok = true;
+        if (W) { int64_t p = sp[j]; ok = p >= 0 && p <= pos && p > pos - W; }
+        sc[j] = ok ? dot_kv(qh, kh + j * D, D) * scale : -INFINITY;
+        m = std::max(m, sc[j]);
+      }
+      float* o = attn + h * D;
+      for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
+      float sum = 0.f;
+      for (int64_t j = 0; j < len; ++j) {
+        if (sc[j] == -INFINITY) continue;
+        float e = std::exp(sc[j] - m); sum += e;
+        axpy_kv(o, e, vh + j * D, D);
+      }
+      float inv = 1.0f / sum;
+      for (int64_t i = 0; i < D; ++i) o[i] *= inv;
+    }
+  };
+  if (len * D * H < (1 << 16)) heads(0, H); else at::parallel_for(0, H, 1, heads);
+}
+
+// x (hidden) fp32, updated in place and returned; keys/values per layer (1, KV, slots, D) fp32 or bf16; rope: per table
+// kind (cos, sin), each (length, .., D) fp32 contiguous (llmctl.runtime.rope.rope_tables); slot_pos: the
+// position each ring slot holds (sliding layers); pos: this token's position.
+torch::Tensor decode_step(int64_t id, torch::Tensor x, std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
+                          std::vector<torch::Tensor> rope, torch::Tensor slot_pos, int64_t pos, int64_t path) {
+  auto it = g_plans.find(id);
+  TORCH_CHECK(it != g_plans.end(), "decode_step: no such plan");
+  const DPlan& P = *it->second;  // alive while the caller's Plan object is: free only from its __del__
+  pybind11::gil_scoped_release no_gil;  // other Python threads (the server's event loop) run meanwhile
+  const int64_t n = static_cast<int64_t>(P.layers.size()), hid = P.hidden, H = P.H, KV = P.KV, D = P.D, F = P.inter;
+  TORCH_CHECK(x.is_cpu() && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.numel() == hid, "decode_step: x");
+  TORCH_CHECK(static_cast<int64_t>(keys.size()) == n && static_cast<int64_t>(values.size()) == n, "decode_step: caches");
+  for (const auto& r : rope) TORCH_CHECK(r.scalar_type() == torch::kFloat32 && r.is_contiguous() && r.numel() >= (pos + 1) * D, "decode_step: rope tables");
+  TORCH_CHECK(slot_pos.numel() == 0 || (slot_pos.scalar_type() == torch::kLong && slot_pos.is_contiguous()), "decode_step: slot_pos");
+  const int64_t nq = (H + 2 * KV) * D;
+  auto xn_t = torch::empty({1, std::max(hid, H * D)}, torch::kFloat32);
+  auto buf_t = torch::empty({std::max(nq, 2 * F)}, torch::kFloat32);
+  auto act_t = torch::empty({1, F}, torch::kFloat32);
+  auto out_t = torch::empty({hid}, torch::kFloat32);
+  float* xp = x.data_ptr<float>(); float* xn = xn_t.data_ptr<float>(); float* buf = buf_t.data_ptr<float>();
+  float* ap = act_t.data_ptr<float>(); float* op = out_t.data_ptr<float>();
+  torch::Tensor xn_h = xn_t.narrow(1, 0, hid), attn_t = xn_t.narrow(1, 0, H * D);
+  const int64_t* sp = slot_pos.numel() ? slot_pos.data_ptr<int64_t>() : nullptr;
+  for (int64_t l = 0; l < n; ++l) {
+    const DLayer& L = P.layers[l];
+    rmsnorm(xp, L.in_norm.data_ptr<float>(), P.offset, hid, P.eps, xn);
+    dlins(L.qkv, xn_h, buf, path);
+    float* q = buf; float* k = buf + H * D; float* v = k + KV * D;
+    if (P.qk_norm) {
+      const float* qw = L.q_norm.data_ptr<float>(); const float* kw = L.k_norm.data_ptr<float>();
+      for (int64_t h = 0; h < H; ++h) rmsnorm(q + h * D, qw, P.offset, D, P.eps, q + h * D);
+      for (int64_t h = 0; h < KV; ++h) rmsnorm(k + h * D, kw, P.offset, D, P.eps, k + h * D);
+    }
+    {  // RoPE: out[i] = x[i] * cos[i] + x[partner(i)] * sin[i], partner the other half
+      const float* c = rope[2 * L.rope].data_ptr<float>() + pos * D; const float* s = rope[2 * L.rope + 1].data_ptr<float>() + pos * D;
+      const int64_t half = D / 2;
+      float tmp[1024];
+      TORCH_CHECK(D <= 1024, "decode_step: head_dim");
+      for (int64_t h = 0; h < H + KV; ++h) {
+        float* e = q + h * D;  // k follows q
+        for (int64_t i = 0; i < D; ++i) tmp[i] = e[i] * c[i] + e[i < half ? i + half : i - half] * s[i];
+        std::memcpy(e, tmp, D * sizeof(float));
+      }
+    }
+    const torch::Tensor& ck = keys[l]; const torch::Tensor& cv = values[l];
+    TORCH_CHECK((ck.scalar_type() == torch::kFloat32 || ck.scalar_type() == torch::kBFloat16) && cv.scalar_type() == ck.scalar_type()
+                && ck.is_contiguous() && cv.is_contiguous() && ck.size(1) == KV && ck.size(3) == D, "decode_step: cache layout");
+    const int64_t S = ck.size(2);
+    const int64_t slot = L.window ? pos % S : pos;
+    TORCH_CHECK(slot < S && (!L.window || sp), "decode_step: the cache is full");
+    const int64_t len = L.window ? std::min(pos + 1, S) : pos + 1;
+    float* attn = xn;  // (H * D): q, k, v stay in buf
+    if (ck.scalar_type() == torch::kFloat32)
+      attend(ck.data_ptr<float>(), cv.data_ptr<float>(), q, k, v, attn, S, slot, len, L.window, sp, pos, H, KV, D, P.scale);
+    else
+      attend(reinterpret_cast<c10::BFloat16*>(ck.data_ptr()), reinterpret_cast<c10::BFloat16*>(cv.data_ptr()), q, k, v, attn, S,
+             slot, len, L.window, sp, pos, H, KV, D, P.scale);
+    dlin(L.o, attn_t, op, path);
+    if (P.sandwich) {
+      rmsnorm(op, L.post_attn_norm.data_ptr<float>(), P.offset, hid, P.eps, op);
+      for (int64_t i = 0; i < hid; ++i) xp[i] += op[i];
+      rmsnorm(xp, L.pre_ff_norm.data_ptr<float>(), P.offset, hid, P.eps, xn);
+    } else {
+      for (int64_t i = 0; i < hid; ++i) xp[i] += op[i];
+      rmsnorm(xp, L.post_attn_norm.data_ptr<float>(), P.offset, hid, P.eps, xn);
+    }
+    dlins(L.gate_up, xn_h, buf, path);
+    for (int64_t i = 0; i < F; ++i) ap[i] = act_fn(buf[i], P.act) * buf[F + i];
+    dlin(L.down, act_t, op, path);
+    if (P.sandwich) rmsnorm(op, L.post_ff_norm.data_ptr<float>(), P.offset, hid, P.eps, op);
+    for (int64_t i = 0; i < hid; ++i) xp[i] += op[i];
+  }
+  return x;
+}
