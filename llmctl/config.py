@@ -45,6 +45,24 @@ def supported_families() -> str:
     return ", ".join(sorted(FAMILIES))
 
 
+def read_config_json(path: str | Path) -> Any:
+    """A config.json's JSON value (the one reader of config.json files); ConfigError, one line, when it is
+    missing, unreadable or malformed."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found; pass a folder with config.json or a config.json path") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e.__class__.__name__}: {e}); check the file") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:  # brackets nested thousands deep
+        raise ConfigError(f"{path}: JSON nested too deeply for a model config; fix config.json") from None
+
+
 @dataclass
 class ModelConfig:
     model_type: str
@@ -321,23 +339,7 @@ class ModelConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(
-                f"{path}: file not found; pass a folder with config.json or a config.json path"
-            ) from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: cannot read ({e.__class__.__name__}: {e}); check the file") from None
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(
-                f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
-            ) from None
-        except RecursionError:  # brackets nested thousands deep
-            raise ConfigError(f"{path}: JSON nested too deeply for a model config; fix config.json") from None
+        d = read_config_json(path)
         return cls.from_dict(d, source=str(path))
 
     @classmethod

@@ -19,9 +19,10 @@ import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from llmctl.checkpoint import TensorInfo, read_folder_tensors, safetensors_files
-from llmctl.config import ModelConfig
+from llmctl.config import ModelConfig, read_config_json
 from llmctl.errors import SourceError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -164,11 +165,18 @@ class ModelSource:
         return read_gguf(self.path)
 
     @cached_property
+    def raw_config(self) -> Any:
+        """config.json as read (a dict for a valid one; {} for a GGUF, whose config is its metadata)."""
+        if self.is_gguf:
+            return {}
+        return read_config_json(self.path if self.path.suffix == ".json" else self.path / "config.json")
+
+    @cached_property
     def config(self) -> ModelConfig:
         if self.is_gguf:
             return self.gguf.config
         cfg = self.path if self.path.suffix == ".json" else self.path / "config.json"
-        return ModelConfig.from_json_file(cfg)
+        return ModelConfig.from_dict(self.raw_config, source=str(cfg))
 
     def tensors(self) -> list[TensorInfo] | None:
         """The real tensor table from headers, or None when only a config is known."""

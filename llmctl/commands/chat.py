@@ -125,7 +125,7 @@ def chat(
                 "(<|im_start|>role … <|im_end|>); pass --template FILE for another"
             )
         if one_shot:
-            _one_shot(session, prompt or "", json_, model)
+            _one_shot(session, prompt or "", json_)
         else:
             _repl(session)
     finally:
@@ -148,7 +148,7 @@ def _read_template(path: Path) -> str:
     return text
 
 
-def _one_shot(session: Any, prompt: str, as_json: bool, model: str | None) -> None:
+def _one_shot(session: Any, prompt: str, as_json: bool) -> None:
     from llmctl.runtime.session import Notice, Piece, Reply
 
     reply = None
@@ -161,11 +161,9 @@ def _one_shot(session: Any, prompt: str, as_json: bool, model: str | None) -> No
             reply = event
     assert reply is not None
     if as_json:
-        from llmctl.sources import resolve
-
         render.print_json(
             {
-                "model": resolve(model).display,
+                "model": session.backend.source.display,
                 "backend": session.backend.name,
                 "mode": "completion" if session.completion else "chat",
                 **reply.to_dict(),

@@ -69,15 +69,14 @@ def serve(
     from llmctl.runtime.session import load_backend
     from llmctl.server.app import bind, build_app, run
     from llmctl.server.engine import Engine
-    from llmctl.sources import resolve
 
     sock = bind(host, port)
     try:
-        source = resolve(model)
         engine_backend, line = load_backend(
             model, backend, context=context, device=device, dtype=dtype, threads=threads, gpu_layers=gpu_layers,
             tensor_parallel=tensor_parallel,
         )
+        source = engine_backend.source
         has_template = template_text is not None or bool((engine_backend.tokenizer.chat_template or "").strip())
         completion = raw or (not has_template and not chat_mode)
         engine = Engine(

@@ -15,13 +15,12 @@ names and shapes, and a reader yielding them as fp32 numpy arrays in that order.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmctl.config import ModelConfig
+from llmctl.config import ModelConfig, read_config_json
 from llmctl.errors import UsageError
 from llmctl.gguf import metadata, names, vocab
 
@@ -64,13 +63,13 @@ def read_folder_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
     """The folder's ModelConfig and raw config.json, refusing what cannot become a GGUF (see module doc)."""
     from llmctl.config import RUNTIME_FAMILIES
 
-    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    raw = read_config_json(folder / "config.json")
     if isinstance(raw, dict) and raw.get("quantization_config"):
         raise UsageError(
             f"{folder}: the model is already quantized (config.json has quantization_config); "
             "write GGUF from the bf16/fp16/fp32 original"
         )
-    cfg = ModelConfig.from_json_file(folder / "config.json")
+    cfg = ModelConfig.from_dict(raw, source=str(folder / "config.json"))
     if cfg.model_type not in RUNTIME_FAMILIES:
         raise UsageError(
             f"{folder}: GGUF output supports {', '.join(RUNTIME_FAMILIES)} folders, not {cfg.model_type}; "

@@ -5,7 +5,6 @@ data read). llmctl.quantize.convert's ``run_plan`` carries it out.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -238,7 +237,7 @@ def make_plan(
     source = resolve(model)
     if source.kind == "config":
         raise SourceError(f"{source.path}: a bare config.json has no weights to quantize")
-    if not source.is_gguf and _read_config(source.path).get("quantization_config"):
+    if isinstance(source.raw_config, dict) and source.raw_config.get("quantization_config"):
         raise QuantError(
             f"{source.path}: the model is already quantized (config.json has quantization_config); "
             "quantize from the bf16/fp16/fp32 original"
@@ -404,18 +403,12 @@ def calibration_request(data: str | None, tokens: int | None, method: str | None
     return {"data": data, "tokens": DEFAULT_TOKENS if tokens is None else tokens}
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
-    try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-
 
 def _out_config(source: Any, lay: Layout, plans: list[TensorPlan], compute: str) -> dict[str, Any]:
     if source.is_gguf:
         cfg = source.config.to_hf_dict()
     else:
-        cfg = _read_config(source.path)
+        cfg = dict(source.raw_config)
     cfg.pop("quantization_config", None)
     cfg.pop("quantization", None)
     cfg.pop("llmctl", None)

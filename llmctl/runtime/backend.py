@@ -36,6 +36,7 @@ class Backend(abc.ABC):
     n_ctx: int = 0
     prefilled: int = 0  # tokens the last ``generate`` computed before sampling
     gives_logprobs = True  # whether ``last_logits`` works
+    source: Any = None  # the resolved MODEL (llmctl.sources.ModelSource), set by session.load_backend
 
     @property
     @abc.abstractmethod

@@ -124,23 +124,26 @@ def load_tensors(
     return model.fuse_projections().eval()
 
 
-def load_model(path: str | Path, dtype: Any = None, device: Any = None) -> Transformer:
+def load_model(path: Any, dtype: Any = None, device: Any = None) -> Transformer:
     """Load a Hugging Face folder (config.json + model.safetensors, or shards with their index), or a
-    .gguf file through the GGUF loader (dequantized)."""
+    .gguf file through the GGUF loader (dequantized). ``path``: a path, or a ``ModelSource`` resolved
+    already (not resolved again)."""
     from safetensors import safe_open
 
     from llmctl.runtime.device import compute_dtype, pick_device
-    from llmctl.sources import resolve
+    from llmctl.sources import ModelSource, resolve
 
-    path = Path(path)
-    if not path.exists():
-        raise SourceError(f"{path}: no such file or folder; pass a Hugging Face model folder or a .gguf file")
-    source = resolve(str(path))  # checks config.json and weights are there; refuses pickle checkpoints
+    if isinstance(path, ModelSource):
+        source = path
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise SourceError(f"{path}: no such file or folder; pass a Hugging Face model folder or a .gguf file")
+        source = resolve(str(path))  # checks config.json and weights are there; refuses pickle checkpoints
     if source.is_gguf:  # dequantized tensor by tensor, straight into the model
-        from llmctl.gguf.reader import read_gguf
         from llmctl.runtime.gguf_loader import hf_shapes, iter_gguf_tensors
 
-        info = read_gguf(source.path)
+        info = source.gguf
         return load_tensors(info.config, hf_shapes(info), iter_gguf_tensors(info), dtype, device)
     folder, config = source.path, source.config
     if (quantized := quantized_layout(folder)) is not None:  # llmctl quantize's layouts
@@ -175,13 +178,13 @@ def load_model(path: str | Path, dtype: Any = None, device: Any = None) -> Trans
 # ---- llmctl quantize's layouts (compressed-tensors, bitsandbytes, llmctl) -------------------------------
 def quantized_layout(folder: Path) -> tuple[str, dict[str, Any]] | None:
     """(layout, config.json) when the folder holds quantized weights llmctl loads; None for a float one."""
-    import json
-
+    from llmctl.config import read_config_json
+    from llmctl.errors import ConfigError
     from llmctl.quant.layouts import detect
 
     try:
-        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        cfg = read_config_json(folder / "config.json")
+    except ConfigError:
         return None
     layout = detect(cfg) if isinstance(cfg, dict) else None
     return None if layout is None else (layout, cfg)

@@ -166,6 +166,7 @@ def load_backend(
         except BaseException:
             tokenizer.close()
             raise
+        b.source = source
         return b, f"backend: {b.describe()} ({why}); context {context} tokens"
     if chosen == "llama.cpp":
         from llmctl.runtime.llamacpp import LlamaCppBackend
@@ -180,8 +181,9 @@ def load_backend(
         threads, why_threads = choose_threads(threads)
         set_threads(threads)
         tokenizer = load_tokenizer(source.path)
-        model = load_model(source.path, dtype=dtype, device=device)
+        model = load_model(source, dtype=dtype, device=device)
         b = TorchBackend(model, tokenizer, context)
+    b.source = source
     return b, f"backend: {b.describe()} ({why}); context {context} tokens; threads: {why_threads}"
 
 

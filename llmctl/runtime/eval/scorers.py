@@ -280,6 +280,6 @@ def open_scorer(
 
     threads, why = choose_threads(threads)
     set_threads(threads)
-    model = load_model(source.path, dtype=dtype, device=device)
+    model = load_model(source, dtype=dtype, device=device)
     label = describe(model.device, model.dtype)
     return TorchScorer(model, batch_size), label + (f", threads: {why}" if model.device.type == "cpu" else "")
