@@ -107,7 +107,7 @@ def write_synthetic(folder: Path, cfg: dict, shards: int = 4) -> int:
     """Write random bf16 tensors of the config's shapes as a sharded safetensors folder; returns bytes."""
     import torch
 
-    from llmctl.quant.stio import Writer
+    from llmctl.quant.safetensors_io import Writer
 
     h, i, v, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]

@@ -335,60 +335,75 @@ def _base_dtype(config: ModelConfig, tensors: Sequence[TensorInfo]) -> str:
 
 
 # ---- the estimate ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scenario:
+    """What is estimated besides the model: the weights' format and the serving shape. ``weights_format``: a
+    registry format or GGUF mix to convert to; None keeps the stored formats. ``recipe``: which tensors get
+    one format up (``llmctl.quant.recipes.RECIPES``). ``tensor_parallel``: GPUs the model is split over
+    (see ``Estimate.per_gpu_*``)."""
+
+    weights_format: str | None = None
+    group_size: int | None = None
+    recipe: str = "uniform"
+    context: int = 4096
+    batch: int = 1
+    kv_dtype: str = "f16"
+    kv_layout: str = "windowed"
+    tensor_parallel: int = 1
+    ubatch: int = DEFAULT_UBATCH
+    flash_attention: bool = False
+
+    def checked(self) -> Scenario:
+        """This scenario validated (UsageError naming the bad field), its weights format normalized."""
+        for name in ("context", "batch", "tensor_parallel", "ubatch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise UsageError(f"{name} must be a positive integer, got {v!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise UsageError(f"unknown KV cache dtype {self.kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
+        _check_layout(self.kv_layout)
+        fmt = self.weights_format.lower() if self.weights_format else None
+        return dataclasses.replace(self, weights_format=None if fmt in ("stored", "as-stored") else fmt)
+
+
+def scenario_of(scenario: Scenario | None, settings: dict[str, Any]) -> Scenario:
+    """``scenario`` (default: ``Scenario()``) with ``settings`` (its field names) replaced, validated."""
+    base = scenario or Scenario()
+    return (dataclasses.replace(base, **settings) if settings else base).checked()
+
+
 def estimate(
     config: ModelConfig,
+    scenario: Scenario | None = None,
     *,
     tensors: Sequence[TensorInfo] | None = None,
-    weights_format: str | None = None,
-    group_size: int | None = None,
-    context: int = 4096,
-    batch: int = 1,
-    kv_dtype: str = "f16",
-    kv_layout: str = "windowed",
-    tensor_parallel: int = 1,
-    ubatch: int = DEFAULT_UBATCH,
-    flash_attention: bool = False,
     weights: WeightsBreakdown | None = None,
-    recipe: str = "uniform",
+    **settings: Any,
 ) -> Estimate:
-    """Memory needed to run ``config`` with ``batch`` sequences of ``context`` tokens.
+    """Memory needed to run ``config`` in ``scenario`` (``Scenario``'s fields may also be given by name:
+    ``estimate(config, context=8192, weights_format="int4")``): ``batch`` sequences of ``context`` tokens.
 
     ``tensors``: the checkpoint's tensor table (safetensors headers or a GGUF's; shapes in PyTorch
-    order). ``weights_format``: a registry format or GGUF mix to convert to; None keeps the stored
-    formats. ``tensor_parallel``: GPUs the model is split over (see ``per_gpu_*``). ``weights``: the
-    ``weights_breakdown(...)`` of the same config/tensors/format/group size, to skip recomputing it when
-    estimating many contexts (DeepSeek-V3 has ~45k tensors). ``recipe``: which tensors get one format up
-    (``llmctl.quant.recipes.RECIPES``).
+    order). ``weights``: the ``weights_breakdown(...)`` of the same config/tensors/format/group size, to
+    skip recomputing it when estimating many contexts (DeepSeek-V3 has ~45k tensors).
     """
-    weights_format = _check(context, batch, kv_dtype, kv_layout, tensor_parallel, ubatch, weights_format)
-    wb = weights or weights_breakdown(
-        config, tensors=tensors, weights_format=weights_format, group_size=group_size, recipe=recipe
+    sc = scenario_of(scenario, settings)
+    wb = weights or _weights(config, tensors, sc)
+    return _assemble(config, wb, tensors, sc)
+
+
+def _weights(config: ModelConfig, tensors: Sequence[TensorInfo] | None, sc: Scenario) -> WeightsBreakdown:
+    return weights_breakdown(
+        config, tensors=tensors, weights_format=sc.weights_format, group_size=sc.group_size, recipe=sc.recipe
     )
-    est = _assemble(
-        config, wb, tensors, weights_format, group_size, context, batch, kv_dtype, kv_layout,
-        tensor_parallel, ubatch, flash_attention,
-    )  # fmt: skip
-    return dataclasses.replace(est, recipe=recipe)
 
 
-def _assemble(
-    config: ModelConfig,
-    wb: WeightsBreakdown,
-    tensors: Sequence[TensorInfo] | None,
-    weights_format: str | None,
-    group_size: int | None,
-    context: int,
-    batch: int,
-    kv_dtype: str,
-    kv_layout: str,
-    tp: int,
-    ubatch: int,
-    flash_attention: bool,
-) -> Estimate:
+def _assemble(config: ModelConfig, wb: WeightsBreakdown, tensors: Sequence[TensorInfo] | None, sc: Scenario) -> Estimate:
     c = config
+    context, batch, kv_layout, ubatch, tp = sc.context, sc.batch, sc.kv_layout, sc.ubatch, sc.tensor_parallel
     held = kv_tokens_per_layer(c, context, kv_layout, ubatch)
-    kv = kv_cache_bytes(c, context, batch=batch, kv_dtype=kv_dtype, kv_layout=kv_layout, ubatch=ubatch)
-    act_kw = dict(batch=batch, kv_layout=kv_layout, ubatch=ubatch, flash_attention=flash_attention)
+    kv = kv_cache_bytes(c, context, batch=batch, kv_dtype=sc.kv_dtype, kv_layout=kv_layout, ubatch=ubatch)
+    act_kw = dict(batch=batch, kv_layout=kv_layout, ubatch=ubatch, flash_attention=sc.flash_attention)
     act = activation_bytes(c, context, **act_kw)  # type: ignore[arg-type]
     overhead = OVERHEAD_FIXED_BYTES + math.ceil(OVERHEAD_FRACTION * (wb.total + kv + act))
 
@@ -407,11 +422,11 @@ def _assemble(
     gpu_overhead = OVERHEAD_FIXED_BYTES + math.ceil(OVERHEAD_FRACTION * (gpu_w + gpu_kv + gpu_act))
     return Estimate(
         model_type=c.model_type,
-        weights_format=weights_format or "stored",
-        group_size=group_size,
+        weights_format=sc.weights_format or "stored",
+        group_size=sc.group_size,
         context=context,
         batch=batch,
-        kv_dtype=kv_dtype,
+        kv_dtype=sc.kv_dtype,
         kv_layout=kv_layout,
         tensor_parallel=tp,
         ubatch=ubatch,
@@ -429,7 +444,8 @@ def _assemble(
         per_gpu_overhead_bytes=gpu_overhead,
         per_gpu_total_bytes=gpu_w + gpu_kv + gpu_act + gpu_overhead,
         notes=tuple(notes),
-        flash_attention=flash_attention,
+        recipe=sc.recipe,
+        flash_attention=sc.flash_attention,
     )
 
 
@@ -456,83 +472,44 @@ def _check_layout(kv_layout: str) -> None:
         raise UsageError(f"unknown KV layout {kv_layout!r}; choose one of {', '.join(KV_LAYOUTS)}")
 
 
-def _check(
-    context: int, batch: int, kv_dtype: str, kv_layout: str, tp: int, ubatch: int, weights_format: str | None
-) -> str | None:
-    for name, v in (("context", context), ("batch", batch), ("tensor_parallel", tp), ("ubatch", ubatch)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise UsageError(f"{name} must be a positive integer, got {v!r}")
-    if kv_dtype not in KV_DTYPES:
-        raise UsageError(f"unknown KV cache dtype {kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
-    _check_layout(kv_layout)
-    if weights_format is not None and weights_format.lower() in ("stored", "as-stored"):
-        return None
-    return weights_format.lower() if weights_format else None
-
-
 # ---- what fits ---------------------------------------------------------------------------------------
 def max_context_that_fits(
     config: ModelConfig,
+    scenario: Scenario | None = None,
     *,
     vram_bytes: int,
     tensors: Sequence[TensorInfo] | None = None,
-    weights_format: str | None = None,
-    group_size: int | None = None,
-    batch: int = 1,
-    kv_dtype: str = "f16",
-    kv_layout: str = "windowed",
-    tensor_parallel: int = 1,
-    ubatch: int = DEFAULT_UBATCH,
-    flash_attention: bool = False,
     limit: int | None = None,
-    recipe: str = "uniform",
+    **settings: Any,
 ) -> int:
     """The longest context (≤ ``limit``, default max_position_embeddings) whose per-GPU total fits in
-    ``vram_bytes``; 0 when not even one token fits. Binary search: the total grows with the context."""
-    weights_format = _check(1, batch, kv_dtype, kv_layout, tensor_parallel, ubatch, weights_format)
-    wb = weights_breakdown(
-        config, tensors=tensors, weights_format=weights_format, group_size=group_size, recipe=recipe
-    )
+    ``vram_bytes`` in ``scenario`` (its context aside); 0 when not even one token fits. Binary search: the
+    total grows with the context."""
+    sc = scenario_of(scenario, {**settings, "context": 1})
+    wb = _weights(config, tensors, sc)
 
     def fits(ctx: int) -> bool:
-        e = _assemble(
-            config, wb, tensors, weights_format, group_size, ctx, batch, kv_dtype, kv_layout,
-            tensor_parallel, ubatch, flash_attention,
-        )  # fmt: skip
-        return e.per_gpu_total_bytes <= vram_bytes
+        return _assemble(config, wb, tensors, dataclasses.replace(sc, context=ctx)).per_gpu_total_bytes <= vram_bytes
 
     return _largest(fits, limit or config.max_position_embeddings)
 
 
 def max_batch_that_fits(
     config: ModelConfig,
+    scenario: Scenario | None = None,
     *,
     vram_bytes: int,
-    context: int = 4096,
     tensors: Sequence[TensorInfo] | None = None,
-    weights_format: str | None = None,
-    group_size: int | None = None,
-    kv_dtype: str = "f16",
-    kv_layout: str = "windowed",
-    tensor_parallel: int = 1,
-    ubatch: int = DEFAULT_UBATCH,
-    flash_attention: bool = False,
     limit: int = 1 << 16,
-    recipe: str = "uniform",
+    **settings: Any,
 ) -> int:
-    """The largest batch (≤ ``limit``) of ``context``-token sequences whose per-GPU total fits in
+    """The largest batch (≤ ``limit``) of ``scenario.context``-token sequences whose per-GPU total fits in
     ``vram_bytes``; 0 when not even one sequence fits."""
-    weights_format = _check(context, 1, kv_dtype, kv_layout, tensor_parallel, ubatch, weights_format)
-    wb = weights_breakdown(
-        config, tensors=tensors, weights_format=weights_format, group_size=group_size, recipe=recipe
-    )
+    sc = scenario_of(scenario, {**settings, "batch": 1})
+    wb = _weights(config, tensors, sc)
 
     def fits(b: int) -> bool:
-        e = _assemble(
-            config, wb, tensors, weights_format, group_size, context, b, kv_dtype, kv_layout,
-            tensor_parallel, ubatch, flash_attention,
-        )  # fmt: skip
-        return e.per_gpu_total_bytes <= vram_bytes
+        return _assemble(config, wb, tensors, dataclasses.replace(sc, batch=b)).per_gpu_total_bytes <= vram_bytes
 
     return _largest(fits, limit)
 

@@ -7,6 +7,7 @@ data through ``--json``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from llmctl.memory.estimate import (
     KV_DTYPES,
     KV_LAYOUTS,
     Estimate,
+    Scenario,
     estimate,
     max_batch_that_fits,
     max_context_that_fits,
@@ -137,11 +139,12 @@ def memory_report(
     )
     if recipe != "uniform" and weights_formats is None:
         raise UsageError(f"--recipe {recipe} needs --weights: the format the recipe starts from (e.g. -w int4)")
-    common = dict(
-        tensors=tensors, group_size=group_size, batch=batch, kv_dtype=kv_dtype, kv_layout=kv_layout,
-        tensor_parallel=tensor_parallel, recipe=recipe, flash_attention=flash_attention,
+    base = Scenario(
+        group_size=group_size, recipe=recipe, context=context, batch=batch, kv_dtype=kv_dtype, kv_layout=kv_layout,
+        tensor_parallel=tensor_parallel, flash_attention=flash_attention,
     )  # fmt: skip
-    estimates = [estimate(config, weights_format=f, context=context, **common) for f in formats]
+    scenarios = [dataclasses.replace(base, weights_format=f) for f in formats]
+    estimates = [estimate(config, sc, tensors=tensors) for sc in scenarios]
 
     target: GPU | None = None
     if gpu is not None:
@@ -150,7 +153,7 @@ def memory_report(
         target = GPU(name=f"{vram_gib:g} GiB", vram_bytes=int(vram_gib * GIB))
     fits: list[Fit] = []
     for gpu_ in [target] if target else GPUS:
-        for f, est in zip(formats, estimates, strict=True):
+        for sc, est in zip(scenarios, estimates, strict=True):
             budget = gpu_.usable_bytes
             fits.append(
                 Fit(
@@ -159,29 +162,19 @@ def memory_report(
                     weights_format=est.weights_format,
                     fits=est.per_gpu_total_bytes <= budget,
                     headroom_bytes=budget - est.per_gpu_total_bytes,
-                    max_context=max_context_that_fits(config, vram_bytes=budget, weights_format=f, **common)
+                    max_context=max_context_that_fits(config, sc, vram_bytes=budget, tensors=tensors)
                     if target
                     else None,
-                    max_batch=max_batch_that_fits(
-                        config,
-                        vram_bytes=budget,
-                        weights_format=f,
-                        context=context,
-                        **{k: v for k, v in common.items() if k != "batch"},
-                    )
-                    if target
-                    else None,
+                    max_batch=max_batch_that_fits(config, sc, vram_bytes=budget, tensors=tensors) if target else None,
                 )
             )
     contexts = curve_contexts(max(context, config.max_position_embeddings))
     curve = {
         est.weights_format: [
-            estimate(
-                config, weights_format=f, context=c, weights=est.weights_breakdown, **common
-            ).per_gpu_total_bytes
+            estimate(config, sc, tensors=tensors, weights=est.weights_breakdown, context=c).per_gpu_total_bytes
             for c in contexts
         ]
-        for f, est in zip(formats, estimates, strict=True)
+        for sc, est in zip(scenarios, estimates, strict=True)
     }
     return Report(
         model=model,

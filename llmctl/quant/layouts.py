@@ -75,7 +75,7 @@ class Layout:
         return not tp.quantized or tp.format in self.formats
 
     def outputs(self, tp: TensorPlan) -> Out:
-        from llmctl.quant.stio import st_dtype
+        from llmctl.quant.safetensors_io import st_dtype
 
         if not tp.quantized:
             (dtype, shape) = _specs(tp)["weight"]
@@ -148,7 +148,7 @@ class CompressedTensors(Layout):
         return None
 
     def _outputs(self, tp: TensorPlan) -> Out:
-        from llmctl.quant.stio import st_dtype
+        from llmctl.quant.safetensors_io import st_dtype
 
         m = _module(tp.name)
         rows, cols = tp.rows_cols
@@ -281,7 +281,7 @@ class BnB(Layout):
     description = "bitsandbytes 4-bit serialization (transformers, vLLM)"
 
     def _outputs(self, tp: TensorPlan) -> Out:
-        from llmctl.quant.stio import st_dtype
+        from llmctl.quant.safetensors_io import st_dtype
 
         specs = _specs(tp)
         names = {"weight": tp.name, "absmax": f"{tp.name}.absmax", "quant_map": f"{tp.name}.quant_map",
@@ -353,7 +353,7 @@ class Llmctl(Layout):
     description = "llmctl's own: registry parts as they are, formats named in config.json"
 
     def _outputs(self, tp: TensorPlan) -> Out:
-        from llmctl.quant.stio import st_dtype
+        from llmctl.quant.safetensors_io import st_dtype
 
         return [(_part_name(tp.name, k), st_dtype(dt), shape) for k, (dt, shape) in _specs(tp).items()]
 

@@ -236,7 +236,7 @@ def remove_dead_runs(out: Path) -> None:
 
 
 def _write_all(plan: Plan, tmp: Path, progress, measure_error: bool, chunk_values: int) -> list[TensorResult]:
-    from llmctl.quant.stio import Writer
+    from llmctl.quant.safetensors_io import Writer
 
     inp = open_input(plan.source)
     total = sum(math.prod(t.shape) for t in plan.tensors)  # the work: values read and written

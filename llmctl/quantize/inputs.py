@@ -33,11 +33,11 @@ def open_input(source: Any) -> TensorInput:
     if source.is_gguf:
         return _gguf_input(source)
     from llmctl.checkpoint import safetensors_files
-    from llmctl.quant import stio
+    from llmctl.quant import safetensors_io
 
-    entries: dict[str, stio.Entry] = {}
+    entries: dict[str, safetensors_io.Entry] = {}
     for f in safetensors_files(source.path):
-        entries.update(stio.index_file(f))
+        entries.update(safetensors_io.index_file(f))
     infos = [
         (n, e.shape, e.dtype, e.nbytes) for n, e in entries.items() if not n.endswith(".rotary_emb.inv_freq")
     ]
@@ -57,11 +57,11 @@ def open_input(source: Any) -> TensorInput:
         e = entry(name)
         total = math.prod(e.shape) // (e.shape[-1] if e.shape else 1)
         for start in range(0, total, rows):
-            yield stio.read_rows(e, start, min(total, start + rows))
+            yield safetensors_io.read_rows(e, start, min(total, start + rows))
 
     def tensor(name: str) -> Any:
         e = entry(name)
-        return stio.read_rows(e).reshape(e.shape)
+        return safetensors_io.read_rows(e).reshape(e.shape)
 
     dtypes = {d for _, _, d, _ in infos}
     kept = "bf16" if "BF16" in dtypes or dtypes == {"F32"} else "fp16"

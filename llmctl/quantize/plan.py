@@ -419,7 +419,7 @@ def _out_config(source: Any, lay: Layout, plans: list[TensorPlan], compute: str)
 
 
 def _shard(plans: list[TensorPlan], lay: Layout, shard_bytes: int) -> list[OutFile]:
-    from llmctl.quant.stio import Writer, itemsize
+    from llmctl.quant.safetensors_io import Writer, itemsize
 
     files: list[OutFile] = []
     cur = OutFile("", [], [])
