@@ -65,16 +65,24 @@ def prepare(h: Any, *, damp: float = DAMP, act_order: bool = False) -> Prepared:
         h = h[perm][:, perm]
     mean = float(torch.diagonal(h).mean())
     lam = damp * (mean if mean > 0 else 1.0)
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    n = h.shape[0]
     for _ in range(6):
         # with J the reversal, J H J = L Lᵀ gives H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J), J L⁻¹ J upper triangular with
         # a positive diagonal: the upper Cholesky factor of H⁻¹ from one factorisation and one triangular
-        # inverse (torch.cholesky_inverse and a second Cholesky took 10-50x longer here)
-        chol, info = torch.linalg.cholesky_ex((h + lam * eye).flip(0, 1))
+        # inverse (torch.cholesky_inverse and a second Cholesky took 10-50x longer here). At most four
+        # n × n matrices are alive at once (0.8 GB each for an 8B down_proj's 14336 columns).
+        a = h.flip(0, 1)  # J H J, damped on its diagonal (the reversal keeps the diagonal a diagonal)
+        a.diagonal().add_(lam)
+        chol, info = torch.linalg.cholesky_ex(a)
+        del a
         if int(info) == 0:
-            u = torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
+            inv = torch.linalg.solve_triangular(chol, torch.eye(n, dtype=chol.dtype), upper=False)
+            del chol
+            u = inv.flip(0, 1)
+            del inv
             if bool(torch.isfinite(u).all()):
                 return Prepared(u, perm, dead, diag.clamp_min(0))
+            del u
         lam *= 10
     raise QuantError("the calibration Hessian is not positive definite even damped; raise --gptq-damp")
 
