@@ -430,8 +430,8 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape
         start = (cache.length if cache is not None else 0) if start_pos is None else start_pos
-        tables = self._precompute(start + T)
         rope, masks = self.positions(start, T, cache is None)
+        tables = self._rope  # the full tables positions() made sure of, for the fused step
         if cache is not None:
             if B != cache.batch_size:
                 raise UsageError(
