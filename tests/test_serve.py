@@ -287,8 +287,30 @@ def test_the_openai_client_sees_a_bad_request_error(server) -> None:
 
 
 def test_oversized_body_is_refused(server) -> None:
-    body = {"messages": [{"role": "user", "content": "x" * (1024 * 1024 + 10)}]}
-    assert_openai_error(*post(server.base, "/v1/chat/completions", body), 413, None)
+    # urllib sends the whole body before it reads: the 413 must wait for it, or the client meets a reset
+    # connection (a broken pipe) instead of the answer. Several tries, since that was a race.
+    for size in (1024 * 1024 + 10, 3 * 1024 * 1024, 8 * 1024 * 1024):
+        body = {"messages": [{"role": "user", "content": "x" * size}]}
+        assert_openai_error(*post(server.base, "/v1/chat/completions", body), 413, None)
+    assert server.health()["status"] == "ok"
+
+
+def test_a_chunked_oversized_body_is_refused_too(server) -> None:
+    chunks = (b"x" * 65536 for _ in range(20))  # no Content-Length: the limit counts what arrives
+    req = urllib.request.Request(server.base + "/v1/completions", data=chunks, method="POST",
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert_openai_error(e.value.code, json.loads(e.value.read()), 413, None)
+
+
+def test_a_body_past_the_drain_limit_is_refused_unread(server) -> None:
+    host, port = server.base.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:  # declares 10 GB, sends none of it
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {10**10}\r\n\r\n".encode())  # fmt: skip
+        head = s.recv(65536).decode()
+    assert head.startswith("HTTP/1.1 413"), head
     assert server.health()["status"] == "ok"
 
 

@@ -3,7 +3,8 @@
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streamed as server-sent events with
 ``"stream": true``), ``GET /v1/models``, ``GET /health``. Every failure is answered with OpenAI's error
 object (``{"error": {"message", "type", "param", "code"}}``), never a traceback. The body is read up to
-``max_body`` bytes (413 past it); with an API key, ``/v1/*`` needs ``Authorization: Bearer KEY`` (401).
+``max_body`` bytes (413 past it, answered after the rest has been read and dropped, up to 16 × ``max_body``
+or 64 MiB); with an API key, ``/v1/*`` needs ``Authorization: Bearer KEY`` (401).
 Generation runs in the engine's worker thread, so the event loop keeps answering (``/health`` while a
 reply is generated); a client that goes away cancels its request before the next token.
 """
@@ -30,6 +31,7 @@ from llmctl.server import protocol
 from llmctl.server.engine import DONE, Engine, Job
 from llmctl.server.protocol import ApiError, Request
 
+DRAIN_BYTES = 64 * 1024 * 1024  # the least an oversized body is drained up to (see build_app)
 POLL_S = 0.25  # how often a waiting request checks whether its client is still there
 
 
@@ -43,6 +45,10 @@ def build_app(
 ) -> Starlette:
     """``max_tokens``: the most a request may ask for, and what it gets when it names none."""
     created = int(time.time())
+    # A body over max_body is still read (and dropped) up to this size before the 413 goes out: clients that
+    # send the whole body before reading (urllib, requests, curl without Expect) otherwise meet a reset
+    # connection instead of the answer. Past it the server does not spend the bandwidth.
+    drain_limit = max(16 * max_body, DRAIN_BYTES)
 
     def authorize(request: HttpRequest) -> None:
         if api_key is None:
@@ -62,14 +68,19 @@ def build_app(
             code="request_too_large",
         )
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > max_body):
+        if declared is not None and not declared.isdigit():
             raise too_big
+        if declared is not None and int(declared) > drain_limit:
+            raise too_big  # refused unread: the connection closes under a client still sending
         chunks, size = [], 0
         async for part in request.stream():
             size += len(part)
-            if size > max_body:
+            if size > drain_limit:
                 raise too_big
-            chunks.append(part)
+            if size <= max_body:
+                chunks.append(part)
+        if size > max_body:  # read to the end and dropped, so that the client, still sending, reads the 413
+            raise too_big
         return b"".join(chunks)
 
     async def health(request: HttpRequest) -> Response:
