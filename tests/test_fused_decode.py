@@ -84,6 +84,27 @@ def test_fused_step_equals_the_python_layers(family, tiny_models, threads, monke
     assert_same(got, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_parallel_region_computes_what_one_thread_does(family, tiny_models, dtype, monkeypatch):
+    """A dense model's step on 2 threads runs as one OpenMP region (rows, heads and norms shared out between
+    the threads); every value is computed as on 1 thread, so the two agree bit for bit."""
+    folder, _ = tiny_models[family]
+    model = load_model(folder, dtype=dtype)
+    prompt = torch.randint(0, 96, (5,), generator=torch.Generator().manual_seed(3)).tolist()
+    old = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs.append(decode(model, prompt, STEPS, use_fused=True, monkeypatch=monkeypatch))
+    finally:
+        torch.set_num_threads(old)
+    assert isinstance(model._fused, fused.Plan)
+    (t1, l1), (t2, l2) = runs
+    assert t1 == t2 and torch.equal(l1, l2)
+
+
 QUANT = ["int4:32", "int4-asym:32", "int8", "int8:32", "fp8", "nf4:64"]
 
 

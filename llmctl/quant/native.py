@@ -50,6 +50,8 @@ def _flags() -> list[str]:
         if all(f" {f}" in cpu for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")):
             # the AVX-512 VNNI kernels (int4_paths: "avx512"); the compiler's own loops stay 256 bits wide
             flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mprefer-vector-width=256"]
+            if " avx512_bf16" in cpu:  # vdpbf16ps for bf16 weights (dense_linear)
+                flags.append("-mavx512bf16")
     return flags
 
 

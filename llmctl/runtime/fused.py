@@ -10,10 +10,19 @@ C++, calling the same matrix-vector kernels the eager path calls for llmctl's qu
 ~0.8 of the bandwidth), so in fp32 the result equals the eager step up to fp32 summation order in the
 products, RMSNorm, RoPE and attention.
 
-A bf16 model runs it too: its weights stay bf16 (``native.dense_linear`` widens each exactly to fp32) and
-its KV cache bf16 (rounded as it is written), but the hidden state between the linears stays fp32 where the
-eager bf16 path rounds every intermediate to bf16. It is therefore closer to the fp32 result than the eager
-bf16 step is, not equal to it (tests/test_fused_decode.py bounds both against fp32).
+When every linear is dense (fp32 and bf16 models) and torch has more than one thread, the step runs as one
+OpenMP region: the threads share out each product's rows, the attention heads and the norms, and meet at
+five barriers a layer (seven with sandwich norms) instead of starting a parallel region for each product
+while one thread runs the norms, RoPE and attention alone. It computes every value as one thread does
+(tests/test_fused_decode.py checks 1 and 2 threads agree bit for bit).
+
+A bf16 model runs it too: its weights stay bf16 and its KV cache bf16 (rounded as it is written), but the
+hidden state between the linears stays fp32 where the eager bf16 path rounds every intermediate to bf16.
+``native.dense_linear`` widens each weight exactly to fp32, or, on a CPU with AVX512-BF16, rounds each
+product's input to bf16 (as the eager path's matmuls take it) and multiplies pairs in ``vdpbf16ps``, a third
+of the instructions, which is what lets it stream the weights near memory speed. It is therefore closer to
+the fp32 result than the eager bf16 step is, not equal to it (tests/test_fused_decode.py bounds both against
+fp32).
 
 It runs only where all of these hold, and the Python layers run otherwise (the reference, and the path for
 everything else): one token, a batch of 1, a KV cache, no autograd, the model on the CPU in fp32 or bf16

@@ -12,6 +12,7 @@
 // (rounded to nearest even as it is written, as a bf16 model's own cache holds it).
 #include <memory>
 #include <unordered_map>
+#include <omp.h>
 
 struct DLin { int64_t kind = -1; torch::Tensor a, b, c, bias; };
 struct DLayer {
@@ -23,6 +24,7 @@ struct DPlan {
   std::vector<DLayer> layers;
   int64_t hidden = 0, H = 0, KV = 0, D = 0, inter = 0, act = 0; bool sandwich = false, qk_norm = false;
   float offset = 0.f; double eps = 1e-6; float scale = 1.f;
+  bool dense = true;  // every linear dense (kinds 0 and 5): the step may run as one parallel region
 };
 static std::unordered_map<int64_t, std::unique_ptr<DPlan>> g_plans;
 static int64_t g_next_plan = 1;
@@ -38,7 +40,7 @@ int64_t decode_plan(std::vector<torch::Tensor> t, std::vector<int64_t> ints, std
   p->sandwich = ints[6] != 0; p->qk_norm = ints[7] != 0; int64_t n = ints[8]; p->offset = static_cast<float>(ints[9]);
   p->eps = floats[0]; p->scale = static_cast<float>(floats[1]);
   TORCH_CHECK(static_cast<int64_t>(t.size()) == n * DSLOTS && static_cast<int64_t>(ints.size()) == 10 + n * 9, "decode_plan: lists do not match");
-  TORCH_CHECK(p->D % 2 == 0 && p->KV > 0 && p->H % p->KV == 0, "decode_plan: heads");
+  TORCH_CHECK(p->D % 2 == 0 && p->D <= 1024 && p->KV > 0 && p->H % p->KV == 0, "decode_plan: heads");
   for (int64_t l = 0; l < n; ++l) {
     const torch::Tensor* s = t.data() + l * DSLOTS; const int64_t* k = ints.data() + 10 + l * 9;
     DLayer L;
@@ -52,6 +54,7 @@ int64_t decode_plan(std::vector<torch::Tensor> t, std::vector<int64_t> ints, std
       TORCH_CHECK(lin.kind != 0 || lin.a.scalar_type() == torch::kFloat32, "decode_plan: kind 0 weights are fp32");
       TORCH_CHECK(lin.kind != 5 || lin.a.scalar_type() == torch::kBFloat16, "decode_plan: kind 5 weights are bf16");
       TORCH_CHECK(lin.bias.numel() == 0 || lin.bias.scalar_type() == torch::kFloat32, "decode_plan: fp32 biases");
+      if (lin.kind != 0 && lin.kind != 5) p->dense = false;
       if (j < 3) L.qkv.push_back(lin); else if (j == 3) L.o = lin; else if (j < 6) L.gate_up.push_back(lin); else L.down = lin;
     }
     TORCH_CHECK(!L.qkv.empty() && L.o.kind >= 0 && !L.gate_up.empty() && L.down.kind >= 0, "decode_plan: missing linears");
@@ -67,11 +70,20 @@ int64_t decode_plan(std::vector<torch::Tensor> t, std::vector<int64_t> ints, std
 void decode_free(int64_t id) { g_plans.erase(id); }
 
 // x * rsqrt(mean(x^2) + eps) * (offset + w), the sum in double as torch's CPU rms_norm accumulates
-static inline void rmsnorm(const float* x, const float* w, float offset, int64_t n, double eps, float* out) {
+static inline float rms_factor(const float* x, int64_t n, double eps) {
   double ss = 0.0;
   for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
-  float r = static_cast<float>(1.0 / std::sqrt(ss / n + eps));
+  return static_cast<float>(1.0 / std::sqrt(ss / n + eps));
+}
+static inline void rmsnorm(const float* x, const float* w, float offset, int64_t n, double eps, float* out) {
+  const float r = rms_factor(x, n, eps);
   for (int64_t i = 0; i < n; ++i) out[i] = (x[i] * r) * (offset + w[i]);
+}
+// A sandwich norm's output added into the residual, elements [i0, i1): y += x * r * (offset + w), r the
+// factor of the whole x. One expression for both the serial and the parallel step, so that the compiler's
+// multiply-add contraction treats them alike.
+static inline void add_normed(float* y, const float* x, float r, const float* w, float offset, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) y[i] += (x[i] * r) * (offset + w[i]);
 }
 
 // y (rows) = lin(x (cols)); x a (1, cols) fp32 tensor
@@ -135,38 +147,153 @@ static inline void axpy_kv(float* o, float e, const T* v, int64_t n) {  // o += 
   for (; i < n; ++i) o[i] += e * ld(v, i);
 }
 template <typename T>
+static inline void store_kv(T* kb, T* vb, const float* k, const float* v, int64_t g, int64_t S, int64_t slot, int64_t D) {
+  store(kb + (g * S + slot) * D, k + g * D, D);
+  store(vb + (g * S + slot) * D, v + g * D, D);
+}
+// Query heads [h0, h1) over the cache (the new key and value already stored); sc: len floats of scratch.
+template <typename T>
+static void attend_heads(const T* kb, const T* vb, const float* q, float* attn, float* sc, int64_t h0, int64_t h1, int64_t S,
+                         int64_t len, int64_t W, const int64_t* sp, int64_t pos, int64_t rep, int64_t D, float scale) {
+  for (int64_t h = h0; h < h1; ++h) {
+    const float* qh = q + h * D; const int64_t g = h / rep;
+    const T* kh = kb + g * S * D; const T* vh = vb + g * S * D;
+    float m = -INFINITY;
+    for (int64_t j = 0; j < len; ++j) {
+      bool ok = true;
+      if (W) { int64_t p = sp[j]; ok = p >= 0 && p <= pos && p > pos - W; }
+      sc[j] = ok ? dot_kv(qh, kh + j * D, D) * scale : -INFINITY;
+      m = std::max(m, sc[j]);
+    }
+    float* o = attn + h * D;
+    for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
+    float sum = 0.f;
+    for (int64_t j = 0; j < len; ++j) {
+      if (sc[j] == -INFINITY) continue;
+      float e = std::exp(sc[j] - m); sum += e;
+      axpy_kv(o, e, vh + j * D, D);
+    }
+    float inv = 1.0f / sum;
+    for (int64_t i = 0; i < D; ++i) o[i] *= inv;
+  }
+}
+template <typename T>
 static void attend(T* kb, T* vb, const float* q, const float* k, const float* v, float* attn, int64_t S, int64_t slot,
                    int64_t len, int64_t W, const int64_t* sp, int64_t pos, int64_t H, int64_t KV, int64_t D, float scale) {
-  for (int64_t h = 0; h < KV; ++h) {
-    store(kb + (h * S + slot) * D, k + h * D, D);
-    store(vb + (h * S + slot) * D, v + h * D, D);
-  }
-  const int64_t rep = H / KV;
+  for (int64_t g = 0; g < KV; ++g) store_kv(kb, vb, k, v, g, S, slot, D);
   auto heads = [&](int64_t h0, int64_t h1) {
     std::vector<float> sc(len);
-    for (int64_t h = h0; h < h1; ++h) {
-      const float* qh = q + h * D; const int64_t g = h / rep;
-      const T* kh = kb + g * S * D; const T* vh = vb + g * S * D;
-      float m = -INFINITY;
-      for (int64_t j = 0; j < len; ++j) {
-        bool ok = true;
-        if (W) { int64_t p = sp[j]; ok = p >= 0 && p <= pos && p > pos - W; }
-        sc[j] = ok ? dot_kv(qh, kh + j * D, D) * scale : -INFINITY;
-        m = std::max(m, sc[j]);
-      }
-      float* o = attn + h * D;
-      for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
-      float sum = 0.f;
-      for (int64_t j = 0; j < len; ++j) {
-        if (sc[j] == -INFINITY) continue;
-        float e = std::exp(sc[j] - m); sum += e;
-        axpy_kv(o, e, vh + j * D, D);
-      }
-      float inv = 1.0f / sum;
-      for (int64_t i = 0; i < D; ++i) o[i] *= inv;
-    }
+    attend_heads(kb, vb, q, attn, sc.data(), h0, h1, S, len, W, sp, pos, H / KV, D, scale);
   };
   if (len * D * H < (1 << 16)) heads(0, H); else at::parallel_for(0, H, 1, heads);
+}
+
+// RoPE on one head in place: out[i] = x[i] * cos[i] + x[partner(i)] * sin[i], partner the other half
+static inline void rope_head(float* e, const float* c, const float* s, int64_t D) {
+  const int64_t half = D / 2;
+  float tmp[1024];
+  for (int64_t i = 0; i < D; ++i) tmp[i] = e[i] * c[i] + e[i < half ? i + half : i - half] * s[i];
+  std::memcpy(e, tmp, D * sizeof(float));
+}
+
+// ---- the step as one parallel region (every linear dense: fp32 and bf16 models) ----
+// One OpenMP region for the whole step instead of one a product: each thread computes its share of every
+// product's rows and the serial parts around them are split or repeated, so that the threads meet at five
+// barriers a layer (seven with sandwich norms) and no thread waits while another runs a norm alone:
+// * q/k/v rows are split by whole heads, so the thread that computed a head also norms, rotates and stores it;
+// * the query heads are split for attention;
+// * o_proj and down_proj rows are split, each thread adding its rows into the residual;
+// * gate and up rows are split alike, so each thread's activations need only its own products;
+// * the RMSNorms before the products are computed by every thread into its own buffer (a few hundred values).
+// Every value is computed as the serial step computes it (the same functions, rows and sums).
+static inline void share(int64_t n, int64_t align, int tid, int nt, int64_t& a, int64_t& b) {
+  int64_t chunk = (n + nt - 1) / nt;
+  chunk = (chunk + align - 1) / align * align;
+  a = std::min(n, tid * chunk); b = std::min(n, a + chunk);
+}
+
+// rows [r0, r1) of a dense linear (kind 0 or 5), bias included
+static void dense_rows(const DLin& l, const float* x, float* y, int64_t r0, int64_t r1, int isa) {
+  const int64_t cols = l.a.size(1);
+  if (r0 >= r1) return;
+  if (l.kind == 0) dense_range(l.a.data_ptr<float>(), x, y, r0, r1, cols, isa);
+  else dense_range(reinterpret_cast<const c10::BFloat16*>(l.a.data_ptr()), x, y, r0, r1, cols, isa);
+  if (l.bias.numel()) { const float* bp = l.bias.data_ptr<float>(); for (int64_t r = r0; r < r1; ++r) y[r] += bp[r]; }
+}
+// rows [a, b) of the list's outputs laid end to end (q, k, v or gate, up: joined or apart)
+static void dense_rows(const std::vector<DLin>& ls, const float* x, float* y, int64_t a, int64_t b, int isa) {
+  int64_t off = 0;
+  for (const auto& l : ls) {
+    const int64_t rows = l.a.size(0);
+    dense_rows(l, x, y + off, std::max<int64_t>(a - off, 0), std::min(b - off, rows), isa);
+    off += rows;
+  }
+}
+
+template <typename T> static T* cache_ptr(const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
+template <typename T>
+static void step_region(const DPlan& P, float* xp, const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values,
+                        const std::vector<torch::Tensor>& rope, const int64_t* sp, int64_t pos, int isa, int nt) {
+  const int64_t n = static_cast<int64_t>(P.layers.size()), hid = P.hidden, H = P.H, KV = P.KV, D = P.D, F = P.inter;
+  int64_t longest = 1;
+  for (int64_t l = 0; l < n; ++l) longest = std::max(longest, P.layers[l].window ? std::min(pos + 1, keys[l].size(2)) : pos + 1);
+  std::vector<float> buf(std::max((H + 2 * KV) * D, 2 * F)), attn(H * D), act(F), out(hid);
+  float* q = buf.data(); float* ap = act.data(); float* op = out.data();
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    std::vector<float> xn_v(hid), sc_v(longest);
+    float* xn = xn_v.data(); float* sc = sc_v.data();
+    int64_t u0, u1, h0, h1, r0, r1, f0, f1;
+    share(H + 2 * KV, 1, tid, nth, u0, u1);  // q/k/v heads
+    share(H, 1, tid, nth, h0, h1);           // query heads for attention
+    share(hid, 16, tid, nth, r0, r1);        // o_proj / down_proj rows
+    share(F, 16, tid, nth, f0, f1);          // gate / up rows
+    rmsnorm(xp, P.layers[0].in_norm.data_ptr<float>(), P.offset, hid, P.eps, xn);
+    for (int64_t l = 0; l < n; ++l) {
+      const DLayer& L = P.layers[l];
+      T* kb = cache_ptr<T>(keys[l]); T* vb = cache_ptr<T>(values[l]);
+      const int64_t S = keys[l].size(2), slot = L.window ? pos % S : pos, len = L.window ? std::min(pos + 1, S) : pos + 1;
+      dense_rows(L.qkv, xn, q, u0 * D, u1 * D, isa);
+      const float* c = rope[2 * L.rope].data_ptr<float>() + pos * D; const float* s = rope[2 * L.rope + 1].data_ptr<float>() + pos * D;
+      for (int64_t e = u0; e < u1; ++e) {
+        float* h = q + e * D;
+        if (e < H + KV) {
+          if (P.qk_norm) rmsnorm(h, (e < H ? L.q_norm : L.k_norm).data_ptr<float>(), P.offset, D, P.eps, h);
+          rope_head(h, c, s, D);
+          if (e >= H) store(kb + ((e - H) * S + slot) * D, h, D);
+        } else {
+          store(vb + ((e - H - KV) * S + slot) * D, h, D);
+        }
+      }
+#pragma omp barrier
+      attend_heads(kb, vb, q, attn.data(), sc, h0, h1, S, len, L.window, sp, pos, H / KV, D, P.scale);
+#pragma omp barrier
+      dense_rows(L.o, attn.data(), op, r0, r1, isa);
+      if (P.sandwich) {
+#pragma omp barrier
+        add_normed(xp, op, rms_factor(op, hid, P.eps), L.post_attn_norm.data_ptr<float>(), P.offset, r0, r1);
+      } else {
+        for (int64_t i = r0; i < r1; ++i) xp[i] += op[i];
+      }
+#pragma omp barrier
+      rmsnorm(xp, (P.sandwich ? L.pre_ff_norm : L.post_attn_norm).data_ptr<float>(), P.offset, hid, P.eps, xn);
+      dense_rows(L.gate_up, xn, buf.data(), f0, f1, isa);
+      dense_rows(L.gate_up, xn, buf.data(), F + f0, F + f1, isa);
+      for (int64_t i = f0; i < f1; ++i) ap[i] = act_fn(buf[i], P.act) * buf[F + i];
+#pragma omp barrier
+      dense_rows(L.down, ap, op, r0, r1, isa);
+      if (P.sandwich) {
+#pragma omp barrier
+        add_normed(xp, op, rms_factor(op, hid, P.eps), L.post_ff_norm.data_ptr<float>(), P.offset, r0, r1);
+      } else {
+        for (int64_t i = r0; i < r1; ++i) xp[i] += op[i];
+      }
+#pragma omp barrier
+      if (l + 1 < n) rmsnorm(xp, P.layers[l + 1].in_norm.data_ptr<float>(), P.offset, hid, P.eps, xn);
+    }
+  }
 }
 
 // x (hidden) fp32, updated in place and returned; keys/values per layer (1, KV, slots, D) fp32 or bf16; rope: per table
@@ -183,6 +310,21 @@ torch::Tensor decode_step(int64_t id, torch::Tensor x, std::vector<torch::Tensor
   TORCH_CHECK(static_cast<int64_t>(keys.size()) == n && static_cast<int64_t>(values.size()) == n, "decode_step: caches");
   for (const auto& r : rope) TORCH_CHECK(r.scalar_type() == torch::kFloat32 && r.is_contiguous() && r.numel() >= (pos + 1) * D, "decode_step: rope tables");
   TORCH_CHECK(slot_pos.numel() == 0 || (slot_pos.scalar_type() == torch::kLong && slot_pos.is_contiguous()), "decode_step: slot_pos");
+  const int64_t* sp = slot_pos.numel() ? slot_pos.data_ptr<int64_t>() : nullptr;
+  for (int64_t l = 0; l < n; ++l) {
+    const torch::Tensor& ck = keys[l]; const torch::Tensor& cv = values[l];
+    TORCH_CHECK((ck.scalar_type() == torch::kFloat32 || ck.scalar_type() == torch::kBFloat16) && cv.scalar_type() == ck.scalar_type()
+                && ck.scalar_type() == keys[0].scalar_type() && ck.is_contiguous() && cv.is_contiguous() && ck.dim() == 4
+                && ck.sizes() == cv.sizes() && ck.size(1) == KV && ck.size(3) == D, "decode_step: cache layout");
+    const int64_t S = ck.size(2), slot = P.layers[l].window ? pos % S : pos;
+    TORCH_CHECK(slot < S && (!P.layers[l].window || sp), "decode_step: the cache is full");
+  }
+  const int nt = at::get_num_threads();
+  if (P.dense && nt > 1 && !at::in_parallel_region()) {
+    if (keys[0].scalar_type() == torch::kFloat32) step_region<float>(P, x.data_ptr<float>(), keys, values, rope, sp, pos, isa_of(path), nt);
+    else step_region<c10::BFloat16>(P, x.data_ptr<float>(), keys, values, rope, sp, pos, isa_of(path), nt);
+    return x;
+  }
   const int64_t nq = (H + 2 * KV) * D;
   auto xn_t = torch::empty({1, std::max(hid, H * D)}, torch::kFloat32);
   auto buf_t = torch::empty({std::max(nq, 2 * F)}, torch::kFloat32);
@@ -191,7 +333,6 @@ torch::Tensor decode_step(int64_t id, torch::Tensor x, std::vector<torch::Tensor
   float* xp = x.data_ptr<float>(); float* xn = xn_t.data_ptr<float>(); float* buf = buf_t.data_ptr<float>();
   float* ap = act_t.data_ptr<float>(); float* op = out_t.data_ptr<float>();
   torch::Tensor xn_h = xn_t.narrow(1, 0, hid), attn_t = xn_t.narrow(1, 0, H * D);
-  const int64_t* sp = slot_pos.numel() ? slot_pos.data_ptr<int64_t>() : nullptr;
   for (int64_t l = 0; l < n; ++l) {
     const DLayer& L = P.layers[l];
     rmsnorm(xp, L.in_norm.data_ptr<float>(), P.offset, hid, P.eps, xn);
@@ -202,23 +343,13 @@ torch::Tensor decode_step(int64_t id, torch::Tensor x, std::vector<torch::Tensor
       for (int64_t h = 0; h < H; ++h) rmsnorm(q + h * D, qw, P.offset, D, P.eps, q + h * D);
       for (int64_t h = 0; h < KV; ++h) rmsnorm(k + h * D, kw, P.offset, D, P.eps, k + h * D);
     }
-    {  // RoPE: out[i] = x[i] * cos[i] + x[partner(i)] * sin[i], partner the other half
+    {  // RoPE
       const float* c = rope[2 * L.rope].data_ptr<float>() + pos * D; const float* s = rope[2 * L.rope + 1].data_ptr<float>() + pos * D;
-      const int64_t half = D / 2;
-      float tmp[1024];
-      TORCH_CHECK(D <= 1024, "decode_step: head_dim");
-      for (int64_t h = 0; h < H + KV; ++h) {
-        float* e = q + h * D;  // k follows q
-        for (int64_t i = 0; i < D; ++i) tmp[i] = e[i] * c[i] + e[i < half ? i + half : i - half] * s[i];
-        std::memcpy(e, tmp, D * sizeof(float));
-      }
+      for (int64_t h = 0; h < H + KV; ++h) rope_head(q + h * D, c, s, D);  // k follows q
     }
     const torch::Tensor& ck = keys[l]; const torch::Tensor& cv = values[l];
-    TORCH_CHECK((ck.scalar_type() == torch::kFloat32 || ck.scalar_type() == torch::kBFloat16) && cv.scalar_type() == ck.scalar_type()
-                && ck.is_contiguous() && cv.is_contiguous() && ck.size(1) == KV && ck.size(3) == D, "decode_step: cache layout");
     const int64_t S = ck.size(2);
     const int64_t slot = L.window ? pos % S : pos;
-    TORCH_CHECK(slot < S && (!L.window || sp), "decode_step: the cache is full");
     const int64_t len = L.window ? std::min(pos + 1, S) : pos + 1;
     float* attn = xn;  // (H * D): q, k, v stay in buf
     if (ck.scalar_type() == torch::kFloat32)
@@ -228,8 +359,7 @@ torch::Tensor decode_step(int64_t id, torch::Tensor x, std::vector<torch::Tensor
              slot, len, L.window, sp, pos, H, KV, D, P.scale);
     dlin(L.o, attn_t, op, path);
     if (P.sandwich) {
-      rmsnorm(op, L.post_attn_norm.data_ptr<float>(), P.offset, hid, P.eps, op);
-      for (int64_t i = 0; i < hid; ++i) xp[i] += op[i];
+      add_normed(xp, op, rms_factor(op, hid, P.eps), L.post_attn_norm.data_ptr<float>(), P.offset, 0, hid);
       rmsnorm(xp, L.pre_ff_norm.data_ptr<float>(), P.offset, hid, P.eps, xn);
     } else {
       for (int64_t i = 0; i < hid; ++i) xp[i] += op[i];
@@ -238,8 +368,8 @@ torch::Tensor decode_step(int64_t id, torch::Tensor x, std::vector<torch::Tensor
     dlins(L.gate_up, xn_h, buf, path);
     for (int64_t i = 0; i < F; ++i) ap[i] = act_fn(buf[i], P.act) * buf[F + i];
     dlin(L.down, act_t, op, path);
-    if (P.sandwich) rmsnorm(op, L.post_ff_norm.data_ptr<float>(), P.offset, hid, P.eps, op);
-    for (int64_t i = 0; i < hid; ++i) xp[i] += op[i];
+    if (P.sandwich) add_normed(xp, op, rms_factor(op, hid, P.eps), L.post_ff_norm.data_ptr<float>(), P.offset, 0, hid);
+    else for (int64_t i = 0; i < hid; ++i) xp[i] += op[i];
   }
   return x;
 }
