@@ -19,12 +19,12 @@ Two ways a file is written:
   happens.
 
 Sources, each a ``GGUFSource`` (llmctl.quantize.gguf_source: a GGUF file, its metadata copied key by key,
-or a Hugging Face safetensors folder made as llama.cpp's converter makes it), so both feed the same writer.
-
-``general.file_type`` is set for the new type and ``general.quantized_by`` names llmctl. The output (and a
-mix's f16 intermediate) is written inside a private ``.NAME.partial-PID`` folder beside it
-(``llmctl.atomic.private_dir``) and renamed into place when complete; the folder is removed whatever
-happens.
+or a Hugging Face safetensors folder made as llama.cpp's converter makes it), so both feed the same writer,
+llmctl.gguf.writer: it writes the header, the metadata (``general.file_type`` set for the new type,
+``general.quantized_by`` naming llmctl), the tensor infos and each tensor's bytes with its error; this module
+chooses each tensor's type and what encodes it. The output (and a mix's f16 intermediate) is written inside a
+private ``.NAME.partial-PID`` folder beside it (``llmctl.atomic.private_dir``) and renamed into place when
+complete; the folder is removed whatever happens.
 """
 
 from __future__ import annotations
