@@ -81,7 +81,8 @@ def test_layout_round_trips_on_numpy_and_torch(family: str) -> None:
 
 def test_importing_the_package_loads_no_torch() -> None:
     code = (
-        "import sys, llmctl.gguf.reader, llmctl.gguf.names, llmctl.gguf.metadata, llmctl.gguf.vocab; "
+        "import sys, llmctl.gguf.reader, llmctl.gguf.names, llmctl.gguf.metadata, llmctl.gguf.vocab, "
+        "llmctl.gguf.writer; "
         "assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

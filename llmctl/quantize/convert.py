@@ -23,6 +23,7 @@ from typing import Any
 
 from llmctl import atomic
 from llmctl.errors import QuantError
+from llmctl.gguf.writer import sqnr_db
 from llmctl.quant.formats import PER_TENSOR, REGISTRY, QTensor, find_format
 from llmctl.quant.layouts import FLOATS, Layout, TensorPlan
 from llmctl.quantize.inputs import TensorInput, open_input
@@ -400,13 +401,6 @@ def _write_tensor(
         for name, t in lay.write(tp, final, False):
             w.append(name, t)
     return sqnr_db(signal, noise) if measure and tp.quantized else None
-
-
-def sqnr_db(signal: float, noise: float) -> float:
-    """Signal-to-quantization-noise ratio in dB from the sums of squares (inf when exact)."""
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(signal / noise) if signal > 0 else 0.0
 
 
 def _write_side_files(plan: Plan, tmp: Path, progress: Callable[[Progress], None] | None = None) -> None:

@@ -19,12 +19,12 @@ Two ways a file is written:
   happens.
 
 Sources, each a ``GGUFSource`` (llmctl.quantize.gguf_source: a GGUF file, its metadata copied key by key,
-or a Hugging Face safetensors folder made as llama.cpp's converter makes it), so both feed the same writer.
-
-``general.file_type`` is set for the new type and ``general.quantized_by`` names llmctl. The output (and a
-mix's f16 intermediate) is written inside a private ``.NAME.partial-PID`` folder beside it
-(``llmctl.atomic.private_dir``) and renamed into place when complete; the folder is removed whatever
-happens.
+or a Hugging Face safetensors folder made as llama.cpp's converter makes it), so both feed the same writer,
+llmctl.gguf.writer: it writes the header, the metadata (``general.file_type`` set for the new type,
+``general.quantized_by`` naming llmctl), the tensor infos and each tensor's bytes with its error; this module
+chooses each tensor's type and what encodes it. The output (and a mix's f16 intermediate) is written inside a
+private ``.NAME.partial-PID`` folder beside it (``llmctl.atomic.private_dir``) and renamed into place when
+complete; the folder is removed whatever happens.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ from typing import Any
 
 from llmctl import atomic
 from llmctl.errors import QuantError, UsageError
+from llmctl.gguf.writer import GGUFSource, GGUFTensor, write_file
 from llmctl.quant.recipes import LLAMA_MIXES, PY_TYPES
-from llmctl.quantize.gguf_source import GGUFSource, open_source
+from llmctl.quantize.gguf_source import open_source
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 ALIASES = {"fp32": "f32", "fp16": "f16"}
@@ -175,16 +176,6 @@ def tensor_types(
             kind = "f32"
         out.append(kind)
     return out
-
-
-@dataclass
-class GGUFTensor:
-    name: str
-    format: str
-    params: int
-    src_bytes: int
-    out_bytes: int
-    sqnr_db: float | None
 
 
 @dataclass
@@ -334,54 +325,21 @@ def _write_python(
     extra: dict[str, Any] | None = None,
     phase: str = "quantizing",
 ) -> list[GGUFTensor]:
-    """Every tensor of ``src`` quantized from fp32 to its entry in ``types`` (``tensor_types``), written in
-    the source's order: gguf-py's quantizers, ggml's (``ggml_quantize``) for the types gguf-py cannot make;
-    ``file_type``: llama.cpp's ``general.file_type``; ``extra``: metadata keys to add (str or int values);
-    ``phase``: what the progress calls it."""
-    import gguf
-    import numpy as np
-    from gguf.quants import dequantize, quantize
+    """Every tensor of ``src`` quantized from fp32 to its entry in ``types`` (``tensor_types``) and written in
+    the source's order by llmctl.gguf.writer: gguf-py's quantizers, ggml's (``ggml_quantize``) for the types
+    gguf-py cannot make; ``file_type``: llama.cpp's ``general.file_type``; ``extra``: metadata keys to add
+    (str or int values); ``phase``: what the progress calls it."""
+    def step(i: int, n: int, name: str, done: int, total: int) -> None:
+        _progress(progress, phase, i, n, "tensors", name, done, total)
 
-    from llmctl import __version__
-    from llmctl.quantize.convert import sqnr_db
+    return write_file(src, dst, file_type, types, _encode, step, extra)
 
-    writer = gguf.GGUFWriter(str(dst), src.arch)
-    src.add_metadata(writer)
-    writer.add_file_type(file_type)
-    writer.add_string("general.quantized_by", f"llmctl {__version__}")
-    for key, value in (extra or {}).items():
-        writer.add_string(key, value) if isinstance(value, str) else writer.add_uint32(key, value)
-    plan = []
-    for (name, shape, nbytes, _), kind in zip(src.tensors, types, strict=True):
-        qtype = gguf.GGMLQuantizationType[kind.upper()]
-        if kind in ("f32", "f16"):
-            dtype, info_shape = np.dtype(np.float32 if kind == "f32" else np.float16), shape
-        else:  # the quantizers give bytes: the info takes their shape
-            dtype, info_shape = np.dtype(np.uint8), tuple(gguf.quant_shape_to_byte_shape(shape, qtype))
-        writer.add_tensor_info(
-            name, info_shape, dtype, math.prod(info_shape) * dtype.itemsize, raw_dtype=qtype
-        )
-        plan.append((name, shape, nbytes, kind, qtype))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    total = sum(math.prod(shape) for _, shape, _, _, _ in plan)  # the progress's work: values
-    done = 0
-    results: list[GGUFTensor] = []
-    for (name, shape, nbytes, kind, qtype), x in zip(plan, src.read(), strict=True):
-        _progress(progress, phase, len(results), len(plan), "tensors", name, done, total)
-        data = quantize(x, qtype) if kind in PY_TYPES else ggml_quantize(x, qtype)
-        writer.write_tensor_data(data)
-        sqnr = None
-        if kind != "f32":
-            noise = float(np.square(dequantize(data, qtype).reshape(shape).astype(np.float64) - x).sum())
-            if noise:  # exact tensors (an f16 file from f16 weights) are left out, as unquantized ones
-                sqnr = sqnr_db(float(np.square(x.astype(np.float64)).sum()), noise)
-        results.append(GGUFTensor(name, kind, math.prod(shape), nbytes, int(data.nbytes), sqnr))
-        done += math.prod(shape)
-    writer.close()
-    _progress(progress, phase, len(plan), len(plan), "tensors", "", total, total)
-    return results
+
+def _encode(x: Any, kind: str, qtype: Any) -> Any:
+    """fp32 ``x`` as type ``kind``'s data: gguf-py's quantizer for the types llmctl writes, ggml's otherwise."""
+    from gguf.quants import quantize
+
+    return quantize(x, qtype) if kind in PY_TYPES else ggml_quantize(x, qtype)
 
 
 @functools.cache

@@ -1,62 +1,34 @@
-"""What the GGUF writer (llmctl.quantize.gguf_out) reads, as one ``GGUFSource``: a GGUF file or a Hugging Face
-safetensors folder, each giving its GGUF architecture, a function writing its metadata, its tensors' GGUF
-names and shapes, and a reader yielding them as fp32 numpy arrays in that order.
+"""A resolved MODEL as the ``GGUFSource`` the GGUF writer reads (llmctl.gguf.writer): a GGUF file through
+``llmctl.gguf.writer.file_source``, a Hugging Face safetensors folder through ``folder_source`` — here, not in
+llmctl.gguf, because its tensors are read through llmctl.quantize.inputs (torch).
 
-* a GGUF file — metadata (architecture, hyper-parameters, tokenizer) copied key by key with its value types
-  (``llmctl.gguf.metadata.copy_metadata``); tensor names and layout (llama.cpp's Q/K row order) are the
-  file's;
-* a folder of a family the runtime runs (llama, mistral, qwen2, qwen3, gemma3) — made as llama.cpp's
-  converter (convert_hf_to_gguf.py) makes it: hyper-parameters (``llmctl.gguf.metadata``), tokenizer
-  (``llmctl.gguf.vocab``), tensor names and layout (``llmctl.gguf.names``: Q/K permuted for GGUF ``llama``,
-  Gemma norms + 1; a tied ``lm_head`` is not written). Refused (``UsageError``, nothing written): families
-  the runtime does not run, a folder without tokenizer.json, an already-quantized folder, settings
-  llama.cpp's loader cannot represent (``llmctl.gguf.metadata.check_representable``).
+A folder of a family the runtime runs (llama, mistral, qwen2, qwen3, gemma3) is made as llama.cpp's converter
+(convert_hf_to_gguf.py) makes it: hyper-parameters (``llmctl.gguf.metadata``), tokenizer
+(``llmctl.gguf.vocab``), tensor names and layout (``llmctl.gguf.names``: Q/K permuted for GGUF ``llama``,
+Gemma norms + 1; a tied ``lm_head`` is not written). Refused (``UsageError``, nothing written): families the
+runtime does not run, a folder without tokenizer.json, an already-quantized folder, settings llama.cpp's
+loader cannot represent (``llmctl.gguf.metadata.check_representable``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from llmctl.config import ModelConfig, read_config_json
 from llmctl.errors import UsageError
 from llmctl.gguf import metadata, names, vocab
-
-
-@dataclass
-class GGUFSource:
-    """What gguf_out's writer reads from a source (see its module doc): a GGUF file or a folder."""
-
-    arch: str
-    add_metadata: Callable[[Any], None]  # writes every key but general.file_type / general.quantized_by
-    tensors: list[tuple[str, tuple[int, ...], int, str]]  # (GGUF name, numpy shape (rows last), bytes, dtype)
-    read: Callable[[], Iterator[Any]]  # each tensor as fp32 numpy in that shape, in that order
-    config: Any = None
-    notes: list[str] = field(default_factory=list)
+from llmctl.gguf.writer import GGUFSource, file_source
 
 
 def open_source(source: Any) -> GGUFSource:
     """A resolved MODEL (GGUF file or Hugging Face folder) as a GGUFSource."""
     if source.is_gguf:
-        return _gguf_file_source(source.gguf)
+        return file_source(source.gguf)
     if source.kind == "config":
         raise UsageError(f"{source.path}: a bare config.json has no weights to write")
     return folder_source(source)
-
-
-def _gguf_file_source(info: Any) -> GGUFSource:
-    """Tensors and metadata from llmctl's reader (llmctl.gguf.reader: validated, memory-mapped; it keeps each
-    value's GGUF type, and a 2M-token vocabulary costs its strings, not gguf-py's per-field arrays)."""
-    tensors = [(t.name, tuple(t.shape), t.nbytes, t.dtype) for t in info.tensors]  # numpy order: rows last
-
-    def read() -> Iterator[Any]:
-        for name, _, _, _ in tensors:
-            yield info.dequantize(name)
-
-    arch = info.metadata["general.architecture"]
-    return GGUFSource(arch, lambda w: metadata.copy_metadata(info, w), tensors, read, info.config)
 
 
 def read_folder_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
@@ -96,7 +68,7 @@ def tensor_names(cfg: ModelConfig, hf_names: list[str], folder: Path) -> list[tu
     return pairs
 
 
-def folder_source(source: Any) -> Any:
+def folder_source(source: Any) -> GGUFSource:
     """The folder of ``source`` (resolved) as a ``GGUFSource``: architecture, metadata writer, tensors
     (names, shapes) and a reader yielding each as fp32 numpy in GGUF layout (read by llmctl.quantize.inputs,
     which refuses a checkpoint that is not floating point)."""
