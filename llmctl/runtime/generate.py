@@ -57,7 +57,7 @@ def greedy(
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.device)  # (1, T)
     logits = prefill(model, ids, cache, chunk_size)
     for i in range(max_new_tokens):
-        token = int(logits[0].argmax())
+        token = int(logits[0].float().argmax())  # torch's bf16 argmax: ~1 ms over a 262k vocabulary, fp32's ~0.1
         yield token
         if token in eos or i == max_new_tokens - 1:
             return
