@@ -250,6 +250,17 @@ static void step_region(const DPlan& P, float* xp, const std::vector<torch::Tens
     share(H, 1, tid, nth, h0, h1);           // query heads for attention
     share(hid, 16, tid, nth, r0, r1);        // o_proj / down_proj rows
     share(F, 16, tid, nth, f0, f1);          // gate / up rows
+    // op's rows [r0, r1) into the residual (through ``norm`` first with sandwich norms, whose factor needs
+    // all of op), then the barrier after which every thread reads the whole residual
+    auto residual = [&](const torch::Tensor& norm) {
+      if (P.sandwich) {
+#pragma omp barrier
+        add_normed(xp, op, rms_factor(op, hid, P.eps), norm.data_ptr<float>(), P.offset, r0, r1);
+      } else {
+        for (int64_t i = r0; i < r1; ++i) xp[i] += op[i];
+      }
+#pragma omp barrier
+    };
     rmsnorm(xp, P.layers[0].in_norm.data_ptr<float>(), P.offset, hid, P.eps, xn);
     for (int64_t l = 0; l < n; ++l) {
       const DLayer& L = P.layers[l];
@@ -271,26 +282,14 @@ static void step_region(const DPlan& P, float* xp, const std::vector<torch::Tens
       attend_heads(kb, vb, q, attn.data(), sc, h0, h1, S, len, L.window, sp, pos, H / KV, D, P.scale);
 #pragma omp barrier
       dense_rows(L.o, attn.data(), op, r0, r1, isa);
-      if (P.sandwich) {
-#pragma omp barrier
-        add_normed(xp, op, rms_factor(op, hid, P.eps), L.post_attn_norm.data_ptr<float>(), P.offset, r0, r1);
-      } else {
-        for (int64_t i = r0; i < r1; ++i) xp[i] += op[i];
-      }
-#pragma omp barrier
+      residual(L.post_attn_norm);
       rmsnorm(xp, (P.sandwich ? L.pre_ff_norm : L.post_attn_norm).data_ptr<float>(), P.offset, hid, P.eps, xn);
       dense_rows(L.gate_up, xn, buf.data(), f0, f1, isa);
       dense_rows(L.gate_up, xn, buf.data(), F + f0, F + f1, isa);
       for (int64_t i = f0; i < f1; ++i) ap[i] = act_fn(buf[i], P.act) * buf[F + i];
 #pragma omp barrier
       dense_rows(L.down, ap, op, r0, r1, isa);
-      if (P.sandwich) {
-#pragma omp barrier
-        add_normed(xp, op, rms_factor(op, hid, P.eps), L.post_ff_norm.data_ptr<float>(), P.offset, r0, r1);
-      } else {
-        for (int64_t i = r0; i < r1; ++i) xp[i] += op[i];
-      }
-#pragma omp barrier
+      residual(L.post_ff_norm);
       if (l + 1 < n) rmsnorm(xp, P.layers[l + 1].in_norm.data_ptr<float>(), P.offset, hid, P.eps, xn);
     }
   }
