@@ -164,19 +164,22 @@ class ModelSource:
 
         return read_gguf(self.path)
 
+    @property
+    def _config_json(self) -> Path:
+        return self.path if self.path.suffix == ".json" else self.path / "config.json"
+
     @cached_property
     def raw_config(self) -> Any:
         """config.json as read (a dict for a valid one; {} for a GGUF, whose config is its metadata)."""
         if self.is_gguf:
             return {}
-        return read_config_json(self.path if self.path.suffix == ".json" else self.path / "config.json")
+        return read_config_json(self._config_json)
 
     @cached_property
     def config(self) -> ModelConfig:
         if self.is_gguf:
             return self.gguf.config
-        cfg = self.path if self.path.suffix == ".json" else self.path / "config.json"
-        return ModelConfig.from_dict(self.raw_config, source=str(cfg))
+        return ModelConfig.from_dict(self.raw_config, source=str(self._config_json))
 
     def tensors(self) -> list[TensorInfo] | None:
         """The real tensor table from headers, or None when only a config is known."""

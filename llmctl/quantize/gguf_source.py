@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llmctl.config import ModelConfig, read_config_json
+from llmctl.config import ModelConfig
 from llmctl.errors import UsageError
 from llmctl.gguf import metadata, names, vocab
 from llmctl.gguf.writer import GGUFSource, file_source
@@ -31,17 +31,19 @@ def open_source(source: Any) -> GGUFSource:
     return folder_source(source)
 
 
-def read_folder_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
-    """The folder's ModelConfig and raw config.json, refusing what cannot become a GGUF (see module doc)."""
+def folder_config(source: Any) -> ModelConfig:
+    """The resolved folder's ModelConfig (its config.json as ``source`` read it), refusing what cannot
+    become a GGUF (see module doc)."""
     from llmctl.config import RUNTIME_FAMILIES
 
-    raw = read_config_json(folder / "config.json")
+    folder = Path(source.path)
+    raw = source.raw_config
     if isinstance(raw, dict) and raw.get("quantization_config"):
         raise UsageError(
             f"{folder}: the model is already quantized (config.json has quantization_config); "
             "write GGUF from the bf16/fp16/fp32 original"
         )
-    cfg = ModelConfig.from_dict(raw, source=str(folder / "config.json"))
+    cfg = source.config
     if cfg.model_type not in RUNTIME_FAMILIES:
         raise UsageError(
             f"{folder}: GGUF output supports {', '.join(RUNTIME_FAMILIES)} folders, not {cfg.model_type}; "
@@ -53,7 +55,7 @@ def read_folder_config(folder: Path) -> tuple[ModelConfig, dict[str, Any]]:
             "(and tokenizer_config.json) to the folder"
         )
     metadata.check_representable(folder, cfg)
-    return cfg, raw
+    return cfg
 
 
 def tensor_names(cfg: ModelConfig, hf_names: list[str], folder: Path) -> list[tuple[str, str]]:
@@ -75,7 +77,7 @@ def folder_source(source: Any) -> GGUFSource:
     from llmctl.quantize.inputs import open_input
 
     folder = Path(source.path)
-    cfg, _ = read_folder_config(folder)
+    cfg = folder_config(source)
     inp = open_input(source)
     entries = {n: (shape, nbytes, dtype) for n, shape, dtype, nbytes in inp.infos}
     arch = metadata.GGUF_ARCH[cfg.model_type]

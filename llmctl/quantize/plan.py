@@ -403,7 +403,6 @@ def calibration_request(data: str | None, tokens: int | None, method: str | None
     return {"data": data, "tokens": DEFAULT_TOKENS if tokens is None else tokens}
 
 
-
 def _out_config(source: Any, lay: Layout, plans: list[TensorPlan], compute: str) -> dict[str, Any]:
     if source.is_gguf:
         cfg = source.config.to_hf_dict()
