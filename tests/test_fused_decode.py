@@ -80,8 +80,53 @@ def test_fused_step_equals_the_python_layers(family, tiny_models, threads, monke
         got = decode(model, prompt, STEPS, use_fused=True, monkeypatch=monkeypatch)
     finally:
         torch.set_num_threads(old)
-    assert isinstance(model._fused, fused.Plan)  # the fused step did run
+    assert isinstance(model._fused, fused.Plan) and model._fused.whole  # the fused step ran, head included
     assert_same(got, ref)
+
+
+def test_a_whole_step_equals_the_layers_step_and_the_python_head(tiny_models, monkeypatch):
+    """``Plan.token`` (embedding to logits in C++) computes what ``Plan.step`` with the Python embedding, final
+    norm and output matrix computes, on Gemma 3's scaled embeddings and (1 + weight) norms: the same embedding
+    and products; the final RMSNorm's sum of squares in double where torch's is fp32 (an ulp of its factor)."""
+    folder, _ = tiny_models["gemma3"]
+    model = load_model(folder)
+    prompt = torch.randint(0, 96, (5,), generator=torch.Generator().manual_seed(5)).tolist()
+    whole = decode(model, prompt, STEPS, use_fused=True, monkeypatch=monkeypatch)
+    assert model._fused.whole
+    monkeypatch.setattr(model._fused, "whole", False)  # the layers in C++, the rest in Python
+    parts = decode(model, prompt, STEPS, use_fused=True, monkeypatch=monkeypatch)
+    assert whole[0] == parts[0]
+    assert (whole[1] - parts[1]).abs().max() <= 1e-6 * parts[1].abs().max()
+
+
+def test_a_whole_step_on_an_int8_head(tiny_models, monkeypatch):
+    """An output matrix on the q8_0 grid decodes through ``native.int8_linear`` (``model.head``, as for a GGUF's
+    q8_0 embeddings): the whole step takes it, and equals the Python layers on the same kernel."""
+    from llmctl.quant.qlinear import lossless_int8
+
+    folder, _ = tiny_models["smollm2"]
+    model = load_model(folder)
+    w = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+    with torch.no_grad():
+        blocks = w.reshape(w.shape[0], -1, 32)
+        s = (blocks.abs().amax(-1, keepdim=True) / 127).half().float()
+        w.copy_((torch.round(blocks / s).clamp(-127, 127) * s).reshape(w.shape))
+    model.head = lossless_int8(w.detach(), torch.float32)
+    assert model.head is not None
+    prompt = torch.randint(0, 96, (5,), generator=torch.Generator().manual_seed(6)).tolist()
+    ref = decode(model, prompt, STEPS, use_fused=False, monkeypatch=monkeypatch)
+    got = decode(model, prompt, STEPS, use_fused=True, monkeypatch=monkeypatch)
+    assert model._fused.whole
+    assert_same(got, ref, QTOL)
+
+
+def test_a_whole_step_refuses_a_token_outside_the_vocabulary(tiny_models):
+    model = load_model(tiny_models["smollm2"][0])
+    with torch.no_grad():
+        model(torch.tensor([[5]]), cache := model.make_cache(8))
+        assert model._fused.whole
+        with pytest.raises(RuntimeError, match="outside the vocabulary"):
+            model(torch.tensor([[96]]), cache)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -148,8 +193,9 @@ def test_fused_step_on_quantized_weights(family, item, threads, path, quantized,
         pytest.skip(f"this build has no {path} path ({', '.join(paths)})")
     path = 0 if path == "best" else paths.index(path)
     if path:
-        step = fused.Plan.step
+        step, token = fused.Plan.step, fused.Plan.token
         monkeypatch.setattr(fused.Plan, "step", lambda self, *a: step(self, *a, path=path))
+        monkeypatch.setattr(fused.Plan, "token", lambda self, *a: token(self, *a, path=path))
     model = load_model(quantized[family, item], device="cpu")
     kinds = {getattr(model.model.layers[0].mlp.up_proj.weight, "kernel", None)}
     assert kinds <= {"int4-codes", "int8-codes", "fp8-codes", "nf4-codes"}
@@ -159,7 +205,7 @@ def test_fused_step_on_quantized_weights(family, item, threads, path, quantized,
     try:
         python = decode(model, prompt, STEPS, use_fused=False, monkeypatch=monkeypatch)
         got = decode(model, prompt, STEPS, use_fused=True, monkeypatch=monkeypatch)
-        assert isinstance(model._fused, fused.Plan)
+        assert isinstance(model._fused, fused.Plan) and model._fused.whole
         monkeypatch.setattr(ql, "CODE_KERNEL_ROWS", 0)  # the reference: dequantized weights, Python layers
         monkeypatch.setattr(model, "head", None)
         ref = decode(model, prompt, STEPS, use_fused=False, monkeypatch=monkeypatch, forced=got[0])
@@ -183,7 +229,8 @@ def test_fused_bf16_step_is_as_close_to_fp32_as_the_python_layers(family, tiny_m
     python = decode(model, prompt, STEPS, use_fused=False, monkeypatch=monkeypatch, forced=ref[0])
     assert model._fused is None
     got = decode(model, prompt, STEPS, use_fused=True, monkeypatch=monkeypatch, forced=ref[0])
-    assert isinstance(model._fused, fused.Plan) and got[1].dtype == torch.bfloat16
+    assert isinstance(model._fused, fused.Plan) and model._fused.whole
+    assert got[1].dtype == torch.float32  # a whole step's logits are fp32, the head's accumulation not rounded
     scale = ref[1].abs().max()
     err_python = (python[1].float() - ref[1]).abs().max() / scale
     err_fused = (got[1].float() - ref[1]).abs().max() / scale

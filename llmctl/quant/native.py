@@ -139,7 +139,7 @@ def build() -> Any:
         directory = _build_dir()
         _check_private(directory)
         with _locked(directory):
-            _module = load_inline(_NAME, cpp_sources=_SOURCE, functions=["nf4", "int_group", "fp8_linear", "nf4_linear", "nf4_code_table", "int4_linear", "int4_dequant", "int8_linear", "dense_linear", "int4_paths", "decode_plan", "decode_free", "decode_step"],
+            _module = load_inline(_NAME, cpp_sources=_SOURCE, functions=["nf4", "int_group", "fp8_linear", "nf4_linear", "nf4_code_table", "int4_linear", "int4_dequant", "int8_linear", "dense_linear", "int4_paths", "decode_plan", "decode_free", "decode_step", "decode_tail", "decode_token"],
                                   extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory),
                                   verbose=False)  # fmt: skip
     return _module

@@ -30,8 +30,13 @@ everything else): one token, a batch of 1, a KV cache, no autograd, the model on
 int4/int8/fp8/NF4 code kernels (not torch's int4pack/int8pack, or dequantize-per-call weights).
 ``LLMCTL_FUSED_DECODE=0`` (or ``LLMCTL_NATIVE=0``) forces the Python layers.
 
-The embedding and the final norm stay in Python (one call each); the logits of a dense output matrix go
-through ``native.dense_linear`` too (``Plan.head``). The plan — the per-layer tensors the C++ side holds
+With a dense embedding table in the model's dtype and an output matrix the step takes (dense, or a code
+kernel's, such as the lossless int8 head of a q8_0 GGUF), the whole token runs in one call
+(``native.decode_token``, ``Plan.token``): the embedding row (scaled, and rounded to bf16 as a bf16 model
+holds it), every layer, the final RMSNorm and the logits, fp32 (not rounded to a bf16 model's dtype); the
+Python left per token is the KV cache's bookkeeping and the sampler. Otherwise the embedding and the final
+norm stay in Python (one call each) and the logits of a dense output matrix go through
+``native.dense_linear`` (``Plan.head``). The plan — the per-layer tensors the C++ side holds
 references to — is built at the first eligible step and dropped when the model
 is moved or its projections are joined again (``Transformer._apply`` / ``fuse_projections``).
 """
@@ -68,6 +73,7 @@ class Plan:
     def __init__(self, kernels: Any, handle: int, rope_kinds: list[str], windows: list[int | None]) -> None:
         self.kernels, self.handle, self.rope_kinds = kernels, handle, rope_kinds
         self.sliding = any(w is not None for w in windows)
+        self.whole = False  # decode_tail registered: ``token`` runs the embedding, layers, norm and head
         self._tables: dict[tuple[int, torch.Size], torch.Tensor] = {}
 
     def __del__(self) -> None:
@@ -90,6 +96,20 @@ class Plan:
         flat = x.reshape(-1).to(torch.float32).contiguous()  # fp32: a view of x, updated in place; bf16: a copy
         self.kernels.decode_step(self.handle, flat, cache.keys, cache.values, rope, slot_pos, start, path)
         return flat.view(x.shape).to(x.dtype)
+
+    def token(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        tables: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        start: int,
+        path: int = 0,
+    ) -> torch.Tensor:
+        """The fp32 logits (1, 1, vocab) of ``tokens`` (1, 1) at ``start`` (``cache.begin`` already run): the
+        embedding, every layer, the final norm and the output matrix in one C++ call (``whole`` plans)."""
+        rope = [self._fp32(t) for kind in self.rope_kinds for t in tables[kind]]
+        slot_pos = cache.slot_pos if self.sliding else _EMPTY
+        return self.kernels.decode_token(self.handle, tokens, cache.keys, cache.values, rope, slot_pos, start, path)
 
     def head(self, x: torch.Tensor, weight: Any) -> torch.Tensor | None:
         """The logits of a fused step through ``native.dense_linear`` when the output matrix is a dense fp32
@@ -184,4 +204,34 @@ def build(model: Transformer) -> Plan | None:
             tensors += [_EMPTY] * 4 if spec is None else spec[1]
     scale = attn.scale
     handle = kernels.decode_plan(tensors, ints, [float(config.rms_norm_eps), float(scale)])
-    return Plan(kernels, handle, rope_kinds, model.windows)
+    plan = Plan(kernels, handle, rope_kinds, model.windows)
+    _tail(plan, model)
+    return plan
+
+
+def _tail(plan: Plan, model: Transformer) -> None:
+    """Register the embedding, final norm and output matrix with the plan (``plan.whole``) when the C++ step
+    can run them: a dense embedding table in the model's dtype and an output matrix ``_linear`` takes. The
+    output matrix is the one ``Transformer.forward`` multiplies at a decode step (``model.head`` if set)."""
+    embed = model.model.embed_tokens.weight
+    if type(embed) not in (torch.Tensor, torch.nn.Parameter) or embed.dtype != model.dtype or embed.dim() != 2:
+        return
+    if not embed.is_contiguous():
+        return
+    weight = embed if model.lm_head is None else model.lm_head.weight
+    if model.head is not None:
+        weight = model.head
+    spec = _linear(weight, None)
+    if spec is None:
+        return
+    scale = 0.0
+    if model.config.embed_scale:
+        scale = float(torch.tensor(model.config.hidden_size**0.5).to(model.dtype))  # as Transformer.embed
+    norm = model.model.norm
+    plan.kernels.decode_tail(
+        plan.handle,
+        [embed.detach(), norm.weight.detach().float().contiguous(), *spec[1]],
+        [spec[0], int(model.dtype == torch.bfloat16), int(norm.offset)],
+        [scale],
+    )
+    plan.whole = True

@@ -135,8 +135,11 @@ class KVCache:
         self.length = n
 
     # ---- one forward step ----------------------------------------------------------------------
-    def begin(self, start: int, T: int) -> None:
-        """Prepare writing positions ``start .. start+T-1`` (rolling back first if ``start`` < length)."""
+    def begin(self, start: int, T: int, *, masks: bool = True) -> None:
+        """Prepare writing positions ``start .. start+T-1`` (rolling back first if ``start`` < length).
+
+        ``masks=False`` for one token whose attention reads the ring's positions itself (llmctl.runtime.fused):
+        only the slot it is written to is recorded, and ``update`` must not follow."""
         import torch
 
         if start != self.length:
@@ -155,6 +158,9 @@ class KVCache:
         self.length = start + T
         if T == 1 and self.window is None:
             return  # decoding with full attention only: nothing to mask or place
+        if T == 1 and not masks:
+            self.slot_pos[start % self.ring_slots] = start  # as the ring's index_copy_ below places one position
+            return
         device = self.slot_pos.device
         new_pos = torch.arange(start, start + T, device=device)
         if T > 1 and start == 0:  # full layers attend to the chunk itself, causally

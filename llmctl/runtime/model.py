@@ -427,9 +427,18 @@ class Transformer(nn.Module):
 
         With a cache, keys/values are stored and earlier ones attended to; without, a causal (and
         sliding-window) mask covers the batch. ``last_only`` returns only the last position's logits.
+
+        The logits are in the model's dtype, except a one-token step that llmctl.runtime.fused runs whole
+        (embedding to logits in one C++ call): its logits are fp32, as its output matrix accumulates them.
         """
         B, T = tokens.shape
         start = (cache.length if cache is not None else 0) if start_pos is None else start_pos
+        plan = self._fused_plan(B, T, cache)
+        if plan is not None and plan.whole and cache is not None and cache.batch_size == 1:
+            # one token through everything in one C++ call (llmctl.runtime.fused): fp32 logits
+            tables = self._precompute(start + 1)
+            cache.begin(start, 1, masks=False)
+            return self._softcap(plan.token(tokens, cache, tables, start))
         rope, masks = self.positions(start, T, cache is None)
         tables = self._rope  # the full tables positions() made sure of, for the fused step
         if cache is not None:
@@ -439,7 +448,6 @@ class Transformer(nn.Module):
                 )
             cache.begin(start, T)
         x = self.embed(tokens)  # (B, T, hidden)
-        plan = self._fused_plan(B, T, cache)
         if plan is not None:  # one token: every layer in one C++ call (llmctl.runtime.fused)
             x = plan.step(x, cache, tables, start)
         else:
@@ -454,7 +462,8 @@ class Transformer(nn.Module):
         logits = plan.head(x, weight) if plan is not None else None
         if logits is None:
             logits = linear(x, weight)  # (B, T, vocab)
+        return self._softcap(logits)
+
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.config.final_logit_softcapping
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return logits if cap is None else torch.tanh(logits / cap) * cap

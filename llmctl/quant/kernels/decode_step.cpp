@@ -20,8 +20,18 @@ struct DLayer {
   std::vector<DLin> qkv, gate_up; DLin o, down;
   int64_t window = 0, rope = 0;  // window 0: full attention; rope: which table pair
 };
+// What turns a token into the first layer's input and the last layer's output into logits (decode_tail):
+// the embedding table (dense, the model's dtype) and its scale, the final norm and the output matrix.
+struct DTail {
+  torch::Tensor embed, norm;
+  DLin head;
+  float embed_scale = 0.f;  // 0: none; else rounded to the model's dtype as the Python model scales by it
+  bool round_bf16 = false;  // a bf16 model: the scaled embedding rounded to bf16 as its Python layers hold it
+  float norm_offset = 0.f;
+};
 struct DPlan {
   std::vector<DLayer> layers;
+  std::unique_ptr<DTail> tail;  // set by decode_tail: decode_token may run
   int64_t hidden = 0, H = 0, KV = 0, D = 0, inter = 0, act = 0; bool sandwich = false, qk_norm = false;
   float offset = 0.f; double eps = 1e-6; float scale = 1.f;
   bool dense = true;  // every linear dense (kinds 0 and 5): the step may run as one parallel region
@@ -298,12 +308,14 @@ static void step_region(const DPlan& P, float* xp, const std::vector<torch::Tens
 // x (hidden) fp32, updated in place and returned; keys/values per layer (1, KV, slots, D) fp32 or bf16; rope: per table
 // kind (cos, sin), each (length, .., D) fp32 contiguous (llmctl.runtime.rope.rope_tables); slot_pos: the
 // position each ring slot holds (sliding layers); pos: this token's position.
-torch::Tensor decode_step(int64_t id, torch::Tensor x, std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
-                          std::vector<torch::Tensor> rope, torch::Tensor slot_pos, int64_t pos, int64_t path) {
+static const DPlan& plan_of(int64_t id) {
   auto it = g_plans.find(id);
   TORCH_CHECK(it != g_plans.end(), "decode_step: no such plan");
-  const DPlan& P = *it->second;  // alive while the caller's Plan object is: free only from its __del__
-  pybind11::gil_scoped_release no_gil;  // other Python threads (the server's event loop) run meanwhile
+  return *it->second;  // alive while the caller's Plan object is: free only from its __del__
+}
+
+static void run_layers(const DPlan& P, torch::Tensor& x, const std::vector<torch::Tensor>& keys, const std::vector<torch::Tensor>& values,
+                       const std::vector<torch::Tensor>& rope, const torch::Tensor& slot_pos, int64_t pos, int64_t path) {
   const int64_t n = static_cast<int64_t>(P.layers.size()), hid = P.hidden, H = P.H, KV = P.KV, D = P.D, F = P.inter;
   TORCH_CHECK(x.is_cpu() && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.numel() == hid, "decode_step: x");
   TORCH_CHECK(static_cast<int64_t>(keys.size()) == n && static_cast<int64_t>(values.size()) == n, "decode_step: caches");
@@ -322,7 +334,7 @@ torch::Tensor decode_step(int64_t id, torch::Tensor x, std::vector<torch::Tensor
   if (P.dense && nt > 1 && !at::in_parallel_region()) {
     if (keys[0].scalar_type() == torch::kFloat32) step_region<float>(P, x.data_ptr<float>(), keys, values, rope, sp, pos, isa_of(path), nt);
     else step_region<c10::BFloat16>(P, x.data_ptr<float>(), keys, values, rope, sp, pos, isa_of(path), nt);
-    return x;
+    return;
   }
   const int64_t nq = (H + 2 * KV) * D;
   auto xn_t = torch::empty({1, std::max(hid, H * D)}, torch::kFloat32);
@@ -370,5 +382,66 @@ torch::Tensor decode_step(int64_t id, torch::Tensor x, std::vector<torch::Tensor
     if (P.sandwich) add_normed(xp, op, rms_factor(op, hid, P.eps), L.post_ff_norm.data_ptr<float>(), P.offset, 0, hid);
     else for (int64_t i = 0; i < hid; ++i) xp[i] += op[i];
   }
+}
+
+torch::Tensor decode_step(int64_t id, torch::Tensor x, std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
+                          std::vector<torch::Tensor> rope, torch::Tensor slot_pos, int64_t pos, int64_t path) {
+  const DPlan& P = plan_of(id);
+  pybind11::gil_scoped_release no_gil;  // other Python threads (the server's event loop) run meanwhile
+  run_layers(P, x, keys, values, rope, slot_pos, pos, path);
   return x;
+}
+
+// ---- a whole token: embedding, every layer, final norm, logits ----
+// tensors: [embed (vocab, hidden) fp32 or bf16, final norm (hidden) fp32, head a, b, c, bias]; ints: [head kind,
+// round_bf16, norm offset]; floats: [embed scale, 0 for none].
+void decode_tail(int64_t id, std::vector<torch::Tensor> t, std::vector<int64_t> ints, std::vector<double> floats) {
+  auto it = g_plans.find(id);
+  TORCH_CHECK(it != g_plans.end(), "decode_tail: no such plan");
+  DPlan& P = *it->second;
+  TORCH_CHECK(t.size() == 6 && ints.size() == 3 && floats.size() == 1, "decode_tail: lists do not match");
+  auto tail = std::make_unique<DTail>();
+  tail->embed = t[0]; tail->norm = t[1];
+  tail->head.kind = ints[0]; tail->head.a = t[2]; tail->head.b = t[3]; tail->head.c = t[4]; tail->head.bias = t[5];
+  tail->round_bf16 = ints[1] != 0; tail->norm_offset = static_cast<float>(ints[2]);
+  tail->embed_scale = static_cast<float>(floats[0]);
+  const auto et = tail->embed.scalar_type();
+  TORCH_CHECK(tail->embed.is_cpu() && tail->embed.is_contiguous() && tail->embed.dim() == 2 && tail->embed.size(1) == P.hidden
+              && (et == torch::kFloat32 || et == torch::kBFloat16), "decode_tail: a dense (vocab, hidden) embedding");
+  TORCH_CHECK(tail->norm.scalar_type() == torch::kFloat32 && tail->norm.is_contiguous() && tail->norm.numel() == P.hidden, "decode_tail: fp32 norm");
+  const DLin& h = tail->head;
+  TORCH_CHECK(h.kind >= 0 && h.kind <= 5 && h.a.is_cpu() && h.a.is_contiguous(), "decode_tail: head");
+  TORCH_CHECK(h.kind != 0 || h.a.scalar_type() == torch::kFloat32, "decode_tail: kind 0 heads are fp32");
+  TORCH_CHECK(h.kind != 5 || h.a.scalar_type() == torch::kBFloat16, "decode_tail: kind 5 heads are bf16");
+  TORCH_CHECK(h.kind == 1 || h.kind == 4 || h.a.size(1) == P.hidden, "decode_tail: the head's columns");
+  TORCH_CHECK(h.bias.numel() == 0 || h.bias.scalar_type() == torch::kFloat32, "decode_tail: fp32 bias");
+  P.tail = std::move(tail);
+}
+
+// The logits (1, 1, vocab) fp32 of ``token`` (one int64) at ``pos``: the embedding row (scaled), every layer as
+// decode_step runs them, the final RMSNorm and the output matrix. Arguments after ``token`` as decode_step's.
+torch::Tensor decode_token(int64_t id, torch::Tensor token, std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
+                           std::vector<torch::Tensor> rope, torch::Tensor slot_pos, int64_t pos, int64_t path) {
+  const DPlan& P = plan_of(id);
+  TORCH_CHECK(P.tail, "decode_token: the plan has no decode_tail");
+  const DTail& T = *P.tail;
+  TORCH_CHECK(token.is_cpu() && token.scalar_type() == torch::kLong && token.numel() == 1, "decode_token: one int64 token");
+  const int64_t tok = token.contiguous().data_ptr<int64_t>()[0], vocab = T.embed.size(0), hid = P.hidden;
+  TORCH_CHECK(tok >= 0 && tok < vocab, "decode_token: token id ", tok, " is outside the vocabulary of ", vocab);
+  pybind11::gil_scoped_release no_gil;
+  auto x = torch::empty({hid}, torch::kFloat32);
+  float* xp = x.data_ptr<float>();
+  if (T.embed.scalar_type() == torch::kFloat32) std::memcpy(xp, T.embed.data_ptr<float>() + tok * hid, hid * sizeof(float));
+  else { const c10::BFloat16* e = reinterpret_cast<const c10::BFloat16*>(T.embed.data_ptr()) + tok * hid; for (int64_t i = 0; i < hid; ++i) xp[i] = static_cast<float>(e[i]); }
+  if (T.embed_scale != 0.f) {
+    for (int64_t i = 0; i < hid; ++i) xp[i] *= T.embed_scale;
+    if (T.round_bf16) for (int64_t i = 0; i < hid; ++i) xp[i] = static_cast<float>(c10::BFloat16(xp[i]));
+  }
+  run_layers(P, x, keys, values, rope, slot_pos, pos, path);
+  auto xn = torch::empty({1, hid}, torch::kFloat32);
+  rmsnorm(xp, T.norm.data_ptr<float>(), T.norm_offset, hid, P.eps, xn.data_ptr<float>());
+  const int64_t rows = T.head.a.size(0);
+  auto logits = torch::empty({1, 1, rows}, torch::kFloat32);
+  dlin(T.head, xn, logits.data_ptr<float>(), path);
+  return logits;
 }
