@@ -86,10 +86,11 @@ class _IntGroup(WeightFormat):
         assert g is not None
         importance = opts.get("importance")  # per input channel, from --calibration (quantize.calibrate)
         steps = 1 if not _search_on(opts) else SEARCH_STEPS if cls.zero_bits else SEARCH_SIGNED_STEPS
-        kernels = native.get() if importance is None else None
+        kernels = native.get()
         if kernels is not None:  # the same arithmetic in one pass (llmctl.quant.native)
+            imp = torch.empty(0) if importance is None else importance.float().reshape(cols)
             q, scale, zp = kernels.int_group(
-                x, g, bits, bool(cls.zero_bits), steps, SEARCH_DELTA, SEARCH_WIDEN, SEARCH_REFITS
+                x, g, bits, bool(cls.zero_bits), steps, SEARCH_DELTA, SEARCH_WIDEN, SEARCH_REFITS, imp
             )
             check_finite(scale)
             if bits == 8:
@@ -137,8 +138,10 @@ class _IntGroup(WeightFormat):
 
         def refit(s: Any) -> tuple[Any, Any, Any]:  # the least-squares scale of the codes ``s`` gives
             q = torch.round(x * s.reciprocal().unsqueeze(-1)).clamp_(qmin, qmax)
-            wq = q * weight  # fp32 sums, as the native kernel's (in another order: the rounding to fp16 hides it)
-            ls = (wq * x).sum(-1) / (wq * q).sum(-1).clamp_min_(_tiny())  # sum w·x·q / sum w·q²
+            # sum w·x·q / sum w·q², w·q in fp32 and the rest in float64 as the native kernel does: exact
+            # products, terms >= 0, so the kernel's order of summation gives the same fp32 quotient
+            wq = (q * weight).double()
+            ls = ((wq * x.double()).sum(-1) / (wq * q.double()).sum(-1).clamp_min_(_tiny())).float()
             same = (ls != 0) & ((ls > 0) == (s > 0))  # a least-squares scale of the other sign is no refit
             return signed(_round_up_fp16(torch.where(same, ls, s).abs()), s < 0)
 

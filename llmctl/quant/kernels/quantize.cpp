@@ -84,18 +84,21 @@ static inline float group_err(const float* v, const float* w, int64_t g, float s
 }
 
 // The least-squares scale of the codes scale s gives a symmetric group, sum w*v*q / sum w*q^2 (0 when the
-// codes are all 0; the eager code: llmctl.quant.int_formats, refit).
+// codes are all 0; the eager code: llmctl.quant.int_formats, refit). w*q is rounded to fp32, its products with
+// v and q are exact in float64 and every term is >= 0 (q has v's sign), so the float64 sums carry no error
+// an order of summation could show once rounded to fp32: the eager code's sums, in its own order, give the
+// same scale.
 static inline float ls_scale(const float* v, const float* w, int64_t g, float s, float qmin, float qmax) {
   const float inv = 1.0f / s;
-  float num = 0.f, den = 0.f;
+  double num = 0., den = 0.;
   int64_t i = 0;
   if (g % 8 == 0) {  // eight running sums of each, so the compiler may vectorize (as group_err)
-    float a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    double a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (; i < g; i += 8)
       for (int t = 0; t < 8; ++t) {
         float r = round_even(v[i + t] * inv);
         r = r < qmin ? qmin : (r > qmax ? qmax : r);
-        float wr = w[i + t] * r;
+        double wr = w[i + t] * r;
         a[t] += wr * v[i + t];
         b[t] += wr * r;
       }
@@ -105,11 +108,11 @@ static inline float ls_scale(const float* v, const float* w, int64_t g, float s,
   for (; i < g; ++i) {
     float r = round_even(v[i] * inv);
     r = r < qmin ? qmin : (r > qmax ? qmax : r);
-    float wr = w[i] * r;
+    double wr = w[i] * r;
     num += wr * v[i];
     den += wr * r;
   }
-  return den > 0.f ? num / den : 0.f;
+  return static_cast<float>(num / std::max(den, 1.1754943508222875e-38));
 }
 
 // |v| rounded up to fp16, with the sign of a negative scale
@@ -121,11 +124,12 @@ static inline c10::Half signed_half(float v, bool negative) {
 
 // steps > 1: the scale search (llmctl.quant.search.SEARCH_*), keeping the candidate with the smallest squared
 // error (round to nearest on ties): asymmetric, [lo, hi] shrunk by 1 - j * delta for j < steps; symmetric, the
-// largest-magnitude value sent to qmin at 1 + (widen - j) * delta of it, then least-squares refits.
+// largest-magnitude value sent to qmin at 1 + (widen - j) * delta of it, then least-squares refits. The errors
+// are weighed by imp[column] (cols values: the calibration statistics) when given, else rms(group) + |x|.
 template <typename T>
 static void int_impl(const T* x, int64_t rows, int64_t cols, int64_t g, int bits, bool asym,
                      int8_t* q, c10::Half* scale, int8_t* zp, uint8_t* nibbles, int64_t steps, double delta,
-                     int64_t widen, int64_t refits) {
+                     int64_t widen, int64_t refits, const float* imp) {
   // nibbles (4 bits, even g): the codes go straight into pack4's bytes through a per-thread buffer
   const int qmin = -(1 << (bits - 1)), qmax = (1 << (bits - 1)) - 1;
   const float tiny = 1.1754943508222875e-38f;
@@ -136,7 +140,10 @@ static void int_impl(const T* x, int64_t rows, int64_t cols, int64_t g, int bits
     const float fmin = static_cast<float>(qmin), fmax = static_cast<float>(qmax);
     for (int64_t k = a; k < z; ++k) {
       const T* xs = x + (k / ng) * cols + (k % ng) * g;
-      if (steps > 1) {  // llama.cpp's K-quant error weights: rms of the group + |x|
+      if (steps > 1 && imp) {
+        const float* ik = imp + (k % ng) * g;
+        for (int64_t i = 0; i < g; ++i) { vf[i] = ld(xs, i); wf[i] = ik[i]; }
+      } else if (steps > 1) {  // llama.cpp's K-quant error weights: rms of the group + |x|
         double sq[4] = {0, 0, 0, 0};  // four running sums: one chain of float64 adds would be the search's cost
         int64_t i = 0;
         for (; i + 4 <= g; i += 4)
@@ -248,10 +255,14 @@ static torch::Tensor pack4(const torch::Tensor& q, int64_t rows, int64_t cols) {
 
 // 8 bits: (codes int8 (rows, cols), scales fp16 (rows, groups), zero-points int8 (rows, groups) or empty);
 // 4 bits: codes and zero-points (flattened) packed by pack4.
+// importance: the error weights per column (cols fp32 values), or an empty tensor for rms(group) + |x|.
 std::vector<torch::Tensor> int_group(torch::Tensor x, int64_t g, int64_t bits, bool asym, int64_t steps, double delta,
-                                     int64_t widen, int64_t refits) {
+                                     int64_t widen, int64_t refits, torch::Tensor importance) {
   x = x.contiguous();
   int64_t rows = x.size(0), cols = x.size(1);
+  importance = importance.to(torch::kFloat32).contiguous();
+  TORCH_CHECK(importance.numel() == 0 || importance.numel() == cols, "int_group: importance must have one value per column");
+  const float* ip = importance.numel() ? importance.data_ptr<float>() : nullptr;
   bool inline_pack = bits == 4 && g % 2 == 0;
   auto q = torch::empty({inline_pack ? 0 : rows, cols}, torch::kInt8);
   auto packed = torch::empty({inline_pack ? rows : 0, cols / 2}, torch::kUInt8);
@@ -260,9 +271,9 @@ std::vector<torch::Tensor> int_group(torch::Tensor x, int64_t g, int64_t bits, b
   auto qp = q.data_ptr<int8_t>(); auto sp = reinterpret_cast<c10::Half*>(scale.data_ptr()); auto zpp = zp.data_ptr<int8_t>();
   uint8_t* np = inline_pack ? packed.data_ptr<uint8_t>() : nullptr;
   int b = static_cast<int>(bits);
-  if (x.scalar_type() == torch::kBFloat16) int_impl(reinterpret_cast<const c10::BFloat16*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta, widen, refits);
-  else if (x.scalar_type() == torch::kHalf) int_impl(reinterpret_cast<const c10::Half*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta, widen, refits);
-  else { auto xf = x.to(torch::kFloat32); int_impl(xf.data_ptr<float>(), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta, widen, refits); }
+  if (x.scalar_type() == torch::kBFloat16) int_impl(reinterpret_cast<const c10::BFloat16*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta, widen, refits, ip);
+  else if (x.scalar_type() == torch::kHalf) int_impl(reinterpret_cast<const c10::Half*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta, widen, refits, ip);
+  else { auto xf = x.to(torch::kFloat32); int_impl(xf.data_ptr<float>(), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta, widen, refits, ip); }
   if (bits == 4) {
     q = inline_pack ? packed : pack4(q, rows, cols);
     if (asym) zp = pack4(zp, 1, zp.numel()).reshape(-1);
