@@ -193,17 +193,26 @@ class _IntGroup(WeightFormat):
 
         from llmctl.quant.primitives import unpack_nibbles
 
-        rows, cols = _rows_cols(q.shape)
+        cols = _rows_cols(q.shape)[1]
         if cls.bits == 8:
             codes = q.parts["weight"]
         else:
             codes = (unpack_nibbles(q.parts["weight"], cols).to(torch.int16) - 8).to(torch.int8)
-        zp = None
-        if cls.zero_bits:
-            ng = cols // q.group_size
-            zp = unpack_nibbles(q.parts["zero_point"], rows * ng).to(torch.int16) - 8
-            zp = zp.to(torch.int8).reshape(rows, ng)
-        return codes, zp
+        return codes, cls.zero_points(q)
+
+    @classmethod
+    def zero_points(cls, q: QTensor) -> torch.Tensor | None:
+        """The zero-points (rows, n_groups) as int8, or None (symmetric)."""
+        import torch
+
+        from llmctl.quant.primitives import unpack_nibbles
+
+        if not cls.zero_bits:
+            return None
+        rows, cols = _rows_cols(q.shape)
+        ng = cols // q.group_size
+        zp = unpack_nibbles(q.parts["zero_point"], rows * ng).to(torch.int16) - 8
+        return zp.to(torch.int8).reshape(rows, ng)
 
     @classmethod
     def dequantize(cls, q, dtype=None):

@@ -100,7 +100,7 @@ def _group_params(cls: Any, w: Any, g: int, weight: Any) -> tuple[Any, Any, Any]
 
     q = cls.quantize(w, g, method="search", importance=weight)
     scale = q.parts["scale"][:, 0]
-    _, zp = cls.codes(q)
+    zp = cls.zero_points(q)
     tiny = 1.1754943508222875e-38
     sf = scale.float()
     s = torch.where(sf < 0, sf.clamp(max=-tiny), sf.clamp(min=tiny))
