@@ -1,4 +1,4 @@
-// GPTQ's column sweep (llmctl.quantize.gptq): a run of columns of one lazy block, every row on its own.
+// GPTQ's column sweep (llmctl.quantize.gptq): a run of columns of one lazy block, the rows independent.
 //
 // Exactly the eager sweep's fp32 operations, each rounded on its own: q = clamp(round(w / s) + z),
 // e = (w - (q - z) * s) / U[i, i], then w[j] - U[i, j] * e for the block's later columns. Contracting a
@@ -9,27 +9,54 @@
 #pragma GCC optimize("fp-contract=off")
 #endif
 
-// One row r: columns [a, b) of the block [i1, i2). w: the row (cols values, updated in place); u: U (cols, cols);
-// s, z: scales and zero-points (groups, rows); group: each column's group; codes: the row's codes;
-// err: (i2 - i1, rows), the block's scaled errors by column, as the block's matrix product reads them.
-static void gptq_row(float* __restrict w, const float* __restrict u, const float* s, const float* z,
-                     const int64_t* group, int8_t* __restrict codes, float* __restrict err, int64_t r, int64_t rows,
-                     int64_t cols, int64_t i1, int64_t i2, int64_t a, int64_t b, float qmin, float qmax) {
+// Rows go through the sweep GPTQ_TILE at a time, held by column, (i2 - a, GPTQ_TILE): a column's codes and errors
+// are one vector operation each, and each U[i, j] is read once for the tile's rows (one row at a time, the
+// chain of a column's divisions and roundings was most of the time).
+static constexpr int GPTQ_TILE = 8;
+
+// Rows [r0, r0 + nr) (nr <= GPTQ_TILE): columns [a, b) of the block [i1, i2). w: (rows, cols), updated in place;
+// u: U (cols, cols); s, z: scales and zero-points (groups, rows); group: each column's group; codes: (rows, cols);
+// err: (i2 - i1, rows), the block's scaled errors by column, as the block's matrix product reads them;
+// t: room for (i2 - a) * GPTQ_TILE floats.
+static void gptq_tile(float* __restrict w, const float* __restrict u, const float* s, const float* z,
+                      const int64_t* group, int8_t* __restrict codes, float* __restrict err, float* __restrict t,
+                      int64_t r0, int64_t nr, int64_t rows, int64_t cols, int64_t i1, int64_t i2, int64_t a,
+                      int64_t b, float qmin, float qmax) {
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #endif
+  constexpr int T = GPTQ_TILE;
+  const int64_t n = i2 - a;
+  for (int64_t j = 0; j < n; ++j)  // rows past the last are zeros with scale 1: computed, never stored
+    for (int q = 0; q < T; ++q) t[j * T + q] = q < nr ? w[(r0 + q) * cols + a + j] : 0.f;
   for (int64_t i = a; i < b; ++i) {
     const int64_t k = group[i];
-    const float sv = s[k * rows + r], zv = z[k * rows + r];
-    const float x = w[i];
-    float q = round_even(x / sv) + zv;
-    q = q < qmin ? qmin : (q > qmax ? qmax : q);
-    codes[i] = static_cast<int8_t>(q);
-    const float e = (x - (q - zv) * sv) / u[i * cols + i];
-    err[(i - i1) * rows + r] = e;
+    float sv[T], zv[T], qv[T], e[T];
+    for (int q = 0; q < T; ++q) {
+      sv[q] = q < nr ? s[k * rows + r0 + q] : 1.f;
+      zv[q] = q < nr ? z[k * rows + r0 + q] : 0.f;
+    }
+    const float d = u[i * cols + i];
+    const float* x = t + (i - a) * T;
+    for (int q = 0; q < T; ++q) {
+      float v = round_even(x[q] / sv[q]) + zv[q];
+      v = v < qmin ? qmin : (v > qmax ? qmax : v);
+      qv[q] = v;
+      e[q] = (x[q] - (v - zv[q]) * sv[q]) / d;
+    }
+    for (int q = 0; q < nr; ++q) {
+      codes[(r0 + q) * cols + i] = static_cast<int8_t>(qv[q]);
+      err[(i - i1) * rows + r0 + q] = e[q];
+    }
     const float* ui = u + i * cols;
-    for (int64_t j = i + 1; j < i2; ++j) w[j] = w[j] - ui[j] * e;  // the rank-1 update, vectorized over j
+    for (int64_t j = i + 1; j < i2; ++j) {  // the rank-1 update, a vector of the tile's rows per column
+      const float uj = ui[j];
+      float* y = t + (j - a) * T;
+      for (int q = 0; q < T; ++q) y[q] = y[q] - uj * e[q];
+    }
   }
+  for (int64_t j = 0; j < n; ++j)  // each column as it was quantized, and the block's later ones as updated
+    for (int q = 0; q < nr; ++q) w[(r0 + q) * cols + a + j] = t[j * T + q];
 }
 
 // w (rows, cols) fp32, updated in place; u (cols, cols) fp32; s, z (groups, rows) fp32; group (cols,) int64;
@@ -55,9 +82,14 @@ void gptq_sweep(torch::Tensor w, torch::Tensor u, torch::Tensor s, torch::Tensor
   int8_t* cp = codes.data_ptr<int8_t>();
   float* ep = err.data_ptr<float>();
   const float qmin = static_cast<float>(-(1 << (bits - 1))), qmax = static_cast<float>((1 << (bits - 1)) - 1);
-  at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      gptq_row(wp + r * cols, up, sp, zp, gp, cp + r * cols, ep, r, rows, cols, i1, i2, a, b, qmin, qmax);
+  const int64_t tiles = (rows + GPTQ_TILE - 1) / GPTQ_TILE;
+  at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf((i2 - a) * GPTQ_TILE);
+    for (int64_t tile = t0; tile < t1; ++tile) {
+      const int64_t r0 = tile * GPTQ_TILE;
+      gptq_tile(wp, up, sp, zp, gp, cp, ep, buf.data(), r0, std::min<int64_t>(GPTQ_TILE, rows - r0), rows, cols, i1, i2,
+                a, b, qmin, qmax);
+    }
   });
 }
 
