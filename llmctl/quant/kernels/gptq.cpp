@@ -13,6 +13,9 @@
 // are one vector operation each, and each U[i, j] is read once for the tile's rows (one row at a time, the
 // chain of a column's divisions and roundings was most of the time).
 static constexpr int GPTQ_TILE = 8;
+// The tile's rows as one value of GCC's (and clang's) generic vectors: one AVX register, two SSE ones, or
+// scalars, whatever the target (left to itself the compiler vectorized the update along the columns instead).
+typedef float gptq_rows __attribute__((vector_size(GPTQ_TILE * sizeof(float))));
 
 // Rows [r0, r0 + nr) (nr <= GPTQ_TILE): columns [a, b) of the block [i1, i2). w: (rows, cols), updated in place;
 // u: U (cols, cols); s, z: scales and zero-points (groups, rows); group: each column's group; codes: (rows, cols);
@@ -49,10 +52,13 @@ static void gptq_tile(float* __restrict w, const float* __restrict u, const floa
       err[(i - i1) * rows + r0 + q] = e[q];
     }
     const float* ui = u + i * cols;
+    gptq_rows ev;
+    std::memcpy(&ev, e, sizeof ev);
     for (int64_t j = i + 1; j < i2; ++j) {  // the rank-1 update, a vector of the tile's rows per column
-      const float uj = ui[j];
-      float* y = t + (j - a) * T;
-      for (int q = 0; q < T; ++q) y[q] = y[q] - uj * e[q];
+      gptq_rows y;
+      std::memcpy(&y, t + (j - a) * T, sizeof y);
+      y = y - ui[j] * ev;
+      std::memcpy(t + (j - a) * T, &y, sizeof y);
     }
   }
   for (int64_t j = 0; j < n; ++j)  // each column as it was quantized, and the block's later ones as updated
