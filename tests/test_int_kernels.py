@@ -305,15 +305,14 @@ def test_dense_kernel_is_the_float_product_on_every_path(kernels, dtype, threads
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_calibrated_scale_search_is_the_eager_search(kernels, fmt, group, threads, monkeypatch):
-    """Per-column error weights spanning six decades (E[x²] of real inputs spans four to six). The kernel
-    sums each candidate's weighted error in fp32 in another order than torch, so a near-tie may go the
-    other way: measured, 3 groups of 172,032 over these nine cases (int4 g128: 1, int4-asym g32: 2), each
-    two candidates within fp32 rounding of the same error, the tensor's weighted error moved by < 1e-6.
-    Bounded here: at most 1 group in 2,000, the codes of every other group equal, the weighted error within
-    1e-5. (The least-squares refit sums in float64 of exact products in both: in fp32 it flipped ~1 group in
-    10,000, with up to 25 % more weighted error in that group.)"""
+    """Per-column error weights spanning six decades (E[x²] of real inputs spans three to six), on bf16
+    weights (their quotients by a scale often land within an fp32 rounding of a half): every scale,
+    zero-point and code equal. Both rank candidates by float64 errors and refit in float64 (exact products,
+    only the order of the sums differs), and the kernel rounds every fp32 operation on its own: with fp32
+    errors ~1 group in 20,000 went the other way on these weights, with fused multiply-adds ~1 % of real
+    Gemma-3 groups."""
     gen = torch.Generator().manual_seed(group)
-    w = weight(1024, 1024, group)
+    w = weight(1024, 1024, group).bfloat16()
     importance = torch.randn(1024, generator=gen).square() * torch.logspace(-3, 3, 1024)[torch.randperm(1024, generator=gen)]
     importance[9] = 0  # an input that never fired
     f = REGISTRY[fmt]
@@ -327,15 +326,5 @@ def test_calibrated_scale_search_is_the_eager_search(kernels, fmt, group, thread
     finally:
         torch.set_num_threads(before)
     assert fast.parts.keys() == eager.parts.keys()
-    (codes_f, zp_f), (codes_e, zp_e) = f.codes(fast), f.codes(eager)
-    other = fast.parts["scale"] != eager.parts["scale"]  # (rows, groups)
-    if zp_f is not None:
-        other |= zp_f != zp_e
-    assert int(other.sum()) <= other.numel() // 2000, int(other.sum())
-    same = ~other.repeat_interleave(group, dim=1)
-    assert torch.equal(codes_f[same], codes_e[same])
-
-    def error(q) -> float:
-        return float(((f.dequantize(q).double() - w.double()).square() * importance.double()).sum())
-
-    assert abs(error(fast) / error(eager) - 1) <= 1e-5
+    for k in fast.parts:
+        assert torch.equal(fast.parts[k], eager.parts[k]), (k, float((fast.parts[k] != eager.parts[k]).float().mean()))

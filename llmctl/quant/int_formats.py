@@ -134,7 +134,12 @@ class _IntGroup(WeightFormat):
 
         def error(s: Any, zp: Any) -> Any:  # ranks candidates: x · (1/s) as the native kernel does
             q = torch.round(x * s.reciprocal().unsqueeze(-1)).add_(zp.unsqueeze(-1)).clamp_(qmin, qmax)
-            return ((q - zp.unsqueeze(-1)) * s.unsqueeze(-1) - x).square_().mul_(weight).sum(-1)
+            if importance is None:
+                return ((q - zp.unsqueeze(-1)) * s.unsqueeze(-1) - x).square_().mul_(weight).sum(-1)
+            # calibration weights span decades (a few inputs can outweigh the rest of a group): float64, as
+            # the native kernel, where q·s − x is exact and only the order of the sums differs
+            d = (q - zp.unsqueeze(-1)).double() * s.double().unsqueeze(-1) - x.double()
+            return d.square_().mul_(weight.double()).sum(-1)
 
         def refit(s: Any) -> tuple[Any, Any, Any]:  # the least-squares scale of the codes ``s`` gives
             q = torch.round(x * s.reciprocal().unsqueeze(-1)).clamp_(qmin, qmax)

@@ -19,8 +19,8 @@ As in the paper's reference code:
 
 The column sweep runs in llmctl's C++ kernels when they are built (llmctl.quant.native: ``gptq_sweep``, the
 rows in parallel, a group's run of columns a call, the scale search natively between runs), else in eager
-torch a column at a time (``_sweep``). Each rounds every fp32 operation on its own, so the two give the same
-bits for the same scales (tests/test_gptq.py); the scale searches agree but for rare near-ties.
+torch a column at a time (``_sweep``). Each rounds every fp32 operation on its own and the calibrated scale
+search ranks its candidates in float64 in both, so the two give the same bits (tests/test_gptq.py).
 
 The output is the format's own QTensor: codes, fp16 scales (and packed zero-points), written by the same
 layouts as round to nearest and the search.
