@@ -7,6 +7,7 @@ a character-level tokenizer, calibrated on a text file.
 * The Hessian is XᵀX of the inputs transformers' own linears see.
 * The written folder: the same bytes twice (no randomness), loaded by transformers and llmctl's runtime
   with the same logits (tests/test_interop.py's check), its config naming the method.
+* The native column sweep and calibrated scale search (llmctl.quant.native) give the eager code's bits.
 * Bad combinations: one line, exit 2, nothing written.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,121 @@ def test_gptq_lowers_the_layer_output_error_on_the_calibration_inputs(statistics
         assert errors["gptq"] < 0.8 * min(errors["rtn"], errors["search"], errors["calibrated"]), (name, errors)
         again = gptq.quantize(f, w, gs, gptq.prepare(h, act_order=act_order))
         assert all(torch.equal(again.parts[k], q.parts[k]) for k in q.parts)
+
+
+def _hessian(cols: int, seed: int) -> torch.Tensor:
+    """XᵀX of inputs whose channels span three decades of energy, one of them dead."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * cols, cols, generator=gen) * torch.logspace(-1.5, 1.5, cols)[torch.randperm(cols, generator=gen)]
+    x[:, 7] = 0
+    return x.T @ x
+
+
+def _weight(rows: int, cols: int, seed: int) -> torch.Tensor:
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.05
+    w[3, :48] *= 20  # outliers
+    w[4] = 0  # an all-zero row
+    return w
+
+
+def _both(monkeypatch, run, sweep_only: bool = False) -> tuple:
+    """``run()`` with the native kernels, then in eager torch (LLMCTL_NATIVE=0); ``sweep_only``: the scale
+    search native in both, so only the column sweeps differ."""
+    from llmctl.quant import native
+
+    kernels = native.build()
+    if sweep_only:
+        search = gptq._group_params
+
+        def native_search(*args):
+            with monkeypatch.context() as m:
+                m.setattr(native, "get", lambda: kernels)
+                return search(*args)
+
+        monkeypatch.setattr(gptq, "_group_params", native_search)
+    monkeypatch.setattr(native, "get", lambda: kernels)
+    fast = run()
+    monkeypatch.setattr(native, "get", lambda: None)
+    return fast, run()
+
+
+def _same(a, b) -> None:
+    assert a.parts.keys() == b.parts.keys()
+    for k in a.parts:
+        assert torch.equal(a.parts[k], b.parts[k]), (k, float((a.parts[k] != b.parts[k]).float().mean()))
+
+
+@pytest.mark.parametrize("bits, g", [(4, 32), (4, 64), (4, 128), (8, 64), (4, 256)])
+@pytest.mark.parametrize("dynamic", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_sweep_leaves_the_eager_sweeps_weights_to_the_bit(bits, g, dynamic, threads):
+    """The sweeps alone, with the same scales: equal codes, and every weight as it was quantized equal to the
+    bit (a fused multiply-add in the rank-1 update would show here, where the codes may hide it)."""
+    from llmctl.quant import native
+
+    kernels = native.build()
+    rows, cols = 83, 512  # a last tile of 3 rows (the kernel takes 8 at a time)
+    qmax = (1 << (bits - 1)) - 1
+    u = gptq.prepare(_hessian(cols, 2)).u.contiguous()
+    gen = torch.Generator().manual_seed(4)
+    order = torch.arange(cols) if dynamic else torch.randperm(cols, generator=gen)
+    w0 = _weight(rows, cols, 1)[:, order]
+
+    def run(sweep) -> tuple[torch.Tensor, torch.Tensor]:
+        w = w0.clone()
+        s_all, z_all = torch.empty(cols // g, rows), torch.empty(cols // g, rows)
+
+        def params(k: int, values: torch.Tensor) -> None:  # a sign per group, zero-points -1, 0, 1
+            s_all[k] = values.abs().amax(1).clamp_min(1e-6) / qmax * (-1) ** k
+            z_all[k] = k % 3 - 1
+
+        if not dynamic:
+            for k in range(cols // g):
+                params(k, w0[:, order.argsort()][:, k * g : (k + 1) * g])
+        return sweep(w, u, g, gptq._block(g), order // g, dynamic, params, s_all, z_all, bits), w
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        (fast, w_fast), (eager, w_eager) = run(partial(gptq._native_sweep, kernels)), run(gptq._sweep)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(fast, eager) and torch.equal(w_fast, w_eager), float((w_fast != w_eager).float().mean())
+    assert int((fast == -(qmax + 1)).sum()) > 0 and int((fast == qmax).sum()) > 0  # both ends reached
+
+
+@pytest.mark.parametrize("fmt, g", [("int4", 32), ("int4", 64), ("int4", 128), ("int4-asym", 32), ("int4-asym", 128),
+                                    ("int8", 64), ("int8", None), ("int4", 256)])  # fmt: skip
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_gptq_is_the_eager_gptq(fmt, g, act_order, threads, monkeypatch):
+    """The native column sweep (llmctl.quant.kernels.gptq) and scale search with calibration weights compute
+    the eager code's bits: every code, scale and zero-point equal; with the same search (the sweeps alone)
+    too. Groups inside a block (32, 64), a block's own (128), spanning two blocks (256), one per row (int8);
+    1 or 2 threads."""
+    rows, cols = 83, 512  # a last tile of 3 rows (the kernel takes 8 at a time)
+    w, prep, f = _weight(rows, cols, 1), gptq.prepare(_hessian(cols, 2), act_order=act_order), get_format(fmt)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _same(*_both(monkeypatch, lambda: gptq.quantize(f, w, g or cols, prep)))
+        monkeypatch.undo()
+        _same(*_both(monkeypatch, lambda: gptq.quantize(f, w, g or cols, prep), sweep_only=True))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int4-asym", "int8"])
+def test_native_gptq_is_the_eager_gptq_on_the_calibration_hessians(statistics, tiny, fmt, monkeypatch):
+    from safetensors.torch import load_file
+
+    folder, _, _ = tiny
+    weights = load_file(str(folder / "model.safetensors"))
+    for name in LAYERS:
+        w, h = weights[name].float(), statistics.hessians[name]
+        for act_order in (False, True):
+            prep = gptq.prepare(h, act_order=act_order)
+            _same(*_both(monkeypatch, lambda: gptq.quantize(get_format(fmt), w, 32, prep)))  # noqa: B023
 
 
 def test_a_dead_input_and_a_singular_hessian_still_factor():

@@ -86,10 +86,11 @@ class _IntGroup(WeightFormat):
         assert g is not None
         importance = opts.get("importance")  # per input channel, from --calibration (quantize.calibrate)
         steps = 1 if not _search_on(opts) else SEARCH_STEPS if cls.zero_bits else SEARCH_SIGNED_STEPS
-        kernels = native.get() if importance is None else None
+        kernels = native.get()
         if kernels is not None:  # the same arithmetic in one pass (llmctl.quant.native)
+            imp = torch.empty(0) if importance is None else importance.float().reshape(cols)
             q, scale, zp = kernels.int_group(
-                x, g, bits, bool(cls.zero_bits), steps, SEARCH_DELTA, SEARCH_WIDEN, SEARCH_REFITS
+                x, g, bits, bool(cls.zero_bits), steps, SEARCH_DELTA, SEARCH_WIDEN, SEARCH_REFITS, imp
             )
             check_finite(scale)
             if bits == 8:
@@ -133,12 +134,19 @@ class _IntGroup(WeightFormat):
 
         def error(s: Any, zp: Any) -> Any:  # ranks candidates: x · (1/s) as the native kernel does
             q = torch.round(x * s.reciprocal().unsqueeze(-1)).add_(zp.unsqueeze(-1)).clamp_(qmin, qmax)
-            return ((q - zp.unsqueeze(-1)) * s.unsqueeze(-1) - x).square_().mul_(weight).sum(-1)
+            if importance is None:
+                return ((q - zp.unsqueeze(-1)) * s.unsqueeze(-1) - x).square_().mul_(weight).sum(-1)
+            # calibration weights span decades (a few inputs can outweigh the rest of a group): float64, as
+            # the native kernel, where q·s − x is exact and only the order of the sums differs
+            d = (q - zp.unsqueeze(-1)).double() * s.double().unsqueeze(-1) - x.double()
+            return d.square_().mul_(weight.double()).sum(-1)
 
         def refit(s: Any) -> tuple[Any, Any, Any]:  # the least-squares scale of the codes ``s`` gives
             q = torch.round(x * s.reciprocal().unsqueeze(-1)).clamp_(qmin, qmax)
-            wq = q * weight  # fp32 sums, as the native kernel's (in another order: the rounding to fp16 hides it)
-            ls = (wq * x).sum(-1) / (wq * q).sum(-1).clamp_min_(_tiny())  # sum w·x·q / sum w·q²
+            # sum w·x·q / sum w·q², w·q in fp32 and the rest in float64 as the native kernel does: exact
+            # products, terms >= 0, so the kernel's order of summation gives the same fp32 quotient
+            wq = (q * weight).double()
+            ls = ((wq * x.double()).sum(-1) / (wq * q.double()).sum(-1).clamp_min_(_tiny())).float()
             same = (ls != 0) & ((ls > 0) == (s > 0))  # a least-squares scale of the other sign is no refit
             return signed(_round_up_fp16(torch.where(same, ls, s).abs()), s < 0)
 
@@ -190,17 +198,26 @@ class _IntGroup(WeightFormat):
 
         from llmctl.quant.primitives import unpack_nibbles
 
-        rows, cols = _rows_cols(q.shape)
+        cols = _rows_cols(q.shape)[1]
         if cls.bits == 8:
             codes = q.parts["weight"]
         else:
             codes = (unpack_nibbles(q.parts["weight"], cols).to(torch.int16) - 8).to(torch.int8)
-        zp = None
-        if cls.zero_bits:
-            ng = cols // q.group_size
-            zp = unpack_nibbles(q.parts["zero_point"], rows * ng).to(torch.int16) - 8
-            zp = zp.to(torch.int8).reshape(rows, ng)
-        return codes, zp
+        return codes, cls.zero_points(q)
+
+    @classmethod
+    def zero_points(cls, q: QTensor) -> torch.Tensor | None:
+        """The zero-points (rows, n_groups) as int8, or None (symmetric)."""
+        import torch
+
+        from llmctl.quant.primitives import unpack_nibbles
+
+        if not cls.zero_bits:
+            return None
+        rows, cols = _rows_cols(q.shape)
+        ng = cols // q.group_size
+        zp = unpack_nibbles(q.parts["zero_point"], rows * ng).to(torch.int16) - 8
+        return zp.to(torch.int8).reshape(rows, ng)
 
     @classmethod
     def dequantize(cls, q, dtype=None):

@@ -1,4 +1,5 @@
-"""Optional one-pass C++ kernels for the hot loops of quantization (NF4 codes; int4/int8 group codes) and
+"""Optional one-pass C++ kernels for the hot loops of quantization (NF4 codes; int4/int8 group codes; GPTQ's
+column sweep) and
 for decoding fp8 / NF4 weights without dequantizing them (``fp8_linear``, ``nf4_linear``: matrix-vector
 products on the stored codes), compiled once with ``torch.utils.cpp_extension`` and cached
 (``~/.cache/torch_extensions``).
@@ -33,7 +34,7 @@ from llmctl.errors import UsageError
 
 # The kernels' C++ (package data in kernels/, a file per kind of kernel), compiled as one translation unit in
 # this order (each part uses what the parts before it define).
-KERNEL_FILES = ("common", "quantize", "fp8", "nf4", "int4", "int8", "dense", "decode_step")
+KERNEL_FILES = ("common", "quantize", "gptq", "fp8", "nf4", "int4", "int8", "dense", "decode_step")
 _SOURCE = "".join((Path(__file__).parent / "kernels" / f"{k}.cpp").read_text(encoding="utf-8") for k in KERNEL_FILES)
 
 
@@ -139,7 +140,7 @@ def build() -> Any:
         directory = _build_dir()
         _check_private(directory)
         with _locked(directory):
-            _module = load_inline(_NAME, cpp_sources=_SOURCE, functions=["nf4", "int_group", "fp8_linear", "nf4_linear", "nf4_code_table", "int4_linear", "int4_dequant", "int8_linear", "dense_linear", "int4_paths", "decode_plan", "decode_free", "decode_step", "decode_tail", "decode_token"],
+            _module = load_inline(_NAME, cpp_sources=_SOURCE, functions=["nf4", "int_group", "gptq_sweep", "fp8_linear", "nf4_linear", "nf4_code_table", "int4_linear", "int4_dequant", "int8_linear", "dense_linear", "int4_paths", "decode_plan", "decode_free", "decode_step", "decode_tail", "decode_token"],
                                   extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory),
                                   verbose=False)  # fmt: skip
     return _module

@@ -17,6 +17,11 @@ As in the paper's reference code:
 - activation order (``act_order``): columns in decreasing diag H, with static groups (every group's scale
   chosen from the weights before any update), so the stored layout is the usual one.
 
+The column sweep runs in llmctl's C++ kernels when they are built (llmctl.quant.native: ``gptq_sweep``, the
+rows in parallel, a group's run of columns a call, the scale search natively between runs), else in eager
+torch a column at a time (``_sweep``). Each rounds every fp32 operation on its own and the calibrated scale
+search ranks its candidates in float64 in both, so the two give the same bits (tests/test_gptq.py).
+
 The output is the format's own QTensor: codes, fp16 scales (and packed zero-points), written by the same
 layouts as round to nearest and the search.
 """
@@ -24,6 +29,7 @@ layouts as round to nearest and the search.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from llmctl.errors import QuantError
@@ -94,7 +100,7 @@ def _group_params(cls: Any, w: Any, g: int, weight: Any) -> tuple[Any, Any, Any]
 
     q = cls.quantize(w, g, method="search", importance=weight)
     scale = q.parts["scale"][:, 0]
-    _, zp = cls.codes(q)
+    zp = cls.zero_points(q)
     tiny = 1.1754943508222875e-38
     sf = scale.float()
     s = torch.where(sf < 0, sf.clamp(max=-tiny), sf.clamp(min=tiny))
@@ -107,8 +113,9 @@ def quantize(cls: Any, w: Any, group_size: int, prep: Prepared) -> Any:
     ``group_size`` (cols: one per row): the format's QTensor."""
     import torch
 
+    from llmctl.quant import native
+
     bits = int(cls.bits)
-    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     w2 = w.reshape(-1, w.shape[-1]).float()
     rows, cols = w2.shape
     g = group_size
@@ -132,11 +139,63 @@ def quantize(cls: Any, w: Any, group_size: int, prep: Prepared) -> Any:
         group_of = order // g
     else:
         group_of = torch.arange(cols) // g
-    codes = torch.empty(cols, rows, dtype=torch.int8)  # by column
+    if not prep.u.is_contiguous():  # row by row for the sweeps: made so once, for every row chunk
+        prep.u = prep.u.contiguous()
     u = prep.u
-    # blocks hold whole groups (g ≤ block) or start them (g > block): a group's scale always sees its
-    # columns as updated so far
-    block = g * max(1, BLOCK // g) if g <= BLOCK else BLOCK if g % BLOCK == 0 else g
+    block = _block(g)
+    kernels = native.get()
+    sweep = _sweep if kernels is None else partial(_native_sweep, kernels)
+    codes = sweep(W, u, g, block, group_of, order is None, params, s_all, z_all, bits)
+    if order is not None:
+        out = torch.empty_like(codes)
+        out[:, order] = codes
+        codes = out
+    return cls._pack(tuple(w.shape), g, codes, scales, z_all.T.to(torch.int8) if cls.zero_bits else None)
+
+
+def _block(g: int) -> int:
+    """Columns per lazy batch for groups of ``g``: blocks hold whole groups (g ≤ BLOCK) or start them
+    (g > BLOCK), so a group's scale always sees its columns as updated so far."""
+    return g * max(1, BLOCK // g) if g <= BLOCK else BLOCK if g % BLOCK == 0 else g
+
+
+def _native_sweep(kernels: Any, W: Any, u: Any, g: int, block: int, group_of: Any, dynamic: bool, params: Any,
+                  s_all: Any, z_all: Any, bits: int) -> Any:
+    """The column sweep by the native kernel (llmctl.quant.kernels.gptq), every row at once, a run of one
+    group's columns (``dynamic``: the group's scale chosen first from ``W`` as updated so far) or a whole
+    block (static groups) a call: what ``_sweep`` computes, to the bit."""
+    import torch
+
+    rows, cols = W.shape
+    codes = torch.empty(rows, cols, dtype=torch.int8)
+    group_of = group_of.contiguous()
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        err = torch.empty(i2 - i1, rows)  # (block, rows), as the eager sweep's
+        a = i1
+        while a < i2:
+            b = min(i2, (a // g + 1) * g) if dynamic else i2
+            if dynamic and a % g == 0:  # the group's first column: its scale from the updated weights
+                params(a // g, W[:, a : a + g])
+            kernels.gptq_sweep(W, u, s_all, z_all, group_of, codes, err, i1, i2, a, b, bits)
+            a = b
+        if i2 < cols:
+            W[:, i2:].addmm_(err.T, u[i1:i2, i2:], alpha=-1)
+    return codes
+
+
+def _sweep(W: Any, u: Any, g: int, block: int, group_of: Any, dynamic: bool, params: Any, s_all: Any, z_all: Any,
+           bits: int) -> Any:
+    """GPTQ's column sweep in eager torch (without the native kernels) over ``W`` (rows, cols), in processing
+    order: the codes (rows, cols); ``W`` left holding each column as it was quantized. Group ``k``'s scales
+    and zero-points are ``s_all[k]``, ``z_all[k]``, set by ``params(k, values)`` at the group's first column
+    (``dynamic``) or beforehand. Every operation rounds on its own (the rank-1 update is a product, then a
+    difference: ``addr_`` fuses the two on some CPUs), as the native kernel does."""
+    import torch
+
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    rows, cols = W.shape
+    codes = torch.empty(cols, rows, dtype=torch.int8)  # by column
     threads = torch.get_num_threads()
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
@@ -151,24 +210,20 @@ def quantize(cls: Any, w: Any, group_size: int, prep: Prepared) -> Any:
             for i in range(i2 - i1):
                 col = i1 + i
                 k = int(group_of[col])
-                if order is None and col % g == 0:  # the group's first column: its scale from the updated weights
+                if dynamic and col % g == 0:  # the group's first column: its scale from the updated weights
                     values = wt[i : i + g].T if col + g <= i2 else W[:, col : col + g]
                     params(k, values)
                 s, z = s_all[k], z_all[k]
                 x = wt[i]
                 q = torch.round(x / s).add_(z).clamp_(qmin, qmax)
                 codes[col] = q.to(torch.int8)
-                e = x.sub_((q - z).mul_(s)).div_(u[col, col])
+                e = (x - (q - z).mul_(s)).div_(u[col, col])
                 err[i] = e
                 if i + 1 < i2 - i1:
-                    wt[i + 1 :].addr_(u[col, col + 1 : i2], e, alpha=-1)
+                    wt[i + 1 :].sub_(torch.outer(u[col, col + 1 : i2], e))
         finally:
             torch.set_num_threads(threads)
+        W[:, i1:i2] = wt.T
         if i2 < cols:
             W[:, i2:].addmm_(err.T, u[i1:i2, i2:], alpha=-1)
-    codes = codes.T
-    if order is not None:
-        out = torch.empty_like(codes)
-        out[:, order] = codes
-        codes = out
-    return cls._pack(tuple(w.shape), g, codes, scales, z_all.T.to(torch.int8) if cls.zero_bits else None)
+    return codes.T

@@ -50,6 +50,14 @@ static inline c10::Half round_up_half(float v) {
   return h;
 }
 
+// From here to int_group's packing, every fp32 operation rounds on its own, as torch's do: a product fused
+// into the sum after it (GCC's default with -mfma; clang's within an expression) rounds once, and the search
+// then ranked some candidates differently from the eager code (~1 % of groups of bf16 weights, whose
+// quotients often land within an fp32 rounding of a half).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
 // Round half to even in the default rounding mode without a libm call (which stops vectorization): adding
 // and subtracting 1.5 * 2^23 leaves the integer part. Exact for |v| < 2^22; larger values come out still
 // beyond any 8-bit code and are clamped right after, as are infinities.
@@ -59,6 +67,9 @@ static inline float round_even(float v) { return (v + 12582912.0f) - 12582912.0f
 // (0: symmetric). The search only ranks candidates, so it multiplies by 1/s (the eager code does the same);
 // the stored codes are computed with a division, as round-to-nearest does.
 static inline float group_err(const float* v, const float* w, int64_t g, float s, float zf, float qmin, float qmax) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
   const float inv = 1.0f / s;
   const float lo = qmin - zf, hi = qmax - zf;  // q - zf = clamp(round(v / s), qmin - zf, qmax - zf), exactly
   float e = 0.f;
@@ -83,19 +94,54 @@ static inline float group_err(const float* v, const float* w, int64_t g, float s
   return e;
 }
 
-// The least-squares scale of the codes scale s gives a symmetric group, sum w*v*q / sum w*q^2 (0 when the
-// codes are all 0; the eager code: llmctl.quant.int_formats, refit).
-static inline float ls_scale(const float* v, const float* w, int64_t g, float s, float qmin, float qmax) {
+// group_err with calibration weights (E[x^2] per input: a few columns can outweigh the rest of a group by
+// decades, and an fp32 sum then cannot tell candidates apart that differ in the others): in float64. r * s is
+// exact there, so is r * s - v, and the eager code's sums (llmctl.quant.int_formats, error) differ from these
+// only in their order, by ~1e-16.
+static inline double group_err64(const float* v, const float* w, int64_t g, float s, float zf, float qmin, float qmax) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
   const float inv = 1.0f / s;
-  float num = 0.f, den = 0.f;
+  const float lo = qmin - zf, hi = qmax - zf;
+  double a[4] = {0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 4 <= g; i += 4)
+    for (int t = 0; t < 4; ++t) {
+      float r = round_even(v[i + t] * inv);
+      r = r < lo ? lo : (r > hi ? hi : r);
+      double d = static_cast<double>(r) * s - v[i + t];
+      a[t] += d * d * w[i + t];
+    }
+  double e = (a[0] + a[1]) + (a[2] + a[3]);
+  for (; i < g; ++i) {
+    float r = round_even(v[i] * inv);
+    r = r < lo ? lo : (r > hi ? hi : r);
+    double d = static_cast<double>(r) * s - v[i];
+    e += d * d * w[i];
+  }
+  return e;
+}
+
+// The least-squares scale of the codes scale s gives a symmetric group, sum w*v*q / sum w*q^2 (0 when the
+// codes are all 0; the eager code: llmctl.quant.int_formats, refit). w*q is rounded to fp32, its products with
+// v and q are exact in float64 and every term is >= 0 (q has v's sign), so the float64 sums carry no error
+// an order of summation could show once rounded to fp32: the eager code's sums, in its own order, give the
+// same scale.
+static inline float ls_scale(const float* v, const float* w, int64_t g, float s, float qmin, float qmax) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  const float inv = 1.0f / s;
+  double num = 0., den = 0.;
   int64_t i = 0;
   if (g % 8 == 0) {  // eight running sums of each, so the compiler may vectorize (as group_err)
-    float a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    double a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (; i < g; i += 8)
       for (int t = 0; t < 8; ++t) {
         float r = round_even(v[i + t] * inv);
         r = r < qmin ? qmin : (r > qmax ? qmax : r);
-        float wr = w[i + t] * r;
+        double wr = w[i + t] * r;
         a[t] += wr * v[i + t];
         b[t] += wr * r;
       }
@@ -105,11 +151,11 @@ static inline float ls_scale(const float* v, const float* w, int64_t g, float s,
   for (; i < g; ++i) {
     float r = round_even(v[i] * inv);
     r = r < qmin ? qmin : (r > qmax ? qmax : r);
-    float wr = w[i] * r;
+    double wr = w[i] * r;
     num += wr * v[i];
     den += wr * r;
   }
-  return den > 0.f ? num / den : 0.f;
+  return static_cast<float>(num / std::max(den, 1.1754943508222875e-38));
 }
 
 // |v| rounded up to fp16, with the sign of a negative scale
@@ -121,11 +167,15 @@ static inline c10::Half signed_half(float v, bool negative) {
 
 // steps > 1: the scale search (llmctl.quant.search.SEARCH_*), keeping the candidate with the smallest squared
 // error (round to nearest on ties): asymmetric, [lo, hi] shrunk by 1 - j * delta for j < steps; symmetric, the
-// largest-magnitude value sent to qmin at 1 + (widen - j) * delta of it, then least-squares refits.
+// largest-magnitude value sent to qmin at 1 + (widen - j) * delta of it, then least-squares refits. The errors
+// are weighed by imp[column] (cols values: the calibration statistics) when given, else rms(group) + |x|.
 template <typename T>
 static void int_impl(const T* x, int64_t rows, int64_t cols, int64_t g, int bits, bool asym,
                      int8_t* q, c10::Half* scale, int8_t* zp, uint8_t* nibbles, int64_t steps, double delta,
-                     int64_t widen, int64_t refits) {
+                     int64_t widen, int64_t refits, const float* imp) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
   // nibbles (4 bits, even g): the codes go straight into pack4's bytes through a per-thread buffer
   const int qmin = -(1 << (bits - 1)), qmax = (1 << (bits - 1)) - 1;
   const float tiny = 1.1754943508222875e-38f;
@@ -134,9 +184,15 @@ static void int_impl(const T* x, int64_t rows, int64_t cols, int64_t g, int bits
     std::vector<int8_t> buf(nibbles ? g : 0);
     std::vector<float> vf(steps > 1 ? g : 0), wf(steps > 1 ? g : 0);  // the group as fp32, its error weights
     const float fmin = static_cast<float>(qmin), fmax = static_cast<float>(qmax);
+    auto error = [&](float s, float zf) -> double {  // float to double keeps the uncalibrated order exactly
+      return imp ? group_err64(vf.data(), wf.data(), g, s, zf, fmin, fmax) : group_err(vf.data(), wf.data(), g, s, zf, fmin, fmax);
+    };
     for (int64_t k = a; k < z; ++k) {
       const T* xs = x + (k / ng) * cols + (k % ng) * g;
-      if (steps > 1) {  // llama.cpp's K-quant error weights: rms of the group + |x|
+      if (steps > 1 && imp) {
+        const float* ik = imp + (k % ng) * g;
+        for (int64_t i = 0; i < g; ++i) { vf[i] = ld(xs, i); wf[i] = ik[i]; }
+      } else if (steps > 1) {  // llama.cpp's K-quant error weights: rms of the group + |x|
         double sq[4] = {0, 0, 0, 0};  // four running sums: one chain of float64 adds would be the search's cost
         int64_t i = 0;
         for (; i + 4 <= g; i += 4)
@@ -163,7 +219,7 @@ static void int_impl(const T* x, int64_t rows, int64_t cols, int64_t g, int bits
         float zf = static_cast<float>(qmin) - std::nearbyint(lo / s);
         zf = zf < qmin ? qmin : (zf > qmax ? qmax : zf);
         if (steps > 1 && hi > lo) {
-          float best = group_err(vf.data(), wf.data(), g, s, zf, fmin, fmax);
+          double best = error(s, zf);
           for (int64_t j = 1; j < steps; ++j) {
             float alpha = static_cast<float>(1.0 - j * delta);
             float lj = lo * alpha, hj = hi * alpha;
@@ -171,7 +227,7 @@ static void int_impl(const T* x, int64_t rows, int64_t cols, int64_t g, int bits
             float sj = std::max(static_cast<float>(h), tiny);
             float zj = static_cast<float>(qmin) - std::nearbyint(lj / sj);
             zj = zj < qmin ? qmin : (zj > qmax ? qmax : zj);
-            float e = group_err(vf.data(), wf.data(), g, sj, zj, fmin, fmax);
+            double e = error(sj, zj);
             if (e < best) { best = e; sh = h; s = sj; zf = zj; }
           }
         }
@@ -189,7 +245,7 @@ static void int_impl(const T* x, int64_t rows, int64_t cols, int64_t g, int bits
         c10::Half sh = round_up_half(am / half);
         float s = std::max(static_cast<float>(sh), tiny);
         if (steps > 1 && am > 0.f && am <= 3.4e38f) {
-          float best = group_err(vf.data(), wf.data(), g, s, 0.f, fmin, fmax);
+          double best = error(s, 0.f);
           bool flip = false;  // the first largest-magnitude value is positive: the candidates' scales are negative
           for (int64_t i = 0; i < g; ++i)
             if (abs_bits(vf[i]) == top) { flip = !std::signbit(vf[i]); break; }
@@ -198,7 +254,7 @@ static void int_impl(const T* x, int64_t rows, int64_t cols, int64_t g, int bits
             c10::Half h = signed_half(am * alpha / -fmin, flip);
             float sj = std::max(std::fabs(static_cast<float>(h)), tiny);
             sj = flip ? -sj : sj;
-            float e = group_err(vf.data(), wf.data(), g, sj, 0.f, fmin, fmax);
+            double e = error(sj, 0.f);
             if (e < best) { best = e; sh = h; s = sj; }
           }
           for (int64_t r = 0; r < refits; ++r) {  // the winner's least-squares scale, kept when it is better
@@ -208,7 +264,7 @@ static void int_impl(const T* x, int64_t rows, int64_t cols, int64_t g, int bits
             c10::Half h = signed_half(ls, negative);
             float sj = std::max(std::fabs(static_cast<float>(h)), tiny);
             sj = negative ? -sj : sj;
-            float e = group_err(vf.data(), wf.data(), g, sj, 0.f, fmin, fmax);
+            double e = error(sj, 0.f);
             if (!(e < best)) break;
             best = e; sh = h; s = sj;
           }
@@ -226,6 +282,10 @@ static void int_impl(const T* x, int64_t rows, int64_t cols, int64_t g, int bits
     }
   });
 }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 // Two codes a byte, element 2k in the low nibble, each stored as code + 8 (compressed-tensors' order; an odd
 // row is padded with 0), what ``primitives.pack_nibbles((q + 8).to(uint8))`` gives.
@@ -248,10 +308,14 @@ static torch::Tensor pack4(const torch::Tensor& q, int64_t rows, int64_t cols) {
 
 // 8 bits: (codes int8 (rows, cols), scales fp16 (rows, groups), zero-points int8 (rows, groups) or empty);
 // 4 bits: codes and zero-points (flattened) packed by pack4.
+// importance: the error weights per column (cols fp32 values), or an empty tensor for rms(group) + |x|.
 std::vector<torch::Tensor> int_group(torch::Tensor x, int64_t g, int64_t bits, bool asym, int64_t steps, double delta,
-                                     int64_t widen, int64_t refits) {
+                                     int64_t widen, int64_t refits, torch::Tensor importance) {
   x = x.contiguous();
   int64_t rows = x.size(0), cols = x.size(1);
+  importance = importance.to(torch::kFloat32).contiguous();
+  TORCH_CHECK(importance.numel() == 0 || importance.numel() == cols, "int_group: importance must have one value per column");
+  const float* ip = importance.numel() ? importance.data_ptr<float>() : nullptr;
   bool inline_pack = bits == 4 && g % 2 == 0;
   auto q = torch::empty({inline_pack ? 0 : rows, cols}, torch::kInt8);
   auto packed = torch::empty({inline_pack ? rows : 0, cols / 2}, torch::kUInt8);
@@ -260,9 +324,9 @@ std::vector<torch::Tensor> int_group(torch::Tensor x, int64_t g, int64_t bits, b
   auto qp = q.data_ptr<int8_t>(); auto sp = reinterpret_cast<c10::Half*>(scale.data_ptr()); auto zpp = zp.data_ptr<int8_t>();
   uint8_t* np = inline_pack ? packed.data_ptr<uint8_t>() : nullptr;
   int b = static_cast<int>(bits);
-  if (x.scalar_type() == torch::kBFloat16) int_impl(reinterpret_cast<const c10::BFloat16*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta, widen, refits);
-  else if (x.scalar_type() == torch::kHalf) int_impl(reinterpret_cast<const c10::Half*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta, widen, refits);
-  else { auto xf = x.to(torch::kFloat32); int_impl(xf.data_ptr<float>(), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta, widen, refits); }
+  if (x.scalar_type() == torch::kBFloat16) int_impl(reinterpret_cast<const c10::BFloat16*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta, widen, refits, ip);
+  else if (x.scalar_type() == torch::kHalf) int_impl(reinterpret_cast<const c10::Half*>(x.data_ptr()), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta, widen, refits, ip);
+  else { auto xf = x.to(torch::kFloat32); int_impl(xf.data_ptr<float>(), rows, cols, g, b, asym, qp, sp, zpp, np, steps, delta, widen, refits, ip); }
   if (bits == 4) {
     q = inline_pack ? packed : pack4(q, rows, cols);
     if (asym) zp = pack4(zp, 1, zp.numel()).reshape(-1);
