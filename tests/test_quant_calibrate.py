@@ -265,19 +265,20 @@ def test_a_bf16_checkpoint_calibrates_in_bf16_near_its_fp32_statistics(tiny_mode
 def test_hessians_of_bf16_inputs_are_their_exact_products_summed_in_fp32() -> None:
     """The products of bf16 values are exact in fp32 whatever oneDNN computes them from
     (``_exact_bf16_products``): Σ xxᵀ as float64 sums it, to fp32 accumulation; fp32 inputs get fp32
-    products (the setting would round them to bf16 first), and the setting is restored."""
+    products (the setting would round them to bf16 first), and the setting is restored. Only the upper
+    triangle is multiplied, by blocks of rows; the lower is its mirror."""
     from llmctl.quantize.calibrate import Calibration, LayerStream, _exact_bf16_products
 
     torch.manual_seed(0)
     before = torch._C._get_fp32_precision_getter("mkldnn", "matmul")
     for dtype in (torch.bfloat16, torch.float32):
-        x = (torch.randn(2, 300, 192) * torch.rand(192) * 4).to(dtype)  # (B, T, cols), uneven columns
+        x = (torch.randn(2, 300, 600) * torch.rand(600) * 4).to(dtype)  # (B, T, cols): blocks 256, 256, 88
         stream = LayerStream.__new__(LayerStream)  # only the statistics' bookkeeping, no model
         stream.calibration, stream.wanted, stream.peak_hessian_bytes = Calibration("t", 600, 2, 300), {"a.weight"}, 0
         stream._sums, stream._seen, stream._grams = {}, {}, {}
-        stream._record(["a.weight", "b.weight"], [x], 192)
+        stream._record(["a.weight", "b.weight"], [x], 600)
         stream._settle()
-        ref = x.reshape(-1, 192).double()
+        ref = x.reshape(-1, 600).double()
         ref_h = ref.T @ ref
         got = stream.calibration.hessians["a.weight"]
         assert "b.weight" not in stream.calibration.hessians and stream._seen == {"a.weight": 600, "b.weight": 600}
