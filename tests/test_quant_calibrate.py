@@ -270,7 +270,7 @@ def test_hessians_of_bf16_inputs_are_their_exact_products_summed_in_fp32() -> No
     from llmctl.quantize.calibrate import Calibration, LayerStream, _exact_bf16_products
 
     torch.manual_seed(0)
-    before = torch._C._get_fp32_precision_getter("mkldnn", "matmul")
+    before = torch.backends.mkldnn.matmul.fp32_precision
     for dtype in (torch.bfloat16, torch.float32):
         x = (torch.randn(2, 300, 600) * torch.rand(600) * 4).to(dtype)  # (B, T, cols): blocks 256, 256, 88
         stream = LayerStream.__new__(LayerStream)  # only the statistics' bookkeeping, no model
@@ -286,7 +286,7 @@ def test_hessians_of_bf16_inputs_are_their_exact_products_summed_in_fp32() -> No
         assert err < 2e-6, (dtype, err)
         for n in ("a.weight", "b.weight"):  # Σ x² of an input with a Hessian: its diagonal
             torch.testing.assert_close(stream._sums[n], ref.square().sum(0), rtol=2e-6, atol=0)
-        assert torch._C._get_fp32_precision_getter("mkldnn", "matmul") == before
+        assert torch.backends.mkldnn.matmul.fp32_precision == before
     y = torch.randn(64, 64)  # not bf16 values: the setting would round them (where torch has bf16 GEMMs)
     with _exact_bf16_products(False):
         exact = torch.mm(y, y)

@@ -108,12 +108,13 @@ def _exact_bf16_products(on: bool = True) -> Iterator[None]:
     if not on:
         yield
         return
-    old = torch._C._get_fp32_precision_getter("mkldnn", "matmul")
-    torch._C._set_fp32_precision_setter("mkldnn", "matmul", "bf16")
+    matmul = torch.backends.mkldnn.matmul
+    old = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
     try:
         yield
     finally:
-        torch._C._set_fp32_precision_setter("mkldnn", "matmul", old)
+        matmul.fp32_precision = old
 
 
 class LayerStream:
