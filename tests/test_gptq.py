@@ -247,6 +247,52 @@ def test_a_dead_input_and_a_singular_hessian_still_factor():
         gptq.check_damp(0.0)
 
 
+@pytest.mark.parametrize("n", [200, 512, 1100])
+def test_blocked_cholesky_and_triangular_inverse_match_float64(n):
+    """The factorisation by blocks (``_cholesky_``, its upper triangle never read) and the inverse by halves
+    (``_lower_inverse``) against float64 LAPACK, for sizes below, at and not a multiple of the block; a
+    matrix that is not positive definite is reported, not factored."""
+    torch.manual_seed(n)
+    x = torch.randn(2 * n, n) * torch.rand(n) * 3
+    h = x.T @ x
+    h.diagonal().add_(0.01 * float(h.diagonal().mean()))
+    ref = torch.linalg.cholesky(h.double())
+    above = torch.ones(n, n, dtype=torch.bool).triu(1)
+    a = h.masked_fill(above, float("nan"))  # only the lower triangle may be read
+    assert gptq._cholesky_(a)
+    got = a.tril()
+    assert float((got.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    inv_ref = torch.linalg.inv(ref)
+    inv = gptq._lower_inverse(a.masked_fill(above, float("nan")))
+    assert torch.equal(inv, inv.tril())
+    assert float((inv.double() - inv_ref).abs().max() / inv_ref.abs().max()) < 1e-4
+    h[n // 2, n // 2] = -1.0  # not positive definite
+    assert not gptq._cholesky_(h.clone())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_prepare_is_the_upper_cholesky_factor_of_the_damped_inverse(act_order):
+    """U with UᵀU = (H + λI)⁻¹ in processing order (a dead input's diagonal 1), as the paper's reference
+    code computes it (Cholesky, cholesky_inverse, upper Cholesky), here in float64."""
+    torch.manual_seed(1)
+    x = torch.randn(600, 300) * torch.rand(300) * 2
+    x[:, 7] = 0
+    h = x.T @ x
+    prep = gptq.prepare(h, damp=0.01, act_order=act_order)
+    ref = h.double().clone()
+    ref[7, 7] = 1.0
+    if act_order:
+        perm = torch.argsort(torch.diagonal(ref), descending=True, stable=True)
+        assert torch.equal(prep.perm, perm)
+        ref = ref[perm][:, perm]
+    ref.diagonal().add_(0.01 * float(ref.diagonal().mean()))
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(ref)), upper=True)
+    assert torch.equal(prep.u, prep.u.triu())
+    assert float((prep.u.double() - u).abs().max() / u.abs().max()) < 1e-4
+    assert prep.dead.tolist() == [i == 7 for i in range(300)]
+    assert torch.equal(prep.diag, torch.diagonal(h).clamp_min(0))
+
+
 def test_folder_is_deterministic_and_loads_in_transformers_and_llmctl(tiny, tmp_path):
     """Twice the same bytes. The calibration text goes through the model once, one decoder layer at a time
     as the layers are written, so at most one layer's Hessians are held: memory bounded whatever the depth."""
