@@ -308,3 +308,30 @@ def test_bundled_gguf_matches_transformers(name):
     n = ids.shape[1]
     got = list(greedy(model, model.make_cache(n + 32), ids[0].tolist(), 32, chunk_size=256))
     assert len(got) == 32 and got == ref[0, n:].tolist()
+
+
+def test_a_meta_model_is_built_without_torch_dynamo(tiny_models):
+    """``loader.empty_model`` builds the model on the meta device, and every load and calibration starts with
+    it. Initialising an embedding or computing RoPE frequencies on meta tensors runs torch's reference
+    implementations, which import torch._dynamo and sympy: about 1 s of a quantize or chat start-up."""
+    import subprocess
+    import sys
+
+    folder, _ = tiny_models["gemma3"]
+    code = (
+        "import sys, torch\n"
+        "from llmctl.runtime.loader import empty_model\n"
+        "from llmctl.sources import resolve\n"
+        f"m = empty_model(resolve({str(folder)!r}).config)\n"
+        "assert m.model.embed_tokens.weight.is_meta\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_model_built_on_the_cpu_has_initialised_embeddings():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_dict(_tiny_dict()))
+    w = model.model.embed_tokens.weight
+    assert w.device.type == "cpu" and 0.8 < float(w.std()) < 1.2 and abs(float(w.mean())) < 0.1

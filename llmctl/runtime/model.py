@@ -62,7 +62,8 @@ def check_supported(config: ModelConfig) -> None:
         raise UnsupportedArchitectureError(
             f"{where}attn_logit_softcapping (Gemma 2) is not supported by the torch runtime"
         )
-    inv_frequencies(config, FULL)  # validates rope_scaling
+    with torch.device("cpu"):  # not loader.empty_model's meta device, where it would import torch._dynamo (~1 s)
+        inv_frequencies(config, FULL)  # validates rope_scaling
 
 
 class RMSNorm(nn.Module):
@@ -280,7 +281,10 @@ class Body(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        weight = torch.empty(config.vocab_size, config.hidden_size)
+        if not weight.is_meta:  # initialising on the meta device (loader.empty_model) imports torch._dynamo: ~1 s
+            nn.init.normal_(weight)  # as nn.Embedding initialises it
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset)
 
