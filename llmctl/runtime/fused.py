@@ -91,10 +91,8 @@ class Plan:
         path: int = 0,
     ) -> torch.Tensor:
         """x (1, 1, hidden) after every layer, for the token at ``start`` (``cache.begin`` already run)."""
-        rope = [self._fp32(t) for kind in self.rope_kinds for t in tables[kind]]
-        slot_pos = cache.slot_pos if self.sliding else _EMPTY
         flat = x.reshape(-1).to(torch.float32).contiguous()  # fp32: a view of x, updated in place; bf16: a copy
-        self.kernels.decode_step(self.handle, flat, cache.keys, cache.values, rope, slot_pos, start, path)
+        self.kernels.decode_step(self.handle, flat, *self._cache_args(cache, tables), start, path)
         return flat.view(x.shape).to(x.dtype)
 
     def token(
@@ -107,9 +105,12 @@ class Plan:
     ) -> torch.Tensor:
         """The fp32 logits (1, 1, vocab) of ``tokens`` (1, 1) at ``start`` (``cache.begin`` already run): the
         embedding, every layer, the final norm and the output matrix in one C++ call (``whole`` plans)."""
+        return self.kernels.decode_token(self.handle, tokens, *self._cache_args(cache, tables), start, path)
+
+    def _cache_args(self, cache: KVCache, tables: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[Any, ...]:
+        """(keys, values, RoPE tables as fp32, ring slot positions or empty): what a step reads besides x."""
         rope = [self._fp32(t) for kind in self.rope_kinds for t in tables[kind]]
-        slot_pos = cache.slot_pos if self.sliding else _EMPTY
-        return self.kernels.decode_token(self.handle, tokens, cache.keys, cache.values, rope, slot_pos, start, path)
+        return cache.keys, cache.values, rope, cache.slot_pos if self.sliding else _EMPTY
 
     def head(self, x: torch.Tensor, weight: Any) -> torch.Tensor | None:
         """The logits of a fused step through ``native.dense_linear`` when the output matrix is a dense fp32
