@@ -107,11 +107,11 @@ def test_a_whole_step_on_an_int8_head(tiny_models, monkeypatch):
     folder, _ = tiny_models["smollm2"]
     model = load_model(folder)
     w = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-    with torch.no_grad():
+    with torch.no_grad():  # the output matrix snapped to the q8_0 grid: a copy, the loaded weights untouched
         blocks = w.reshape(w.shape[0], -1, 32)
         s = (blocks.abs().amax(-1, keepdim=True) / 127).half().float()
-        w.copy_((torch.round(blocks / s).clamp(-127, 127) * s).reshape(w.shape))
-    model.head = lossless_int8(w.detach(), torch.float32)
+        snapped = (torch.round(blocks / s).clamp(-127, 127) * s).reshape(w.shape)
+    model.head = lossless_int8(snapped, torch.float32)  # what both paths multiply at a decode step
     assert model.head is not None
     prompt = torch.randint(0, 96, (5,), generator=torch.Generator().manual_seed(6)).tolist()
     ref = decode(model, prompt, STEPS, use_fused=False, monkeypatch=monkeypatch)

@@ -232,11 +232,13 @@ def test_a_bf16_checkpoint_calibrates_in_bf16_near_its_fp32_statistics(tiny_mode
     """A bf16 checkpoint runs in bf16 (as it runs, and as llm-compressor calibrates); the same weights in an
     fp32 checkpoint run in fp32. Their statistics differ by the bf16 activations' rounding only (measured:
     up to 2.3% in norm for Σ xxᵀ and 1.2% for Σ x², 5.5% for one channel's Σ x²)."""
+    import copy
     import shutil
 
     from llmctl.quantize.calibrate import LayerStream
 
-    src, model = tiny_models[family]
+    src, shared = tiny_models[family]
+    model = copy.deepcopy(shared)  # rounded to bf16 below: the session's model (other tests' reference) stays fp32
     text = tmp_path / "text.txt"
     text.write_text("Four score and seven years ago our fathers brought forth on this continent a new nation. " * 3)
     wanted = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"]
@@ -250,7 +252,6 @@ def test_a_bf16_checkpoint_calibrates_in_bf16_near_its_fp32_statistics(tiny_mode
         assert stream.dtype == dtype
         stream.run()
         cals[dtype] = stream.calibration
-    model.float()
     bf, fp = cals[torch.bfloat16], cals[torch.float32]
     assert set(bf.importance) == set(fp.importance)
     for name in fp.importance:
