@@ -276,22 +276,26 @@ def test_int8_code_minus_128_is_exact(kernels):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_dense_kernel_is_the_float_product_on_every_path(kernels, dtype, threads):
-    """``dense_linear`` (the fused step's dense fp32 and bf16 weights, four rows at a time): each bf16 widened
-    exactly, fp32 sums, the activations not rounded — on every path, with rows that leave a remainder of the
-    four and columns that end in a partial vector (203 rows, 200 columns). Where the build has AVX512-BF16,
-    the avx512 path multiplies bf16 weights by the activations rounded to bf16 (vdpbf16ps): exactly that
-    product, to fp32 summation order."""
+@pytest.mark.parametrize("rows", [4, 1])
+def test_dense_kernel_is_the_float_product_on_every_path(kernels, dtype, threads, rows):
+    """``dense_linear`` (the fused step's dense fp32 and bf16 weights, four rows at a time with prefetch, or
+    one row front to back: ``dense_rows_mode``, chosen by the CPU's vendor): each bf16 widened exactly, fp32
+    sums, the activations not rounded — on every path, with rows that leave a remainder of the four and
+    columns that end in a partial vector (203 rows, 200 columns; 520 columns for the one-row reader's
+    four-vector steps). Where the build has AVX512-BF16, the avx512 path multiplies bf16 weights by the
+    activations rounded to bf16 (vdpbf16ps): exactly that product, to fp32 summation order."""
     from llmctl.quant import native
 
     dp = dtype == torch.bfloat16 and "-mavx512bf16" in native._FLAGS
     g = torch.Generator().manual_seed(5)
-    w = torch.randn(203, 200, generator=g).to(dtype)
+    cols = 200 if rows == 4 else 520
+    w = torch.randn(203, cols, generator=g).to(dtype)
     before = torch.get_num_threads()
+    mode = kernels.dense_rows_mode(rows)
     torch.set_num_threads(threads)
     try:
         for n in (1, 3):
-            x = torch.randn(n, 200, generator=g)
+            x = torch.randn(n, cols, generator=g)
             want = x.double() @ w.double().t()
             for path, name in enumerate(kernels.int4_paths()):
                 got = kernels.dense_linear(x, w, path).double()
@@ -299,6 +303,16 @@ def test_dense_kernel_is_the_float_product_on_every_path(kernels, dtype, threads
                 assert (got - exact).abs().max() <= 1e-5 * exact.abs().max(), (name, n)
     finally:
         torch.set_num_threads(before)
+        kernels.dense_rows_mode(mode)
+
+
+def test_dense_row_mode_follows_the_cpu_vendor(kernels):
+    """AMD CPUs read dense rows one at a time, others four at a time (see dense.cpp); the setter only
+    accepts 1 or 4."""
+    vendor = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("vendor_id")), "")
+    mode = kernels.dense_rows_mode(0)
+    assert mode == (1 if vendor == "AuthenticAMD" else 4)
+    assert kernels.dense_rows_mode(7) == mode and kernels.dense_rows_mode(0) == mode
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int4-asym", "int8"])
@@ -328,3 +342,22 @@ def test_calibrated_scale_search_is_the_eager_search(kernels, fmt, group, thread
     assert fast.parts.keys() == eager.parts.keys()
     for k in fast.parts:
         assert torch.equal(fast.parts[k], eager.parts[k]), (k, float((fast.parts[k] != eager.parts[k]).float().mean()))
+
+
+def test_dense_row_mode_env_override(kernels, monkeypatch):
+    """``LLMCTL_DENSE_ROWS=1|4`` sets the mode when the kernels load (for comparisons); anything else is
+    refused in one line."""
+    from llmctl.errors import UsageError
+    from llmctl.quant import native
+
+    mode = kernels.dense_rows_mode(0)
+    try:
+        for value in ("1", "4"):
+            monkeypatch.setenv(native.DENSE_ROWS_ENV, value)
+            native._configure(kernels)
+            assert kernels.dense_rows_mode(0) == int(value)
+        monkeypatch.setenv(native.DENSE_ROWS_ENV, "2")
+        with pytest.raises(UsageError, match="LLMCTL_DENSE_ROWS must be 1 or 4"):
+            native._configure(kernels)
+    finally:
+        kernels.dense_rows_mode(mode)

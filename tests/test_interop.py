@@ -141,9 +141,16 @@ def _check(folder: Path, tokens: torch.Tensor, fmt: str, runtime_tol: float | No
         raise
     dtype = a.dtype
     reading = _llmctl_dense(folder, tokens, dtype, bf16_absmax=packs)
-    # bitsandbytes' AVX512-BF16 kernel also takes the activations in bf16 block by block: measured 2.2 % on
-    # SmolLM2 against this reading, where its generic path is within 2 %
-    _agree(a, reading, 1e-4 if dtype == torch.float32 else (3e-2 if packs else 2e-2), f"{fmt} read")
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    if packs:
+        # bitsandbytes' AVX512-BF16 kernel also takes the activations in bf16 block by block: 2.2 % of the
+        # largest logit from this reading on a Xeon, 3.5 % on an AMD EPYC (SmolLM2), where two bf16 runs
+        # of 30 layers differ by about as much as either differs from fp32. So the bound is two bf16
+        # errors: twice this reading's own error against the same bytes read in fp32 (3 % at least)
+        exact = _llmctl_dense(folder, tokens, torch.float32, bf16_absmax=True)
+        own = float((reading.float() - exact).abs().max() / exact.abs().max())
+        tol = max(3e-2, 2 * own + 1e-3)
+    _agree(a, reading, tol, f"{fmt} read")
     if runtime_tol is not None:
         _agree(a, _llmctl(folder, tokens, dtype), runtime_tol, f"{fmt} runtime")
 

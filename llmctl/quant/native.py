@@ -140,10 +140,24 @@ def build() -> Any:
         directory = _build_dir()
         _check_private(directory)
         with _locked(directory):
-            _module = load_inline(_NAME, cpp_sources=_SOURCE, functions=["nf4", "int_group", "gptq_sweep", "fp8_linear", "nf4_linear", "nf4_code_table", "int4_linear", "int4_dequant", "int8_linear", "dense_linear", "int4_paths", "decode_plan", "decode_free", "decode_step", "decode_tail", "decode_token"],
+            _module = load_inline(_NAME, cpp_sources=_SOURCE, functions=["nf4", "int_group", "gptq_sweep", "fp8_linear", "nf4_linear", "nf4_code_table", "int4_linear", "int4_dequant", "int8_linear", "dense_linear", "dense_rows_mode", "int4_paths", "decode_plan", "decode_free", "decode_step", "decode_tail", "decode_token"],
                                   extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory),
                                   verbose=False)  # fmt: skip
+        _configure(_module)
     return _module
+
+
+DENSE_ROWS_ENV = "LLMCTL_DENSE_ROWS"
+
+
+def _configure(module: Any) -> None:
+    """``LLMCTL_DENSE_ROWS=1|4`` overrides how ``dense_linear`` reads rows (one at a time front to back, or
+    four at a time with prefetch; by default the CPU's vendor chooses: AMD 1, others 4) for comparisons."""
+    value = os.environ.get(DENSE_ROWS_ENV, "").strip()
+    if value:
+        if value not in ("1", "4"):
+            raise UsageError(f"{DENSE_ROWS_ENV} must be 1 or 4, got {value!r}; unset it for the CPU's default")
+        module.dense_rows_mode(int(value))
 
 
 def _load_built() -> Any:
@@ -162,6 +176,7 @@ def _load_built() -> Any:
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+    _configure(module)
     return module
 
 

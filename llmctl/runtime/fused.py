@@ -6,8 +6,9 @@ matrix-vector products themselves. ``decode_step`` runs the same layer — drive
 flags (norm offset, q/k norms, sandwich norms, activation, attention scale, sliding windows, biases) — in
 C++, calling the same matrix-vector kernels the eager path calls for llmctl's quantized weights
 (``native.int4_linear`` / ``int8_linear`` / ``fp8_linear`` / ``nf4_linear``) and its own for dense ones
-(``native.dense_linear``: four rows at a time with prefetch, where one ``torch.mv`` a small matrix reached
-~0.8 of the bandwidth), so in fp32 the result equals the eager step up to fp32 summation order in the
+(``native.dense_linear``: four rows at a time with prefetch on Intel CPUs, where one ``torch.mv`` a small
+matrix reached ~0.8 of the bandwidth; one row at a time front to back on AMD's, whose prefetcher follows
+that at the rate of a plain read), so in fp32 the result equals the eager step up to fp32 summation order in the
 products, RMSNorm, RoPE and attention.
 
 When every linear is dense (fp32 and bf16 models) and torch has more than one thread, the step runs as one
