@@ -44,7 +44,8 @@ def windows(src: Path, out: Path) -> None:
     print(f"{len(wins)} windows, {sum(map(len, wins))} tokens -> {out}")
 
 
-def quantize(src: Path, wins_path: Path, out: Path, group_size: int, act_order: bool, threads: int) -> None:
+def quantize(src: Path, wins_path: Path, out: Path, group_size: int, act_order: bool, threads: int,
+             dtype: str = "float32") -> None:
     import torch
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
@@ -54,7 +55,7 @@ def quantize(src: Path, wins_path: Path, out: Path, group_size: int, act_order: 
 
     torch.set_num_threads(threads)
     wins = json.loads(wins_path.read_text())["windows"]
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto" if dtype == "auto" else getattr(torch, dtype))
     tokenizer = AutoTokenizer.from_pretrained(src)
     weights = QuantizationArgs(
         num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size,
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--group-size", type=int, default=128)
     q.add_argument("--act-order", action="store_true")
     q.add_argument("--threads", type=int, default=2)
+    q.add_argument("--dtype", default="float32", help="float32, bfloat16 or auto (the checkpoint's)")
     c = sub.add_parser("compare")
     c.add_argument("src", type=Path)
     c.add_argument("--workdir", type=Path, required=True)
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps(res, indent=2) + "\n")
     else:
-        quantize(args.src, args.windows, args.out, args.group_size, args.act_order, args.threads)
+        quantize(args.src, args.windows, args.out, args.group_size, args.act_order, args.threads, args.dtype)
     return 0
 
 

