@@ -361,3 +361,30 @@ def test_dense_row_mode_env_override(kernels, monkeypatch):
             native._configure(kernels)
     finally:
         kernels.dense_rows_mode(mode)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gram_kernel_sums_exact_bf16_products_on_and_above_the_diagonal(kernels, threads):
+    """``gram_bf16`` (Σ xxᵀ of bf16 rows with vdpbf16ps, GPTQ's Hessian on CPUs without AMX): added to what
+    the matrix holds, on and above the diagonal equal to float64's sums of the exact products to fp32
+    accumulation, for an odd row count (the last pair padded) and columns that fill neither a block of 16
+    nor a tile of 64."""
+    if not kernels.gram_bf16_available():
+        pytest.skip("this build has no AVX512-BF16")
+    g = torch.Generator().manual_seed(3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, cols in ((1, 5), (37, 70), (301, 200)):
+            x = (torch.randn(n, cols, generator=g) * torch.rand(cols, generator=g) * 4).bfloat16()
+            start = torch.randn(cols, cols, generator=g)
+            gram = start.clone()
+            kernels.gram_bf16(x, gram)
+            want = start.double() + x.double().T @ x.double()
+            upper = torch.ones(cols, cols, dtype=torch.bool).triu()
+            err = ((gram.double() - want).abs() * upper).max() / want.abs().max()
+            assert float(err) < 2e-6, (n, cols, float(err))
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(RuntimeError, match="bf16"):
+        kernels.gram_bf16(torch.randn(4, 8), torch.zeros(8, 8))

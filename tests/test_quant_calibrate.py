@@ -263,13 +263,25 @@ def test_a_bf16_checkpoint_calibrates_in_bf16_near_its_fp32_statistics(tiny_mode
         assert float((a - b).norm() / b.norm()) < 0.05 and float((a - b).abs().max() / b.abs().max()) < 0.02
 
 
-def test_hessians_of_bf16_inputs_are_their_exact_products_summed_in_fp32() -> None:
-    """The products of bf16 values are exact in fp32 whatever oneDNN computes them from
-    (``_exact_bf16_products``): Σ xxᵀ as float64 sums it, to fp32 accumulation; fp32 inputs get fp32
-    products (the setting would round them to bf16 first), and the setting is restored. Only the upper
-    triangle is multiplied, by blocks of rows; the lower is its mirror."""
+@pytest.mark.parametrize("path", ["torch", "native"])
+def test_hessians_of_bf16_inputs_are_their_exact_products_summed_in_fp32(path: str, monkeypatch) -> None:
+    """The products of bf16 values are exact in fp32 whatever computes them — oneDNN from bf16 copies
+    (``_exact_bf16_products``) or llmctl's ``gram_bf16`` (vdpbf16ps, chosen on CPUs with AVX512-BF16 and
+    no AMX): Σ xxᵀ as float64 sums it, to fp32 accumulation; fp32 inputs get fp32 products (the setting
+    would round them to bf16 first), and the setting is restored. Only the upper triangle is multiplied;
+    the lower is its mirror."""
+    from llmctl.quantize import calibrate
     from llmctl.quantize.calibrate import Calibration, LayerStream, _exact_bf16_products
 
+    if path == "native":
+        from llmctl.quant import native
+
+        kernels = native.build()
+        if not kernels.gram_bf16_available():
+            pytest.skip("this build has no AVX512-BF16 (gram_bf16)")
+        monkeypatch.setattr(calibrate, "_gram_kernel", lambda: kernels)
+    else:
+        monkeypatch.setattr(calibrate, "_gram_kernel", lambda: None)
     torch.manual_seed(0)
     before = torch.backends.mkldnn.matmul.fp32_precision
     for dtype in (torch.bfloat16, torch.float32):

@@ -34,7 +34,7 @@ from llmctl.errors import UsageError
 
 # The kernels' C++ (package data in kernels/, a file per kind of kernel), compiled as one translation unit in
 # this order (each part uses what the parts before it define).
-KERNEL_FILES = ("common", "quantize", "gptq", "fp8", "nf4", "int4", "int8", "dense", "decode_step")
+KERNEL_FILES = ("common", "quantize", "gptq", "fp8", "nf4", "int4", "int8", "dense", "gram", "decode_step")
 _SOURCE = "".join((Path(__file__).parent / "kernels" / f"{k}.cpp").read_text(encoding="utf-8") for k in KERNEL_FILES)
 
 
@@ -56,6 +56,20 @@ def _flags() -> list[str]:
     return flags
 
 
+def cpu_flags() -> frozenset[str]:
+    """The flags /proc/cpuinfo lists for this CPU (empty where there is none)."""
+    global _CPU_FLAGS
+    if _CPU_FLAGS is None:
+        try:
+            info = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            info = ""
+        line = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
+        _CPU_FLAGS = frozenset(line.partition(":")[2].split())
+    return _CPU_FLAGS
+
+
+_CPU_FLAGS: frozenset[str] | None = None
 _FLAGS = _flags()
 _NAME = "llmctl_quant_" + hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:10]
 _module: Any = None
@@ -140,7 +154,7 @@ def build() -> Any:
         directory = _build_dir()
         _check_private(directory)
         with _locked(directory):
-            _module = load_inline(_NAME, cpp_sources=_SOURCE, functions=["nf4", "int_group", "gptq_sweep", "fp8_linear", "nf4_linear", "nf4_code_table", "int4_linear", "int4_dequant", "int8_linear", "dense_linear", "dense_rows_mode", "int4_paths", "decode_plan", "decode_free", "decode_step", "decode_tail", "decode_token"],
+            _module = load_inline(_NAME, cpp_sources=_SOURCE, functions=["nf4", "int_group", "gptq_sweep", "fp8_linear", "nf4_linear", "nf4_code_table", "int4_linear", "int4_dequant", "int8_linear", "dense_linear", "dense_rows_mode", "gram_bf16", "gram_bf16_available", "int4_paths", "decode_plan", "decode_free", "decode_step", "decode_tail", "decode_token"],
                                   extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory),
                                   verbose=False)  # fmt: skip
         _configure(_module)
