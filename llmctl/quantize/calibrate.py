@@ -86,9 +86,12 @@ def prefetch_windows(path: Any, data: str, tokens: int, context: int = CONTEXT) 
     key = (str(path), data, tokens, context)
     if key in _PREFETCH:
         return
+    # -c, not -m: -m would put the working directory first on the child's sys.path, so a json.py or
+    # tokenizers.py in a downloaded model's folder would run; -c's '' entry is dropped before any import
+    code = "import sys; sys.path[:] = [p for p in sys.path if p]; from llmctl.quantize.calibrate import _child; _child()"
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llmctl.quantize.calibrate", str(path), data, str(tokens), str(context)],
+            [sys.executable, "-c", code, str(path), data, str(tokens), str(context)],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
@@ -397,9 +400,10 @@ class LayerStream:
             assign(self.model, n, torch.empty(p.shape, dtype=p.dtype, device="meta"))
 
 
-if __name__ == "__main__":  # prefetch_windows' child: PATH DATA TOKENS CONTEXT → the windows as JSON
+def _child() -> None:
+    """prefetch_windows' child: argv PATH DATA TOKENS CONTEXT; the windows as JSON on stdout."""
     import json
     import sys
 
-    _, _path, _data, _tokens, _context = sys.argv
-    json.dump(text_windows(_path, _data, int(_tokens), int(_context)), sys.stdout, separators=(",", ":"))
+    _, path, data, tokens, context = sys.argv
+    json.dump(text_windows(path, data, int(tokens), int(context)), sys.stdout, separators=(",", ":"))
