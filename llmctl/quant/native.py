@@ -38,24 +38,6 @@ KERNEL_FILES = ("common", "quantize", "gptq", "fp8", "nf4", "int4", "int8", "den
 _SOURCE = "".join((Path(__file__).parent / "kernels" / f"{k}.cpp").read_text(encoding="utf-8") for k in KERNEL_FILES)
 
 
-def _flags() -> list[str]:
-    """-O3, plus AVX2/FMA/F16C and AVX-512 (F, BW, VL, VNNI) when this CPU has them (the flags are part of
-    the build's name, so a cached build only ever runs where it was built for)."""
-    flags = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP pragmas in the header: serial without it
-    try:
-        cpu = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return flags
-    if all(f" {f}" in cpu for f in ("avx2", "fma", "f16c")):
-        flags += ["-mavx2", "-mfma", "-mf16c"]
-        if all(f" {f}" in cpu for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")):
-            # the AVX-512 VNNI kernels (int4_paths: "avx512"); the compiler's own loops stay 256 bits wide
-            flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mprefer-vector-width=256"]
-            if " avx512_bf16" in cpu:  # vdpbf16ps for bf16 weights (dense_linear)
-                flags.append("-mavx512bf16")
-    return flags
-
-
 def cpu_flags() -> frozenset[str]:
     """The flags /proc/cpuinfo lists for this CPU (empty where there is none)."""
     global _CPU_FLAGS
@@ -70,6 +52,23 @@ def cpu_flags() -> frozenset[str]:
 
 
 _CPU_FLAGS: frozenset[str] | None = None
+
+
+def _flags() -> list[str]:
+    """-O3, plus AVX2/FMA/F16C and AVX-512 (F, BW, VL, VNNI) when this CPU has them (the flags are part of
+    the build's name, so a cached build only ever runs where it was built for)."""
+    flags = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP pragmas in the header: serial without it
+    cpu = cpu_flags()
+    if {"avx2", "fma", "f16c"} <= cpu:
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+        if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= cpu:
+            # the AVX-512 VNNI kernels (int4_paths: "avx512"); the compiler's own loops stay 256 bits wide
+            flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mprefer-vector-width=256"]
+            if "avx512_bf16" in cpu:  # vdpbf16ps for bf16 weights (dense_linear, gram_bf16)
+                flags.append("-mavx512bf16")
+    return flags
+
+
 _FLAGS = _flags()
 _NAME = "llmctl_quant_" + hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:10]
 _module: Any = None

@@ -12,6 +12,7 @@ import math
 import os
 import struct
 import threading
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +140,7 @@ class Writer:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.pwrite(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
         os.ftruncate(self.fd, self.size)
-        self._jobs: list[tuple[memoryview, int, Any] | None] = []
+        self._jobs: deque[tuple[memoryview, int, Any] | None] = deque()
         self._waiting = 0  # bytes queued, not yet written
         self._error: BaseException | None = None
         self._skip = False  # abort(): drop what is queued
@@ -183,7 +184,7 @@ class Writer:
             with self._cv:
                 while not self._jobs:
                     self._cv.wait()
-                job = self._jobs.pop(0)
+                job = self._jobs.popleft()
             if job is None:
                 return
             view, off, _ = job
